@@ -1,0 +1,51 @@
+"""Token batches: what objectives, metrics and attacks consume.
+
+Tokenization lives in :mod:`robustunlearn.data.collate`; everything downstream sees only these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+IGNORE_INDEX = -100  # label value that the loss skips (prompt tokens, padding)
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded causal-LM batch. ``labels`` equal ``input_ids`` where a token is scored and
+    ``IGNORE_INDEX`` elsewhere (padding; the question of a QA pair, so only the answer is scored).
+    Labels are *not* shifted: position t's label is token t, as Hugging Face models expect."""
+
+    input_ids: torch.Tensor  # [batch, time] long
+    attention_mask: torch.Tensor  # [batch, time] long, 1 = real token
+    labels: torch.Tensor  # [batch, time] long
+
+    def to(self, device: torch.device | str) -> "TokenBatch":
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            labels=self.labels.to(device),
+        )
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@dataclass
+class UnlearnBatch:
+    """One unlearning step's data: forget examples, retain examples, and (for ``idk``) the forget
+    questions paired with refusal answers instead of the true ones."""
+
+    forget: TokenBatch
+    retain: TokenBatch | None = None
+    forget_refusal: TokenBatch | None = None
+
+    def to(self, device: torch.device | str) -> "UnlearnBatch":
+        return UnlearnBatch(
+            self.forget.to(device),
+            None if self.retain is None else self.retain.to(device),
+            None if self.forget_refusal is None else self.forget_refusal.to(device),
+        )
