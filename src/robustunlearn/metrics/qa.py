@@ -1,0 +1,85 @@
+"""Greedy answers to QA prompts, and whether they contain the reference answer."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Sequence
+
+from robustunlearn.data.base import QA
+from robustunlearn.data.prompts import qa_completion, qa_prompt
+from robustunlearn.metrics.generation import generate_greedy
+
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def few_shot_prefix(few_shot: Sequence[QA]) -> str:
+    """Solved examples put before the question, one blank line after each:
+    ``qa_prompt(q) + qa_completion(a) + "\\n\\n"`` (MUSE's in-context format)."""
+    return "".join(qa_prompt(shot.question) + qa_completion(shot.answer) + "\n\n" for shot in few_shot)
+
+
+def answer_questions(
+    model,
+    tokenizer,
+    records: Sequence[QA],
+    *,
+    few_shot: Sequence[QA] = (),
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy answers to ``few_shot_prefix(few_shot) + qa_prompt(question)``, with surrounding
+    whitespace stripped. Generation stops at eos; text after a model-invented next question
+    (``"\\n\\n"`` or ``"Question:"``, the few-shot separators) is dropped, as MUSE does."""
+    prefix = few_shot_prefix(few_shot)
+    prompts = [prefix + qa_prompt(r.question) for r in records]
+    answers = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress)
+    return [cut_at_next_question(a).strip() for a in answers]
+
+
+def cut_at_next_question(text: str) -> str:
+    for separator in ("\n\n", "\nQuestion", "Question:"):
+        text = text.split(separator)[0]
+    return text
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation turned into spaces, runs of whitespace collapsed to one space."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def contains_answer(prediction: str, reference: str) -> bool:
+    """Whether the normalized reference occurs in the normalized prediction as whole words
+    (``"1990"`` does not contain ``"199"``)."""
+    target = normalize_answer(reference)
+    if not target:
+        raise ValueError(f"reference answer {reference!r} is empty after normalization")
+    return f" {target} " in f" {normalize_answer(prediction)} "
+
+
+def accuracy_from_answers(answers: Sequence[str], records: Sequence[QA]) -> dict:
+    """``{"accuracy": fraction correct, "correct": per-record booleans}``."""
+    if len(answers) != len(records):
+        raise ValueError(f"got {len(answers)} answers for {len(records)} records")
+    if not records:
+        raise ValueError("cannot score an empty list of QA records")
+    correct = [contains_answer(a, r.answer) for a, r in zip(answers, records)]
+    return {"accuracy": sum(correct) / len(correct), "correct": correct}
+
+
+def qa_accuracy(
+    model,
+    tokenizer,
+    records: Sequence[QA],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> dict:
+    """Fraction of greedy answers that contain the reference answer (:func:`contains_answer`),
+    plus the answers themselves."""
+    answers = answer_questions(
+        model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+    )
+    return {**accuracy_from_answers(answers, records), "answers": answers}
