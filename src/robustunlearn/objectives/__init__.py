@@ -1,0 +1,78 @@
+"""Unlearning objectives: each turns (model, batch, frozen reference outputs) into a loss.
+
+Objectives know nothing about optimizers. The engine calls, per batch::
+
+    reference = objective.reference_outputs(reference_model, batch)  # once, under torch.no_grad()
+    out = objective.loss(model, batch, reference)   # any number of times (a ZO step: several)
+    out["loss"] == out["forget"] + out["retain"]     # the terms a closure(term=...) evaluates
+
+Formulas, defaults and sources: each class's docstring and docs/objectives.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from robustunlearn.batching import UnlearnBatch
+from robustunlearn.objectives.ga import GradDiff, GradientAscent
+from robustunlearn.objectives.idk import Idk, IdkDPO
+from robustunlearn.objectives.npo import NPO, SimNPO
+from robustunlearn.objectives.rmu import RMU
+
+
+class Objective(Protocol):
+    name: str
+    needs_reference: bool  # True: the engine must pass a frozen reference model's outputs
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter] | None:
+        """The parameters to train, or None to leave ``requires_grad`` as it is."""
+
+    def reference_outputs(
+        self, reference_model: nn.Module, batch: UnlearnBatch
+    ) -> dict[str, torch.Tensor]:
+        """What the loss needs from the frozen reference on this batch ({} if nothing)."""
+
+    def loss(
+        self, model: nn.Module, batch: UnlearnBatch, reference: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """``loss`` = ``forget`` + ``retain``, those two terms, and detached scalars to log."""
+
+
+OBJECTIVES: dict[str, type] = {
+    cls.name: cls for cls in (GradientAscent, GradDiff, NPO, SimNPO, RMU, Idk, IdkDPO)
+}
+
+
+def build_objective(name: str, model: nn.Module | None = None, **hparams: Any) -> Objective:
+    """Build the objective called ``name``. Hyperparameters not given take the class defaults,
+    or for ``rmu`` with a ``model``, defaults scaled to its size (:meth:`RMU.defaults_for`)."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; accepted: {', '.join(OBJECTIVES)}")
+    cls = OBJECTIVES[name]
+    accepted = [f.name for f in fields(cls)]
+    unknown = sorted(set(hparams) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter(s) {', '.join(unknown)} for objective {name!r}; "
+            f"accepted: {', '.join(accepted) or 'none'}"
+        )
+    defaults = cls.defaults_for(model) if model is not None and hasattr(cls, "defaults_for") else {}
+    return cls(**{**defaults, **hparams})
+
+
+__all__ = [
+    "GradDiff",
+    "GradientAscent",
+    "Idk",
+    "IdkDPO",
+    "NPO",
+    "OBJECTIVES",
+    "Objective",
+    "RMU",
+    "SimNPO",
+    "build_objective",
+]

@@ -1,0 +1,101 @@
+"""Teach refusals on the forget questions: supervised (``idk``) or by preference (``idk-dpo``).
+
+Sources: Maini et al. 2024, TOFU ("idk" baseline); Rafailov et al. 2023 (DPO); Zhang et al. 2024
+(NPO; its TOFU code runs DPO with refusal = preferred, true answer = dispreferred, scaled by 2/β).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustunlearn.batching import UnlearnBatch
+from robustunlearn.objectives.common import (
+    RetainTerm,
+    check_choice,
+    check_positive,
+    mean_nll,
+    require,
+    sequence_logprobs,
+)
+
+IDK_MODES = ("sft", "dpo")
+
+
+@dataclass(kw_only=True)
+class Idk(RetainTerm):
+    """``idk``: make the model answer forget questions with a refusal.
+
+    ``mode="sft"`` (default): L = NLL(refusal answers | forget questions) + γ · R_retain, on
+    ``batch.forget_refusal``.
+
+    ``mode="dpo"``: with w = refusal answer (``batch.forget_refusal``), l = true answer
+    (``batch.forget``), Δ_a = log π_θ(a|x) − log π_ref(a|x) summed over answer tokens,
+    L = −(2/β) E log σ(β (Δ_w − Δ_l)) + γ · R_retain. This is DPO scaled by 2/β, the scale of the
+    NPO reference code, so that its gradient at θ = ref is −∇ E(log π_θ(w) − log π_θ(l)) whatever
+    β: summed-NLL fine-tuning on the refusal plus ascent on the true answer.
+
+    Hyperparameters: ``mode``, ``beta`` = β (default 0.1, DPO only), ``gamma`` = γ (default 1.0),
+    ``retain_loss`` = ``"nll"`` (default) or ``"kl"``.
+    """
+
+    name: ClassVar[str] = "idk"
+    mode: str = "sft"
+    beta: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("mode", self.mode, IDK_MODES)
+        check_positive("beta", self.beta)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.mode == "dpo" or self.retain_needs_reference
+
+    def trainable_parameters(self, model: nn.Module) -> None:
+        return None
+
+    def reference_outputs(
+        self, reference_model: nn.Module, batch: UnlearnBatch
+    ) -> dict[str, torch.Tensor]:
+        reference = self.retain_reference(reference_model, batch)
+        if self.mode == "dpo":
+            refusal = require(batch, "forget_refusal", self.name)
+            reference["refusal_logprobs"], _ = sequence_logprobs(reference_model, refusal)
+            reference["forget_logprobs"], _ = sequence_logprobs(reference_model, batch.forget)
+        return reference
+
+    def loss(
+        self, model: nn.Module, batch: UnlearnBatch, reference: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        refusal_logprobs, refusal_counts = sequence_logprobs(
+            model, require(batch, "forget_refusal", self.name)
+        )
+        refusal_nll = mean_nll(refusal_logprobs, refusal_counts)
+        if self.mode == "sft":
+            return self.with_retain(
+                model, batch, reference, refusal_nll, {"refusal_nll": refusal_nll.detach()}
+            )
+        forget_logprobs, forget_counts = sequence_logprobs(model, batch.forget)
+        margin = (refusal_logprobs - reference["refusal_logprobs"]) - (
+            forget_logprobs - reference["forget_logprobs"]
+        )
+        forget = (2 / self.beta) * F.softplus(-self.beta * margin).mean()
+        logs = {
+            "refusal_nll": refusal_nll.detach(),
+            "forget_nll": mean_nll(forget_logprobs, forget_counts).detach(),
+            "reward_margin": margin.mean().detach(),
+        }
+        return self.with_retain(model, batch, reference, forget, logs)
+
+
+@dataclass(kw_only=True)
+class IdkDPO(Idk):
+    """``idk-dpo``: :class:`Idk` with ``mode="dpo"`` by default (TOFU's IdkDPO)."""
+
+    name: ClassVar[str] = "idk-dpo"
+    mode: str = "dpo"
