@@ -1,0 +1,182 @@
+"""Relearning attack: fine-tune an unlearned model on a few forget samples and watch the
+forgotten knowledge come back (Hu et al. 2025, "Unlearning or obfuscating?"; Lang et al. 2026
+use full fine-tuning with AdamW at lr 1e-5 in their lab setting).
+
+The same function with retain or unrelated text is the *benign* relearning attack: fine-tuning
+on data that does not contain the forgotten facts, to test whether ordinary training brings
+them back::
+
+    relearned, curve = relearn_attack(model, None, forget_batches, steps=50, eval_fn=forget_metrics)
+    benign, curve = relearn_attack(model, None, retain_batches, steps=50, eval_fn=forget_metrics)
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustunlearn.batching import IGNORE_INDEX, TokenBatch
+from robustunlearn.errors import UserError
+
+LLAMA_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """LoRA adapters (Hu et al. 2021) for the relearning attack, through peft: W + (alpha / rank) B A
+    on the ``target_modules`` (names of Llama's attention and MLP projections by default)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = LLAMA_LINEAR_NAMES
+
+
+def _token_batches(batches: Sequence[TokenBatch | str], tokenizer: Any) -> list[TokenBatch]:
+    """``TokenBatch``es as given; each string becomes a one-row batch scored on every token."""
+    if not batches:
+        raise ValueError("relearn_attack needs at least one batch")
+    result = []
+    for item in batches:
+        if isinstance(item, TokenBatch):
+            result.append(item)
+        elif isinstance(item, str):
+            if tokenizer is None:
+                raise ValueError("relearning on strings needs a tokenizer; pass one or pass TokenBatches")
+            ids = tokenizer(item, return_tensors="pt")["input_ids"]
+            result.append(TokenBatch(ids, torch.ones_like(ids), ids.clone()))
+        else:
+            raise ValueError(f"relearn batches must be TokenBatch or str, got {type(item).__name__}")
+    if all(bool((batch.labels == IGNORE_INDEX).all()) for batch in result):
+        raise ValueError("no batch has a scored token (all labels are IGNORE_INDEX)")
+    return result
+
+
+def _add_lora(model: nn.Module, lora: LoraOptions) -> nn.Module:
+    """Inject LoRA adapters into ``model`` in place (only they stay trainable); returns the peft wrapper."""
+    try:
+        peft = importlib.import_module("peft")
+    except ImportError as error:
+        raise UserError("the LoRA relearning attack needs the peft package: pip install peft") from error
+    present = {
+        name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)
+    }
+    missing = sorted(set(lora.target_modules) - present)
+    if missing:
+        raise ValueError(
+            f"LoRA target module(s) {missing} not in the model; its linear layers are {sorted(present)}"
+        )
+    config = peft.LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+    )
+    return peft.get_peft_model(model, config)
+
+
+def relearn_attack(
+    model: nn.Module,
+    tokenizer: Any,
+    batches: Sequence[TokenBatch | str],
+    *,
+    steps: int,
+    lr: float = 1e-5,
+    optimizer: str = "adamw",
+    lora: LoraOptions | None = None,
+    eval_fn: Callable[[nn.Module, int], dict[str, Any]] | None = None,
+    eval_every: int | None = None,
+    seed: int = 0,
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Fine-tune a copy of ``model`` for ``steps`` steps on ``batches`` (cycled in order, step t
+    uses batch t mod N) with the causal-LM loss on their labels, and return it with a curve.
+
+    * ``batches``: ``TokenBatch``es, or strings tokenized with ``tokenizer`` (``None`` otherwise).
+    * ``optimizer``/``lr``: any name of :data:`robustunlearn.optim.OPTIMIZERS`; the paper's lab
+      setting is AdamW at 1e-5, tiny test models need a larger lr. Every weight is trained.
+    * ``lora``: train LoRA adapters instead (the weights stay frozen) and merge them into the
+      weights at the end, so the result is a plain model.
+    * ``eval_fn(model, step) -> dict``: called in eval mode and without gradients at step 0,
+      every ``eval_every`` steps (``None``: never in between) and after the last step. Under
+      LoRA it sees the model with its unmerged adapters.
+
+    ``curve`` has one dict per evaluation: ``step``, ``train_loss`` (the mean loss of the steps
+    since the previous entry; absent at step 0) and ``eval_fn``'s values. The result is
+    deterministic given ``seed`` (it seeds the LoRA initialization and dropout; the global RNG
+    state is restored afterwards). The input model is not modified."""
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if eval_every is not None and eval_every < 1:
+        raise ValueError(f"eval_every must be a positive number of steps or None, got {eval_every}")
+    # imported here: the registry loads every optimizer grade, and only relearning needs one
+    from robustunlearn.optim import build_optimizer
+
+    token_batches = _token_batches(batches, tokenizer)
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    attacked = copy.deepcopy(model)
+    device = next(attacked.parameters()).device
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    curve: list[dict[str, Any]] = []
+    losses: list[float] = []
+
+    def record(step: int) -> None:
+        entry: dict[str, Any] = {"step": step}
+        if losses:
+            entry["train_loss"] = sum(losses) / len(losses)
+            losses.clear()
+        if eval_fn is not None:
+            attacked.eval()
+            with torch.no_grad():
+                entry.update(eval_fn(attacked, step))
+            attacked.train()
+        curve.append(entry)
+
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        if lora is None:
+            attacked.requires_grad_(True)
+        else:
+            peft_model = _add_lora(attacked, lora)  # injects the adapters into `attacked`
+        attacked.train()
+        optim = build_optimizer(optimizer, attacked, lr)
+        record(0)
+        for step in range(1, steps + 1):
+            batch = token_batches[(step - 1) % len(token_batches)].to(device)
+            step_loss: list[torch.Tensor] = []
+
+            def closure(
+                backward: bool = True, *, sample_labels: bool = False, term: str | None = None
+            ) -> torch.Tensor:
+                if sample_labels:
+                    raise NotImplementedError("the relearning loss does not sample labels")
+                if term is not None:
+                    raise KeyError(f"the relearning loss has no term {term!r}")
+                if backward:
+                    attacked.zero_grad(set_to_none=True)
+                loss = attacked(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+                ).loss
+                if backward:
+                    loss.backward()
+                step_loss.append(loss.detach())
+                return loss.detach()
+
+            optim.step(closure)
+            losses.append(float(step_loss[0]))
+            if step == steps or (eval_every is not None and step % eval_every == 0):
+                record(step)
+
+    if lora is not None:
+        attacked = peft_model.merge_and_unload()
+    attacked.zero_grad(set_to_none=True)
+    for name, parameter in attacked.named_parameters():
+        parameter.requires_grad_(requires_grad.get(name, True))
+    attacked.eval()
+    return attacked, curve
