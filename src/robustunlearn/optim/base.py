@@ -8,8 +8,10 @@ An optimizer's ``step(closure)`` receives a callable with this signature::
   the gradients it is about to compute (``model.zero_grad(set_to_none=True)``, torch's
   convention), computes the loss with autograd, calls ``loss.backward()`` and returns the loss
   detached. First-order and second-order optimizers call it this way.
-* ``backward=False``: the closure only evaluates the loss and returns it; the caller has wrapped
-  the call in ``torch.no_grad()``. Zeroth-order optimizers call it this way at perturbed weights.
+* ``backward=False``: the closure only evaluates the loss and returns it, in the caller's grad
+  mode. Zeroth-order optimizers call it this way under ``torch.no_grad()`` at perturbed weights;
+  Sophia-H calls it under ``torch.enable_grad()`` and gets the loss *with its graph*, to take
+  Hessian-vector products.
 * ``sample_labels=True`` (with ``backward=True``): the loss is the model's negative
   log-likelihood of labels *sampled from its own predictive distribution* at the same inputs,
   so that the squared gradient is a Gauss-Newton-Bartlett Hessian estimate (Sophia-G). Closures
