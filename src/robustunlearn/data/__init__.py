@@ -9,7 +9,10 @@ from dataclasses import fields
 from typing import Any, Callable
 
 from robustunlearn.data.base import Benchmark
+from robustunlearn.data.muse import load_muse
 from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
+from robustunlearn.data.tofu import load_tofu
+from robustunlearn.data.wmdp import load_wmdp
 
 
 def _load_synthetic(**options: Any) -> Benchmark:
@@ -22,6 +25,9 @@ def _load_synthetic(**options: Any) -> Benchmark:
 
 _LOADERS: dict[str, Callable[..., Benchmark]] = {
     "synthetic": _load_synthetic,
+    "tofu": load_tofu,
+    "muse": load_muse,
+    "wmdp": load_wmdp,
 }
 BENCHMARKS = tuple(_LOADERS)
 
