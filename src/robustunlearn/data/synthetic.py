@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 from robustunlearn.data.base import QA, Benchmark, Continuation, MultipleChoice, Passage, Record
 
-GENERATOR_VERSION = "1"  # bump whenever the same config would give different records
+GENERATOR_VERSION = "2"  # bump whenever the same config would give different records
 SCHEMA_VERSION = "1"  # bump whenever splits or record fields change meaning
 
 NUM_PERTURBED = 3  # wrong answers per QA; MCQ choices are the true answer plus these
@@ -339,10 +339,9 @@ class SyntheticConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
                 raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
-        capacity = len(FIRST_NAMES) * len(LAST_NAMES)
-        if not 3 <= self.num_people <= capacity:
+        if not 3 <= self.num_people <= MAX_PEOPLE:
             raise ValueError(
-                f"num_people must be between 3 (one per role) and {capacity} (unique names), "
+                f"num_people must be between 3 (one per role) and {MAX_PEOPLE} (unique first names), "
                 f"got {self.num_people}"
             )
         sizes = self.role_sizes()
@@ -401,14 +400,33 @@ def _with_article(noun: str) -> str:
     return ("an " if noun[0] in "aeiou" else "a ") + noun
 
 
+_NAME_ONSETS = ("B", "C", "D", "F", "G", "H", "J", "K", "L", "M", "N", "P", "R", "S", "T", "V", "Z")
+_NAME_VOWELS = ("a", "e", "i", "o", "u", "ae", "ei")
+_NAME_ENDINGS = ("lin", "ren", "vis", "dor", "mir", "wen", "lia", "sa", "nor", "thea", "vik", "bel")
+MAX_PEOPLE = len(FIRST_NAMES) + len(_NAME_ONSETS) * len(_NAME_VOWELS) * len(_NAME_ENDINGS) // 2
+
+
+def _first_names(count: int, rng: random.Random) -> list[str]:
+    """``count`` distinct first names: the curated list, then invented syllable names.
+
+    Every person has their own first name, so a fact is keyed by one word rather than by a
+    first + last name combination: the tiny model memorises its facts in far fewer epochs."""
+    reserved = {w for values in (CITIES, LAST_NAMES, MOTHER_NAMES, FATHER_NAMES, PET_NAMES) for w in values}
+    names = list(FIRST_NAMES)
+    invented = sorted(
+        onset + vowel + ending for onset in _NAME_ONSETS for vowel in _NAME_VOWELS for ending in _NAME_ENDINGS
+    )
+    rng.shuffle(invented)
+    names += [name for name in invented if name not in reserved and name not in FIRST_NAMES]
+    return rng.sample(names[: max(count, len(FIRST_NAMES))], count)
+
+
 def _make_people(config: SyntheticConfig) -> list[_Person]:
     rng = _rng(config.seed, "people")
-    name_ids = rng.sample(range(len(FIRST_NAMES) * len(LAST_NAMES)), config.num_people)
     people = []
-    for name_id in name_ids:
-        first, last = divmod(name_id, len(LAST_NAMES))
+    for first in _first_names(config.num_people, rng):
         facts = tuple((key, rng.choice(ATTRIBUTES[key].values)) for key in config.attributes)
-        people.append(_Person(FIRST_NAMES[first], LAST_NAMES[last], facts))
+        people.append(_Person(first, rng.choice(LAST_NAMES), facts))
     return people
 
 

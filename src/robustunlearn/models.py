@@ -1,0 +1,180 @@
+"""Load and save causal LMs and tokenizers; build the embedded tiny Llama and its BPE tokenizer.
+
+Saved models are Hugging Face directories: ``model.safetensors`` + ``config.json`` + tokenizer
+files + ``manifest.json`` (what the model is, and the SHA-256 of its weights, so a corrupted
+or half-written directory is detected instead of silently loaded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from robustunlearn.errors import UserError
+from robustunlearn.io import atomic_write_json
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """The embedded tiny Llama. Defaults give ~2.2M parameters (tied embeddings)."""
+
+    vocab_size: int = 2048
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 6
+    max_position_embeddings: int = 256
+
+    def to_llama_config(self, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_attention_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on ``texts`` (deterministic for the same texts).
+
+    Byte-level pre-tokenization keeps a leading space with each word, so ``" Lisbon"`` after
+    ``"Answer:"`` tokenizes the same alone as in context: prompts and answers can be encoded
+    separately (see :mod:`robustunlearn.data.collate`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def build_tiny_model(config: TinyModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
+    """A freshly initialised tiny Llama (weights depend only on ``seed`` and the configs)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config.to_llama_config(tokenizer))
+    return model.float()
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_model(model, tokenizer, directory: str | Path, manifest: dict[str, Any] | None = None) -> Path:
+    """Save weights (safetensors), config, tokenizer and a manifest, atomically as a directory:
+    everything is written to a temporary sibling that is renamed into place at the end."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if not (staging / WEIGHTS).exists():
+            raise RuntimeError(f"save_pretrained wrote no {WEIGHTS} in {staging}")
+        atomic_write_json(
+            staging / MANIFEST,
+            {
+                **(manifest or {}),
+                "parameters": count_parameters(model),
+                "weights_sha256": file_sha256(staging / WEIGHTS),
+            },
+        )
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return directory
+
+
+def verify_model_dir(directory: str | Path) -> dict[str, Any]:
+    """Return the manifest of a saved model directory; raise ``ValueError`` if it is incomplete or corrupted."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file() or not (directory / WEIGHTS).is_file():
+        raise ValueError(f"{directory} is not a complete saved model (missing {MANIFEST} or {WEIGHTS})")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if manifest.get("weights_sha256") != file_sha256(directory / WEIGHTS):
+        raise ValueError(f"{directory / WEIGHTS} does not match the SHA-256 in its manifest (corrupted)")
+    return manifest
+
+
+def check_model_reference(name_or_path: str | Path) -> Path | None:
+    """The local directory ``name_or_path`` names, or None for a hub name; ``UserError`` when it
+    looks like a path (starts with ``.``, ``/`` or ``~``, or has more than one ``/``) that is not there."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"model path {path} is not a directory")
+        return path
+    if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
+        raise UserError(f"model path {name_or_path} does not exist")
+    return None
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    verify: bool = True,
+):
+    """Load a causal LM and its tokenizer from a local directory or a Hugging Face hub name.
+
+    Local directories saved by :func:`save_model` are checked against their manifest. Weights load
+    from safetensors only; remote code runs only when ``trust_remote_code`` is asked for."""
+    path = check_model_reference(name_or_path)
+    if path is not None and verify and (path / MANIFEST).exists():
+        try:
+            verify_model_dir(path)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(name_or_path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as error:
+        raise UserError(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:  # most hub LMs ship none; batching needs one
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.bos_token_id is None:
+        tokenizer.bos_token = tokenizer.eos_token
+    return model.to(device), tokenizer

@@ -1,0 +1,280 @@
+"""``prepare``: train the embedded benchmark's tokenizer, target model and retrain reference.
+
+* the **target** is trained on forget + retain (+ utility text): the model to unlearn;
+* the **retrain** reference is trained on retain (+ utility text) only: what perfect
+  unlearning would give, the gold standard the metrics compare against.
+
+Each trains until it answers ``target_accuracy`` of its training questions correctly (teacher
+forced: every answer token is the argmax, which is exactly when greedy decoding reproduces the
+answer) or ``max_epochs`` run out. Results are cached under a key that hashes everything they
+depend on; a cache entry is complete only once its ``prepared.json`` exists (written last), and
+every model's weights are checked against their SHA-256 on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robustunlearn import __version__
+from robustunlearn.batching import IGNORE_INDEX, TokenBatch
+from robustunlearn.data import load_benchmark
+from robustunlearn.data.base import QA, Benchmark, Record
+from robustunlearn.data.collate import encode_example, pad_examples, prompt_and_completion
+from robustunlearn.data.synthetic import GENERATOR_VERSION, SyntheticConfig
+from robustunlearn.io import atomic_write_json
+from robustunlearn.models import (
+    TinyModelConfig,
+    build_tiny_model,
+    count_parameters,
+    load_model,
+    save_model,
+    train_tokenizer,
+    verify_model_dir,
+)
+
+PREPARE_VERSION = "1"  # bump when training changes in a way the cache key does not capture
+PREPARED = "prepared.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the tiny models are trained from scratch (AdamW, warm-up then cosine decay)."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    batch_tokens: int = 2048  # examples of similar length are grouped into batches of about this many tokens
+    max_epochs: int = 60
+    warmup_fraction: float = 0.03
+    min_lr_fraction: float = 0.1
+    target_accuracy: float = 0.95
+    check_every_epochs: int = 5
+    max_length: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    data: SyntheticConfig = field(default_factory=SyntheticConfig)
+    model: TinyModelConfig = field(default_factory=TinyModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def key(self) -> str:
+        payload = {
+            "generator_version": GENERATOR_VERSION,
+            "prepare_version": PREPARE_VERSION,
+            "data": asdict(self.data),
+            "model": asdict(self.model),
+            "train": asdict(self.train),
+        }
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class Prepared:
+    """A prepared benchmark: paths to the benchmark JSON and the two saved models."""
+
+    directory: Path
+    benchmark: Benchmark
+    target_dir: Path
+    retrain_dir: Path
+    report: dict[str, Any]
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("ROBUSTUNLEARN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "robustunlearn"
+    )
+    return Path(root)
+
+
+def training_records(benchmark: Benchmark, roles: Sequence[str]) -> list[Record]:
+    records: list[Record] = []
+    for role in roles:
+        records += benchmark.get(f"{role}_text") + benchmark.get(f"{role}_qa")
+    return records + benchmark.get("utility_text") + benchmark.get("utility_qa")
+
+
+def make_batches(tokenizer, records: Sequence[Record], batch_tokens: int, max_length: int) -> list[TokenBatch]:
+    """Group examples of similar length into batches of about ``batch_tokens`` tokens (less padding)."""
+    encoded = sorted(
+        (encode_example(tokenizer, *prompt_and_completion(r), max_length) for r in records),
+        key=lambda example: len(example[0]),
+    )
+    batches, current = [], []
+    for example in encoded:
+        if current and len(example[0]) * (len(current) + 1) > batch_tokens:
+            batches.append(pad_examples(current, tokenizer.pad_token_id))
+            current = []
+        current.append(example)
+    if current:
+        batches.append(pad_examples(current, tokenizer.pad_token_id))
+    return batches
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(model, batches: Sequence[TokenBatch]) -> float:
+    """Fraction of examples whose every scored token (eos excluded) is the model's argmax.
+
+    For a QA example this is exactly "greedy decoding reproduces the answer"."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for batch in batches:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        predicted = logits[:, :-1].argmax(-1)
+        labels = batch.labels[:, 1:].clone()
+        last = (labels != IGNORE_INDEX).long().cumsum(-1).argmax(-1)  # the eos position
+        labels[torch.arange(len(labels)), last] = IGNORE_INDEX
+        scored = labels != IGNORE_INDEX
+        correct += ((predicted == labels) | ~scored).all(-1).sum().item()
+        total += len(labels)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def train_lm(
+    model,
+    tokenizer,
+    records: Sequence[Record],
+    eval_questions: Sequence[QA],
+    config: TrainConfig,
+    on_epoch: Callable[[int, float, float | None], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` on ``records`` until it answers ``config.target_accuracy`` of
+    ``eval_questions`` (teacher forced) or ``config.max_epochs`` run out."""
+    batches = make_batches(tokenizer, records, config.batch_tokens, config.max_length)
+    eval_batches = make_batches(tokenizer, eval_questions, 8 * config.batch_tokens, config.max_length)
+    order_rng = random.Random(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    total_steps = config.max_epochs * len(batches)
+    warmup = max(1, int(config.warmup_fraction * total_steps))
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return config.min_lr_fraction + (1 - config.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    model.train()
+    accuracy, epoch, start = 0.0, 0, time.perf_counter()
+    for epoch in range(1, config.max_epochs + 1):
+        order = list(range(len(batches)))
+        order_rng.shuffle(order)
+        epoch_loss = 0.0
+        for index in order:
+            batch = batches[index]
+            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            epoch_loss += loss.item()
+        checked = epoch % config.check_every_epochs == 0 or epoch == config.max_epochs
+        accuracy_now = teacher_forced_accuracy(model, eval_batches) if checked else None
+        if on_epoch:
+            on_epoch(epoch, epoch_loss / len(batches), accuracy_now)
+        if accuracy_now is not None:
+            accuracy = accuracy_now
+            if accuracy >= config.target_accuracy:
+                break
+    model.eval()
+    return {
+        "epochs": epoch,
+        "steps": epoch * len(batches),
+        "seconds": round(time.perf_counter() - start, 1),
+        "train_accuracy_teacher_forced": accuracy,
+    }
+
+
+def _cache_entry_complete(directory: Path) -> bool:
+    if not (directory / PREPARED).is_file():
+        return False
+    try:
+        verify_model_dir(directory / "target")
+        verify_model_dir(directory / "retrain")
+        Benchmark.load(directory / "benchmark.json")
+    except (ValueError, OSError, json.JSONDecodeError):
+        return False
+    return True
+
+
+def prepare(
+    config: PrepareConfig = PrepareConfig(),
+    cache_dir: str | Path | None = None,
+    console=None,
+    force: bool = False,
+) -> Prepared:
+    """Build (or load from cache) the benchmark, tokenizer, target and retrain models."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console(stderr=True)
+    directory = Path(cache_dir or default_cache_dir()) / "prepared" / config.key()
+    if not force and _cache_entry_complete(directory):
+        report = json.loads((directory / PREPARED).read_text(encoding="utf-8"))
+        return Prepared(directory, Benchmark.load(directory / "benchmark.json"), directory / "target", directory / "retrain", report)
+    if directory.exists():
+        console.print(f"[yellow]rebuilding incomplete or corrupted cache entry {directory}[/yellow]")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+
+    benchmark = load_benchmark("synthetic", **asdict(config.data))
+    benchmark.save(directory / "benchmark.json")
+    all_records = training_records(benchmark, ("forget", "retain", "holdout"))
+    tokenizer = train_tokenizer(
+        (prompt + completion for prompt, completion in map(prompt_and_completion, all_records)),
+        config.model.vocab_size,
+    )
+    report: dict[str, Any] = {"key": config.key(), "version": __version__, "config": asdict(config)}
+    plans = {
+        "target": (("forget", "retain"), benchmark.require("forget_qa") + benchmark.require("retain_qa")),
+        "retrain": (("retain",), benchmark.require("retain_qa")),
+    }
+    for name, (roles, questions) in plans.items():
+        model = build_tiny_model(config.model, tokenizer, seed=config.train.seed)
+        with Progress(
+            TextColumn(f"training {name:<7}"),
+            BarColumn(),
+            TextColumn("epoch {task.completed:.0f}/{task.total:.0f}  loss {task.fields[loss]:.3f}  acc {task.fields[acc]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task(name, total=config.train.max_epochs, loss=float("nan"), acc="-")
+
+            def on_epoch(epoch: int, loss: float, accuracy: float | None) -> None:
+                fields = {"loss": loss} if accuracy is None else {"loss": loss, "acc": f"{accuracy:.2%}"}
+                progress.update(task, completed=epoch, **fields)
+
+            stats = train_lm(model, tokenizer, training_records(benchmark, roles), questions, config.train, on_epoch)
+        stats["parameters"] = count_parameters(model)
+        stats["trained_on"] = list(roles) + ["utility"]
+        eval_batches = {
+            role: make_batches(tokenizer, benchmark.require(f"{role}_qa"), 8 * config.train.batch_tokens, config.train.max_length)
+            for role in ("forget", "retain", "holdout")
+        }
+        stats["qa_accuracy_teacher_forced"] = {
+            role: teacher_forced_accuracy(model, batches) for role, batches in eval_batches.items()
+        }
+        save_model(model, tokenizer, directory / name, {"kind": name, "benchmark": "synthetic", **stats})
+        report[name] = stats
+    atomic_write_json(directory / PREPARED, report)
+    return Prepared(directory, benchmark, directory / "target", directory / "retrain", report)
+
+
+def load_prepared_model(prepared: Prepared, which: str = "target"):
+    return load_model(prepared.target_dir if which == "target" else prepared.retrain_dir)
