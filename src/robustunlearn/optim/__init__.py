@@ -67,9 +67,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = _collect_specs()
 
 
 def build_optimizer(
-    name: str, model: nn.Module, lr: float | None = None, **options: Any
+    name: str, model: nn.Module, lr: float | None = None, *, total_steps: int | None = None, **options: Any
 ) -> torch.optim.Optimizer:
-    """Build the optimizer called ``name`` over ``model``'s trainable parameters."""
+    """Build the optimizer called ``name`` over ``model``'s trainable parameters.
+
+    ``total_steps`` reaches only the hybrid grade, whose schedule must end on a ZO block."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; accepted: {', '.join(sorted(OPTIMIZERS))}")
     spec = OPTIMIZERS[name]
@@ -77,6 +79,8 @@ def build_optimizer(
     if not params:
         raise ValueError("the model has no trainable parameters")
     merged = {**spec.default_options, **options}
+    if spec.grade == "hybrid" and total_steps is not None:
+        merged.setdefault("total_steps", total_steps)
     return spec.build(model, params, spec.default_lr if lr is None else lr, merged)
 
 

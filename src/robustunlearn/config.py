@@ -1,0 +1,178 @@
+"""Typed run configuration: defaults < YAML recipe (``--config``) < command-line flags.
+
+Every problem in a recipe or a flag becomes one :class:`~robustunlearn.errors.UserError` naming
+the field and, for names, the accepted values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from robustunlearn.errors import UserError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_name(kind: str, value: str, accepted) -> str:
+    if value not in accepted:
+        raise ValueError(f"unknown {kind} {value!r}; accepted: {', '.join(sorted(accepted))}")
+    return value
+
+
+class DataSettings(Strict):
+    """The embedded synthetic benchmark's generator settings."""
+
+    num_people: int = Field(200, ge=3)
+    forget_fraction: float = Field(0.10, gt=0, lt=1)
+    holdout_fraction: float = Field(0.15, gt=0, lt=1)
+
+
+class ModelSettings(Strict):
+    """The embedded tiny Llama (used when ``model`` is not given)."""
+
+    vocab_size: int = Field(2048, ge=300)
+    hidden_size: int = Field(192, ge=8)
+    intermediate_size: int = Field(512, ge=8)
+    num_hidden_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(6, ge=1)
+
+
+class TrainSettings(Strict):
+    """Training the tiny target and retrain models from scratch."""
+
+    lr: float = Field(3e-3, gt=0)
+    max_epochs: int = Field(60, ge=1)
+    batch_tokens: int = Field(2048, ge=64)
+    target_accuracy: float = Field(0.95, gt=0, le=1)
+    check_every_epochs: int = Field(5, ge=1)
+
+
+class UnlearnSettings(Strict):
+    objective: str = "npo"
+    optimizer: str = "adamw"
+    lr: float | None = Field(None, gt=0)
+    steps: int = Field(60, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr_schedule: str = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    checkpoint_every: int = Field(0, ge=0)
+    objective_options: dict[str, Any] = Field(default_factory=dict)
+    optimizer_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, value: str) -> str:
+        from robustunlearn.objectives import OBJECTIVES
+
+        return _check_name("objective", value, OBJECTIVES)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, value: str) -> str:
+        from robustunlearn.optim import OPTIMIZERS
+
+        return _check_name("optimizer", value, OPTIMIZERS)
+
+    @field_validator("lr_schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        from robustunlearn.engine import SCHEDULES
+
+        return _check_name("lr_schedule", value, SCHEDULES)
+
+
+class EvalSettings(Strict):
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(8, ge=1)  # QA answers are short
+    verbmem_max_new_tokens: int = Field(48, ge=1)
+    max_examples: int | None = Field(None, ge=1)  # cap per split, for quick looks
+
+
+class RunSettings(Strict):
+    benchmark: str = "synthetic"
+    seed: int = 0
+    # A local Hugging Face model directory or hub name to unlearn instead of the embedded tiny
+    # target; there is then no retrain reference.
+    model_path: str | None = None
+    trust_remote_code: bool = False
+    quantization: str = "rtn-int4"
+    data: DataSettings = DataSettings()
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    unlearn: UnlearnSettings = UnlearnSettings()
+    eval: EvalSettings = EvalSettings()
+
+    @field_validator("benchmark")
+    @classmethod
+    def _benchmark(cls, value: str) -> str:
+        from robustunlearn.data import BENCHMARKS
+
+        return _check_name("benchmark", value, BENCHMARKS)
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization(cls, value: str) -> str:
+        from robustunlearn.attacks import QUANTIZATION_METHODS
+
+        return _check_name("quantization method", value, QUANTIZATION_METHODS)
+
+
+def _first_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "config"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown setting"
+    return f"{where}: {message}"
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunSettings:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` (nested dicts; None values skipped)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file {path} is not valid YAML{where}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"config file {path} must hold a mapping of settings, not {type(loaded).__name__}")
+        data = loaded or {}
+    data = _deep_merge(data, _drop_none(overrides or {}))
+    try:
+        return RunSettings.model_validate(data)
+    except ValidationError as error:
+        source = f"config file {path}: " if path is not None else ""
+        raise UserError(source + _first_error(error)) from None
+
+
+def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    cleaned = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = _drop_none(value)
+            if value:
+                cleaned[key] = value
+        elif value is not None:
+            cleaned[key] = value
+    return cleaned

@@ -1,0 +1,99 @@
+"""User errors: one line, exit code 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from robustunlearn.cli import main
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["robustunlearn", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.err + captured.out
+
+
+def assert_one_line_error(output: str, *fragments: str) -> None:
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert lines[0].startswith("error:"), output
+    assert "Traceback" not in output
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, output)
+
+
+def test_unknown_optimizer_lists_accepted(monkeypatch, capsys, tmp_path):
+    code, output = run_cli(monkeypatch, capsys, "run", "--optimizer", "no-such-optimizer", "--output-dir", str(tmp_path / "o"))
+    assert code == 2
+    assert_one_line_error(output, "no-such-optimizer", "accepted:", "adamw", "zo-sgd", "hybrid", "sophia-g")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_objective_lists_accepted(monkeypatch, capsys, tmp_path):
+    code, output = run_cli(monkeypatch, capsys, "run", "--objective", "forgetful", "--output-dir", str(tmp_path / "o"))
+    assert code == 2
+    assert_one_line_error(output, "forgetful", "npo", "graddiff", "rmu")
+
+
+def test_missing_config_file(monkeypatch, capsys, tmp_path):
+    code, output = run_cli(monkeypatch, capsys, "run", "--config", str(tmp_path / "absent.yaml"))
+    assert code == 2
+    assert_one_line_error(output, "absent.yaml", "does not exist")
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("unlearn: [1, 2\n", "not valid YAML"),
+        ("- just\n- a list\n", "mapping"),
+        ("unlearn:\n  stepz: 3\n", "unlearn.stepz: unknown setting"),
+        ("unlearn:\n  steps: -1\n", "unlearn.steps"),
+        ("unlearn:\n  optimizer: adamz\n", "accepted:"),
+        ("quantization: int5-magic\n", "quantization"),
+    ],
+)
+def test_malformed_config(monkeypatch, capsys, tmp_path, content, fragment):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(content)
+    code, output = run_cli(monkeypatch, capsys, "run", "--config", str(recipe), "--output-dir", str(tmp_path / "o"))
+    assert code == 2
+    assert_one_line_error(output, fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_output_dir(monkeypatch, capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code, output = run_cli(monkeypatch, capsys, "run", "--output-dir", str(blocker / "out"), "--steps", "1")
+    assert code == 2
+    assert_one_line_error(output, "not writable")
+
+
+def test_missing_model_path(monkeypatch, capsys, tmp_path):
+    code, output = run_cli(monkeypatch, capsys, "run", "--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "o"))
+    assert code == 2
+    assert_one_line_error(output, "no-model", "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_flag_value_is_one_line(monkeypatch, capsys):
+    code, output = run_cli(monkeypatch, capsys, "run", "--steps", "many")
+    assert code == 2
+    assert_one_line_error(output, "--steps")
+
+
+def test_console_script_exit_code():
+    # The installed entry point behaves like main(): exit 2 and one line on stderr.
+    result = subprocess.run(
+        [sys.executable, "-m", "robustunlearn.cli", "run", "--optimizer", "no-such-optimizer"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "accepted:")
