@@ -13,6 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from robustunlearn.errors import UserError
+from robustunlearn.models import TinyModelConfig
+from robustunlearn.prepare import TrainConfig
 
 
 class Strict(BaseModel):
@@ -25,32 +27,39 @@ def _check_name(kind: str, value: str, accepted) -> str:
     return value
 
 
-class DataSettings(Strict):
-    """The embedded synthetic benchmark's generator settings."""
+DEFAULT_ATTRIBUTES = ("birth_year", "birth_city", "mother_name", "father_name", "university", "profession", "employer", "pet_name")
 
-    num_people: int = Field(200, ge=3)
+
+class DataSettings(Strict):
+    """The embedded synthetic benchmark's generator settings. The defaults are sized so that the
+    tiny target memorises every fact in a few minutes on two CPU cores."""
+
+    num_people: int = Field(150, ge=3)
     forget_fraction: float = Field(0.10, gt=0, lt=1)
     holdout_fraction: float = Field(0.15, gt=0, lt=1)
+    attributes: tuple[str, ...] = DEFAULT_ATTRIBUTES
+    num_utility_passages: int = Field(60, ge=0)
+    num_utility_qa: int = Field(20, ge=0)
 
 
 class ModelSettings(Strict):
-    """The embedded tiny Llama (used when ``model`` is not given)."""
+    """The embedded tiny Llama (used when ``model_path`` is not given); defaults: TinyModelConfig."""
 
-    vocab_size: int = Field(2048, ge=300)
-    hidden_size: int = Field(192, ge=8)
-    intermediate_size: int = Field(512, ge=8)
-    num_hidden_layers: int = Field(4, ge=1)
-    num_attention_heads: int = Field(6, ge=1)
+    vocab_size: int = Field(TinyModelConfig.vocab_size, ge=300)
+    hidden_size: int = Field(TinyModelConfig.hidden_size, ge=8)
+    intermediate_size: int = Field(TinyModelConfig.intermediate_size, ge=8)
+    num_hidden_layers: int = Field(TinyModelConfig.num_hidden_layers, ge=1)
+    num_attention_heads: int = Field(TinyModelConfig.num_attention_heads, ge=1)
 
 
 class TrainSettings(Strict):
-    """Training the tiny target and retrain models from scratch."""
+    """Training the tiny target and retrain models from scratch; defaults: TrainConfig."""
 
-    lr: float = Field(3e-3, gt=0)
-    max_epochs: int = Field(60, ge=1)
-    batch_tokens: int = Field(2048, ge=64)
-    target_accuracy: float = Field(0.95, gt=0, le=1)
-    check_every_epochs: int = Field(5, ge=1)
+    lr: float = Field(TrainConfig.lr, gt=0)
+    max_epochs: int = Field(TrainConfig.max_epochs, ge=1)
+    batch_tokens: int = Field(TrainConfig.batch_tokens, ge=32)
+    target_accuracy: float = Field(TrainConfig.target_accuracy, gt=0, le=1)
+    check_every_epochs: int = Field(TrainConfig.check_every_epochs, ge=1)
 
 
 class UnlearnSettings(Strict):

@@ -29,13 +29,15 @@ WEIGHTS = "model.safetensors"
 
 @dataclass(frozen=True)
 class TinyModelConfig:
-    """The embedded tiny Llama. Defaults give ~2.2M parameters (tied embeddings)."""
+    """The embedded tiny Llama: ~2.2M parameters with tied embeddings. Wide and shallow, trained
+    with small batches, it memorised the synthetic facts in the fewest CPU-seconds of the shapes we
+    tried (d=128 with 4 layers needed over twice the epochs)."""
 
     vocab_size: int = 2048
-    hidden_size: int = 192
-    intermediate_size: int = 512
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 6
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 8
     max_position_embeddings: int = 256
 
     def to_llama_config(self, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:

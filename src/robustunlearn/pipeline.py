@@ -157,12 +157,16 @@ def run_pipeline(settings: RunSettings, output_dir: Path, cache_dir=None, consol
 
 
 def results_table(results: dict[str, Any]) -> Table:
+    """Metrics as rows, models as columns: target, retrain, unlearned, then the quantized ones."""
     unlearn_info = results["unlearn"]
-    table = Table(title=f"{results['benchmark']['name']}: {unlearn_info['objective']} with {unlearn_info['optimizer']}, {unlearn_info['steps']} steps")
-    table.add_column("model")
-    for title in METRIC_COLUMNS.values():
-        table.add_column(title, justify="right")
-    for name, metrics in results["scores"].items():
-        table.add_row(name, *(f"{metrics[key]:.3f}" if key in metrics else "-" for key in METRIC_COLUMNS))
-    table.caption = "forget: lower is better forgetting; retain: higher is better utility; ppl: lower is better"
+    table = Table(
+        title=f"{results['benchmark']['name']}: {unlearn_info['objective']} with {unlearn_info['optimizer']}, "
+        f"{unlearn_info['steps']} steps"
+    )
+    table.add_column("metric", no_wrap=True)
+    for name in results["scores"]:
+        table.add_column(name, justify="right")
+    for key, title in METRIC_COLUMNS.items():
+        table.add_row(title, *(f"{m[key]:.3f}" if key in m else "-" for m in results["scores"].values()))
+    table.caption = "forget: lower = more forgotten; retain: higher = more utility kept; ppl: lower is better"
     return table

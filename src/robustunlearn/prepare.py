@@ -52,14 +52,14 @@ PREPARED = "prepared.json"
 class TrainConfig:
     """How the tiny models are trained from scratch (AdamW, warm-up then cosine decay)."""
 
-    lr: float = 3e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
-    batch_tokens: int = 2048  # examples of similar length are grouped into batches of about this many tokens
-    max_epochs: int = 60
+    batch_tokens: int = 256  # examples of similar length are grouped into batches of about this many tokens
+    max_epochs: int = 30
     warmup_fraction: float = 0.03
     min_lr_fraction: float = 0.1
     target_accuracy: float = 0.95
-    check_every_epochs: int = 5
+    check_every_epochs: int = 3
     max_length: int = 256
     seed: int = 0
 
