@@ -1,0 +1,651 @@
+"""The study report: markdown, self-contained HTML and PNG plots, built from ``results.jsonl``.
+
+``results.jsonl`` holds one JSON object per line, one per (cell, attack)::
+
+    {
+      "cell": {"benchmark": "synthetic", "objective": "npo", "optimizer": "adam",
+               "grade": "first-order", "seed": 0, "lr": 0.001},
+      "attack": "none" | "rtn-int4" | "nf4" | "gptq-int4" | "relearn" | "relearn-lora"
+                | "benign-relearn" | "noise-0.01" | "prune-0.3" | ...,
+      "attack_family": "none" | "quantization" | "relearning" | "perturbation",
+      "forget": {"forget_qa_rouge": 0.12, "forget_qa_accuracy": 0.05,
+                 "forget_verbmem_rouge": 0.2, "forget_mcq_accuracy": 0.3},
+      "utility": {"retain_qa_rouge": 0.9, "retain_qa_accuracy": 0.88, "utility_perplexity": 12.3},
+      "reference": {"target": {<forget and utility keys>}, "unlearned": {...}, "retrain": {...} | null},
+      "primary_metric": "forget_qa_rouge",
+      "scores": {...},
+      "curve": [{"step": 0, "forget_qa_rouge": 0.1, ...}, ...] | null,
+      "cost": {"steps": 120, "forward_passes": 240, "backward_passes": 120, "seconds": 31.2,
+               "reached_level": true, "target_level": 0.2},
+      "landscape": {"pair": "adam-vs-zo-adazo",
+                    "lmc": [{"alpha": 0.0, "<metric>": ...}, ...],
+                    "sharpness": [{"scale": ..., "mean_loss_increase": ..., "std": ...}]} | null
+    }
+
+* ``forget`` / ``utility``: metrics of the attacked model (for ``"none"``: of the unlearned one);
+  ``reference``: of the original (target), unlearned and retrained models.
+* ``primary_metric``: the forget metric the scores use; the utility metric is
+  :func:`robustunlearn.scores.utility_metric` (``retain_qa_rouge`` when present).
+* ``scores``: :func:`robustunlearn.scores.attack_scores` of the row. The report recomputes
+  them from the other fields rather than trusting stored ones.
+* ``curve``: forget metrics by relearning step (relearning attacks only); ``cost``: of the
+  cell's unlearning run (every row of a cell carries the same); ``landscape``: optional, either
+  key of it may be absent.
+
+:func:`write_report` writes ``report.md`` (plots as relative links to PNGs beside it),
+``report.html`` (self-contained: the same PNGs embedded as base64 ``<img>``) and the PNGs.
+Tables show, per grid point (a cell without its seed), the mean over seeds ("± std" with two
+or more seeds).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from robustunlearn.io import atomic_write, atomic_write_text
+from robustunlearn.metrics.landscape import lmc_barrier
+from robustunlearn.optim import GRADES
+from robustunlearn.scores import (
+    NO_ATTACK,
+    attack_scores,
+    lower_is_better,
+    summarise,
+    utility_metric,
+)
+
+REQUIRED_FIELDS = ("cell", "attack", "forget", "utility", "reference", "primary_metric")
+CELL_FIELDS = ("benchmark", "objective", "optimizer", "grade", "seed")
+FAMILY_ORDER = ("none", "quantization", "relearning", "perturbation")
+RELEARN_ATTACK = "relearn"
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+MISSING = "—"
+
+HOW_TO_READ = (
+    "Each cell unlearns the target model with one optimizer and objective from one seed, then "
+    "every attack starts again from that unlearned model. Forget metrics measure what the model "
+    "still knows of the forget set (lower = more forgotten); utility measures what it kept of "
+    "the rest. The retained fraction is F_attacked / F_target (share of the original knowledge "
+    "present after the attack); the recovery ratio is (F_attacked - F_unlearned) / "
+    "(F_target - F_unlearned): 0 = the attack brought nothing back, 1 = back to the original "
+    "model, negative = the attack removed more; it is empty where unlearning removed nothing. "
+    "The relearn AUC is the mean forget level over the relearning curve. The utility drop is "
+    "how much worse utility got under the attack (after minus before for perplexity). The worst "
+    "case is the highest value over the attacks of each seed, then averaged. Numbers are means "
+    "over seeds, ± the sample standard deviation when there are two or more seeds."
+)
+
+
+@dataclass(frozen=True)
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    text: str
+
+
+@dataclass(frozen=True)
+class Bullets:
+    items: list[str]
+
+
+@dataclass(frozen=True)
+class Table:
+    columns: list[str]
+    rows: list[list[str]]
+
+
+@dataclass(frozen=True)
+class Image:
+    file_name: str
+    caption: str
+
+
+Block = Heading | Paragraph | Bullets | Table | Image
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``results.jsonl`` (blank lines skipped). A line that is not a JSON object,
+    lacks a field, cannot be scored, or is scored on other metrics than the first row raises
+    ``ValueError`` naming ``path:line``."""
+    path = Path(path)
+    rows = []
+    first_metrics: tuple[str, str] | None = None
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from error
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        missing = [field for field in REQUIRED_FIELDS if field not in row]
+        if not missing and not isinstance(row["cell"], dict):
+            raise ValueError(f"{where}: 'cell' must be an object, got {row['cell']!r}")
+        missing = missing or [f"cell.{field}" for field in CELL_FIELDS if field not in row["cell"]]
+        if missing:
+            raise ValueError(f"{where}: result row lacks {', '.join(missing)}")
+        try:
+            scores = attack_scores(row)
+        except (ValueError, TypeError, AttributeError) as error:
+            raise ValueError(f"{where}: {error}") from error
+        # The tables compare rows on one forget and one utility metric.
+        metrics = (row["primary_metric"], scores["utility_metric"])
+        if first_metrics is None:
+            first_metrics = metrics
+        elif metrics != first_metrics:
+            raise ValueError(
+                f"{where}: scored on {metrics[0]!r} and {metrics[1]!r}, the rows above on "
+                f"{first_metrics[0]!r} and {first_metrics[1]!r}"
+            )
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no result rows")
+    return rows
+
+
+def write_report(results_jsonl: Path, output_dir: Path, title: str = "Robust unlearning study") -> dict[str, Path]:
+    """Read ``results_jsonl``, write ``report.md``, ``report.html`` and the PNG plots into
+    ``output_dir`` (each file atomically), and return their paths by name: ``markdown``,
+    ``html``, and each plot drawn: ``forget_vs_utility``, ``relearning_curves`` (when a
+    relearning row has a curve), ``recovery_by_grade`` (when an attack has a recovery ratio),
+    ``lmc`` (when a row carries a landscape with an LMC curve)."""
+    output_dir = Path(output_dir)
+    rows = read_results(results_jsonl)
+    study = _Study(rows)
+    plots: dict[str, tuple[Path, str]] = {}
+    for name, caption, draw in (
+        (
+            "forget_vs_utility",
+            "Forget vs utility: hollow = unlearned, filled = after each attack",
+            _plot_forget_utility,
+        ),
+        ("relearning_curves", "Forget metric during relearning (mean over seeds)", _plot_relearning),
+        ("recovery_by_grade", "Recovery ratio by optimizer grade and attack (mean ± std over cells)", _plot_recovery),
+        ("lmc", "Linear mode connectivity between unlearned models", _plot_lmc),
+    ):
+        figure = draw(study)
+        if figure is not None:
+            path = output_dir / f"{name}.png"
+            atomic_write(path, lambda tmp, figure=figure: figure.savefig(tmp, format="png", dpi=120))
+            plots[name] = (path, caption)
+    blocks = _document(study, title, {name: Image(path.name, caption) for name, (path, caption) in plots.items()})
+    written = {"markdown": output_dir / "report.md", "html": output_dir / "report.html"}
+    atomic_write_text(written["markdown"], _markdown(blocks))
+    atomic_write_text(written["html"], _html(blocks, title, output_dir))
+    return {**written, **{name: path for name, (path, _) in plots.items()}}
+
+
+class _Study:
+    """The rows with their summaries, and the names and orders the report uses."""
+
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = rows
+        summaries = summarise(rows)
+        self.cells = [s for s in summaries if s["kind"] == "cell"]
+        self.means = sorted((s for s in summaries if s["kind"] == "mean"), key=self._grid_order)
+        self.primary = rows[0]["primary_metric"]
+        self.utility = utility_metric(rows[0]["utility"])
+        families = {row["attack"]: row.get("attack_family", "") for row in rows}
+        rank = {family: index for index, family in enumerate(FAMILY_ORDER)}
+        first_seen = {attack: index for index, attack in enumerate(families)}
+        self.attacks = sorted(families, key=lambda a: (a != NO_ATTACK, rank.get(families[a], len(rank)), first_seen[a]))
+        self.families = families
+        # A grid point is named by its optimizer plus whatever else varies across the grid.
+        self.varying = [
+            key
+            for key in dict.fromkeys(k for m in self.means for k in m["cell"])
+            if key not in ("optimizer", "grade") and len({json.dumps(m["cell"].get(key)) for m in self.means}) > 1
+        ]
+
+    @staticmethod
+    def _grid_order(summary: dict[str, Any]) -> tuple:
+        grade = summary["grade"]
+        return (_grade_rank(grade), grade, str(summary["objective"]), str(summary["optimizer"]))
+
+    def label(self, cell: dict[str, Any]) -> str:
+        return " / ".join([str(cell["optimizer"])] + [f"{key} {cell.get(key)}" for key in self.varying])
+
+    def grid_rows(self, mean: dict[str, Any]) -> list[dict[str, Any]]:
+        return [row for row in self.rows if {k: v for k, v in row["cell"].items() if k != "seed"} == mean["cell"]]
+
+    def references(self, name: str) -> dict[str, float] | None:
+        """The mean over rows of one reference model's metrics (``None`` when no row has it)."""
+        found = [row["reference"].get(name) for row in self.rows if row["reference"].get(name)]
+        if not found:
+            return None
+        keys = dict.fromkeys(key for metrics in found for key in metrics)
+        return {key: statistics.fmean(float(m[key]) for m in found if key in m) for key in keys}
+
+
+def _grade_rank(grade: str) -> int:
+    return GRADES.index(grade) if grade in GRADES else len(GRADES)
+
+
+# ---------------------------------------------------------------------------------------------
+# The document
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return MISSING
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if abs(value) < 10:
+            return f"{value:.3f}" if abs(value) >= 0.0005 else "0.000"  # no "-0.000" from rounding
+        # counts averaged over seeds come back as floats: 40.0 steps reads as 40
+        return f"{value:,.0f}" if value.is_integer() or abs(value) >= 1000 else f"{value:.1f}"
+    return str(value)
+
+
+def _general(value: float | None) -> str:
+    """Three significant digits, for numbers of any size (noise scales, loss increases)."""
+    return MISSING if value is None else f"{value:.3g}"
+
+
+def _with_std(value: Any, std: Any) -> str:
+    return _number(value) if value is None or std is None else f"{_number(value)} ± {_number(std)}"
+
+
+def _dig(tree: dict[str, Any] | None, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(key)
+    return tree
+
+
+def _point_columns(study: _Study) -> list[str]:
+    return ["optimizer", "grade", *study.varying, "seeds"]
+
+
+def _point_cells(study: _Study, mean: dict[str, Any]) -> list[str]:
+    cell = mean["cell"]
+    return [
+        str(cell["optimizer"]),
+        str(cell["grade"]),
+        *(str(cell.get(k)) for k in study.varying),
+        str(len(mean["seeds"])),
+    ]
+
+
+def _attack_table(study: _Study, attack: str) -> Table:
+    fields = [
+        ("forget", f"{study.primary} after attack"),
+        ("retained_fraction", "retained fraction"),
+        ("recovery_ratio", "recovery ratio"),
+        ("relearn_auc", "relearn AUC"),
+        ("utility_after", f"{study.utility} after attack"),
+        ("utility_drop", "utility drop"),
+    ]
+    means = [mean for mean in study.means if attack in mean["attacks"]]
+    if attack == NO_ATTACK:  # the unlearned model itself: nothing to recover or drop
+        fields = [fields[0], fields[1], fields[4]]
+    if all(mean["attacks"][attack]["relearn_auc"] is None for mean in means):
+        fields = [field for field in fields if field[0] != "relearn_auc"]
+    return Table(
+        _point_columns(study) + [title for _, title in fields],
+        [
+            _point_cells(study, mean)
+            + [_with_std(mean["attacks"][attack][key], _dig(mean["std"], "attacks", attack, key)) for key, _ in fields]
+            for mean in means
+        ],
+    )
+
+
+def _worst_table(study: _Study) -> Table:
+    columns = [f"worst {study.primary}", "by attack", "worst recovery ratio", "by attack"]
+    rows = []
+    for mean in study.means:
+        worst = mean["worst"]
+        rows.append(
+            _point_cells(study, mean)
+            + [
+                _with_std(worst["forget"], _dig(mean["std"], "worst", "forget")),
+                worst["forget_attack"] or MISSING,
+                _with_std(worst["recovery_ratio"], _dig(mean["std"], "worst", "recovery_ratio")),
+                worst["recovery_attack"] or MISSING,
+            ]
+        )
+    return Table(_point_columns(study) + columns, rows)
+
+
+def _cost_table(study: _Study) -> Table | None:
+    keys = list(dict.fromkeys(key for mean in study.means for key in (mean["cost"] or {})))
+    if not keys:
+        return None
+    rows = [
+        _point_cells(study, mean) + [_with_std(_dig(mean["cost"], key), _dig(mean["std"], "cost", key)) for key in keys]
+        for mean in study.means
+    ]
+    titles = [key.replace("_", " ") + (" (share of seeds)" if key == "reached_level" else "") for key in keys]
+    return Table(_point_columns(study) + titles, rows)
+
+
+def _landscapes(study: _Study) -> list[tuple[str, dict[str, Any]]]:
+    """``(label, landscape)`` of each distinct landscape the rows carry (each cell's rows repeat it)."""
+    seen: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for row in study.rows:
+        landscape = row.get("landscape")
+        if isinstance(landscape, dict) and (landscape.get("lmc") or landscape.get("sharpness")):
+            seen.setdefault(json.dumps(landscape, sort_keys=True), (row["cell"], landscape))
+    names = [str(landscape.get("pair") or study.label(cell)) for cell, landscape in seen.values()]
+    return [
+        (name if names.count(name) == 1 else f"{name} (seed {cell['seed']})", landscape)
+        for name, (cell, landscape) in zip(names, seen.values())
+    ]
+
+
+def _lmc_metrics(study: _Study, landscapes: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    keys = list(
+        dict.fromkeys(k for _, ls in landscapes for point in ls.get("lmc") or [] for k in point if k != "alpha")
+    )
+    preferred = [key for key in (study.primary, study.utility) if key in keys]
+    return preferred or keys[:1]
+
+
+def _rise_is_worse(metric: str) -> bool:
+    return metric.startswith("forget") or lower_is_better(metric)
+
+
+def _landscape_blocks(study: _Study, images: dict[str, Image]) -> list[Block]:
+    landscapes = _landscapes(study)
+    if not landscapes:
+        return []
+    blocks: list[Block] = [Heading(2, "Loss landscape")]
+    metrics = _lmc_metrics(study, landscapes)
+    barriers = [
+        [name, metric, _number(lmc_barrier(ls["lmc"], metric, higher_is_worse=_rise_is_worse(metric)))]
+        for name, ls in landscapes
+        if len({point["alpha"] for point in ls.get("lmc") or []}) >= 2
+        for metric in metrics
+        if all(metric in point for point in ls["lmc"])
+    ]
+    if barriers:
+        blocks += [
+            Paragraph(
+                "Barrier: the largest excess of the interpolation path over the straight line between its "
+                "endpoints (Frankle et al. 2020): for a forget metric a rise (knowledge resurfacing between "
+                "the two models), for utility a fall (for perplexity a rise)."
+            ),
+            Table(["pair", "metric", "barrier"], barriers),
+        ]
+    if "lmc" in images:
+        blocks.append(images["lmc"])
+    sharpness = [
+        [
+            name,
+            _general(point.get("scale")),
+            f"{_general(point.get('mean_loss_increase'))} ± {_general(point.get('std'))}",
+        ]
+        for name, ls in landscapes
+        for point in ls.get("sharpness") or []
+    ]
+    if sharpness:
+        blocks += [
+            Paragraph(
+                "Sharpness: mean loss increase under Gaussian weight noise of the given scale (± std over draws)."
+            ),
+            Table(["model", "noise scale", "loss increase"], sharpness),
+        ]
+    return blocks
+
+
+def _document(study: _Study, title: str, images: dict[str, Image]) -> list[Block]:
+    settings = []
+    for key in dict.fromkeys(k for row in study.rows for k in row["cell"]):
+        values = list(dict.fromkeys(str(row["cell"].get(key)) for row in study.rows))
+        settings.append(f"{key}: {', '.join(values)}")
+    target, retrain = study.references("target"), study.references("retrain")
+    settings += [
+        f"attacks: {', '.join(study.attacks)}",
+        f"forget metric: {study.primary} (lower = more forgotten); utility metric: {study.utility}",
+        f"{len(study.rows)} rows, {len(study.cells)} cells, {len(study.means)} grid points",
+    ]
+    for name, reference in (("target (original model)", target), ("retrain (never saw the forget set)", retrain)):
+        if reference:
+            settings.append(
+                f"{name}: {study.primary} {_number(reference.get(study.primary))}, "
+                f"{study.utility} {_number(reference.get(study.utility))}"
+            )
+    blocks: list[Block] = [Heading(1, title), Bullets(settings), Heading(2, "How to read this"), Paragraph(HOW_TO_READ)]
+    if "forget_vs_utility" in images:
+        blocks.append(images["forget_vs_utility"])
+    for attack in study.attacks:
+        heading = (
+            "No attack (the unlearned model)"
+            if attack == NO_ATTACK
+            else f"Attack: {attack} ({study.families[attack] or 'unknown family'})"
+        )
+        blocks += [Heading(2, heading), _attack_table(study, attack)]
+    blocks += [Heading(2, "Worst case over the attacks"), _worst_table(study)]
+    cost = _cost_table(study)
+    if cost is not None:
+        blocks += [Heading(2, "Cost of unlearning"), cost]
+    plots = [images[name] for name in ("relearning_curves", "recovery_by_grade") if name in images]
+    if plots:
+        blocks += [Heading(2, "Plots"), *plots]
+    return blocks + _landscape_blocks(study, images)
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(blocks: list[Block]) -> str:
+    parts = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            parts.append(f"{'#' * block.level} {block.text}")
+        elif isinstance(block, Paragraph):
+            parts.append(block.text)
+        elif isinstance(block, Bullets):
+            parts.append("\n".join(f"- {item}" for item in block.items))
+        elif isinstance(block, Table):
+            lines = [
+                "| " + " | ".join(map(_markdown_cell, block.columns)) + " |",
+                "|" + "|".join("---" for _ in block.columns) + "|",
+                *("| " + " | ".join(map(_markdown_cell, row)) + " |" for row in block.rows),
+            ]
+            parts.append("\n".join(lines))
+        else:
+            parts.append(f"![{block.caption}]({block.file_name})\n\n*{block.caption}*")
+    return "\n\n".join(parts) + "\n"
+
+
+HTML_STYLE = (
+    "body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #bbb;padding:.25em .6em;text-align:right}"
+    "th:first-child,td:first-child{text-align:left}img{max-width:100%}figcaption{font-style:italic}"
+)
+
+
+def _html(blocks: list[Block], title: str, image_dir: Path) -> str:
+    parts = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            parts.append(f"<h{block.level}>{html.escape(block.text)}</h{block.level}>")
+        elif isinstance(block, Paragraph):
+            parts.append(f"<p>{html.escape(block.text)}</p>")
+        elif isinstance(block, Bullets):
+            parts.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in block.items) + "</ul>")
+        elif isinstance(block, Table):
+            head = "".join(f"<th>{html.escape(column)}</th>" for column in block.columns)
+            body = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in block.rows
+            )
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        else:
+            data = base64.b64encode((image_dir / block.file_name).read_bytes()).decode("ascii")
+            parts.append(
+                f'<figure><img alt="{html.escape(block.caption)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(block.caption)}</figcaption></figure>"
+            )
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{HTML_STYLE}</style></head>\n<body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The plots (Agg canvases: no display and no pyplot global state)
+
+
+def _figure(panels: int = 1, width: float = 6.5, height: float = 4.5) -> tuple[Figure, list[Any]]:
+    figure = Figure(figsize=(width * panels, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, [figure.add_subplot(1, panels, index + 1) for index in range(panels)]
+
+
+def _style(index: int) -> dict[str, str]:
+    return {"color": f"C{index % 10}", "marker": MARKERS[index % len(MARKERS)]}
+
+
+def _reference_stars(study: _Study, axes: Any) -> None:
+    for name, colour in (("target", "black"), ("retrain", "grey")):
+        reference = study.references(name)
+        if reference and study.primary in reference and study.utility in reference:
+            axes.scatter(
+                reference[study.primary],
+                reference[study.utility],
+                marker="*",
+                s=220,
+                color=colour,
+                label=name,
+                zorder=3,
+            )
+
+
+def _plot_forget_utility(study: _Study) -> Figure:
+    figure, (axes,) = _figure()
+    for index, mean in enumerate(study.means):
+        style = _style(index)
+        start = (mean["forget_unlearned"], mean["utility_unlearned"])
+        axes.scatter(
+            *start,
+            marker=style["marker"],
+            s=80,
+            facecolors="none",
+            edgecolors=style["color"],
+            label=study.label(mean["cell"]),
+        )
+        for attack, scores in mean["attacks"].items():
+            if attack == NO_ATTACK or scores["forget"] is None or scores["utility_after"] is None:
+                continue
+            end = (scores["forget"], scores["utility_after"])
+            axes.scatter(*end, marker=style["marker"], s=40, color=style["color"])
+            axes.annotate(
+                "",
+                xy=end,
+                xytext=start,
+                arrowprops={"arrowstyle": "->", "color": style["color"], "alpha": 0.35, "lw": 0.8},
+            )
+            axes.annotate(attack, end, xytext=(3, 3), textcoords="offset points", fontsize=6, color=style["color"])
+    _reference_stars(study, axes)
+    axes.set_xlabel(f"{study.primary} (forget; lower = more forgotten)")
+    axes.set_ylabel(f"{study.utility} (utility)")
+    axes.set_title("hollow: unlearned, filled: after each attack", fontsize=9)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the corners hold the stars
+    return figure
+
+
+def _mean_curve(curves: list[list[dict[str, float]]], metric: str) -> tuple[list[float], list[float]]:
+    by_step: dict[float, list[float]] = {}
+    for curve in curves:
+        for point in curve:
+            if metric in point:
+                by_step.setdefault(float(point["step"]), []).append(float(point[metric]))
+    steps = sorted(by_step)
+    return steps, [statistics.fmean(by_step[step]) for step in steps]
+
+
+def _plot_relearning(study: _Study) -> Figure | None:
+    with_curves = [a for a in study.attacks if any(r["attack"] == a and r.get("curve") for r in study.rows)]
+    attacks = sorted(with_curves, key=lambda attack: attack != RELEARN_ATTACK)
+    if not attacks:
+        return None
+    figure, panels = _figure(len(attacks))
+    target, retrain = study.references("target"), study.references("retrain")
+    for attack, axes in zip(attacks, panels):
+        for index, mean in enumerate(study.means):
+            curves = [row["curve"] for row in study.grid_rows(mean) if row["attack"] == attack and row.get("curve")]
+            if curves:
+                steps, values = _mean_curve(curves, study.primary)
+                axes.plot(steps, values, markersize=4, label=study.label(mean["cell"]), **_style(index))
+        for name, reference, line in (("target", target, ":"), ("retrain", retrain, "--")):
+            if reference and study.primary in reference:
+                axes.axhline(
+                    reference[study.primary], color="black" if name == "target" else "grey", linestyle=line, label=name
+                )
+        axes.set_title(attack)
+        axes.set_xlabel("relearning step")
+        axes.set_ylabel(study.primary)
+        axes.legend(fontsize=7)
+    return figure
+
+
+def _plot_recovery(study: _Study) -> Figure | None:
+    attacks = [attack for attack in study.attacks if attack != NO_ATTACK]
+    grades = sorted({cell["grade"] for cell in study.cells}, key=lambda grade: (_grade_rank(grade), grade))
+    ratios = {
+        (grade, attack): [
+            cell["attacks"][attack]["recovery_ratio"]
+            for cell in study.cells
+            if cell["grade"] == grade
+            and attack in cell["attacks"]
+            and cell["attacks"][attack]["recovery_ratio"] is not None
+        ]
+        for grade in grades
+        for attack in attacks
+    }
+    if not any(ratios.values()):
+        return None
+    figure, (axes,) = _figure(width=max(6.5, 1.6 * len(grades)))
+    width = 0.8 / len(attacks)
+    for index, attack in enumerate(attacks):
+        positions = [g + (index - (len(attacks) - 1) / 2) * width for g in range(len(grades))]
+        values = [ratios[grade, attack] for grade in grades]
+        # NaN draws no bar (no cell of that grade met the attack) and no error bar (one cell)
+        heights = [statistics.fmean(v) if v else math.nan for v in values]
+        errors = [statistics.stdev(v) if len(v) > 1 else math.nan for v in values]
+        axes.bar(positions, heights, width, yerr=errors, capsize=2, label=attack, color=f"C{index % 10}")
+    axes.axhline(0, color="black", linewidth=0.8)
+    axes.axhline(1, color="grey", linestyle=":", linewidth=0.8)
+    axes.set_xticks(range(len(grades)), grades, rotation=15, fontsize=8)
+    axes.set_ylabel(f"recovery ratio of {study.primary}")
+    axes.set_title("0 = nothing recovered, 1 = back to the original model", fontsize=9)
+    axes.legend(fontsize=7)
+    return figure
+
+
+def _plot_lmc(study: _Study) -> Figure | None:
+    landscapes = [(name, ls) for name, ls in _landscapes(study) if ls.get("lmc")]
+    if not landscapes:
+        return None
+    metrics = _lmc_metrics(study, landscapes)
+    figure, panels = _figure(len(metrics))
+    for metric, axes in zip(metrics, panels):
+        for index, (name, landscape) in enumerate(landscapes):
+            points = sorted((p["alpha"], p[metric]) for p in landscape["lmc"] if metric in p)
+            axes.plot([a for a, _ in points], [v for _, v in points], markersize=4, label=name, **_style(index))
+        axes.set_xlabel("α  (θ = (1-α)·θ_a + α·θ_b)")
+        axes.set_ylabel(metric)
+        axes.legend(fontsize=7)
+    return figure

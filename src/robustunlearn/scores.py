@@ -1,0 +1,253 @@
+"""Robustness scores of an unlearned model under attack: pure functions over numbers and result rows.
+
+Notation, for the forget metric F (higher = more of the forget set is still known, e.g. forget
+QA ROUGE-L): F_target of the original model, F_unlearned after unlearning, F_attacked after an
+attack (quantization, relearning, weight noise, ...) on the unlearned model.
+
+A *row* is one (cell, attack) record of ``results.jsonl``; its schema is documented in
+:mod:`robustunlearn.report`. :func:`attack_scores` fills its ``"scores"``, :func:`summarise`
+condenses many rows into one summary per cell and one mean over seeds per grid point.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+NO_ATTACK = "none"
+PREFERRED_UTILITY_METRIC = "retain_qa_rouge"
+# The numeric fields of a cell summary whose spread over seeds a mean summary reports.
+MEAN_FIELDS = ("forget_target", "forget_unlearned", "utility_unlearned", "worst", "attacks", "cost")
+
+
+def retained_fraction(f_attacked: float, f_target: float, *, tolerance: float = 1e-9) -> float | None:
+    """Knowledge kept relative to the original model: ``F_attacked / F_target``.
+
+    0 = nothing left, 1 = as much as the original model. ``None`` when ``|F_target| <= tolerance``
+    (the original model knew nothing, so there is nothing to keep)."""
+    if abs(f_target) <= tolerance:
+        return None
+    return f_attacked / f_target
+
+
+def recovery_ratio(f_attacked: float, f_unlearned: float, f_target: float, *, tolerance: float = 1e-9) -> float | None:
+    """How much of what unlearning removed the attack brings back::
+
+        R = (F_attacked - F_unlearned) / (F_target - F_unlearned)
+
+    0 = the attack recovered nothing, 1 = back to the original model; negative when the attack
+    removed even more, above 1 when it overshoots the original. ``None`` when
+    ``|F_target - F_unlearned| <= tolerance``: unlearning removed nothing, so there is no ratio."""
+    removed = f_target - f_unlearned
+    if abs(removed) <= tolerance:
+        return None
+    return (f_attacked - f_unlearned) / removed
+
+
+def relearn_auc(curve: list[dict[str, float]], metric: str) -> float:
+    """Mean level of ``metric`` over a relearning curve: the trapezoid area under
+    ``metric(step)`` divided by the step span::
+
+        AUC = 1/(s_n - s_0) · Σ_i (s_{i+1} - s_i) · (m_i + m_{i+1}) / 2
+
+    so a curve that jumps back to the original level early scores near that level, one that
+    recovers late scores near the unlearned level. A one-point curve scores its only value."""
+    if not curve:
+        raise ValueError("the relearning curve is empty")
+    missing = [point for point in curve if metric not in point or "step" not in point]
+    if missing:
+        raise ValueError(f"relearning curve point {missing[0]} lacks 'step' or {metric!r}")
+    points = sorted((float(point["step"]), float(point[metric])) for point in curve)
+    span = points[-1][0] - points[0][0]
+    if span == 0:
+        return statistics.fmean(value for _, value in points)
+    area = sum((s1 - s0) * (m0 + m1) / 2 for (s0, m0), (s1, m1) in itertools.pairwise(points))
+    return area / span
+
+
+def utility_metric(utility: dict[str, float]) -> str:
+    """The utility metric the scores use: ``retain_qa_rouge`` when measured, else the first key."""
+    if not utility:
+        raise ValueError("no utility metric in the row")
+    return PREFERRED_UTILITY_METRIC if PREFERRED_UTILITY_METRIC in utility else next(iter(utility))
+
+
+def lower_is_better(metric: str) -> bool:
+    """Perplexities and losses fall as the model gets better; ROUGE and accuracies rise."""
+    return metric.endswith(("perplexity", "loss"))
+
+
+def _metric(metrics: dict[str, float] | None, key: str, where: str) -> float:
+    if not isinstance(metrics, dict) or key not in metrics:
+        raise ValueError(f"{where} has no {key!r} metric")
+    return float(metrics[key])
+
+
+def attack_scores(row: dict[str, Any]) -> dict[str, Any]:
+    """All scores of one (cell, attack) row, on the row's ``primary_metric`` F and utility metric U
+    (:func:`utility_metric`):
+
+    * ``forget`` = F_attacked, ``forget_unlearned``, ``forget_target``;
+    * ``retained_fraction`` (:func:`retained_fraction`), ``recovery_ratio`` (:func:`recovery_ratio`);
+    * ``relearn_auc`` (:func:`relearn_auc` of the row's ``curve``; ``None`` without a curve);
+    * ``utility_before`` = U of the unlearned model, ``utility_after`` = U of the attacked model,
+      ``utility_drop`` = how much worse the attack made it: before - after, or after - before
+      for lower-is-better metrics (perplexity).
+    """
+    for key in ("attack", "forget", "utility", "reference", "primary_metric"):
+        if key not in row:
+            raise ValueError(f"result row has no {key!r} field")
+    reference = row["reference"]
+    if not isinstance(reference, dict):
+        raise ValueError(f"'reference' must be an object, got {reference!r}")
+    primary = row["primary_metric"]
+    f_attacked = _metric(row["forget"], primary, "'forget'")
+    f_unlearned = _metric(reference.get("unlearned"), primary, "'reference.unlearned'")
+    f_target = _metric(reference.get("target"), primary, "'reference.target'")
+    utility = utility_metric(row["utility"])
+    before = _metric(reference["unlearned"], utility, "'reference.unlearned'")
+    after = _metric(row["utility"], utility, "'utility'")
+    curve = row.get("curve")
+    return {
+        "utility_metric": utility,
+        "forget": f_attacked,
+        "forget_unlearned": f_unlearned,
+        "forget_target": f_target,
+        "retained_fraction": retained_fraction(f_attacked, f_target),
+        "recovery_ratio": recovery_ratio(f_attacked, f_unlearned, f_target),
+        "relearn_auc": relearn_auc(curve, primary) if curve else None,
+        "utility_before": before,
+        "utility_after": after,
+        "utility_drop": after - before if lower_is_better(utility) else before - after,
+    }
+
+
+def _argmax(scored: list[tuple[str, float | None]]) -> tuple[float | None, str | None]:
+    present = [(value, attack) for attack, value in scored if value is not None]
+    if not present:
+        return None, None
+    value, attack = max(present, key=lambda pair: pair[0])
+    return value, attack
+
+
+def worst_case(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The worst case over the attack suite of one cell (the ``"none"`` row is not an attack):
+    the highest F_attacked (``forget``, by ``forget_attack``) and the highest recovery ratio
+    (``recovery_ratio``, by ``recovery_attack``). Values and attacks are ``None`` when no attack
+    gave one."""
+    cells = {_cell_key(row["cell"]) for row in rows}
+    if len(cells) > 1:
+        raise ValueError(f"worst_case takes the rows of one cell, got {len(cells)} cells")
+    attacked = [(row["attack"], attack_scores(row)) for row in rows if row["attack"] != NO_ATTACK]
+    forget, forget_attack = _argmax([(attack, scores["forget"]) for attack, scores in attacked])
+    recovery, recovery_attack = _argmax([(attack, scores["recovery_ratio"]) for attack, scores in attacked])
+    return {
+        "forget": forget,
+        "forget_attack": forget_attack,
+        "recovery_ratio": recovery,
+        "recovery_attack": recovery_attack,
+    }
+
+
+def _cell_key(cell: dict[str, Any], drop: tuple[str, ...] = ()) -> str:
+    return json.dumps({key: value for key, value in cell.items() if key not in drop}, sort_keys=True)
+
+
+def _summarise_cell(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    cell = rows[0]["cell"]
+    scored = [(row, attack_scores(row)) for row in rows]
+    first = scored[0][1]
+    # Every row of a cell carries the cost of the same unlearning run; prefer the "none" row's.
+    costs = [row.get("cost") for row in rows if row["attack"] == NO_ATTACK] + [row.get("cost") for row in rows]
+    return {
+        "kind": "cell",
+        "cell": cell,
+        **{key: cell.get(key) for key in ("benchmark", "objective", "optimizer", "grade", "seed")},
+        "seeds": [cell.get("seed")],
+        "primary_metric": rows[0]["primary_metric"],
+        "utility_metric": first["utility_metric"],
+        "forget_target": first["forget_target"],
+        "forget_unlearned": first["forget_unlearned"],
+        "utility_unlearned": first["utility_before"],
+        "worst": worst_case(rows),
+        "attacks": {
+            row["attack"]: {
+                key: scores[key]
+                for key in (
+                    "forget",
+                    "retained_fraction",
+                    "recovery_ratio",
+                    "relearn_auc",
+                    "utility_after",
+                    "utility_drop",
+                )
+            }
+            for row, scores in scored
+        },
+        "cost": next((cost for cost in costs if cost), None),
+    }
+
+
+def _reduce(values: list[Any], numbers: Callable[[list[float]], float | None], join_text: bool) -> Any:
+    """Reduce same-shaped trees leaf by leaf: numbers (and bools) with ``numbers`` over the
+    non-``None`` ones; strings to themselves when they agree, else their sorted ", "-join
+    (or to ``None`` without ``join_text``)."""
+    present = [value for value in values if value is not None]
+    if not present:
+        return None
+    if all(isinstance(value, dict) for value in present):
+        keys = list(dict.fromkeys(key for value in present for key in value))
+        return {key: _reduce([value[key] for value in present if key in value], numbers, join_text) for key in keys}
+    if all(isinstance(value, (int, float)) for value in present):
+        return numbers([float(value) for value in present])
+    return ", ".join(sorted({str(value) for value in present})) if join_text else None
+
+
+def _std(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def _mean_over_seeds(group: list[dict[str, Any]]) -> dict[str, Any]:
+    fields = [
+        {key: value for key, value in summary.items() if key not in ("kind", "cell", "seed", "seeds")}
+        for summary in group
+    ]
+    numeric = [{key: summary[key] for key in MEAN_FIELDS} for summary in group]
+    return {
+        "kind": "mean",
+        "cell": {key: value for key, value in group[0]["cell"].items() if key != "seed"},
+        **_reduce(fields, statistics.fmean, join_text=True),
+        "seed": None,
+        "seeds": [summary["seed"] for summary in group],
+        "std": _reduce(numeric, _std, join_text=False),
+    }
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per cell, then one mean over seeds per grid point (the cell without its seed),
+    both in order of first appearance.
+
+    A cell summary (``"kind": "cell"``) holds ``benchmark, objective, optimizer, grade, seed``,
+    the full ``cell``, ``primary_metric``, ``utility_metric``, ``forget_target``,
+    ``forget_unlearned``, ``utility_unlearned``, ``worst`` (:func:`worst_case`), ``attacks`` (per
+    attack: ``forget``, ``retained_fraction``, ``recovery_ratio``, ``relearn_auc``,
+    ``utility_after``, ``utility_drop``) and the unlearning ``cost``.
+
+    A mean summary (``"kind": "mean"``) has the same fields with every number replaced by its
+    mean over the seeds that have it (``None`` where none has), ``seed=None``, ``seeds`` listing
+    the seeds, and ``std``: the :data:`MEAN_FIELDS` again as sample standard deviations (``None``
+    with one seed). A bool becomes the fraction of seeds where it holds
+    (``cost.reached_level``); worst-case attack names that differ across seeds are joined with ", "."""
+    if not rows:
+        raise ValueError("no result rows to summarise")
+    by_cell: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_cell.setdefault(_cell_key(row["cell"]), []).append(row)
+    cells = [_summarise_cell(cell_rows) for cell_rows in by_cell.values()]
+    by_point: dict[str, list[dict[str, Any]]] = {}
+    for summary in cells:
+        by_point.setdefault(_cell_key(summary["cell"], drop=("seed",)), []).append(summary)
+    return cells + [_mean_over_seeds(group) for group in by_point.values()]
