@@ -54,7 +54,7 @@ def test_missing_config_file(monkeypatch, capsys, tmp_path):
         ("unlearn:\n  stepz: 3\n", "unlearn.stepz: unknown setting"),
         ("unlearn:\n  steps: -1\n", "unlearn.steps"),
         ("unlearn:\n  optimizer: adamz\n", "accepted:"),
-        ("quantization: int5-magic\n", "quantization"),
+        ("study: {attacks: [int5-magic]}\n", "study.attacks"),
     ],
 )
 def test_malformed_config(monkeypatch, capsys, tmp_path, content, fragment):

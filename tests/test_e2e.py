@@ -1,4 +1,4 @@
-"""The README's main job on a tiny configuration, through the CLI."""
+"""The README's main job and the study on a tiny configuration, through the CLI."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import robustunlearn.study as study_module
 from robustunlearn.cli import main
 from robustunlearn.pipeline import METRIC_COLUMNS
 
@@ -15,32 +16,61 @@ seed: 0
 data: {num_people: 6, num_utility_passages: 4, num_utility_qa: 2}
 model: {vocab_size: 400, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4}
 train: {lr: 1.0e-2, max_epochs: 60, batch_tokens: 256, check_every_epochs: 10}
-unlearn: {objective: npo, optimizer: adamw, lr: 1.0e-3, steps: 4, batch_size: 4}
+unlearn: {lr: 1.0e-3, batch_size: 4}
 eval: {max_examples: 12, verbmem_max_new_tokens: 16}
+study:
+  optimizers: [adamw, zo-sgd]
+  attacks: [rtn-int4, relearn]
+  max_steps: 6
+  check_every: 3
+  relearn_steps: 4
+  relearn_eval_every: 2
+  relearn_samples: 8
 """
 
 
+def run_cli(monkeypatch, *args: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["robustunlearn", *args])
+    main()
+
+
 @pytest.mark.slow
-def test_run_writes_results_with_every_key(tmp_path, monkeypatch, capsys):
+def test_run_writes_results_report_and_skips_finished_cells(tmp_path, monkeypatch, capsys):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY_RECIPE)
     output = tmp_path / "out"
-    monkeypatch.setattr(
-        sys, "argv",
-        ["robustunlearn", "run", "--config", str(recipe), "--output-dir", str(output), "--cache-dir", str(tmp_path / "cache")],
-    )
-    main()
+    args = ("run", "--config", str(recipe), "--output-dir", str(output), "--cache-dir", str(tmp_path / "cache"))
+    run_cli(monkeypatch, *args)
     printed = capsys.readouterr().out
-    assert all(title in printed for title in METRIC_COLUMNS.values())
+    assert "npo/adamw+rtn-int4" in printed and "npo/zo-sgd+relearn" in printed
 
     results = json.loads((output / "results.json").read_text())
-    assert set(results) == {"settings", "benchmark", "prepare", "unlearn", "quantization", "scores", "seconds"}
-    assert set(results["scores"]) == {"target", "retrain", "unlearned", "unlearned+rtn-int4", "target+rtn-int4"}
+    assert set(results) == {"settings", "benchmark", "cells", "scores", "files", "seconds"}
+    expected_models = {"target", "retrain"} | {
+        f"npo/{opt}{suffix}" for opt in ("adamw", "zo-sgd") for suffix in ("", "+rtn-int4", "+relearn")
+    }
+    assert set(results["scores"]) == expected_models
     for name, metrics in results["scores"].items():
         assert set(metrics) == set(METRIC_COLUMNS), name
-        assert all(0 <= v <= 1 for k, v in metrics.items() if k != "utility_perplexity"), name
-    assert results["unlearn"]["steps"] == 4
-    assert results["settings"]["unlearn"]["objective"] == "npo"
-    assert results["prepare"]["target"]["parameters"] > 0
-    assert (output / "unlearn" / "final" / "model.safetensors").exists()
-    assert len((output / "unlearn" / "log.jsonl").read_text().splitlines()) == 4
+    for cell in results["cells"]:
+        assert {"steps", "forward_passes", "backward_passes", "seconds", "reached_level"} <= set(cell)
+    zo_cell = next(c for c in results["cells"] if c["optimizer"] == "zo-sgd")
+    assert zo_cell["backward_passes"] == 0 and zo_cell["forward_passes"] >= 2 * zo_cell["steps"]
+
+    rows = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    relearn_rows = [row for row in rows if row["attack"] == "relearn"]
+    assert all([point["step"] for point in row["curve"]] == [0, 2, 4] for row in relearn_rows)
+    assert all("recovery_ratio" in row["scores"] for row in rows if row["attack"] != "none")
+    report = (output / "report.md").read_text()
+    assert "adamw" in report and "zo-sgd" in report
+    assert list(output.glob("*.png")) and (output / "report.html").exists()
+
+    # A rerun skips both finished cells: no unlearning happens at all.
+    def no_cells(*args, **kwargs):
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr(study_module, "run_cell", no_cells)
+    run_cli(monkeypatch, *args)
+    assert capsys.readouterr().err.count("skipping finished cell") == 2
+    assert len((output / "results.jsonl").read_text().splitlines()) == 6

@@ -74,36 +74,131 @@ def prepare(
     console.print(f"cached in {prepared.directory}")
 
 
+def _names(value: Optional[str]) -> Optional[tuple[str, ...]]:
+    """``"a,b"`` -> ``("a", "b")``; None stays None (the recipe or default applies)."""
+    return None if value is None else tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _seeds(value: Optional[str]) -> Optional[tuple[int, ...]]:
+    names = _names(value)
+    if names is None:
+        return None
+    try:
+        return tuple(int(name) for name in names)
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers, got {value!r}") from None
+
+
+ObjectivesOption = typer.Option(None, "--objectives", "--objective", help="Objective(s), comma-separated [default: npo].")
+OptimizersOption = typer.Option(
+    None, "--optimizers", "--optimizer",
+    help="Optimizer(s), comma-separated [default: adam,signadam,zo-adazo,hybrid,sophia-g].",
+)
+SeedsOption = typer.Option(None, "--seeds", help="Seeds of the grid, comma-separated [default: the --seed].")
+AttacksOption = typer.Option(
+    None, "--attacks",
+    help="Attack suite, comma-separated: quantization methods, relearn, relearn-lora, benign-relearn, "
+    "noise-<scale>, prune-<sparsity> [default: rtn-int4,relearn].",
+)
+StepsOption = typer.Option(None, "--steps", help="Each cell's unlearning step budget [default: 150].")
+LrOption = typer.Option(None, "--lr", help="Learning rate for every optimizer [default: each optimizer's tuned lr].")
+ModelOption = typer.Option(
+    None, "--model", help="Local Hugging Face model dir or hub name to unlearn instead of the embedded tiny target."
+)
+SweepOption = typer.Option(False, "--lr-sweep", help="Choose each optimizer's lr by a small sweep at matched forgetting.")
+
+
+def _study(
+    config, benchmark, seed, model, objectives, optimizers, seeds, attacks, steps, lr, output_dir, cache_dir, lr_sweep
+) -> None:
+    from robustunlearn.models import check_model_reference
+    from robustunlearn.pipeline import results_table, run_pipeline
+
+    settings = _settings(
+        config, benchmark=benchmark, seed=seed, model_path=model, unlearn__lr=lr,
+        study__objectives=_names(objectives), study__optimizers=_names(optimizers),
+        study__seeds=_seeds(seeds) or ((seed,) if seed is not None else None),
+        study__attacks=_names(attacks), study__max_steps=steps,
+    )
+    if model is not None:
+        check_model_reference(model)
+    _writable_dir(output_dir)
+    results = run_pipeline(settings, output_dir, cache_dir, console=console, lr_sweep=lr_sweep)
+    Console().print(results_table(results))
+    console.print(f"results, report and plots in {output_dir}")
+
+
 @app.command()
 def run(
+    config: Optional[Path] = ConfigOption,
+    benchmark: Optional[str] = BenchmarkOption,
+    objective: Optional[str] = ObjectivesOption,
+    optimizer: Optional[str] = OptimizersOption,
+    lr: Optional[float] = LrOption,
+    steps: Optional[int] = StepsOption,
+    attacks: Optional[str] = AttacksOption,
+    model: Optional[str] = ModelOption,
+    output_dir: Path = typer.Option(Path("runs/latest"), "--output-dir", help="Where results and the report go."),
+    cache_dir: Optional[Path] = CacheOption,
+    seed: Optional[int] = SeedOption,
+) -> None:
+    """The main job: prepare, then a small grade study (unlearn each optimizer to matched forgetting,
+    attack with 4-bit quantization and relearning); prints a table, writes results.json,
+    results.jsonl, report.md/html and plots."""
+    _study(config, benchmark, seed, model, objective, optimizer, None, attacks, steps, lr, output_dir, cache_dir, False)
+
+
+@app.command()
+def study(
+    output_dir: Path = typer.Option(..., "--output-dir", help="Study directory (rerun to resume: finished cells are skipped)."),
+    config: Optional[Path] = ConfigOption,
+    benchmark: Optional[str] = BenchmarkOption,
+    objectives: Optional[str] = ObjectivesOption,
+    optimizers: Optional[str] = OptimizersOption,
+    seeds: Optional[str] = SeedsOption,
+    attacks: Optional[str] = AttacksOption,
+    steps: Optional[int] = StepsOption,
+    lr: Optional[float] = LrOption,
+    lr_sweep: bool = SweepOption,
+    model: Optional[str] = ModelOption,
+    cache_dir: Optional[Path] = CacheOption,
+    seed: Optional[int] = SeedOption,
+) -> None:
+    """A grid of optimizers x objectives x seeds with the attack suite."""
+    _study(config, benchmark, seed, model, objectives, optimizers, seeds, attacks, steps, lr, output_dir, cache_dir, lr_sweep)
+
+
+@app.command("unlearn")
+def unlearn_command(
     config: Optional[Path] = ConfigOption,
     benchmark: Optional[str] = BenchmarkOption,
     objective: Optional[str] = typer.Option(None, "--objective", help="Unlearning objective [default: npo]."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="Optimizer grade [default: adamw]."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate [default: the optimizer's]."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Unlearning steps [default: 60]."),
-    quantization: Optional[str] = typer.Option(None, "--quantization", help="Quantization attack [default: rtn-int4]."),
-    model: Optional[str] = typer.Option(
-        None, "--model", help="Local Hugging Face model dir or hub name to unlearn instead of the embedded tiny target."
+    checkpoint_every: Optional[int] = typer.Option(
+        None, "--checkpoint-every", help="Steps between checkpoints (0: only at the end) [default: 0]."
     ),
-    output_dir: Path = typer.Option(Path("runs/latest"), "--output-dir", help="Where results.json and the table go."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model to unlearn [default: the embedded tiny target]."),
+    output_dir: Path = typer.Option(..., "--output-dir", help="Run directory: log.jsonl, checkpoints/, final/."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --output-dir."),
     cache_dir: Optional[Path] = CacheOption,
     seed: Optional[int] = SeedOption,
 ) -> None:
-    """Prepare -> unlearn -> evaluate -> quantize -> evaluate again; print a table, write results.json."""
+    """Unlearn only: leaves the final model in OUTPUT_DIR/final/ (model.safetensors, config, tokenizer, manifest)."""
     from robustunlearn.models import check_model_reference
-    from robustunlearn.pipeline import results_table, run_pipeline
+    from robustunlearn.pipeline import unlearn_only
 
     settings = _settings(
-        config, benchmark=benchmark, seed=seed, quantization=quantization, model_path=model,
+        config, benchmark=benchmark, seed=seed, model_path=model,
         unlearn__objective=objective, unlearn__optimizer=optimizer, unlearn__lr=lr, unlearn__steps=steps,
+        unlearn__checkpoint_every=checkpoint_every,
     )
     if model is not None:
         check_model_reference(model)
     _writable_dir(output_dir)
-    results = run_pipeline(settings, output_dir, cache_dir, console=console)
-    Console().print(results_table(results))
-    console.print(f"results written to {output_dir / 'results.json'}")
+    final_dir = unlearn_only(settings, output_dir, cache_dir, resume=resume, console=console)
+    console.print(f"final model in {final_dir}")
 
 
 def main() -> None:

@@ -103,6 +103,73 @@ class EvalSettings(Strict):
     max_examples: int | None = Field(None, ge=1)  # cap per split, for quick looks
 
 
+class StudySettings(Strict):
+    """The grade study's grid, matched-forgetting rule and attack suite."""
+
+    objectives: tuple[str, ...] = ("npo",)
+    optimizers: tuple[str, ...] = ("adam", "signadam", "zo-adazo", "hybrid", "sophia-g")
+    seeds: tuple[int, ...] = (0,)
+    attacks: tuple[str, ...] = ("rtn-int4", "relearn")
+    max_steps: int = Field(150, ge=1)  # each cell's step budget
+    check_every: int = Field(10, ge=1)  # steps between checks of the forget level
+    level_metric: str = "forget_qa_rouge"
+    level_tolerance: float = Field(0.05, ge=0)  # reached when metric <= retrain's + tolerance
+    relearn_samples: int = Field(16, ge=1)  # forget QA pairs the relearning attack fine-tunes on
+    relearn_steps: int = Field(20, ge=1)
+    relearn_lr: float = Field(1e-4, gt=0)
+    relearn_eval_every: int = Field(5, ge=1)
+    sweep_factors: tuple[float, ...] = (0.3, 1.0, 3.0)  # --lr-sweep tries base lr x each
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        from robustunlearn.objectives import OBJECTIVES
+
+        return _non_empty("objectives", tuple(_check_name("objective", v, OBJECTIVES) for v in values))
+
+    @field_validator("optimizers")
+    @classmethod
+    def _optimizers(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        from robustunlearn.optim import OPTIMIZERS
+
+        return _non_empty("optimizers", tuple(_check_name("optimizer", v, OPTIMIZERS) for v in values))
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, values: tuple[int, ...]) -> tuple[int, ...]:
+        return _non_empty("seeds", values)
+
+    @field_validator("attacks")
+    @classmethod
+    def _attacks(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        from robustunlearn.attacks import QUANTIZATION_METHODS
+
+        fixed = {"relearn", "relearn-lora", "benign-relearn"}
+        for value in values:
+            prefix, _, number = value.partition("-")
+            if value in fixed or value in QUANTIZATION_METHODS:
+                continue
+            if prefix in ("noise", "prune") and number.replace(".", "", 1).isdigit():
+                continue
+            accepted = sorted(fixed) + ["noise-<scale>", "prune-<sparsity>"] + list(QUANTIZATION_METHODS)
+            raise ValueError(f"unknown attack {value!r}; accepted: {', '.join(accepted)}")
+        return values
+
+    @field_validator("level_metric")
+    @classmethod
+    def _level_metric(cls, value: str) -> str:
+        from robustunlearn.pipeline import METRIC_COLUMNS
+
+        forget_metrics = [k for k in METRIC_COLUMNS if k.startswith("forget_")]
+        return _check_name("level metric", value, forget_metrics)
+
+
+def _non_empty(name: str, values: tuple) -> tuple:
+    if not values:
+        raise ValueError(f"{name} must not be empty")
+    return values
+
+
 class RunSettings(Strict):
     benchmark: str = "synthetic"
     seed: int = 0
@@ -116,6 +183,7 @@ class RunSettings(Strict):
     train: TrainSettings = TrainSettings()
     unlearn: UnlearnSettings = UnlearnSettings()
     eval: EvalSettings = EvalSettings()
+    study: StudySettings = StudySettings()
 
     @field_validator("benchmark")
     @classmethod
@@ -123,13 +191,6 @@ class RunSettings(Strict):
         from robustunlearn.data import BENCHMARKS
 
         return _check_name("benchmark", value, BENCHMARKS)
-
-    @field_validator("quantization")
-    @classmethod
-    def _quantization(cls, value: str) -> str:
-        from robustunlearn.attacks import QUANTIZATION_METHODS
-
-        return _check_name("quantization method", value, QUANTIZATION_METHODS)
 
 
 def _first_error(error: ValidationError) -> str:

@@ -123,11 +123,15 @@ def sampled_label_loss(model, batch: TokenBatch, generator: torch.Generator) -> 
     return torch.nn.functional.cross_entropy(picked, sampled)
 
 
-def make_closure(model, objective, batch: UnlearnBatch, reference: dict, generator: torch.Generator, record: dict):
+def make_closure(
+    model, objective, batch: UnlearnBatch, reference: dict, generator: torch.Generator, record: dict, passes: dict[str, int]
+):
     """The step's closure (protocol in :mod:`robustunlearn.optim.base`); ``record`` receives the
-    loss terms of its latest call, for logging."""
+    loss terms of its latest call, for logging; ``passes`` counts forward and backward passes."""
 
     def closure(backward: bool = True, *, sample_labels: bool = False, term: str | None = None) -> torch.Tensor:
+        passes["forward"] += 1
+        passes["backward"] += int(backward)
         if backward:
             model.zero_grad(set_to_none=True)
         # backward=False keeps the caller's grad mode: ZO calls under no_grad, sophia-h with a graph.
@@ -170,6 +174,7 @@ class UnlearnResult:
     seconds: float
     resumed_from: int | None = None
     stopped_early: str | None = None  # why the evaluation callback stopped the run
+    passes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})  # model passes, this process
 
 
 class Checkpointer:
@@ -296,6 +301,7 @@ def unlearn(
 
     started = time.perf_counter()
     stopped_early = None
+    passes = {"forward": 0, "backward": 0}
     columns = (TextColumn(f"unlearn {config.objective}/{config.optimizer}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not progress) as bar:
@@ -311,11 +317,12 @@ def unlearn(
             ).to(next(model.parameters()).device)
             with torch.no_grad():
                 reference = objective.reference_outputs(reference_model, batch) if reference_model is not None else {}
+            passes["forward"] += reference_model is not None
             for group in optimizer.param_groups:
                 if "batch_size" in group:  # Sophia-G's B: its sampled-label loss averages the scored forget tokens
                     group["batch_size"] = int((batch.forget.labels[:, 1:] != IGNORE_INDEX).sum())
             terms: dict[str, float] = {}
-            returned = optimizer.step(make_closure(model, objective, batch, reference, generator, terms))
+            returned = optimizer.step(make_closure(model, objective, batch, reference, generator, terms, passes))
             scheduler.step()
             entry = {"step": step, "lr": optimizer.param_groups[0]["lr"], **terms}
             if returned is not None:  # the loss the optimizer reports (at θ; the last closure call may be perturbed)
@@ -347,4 +354,4 @@ def unlearn(
     model.eval()
     if output_dir is not None:
         atomic_write_json(output_dir / "status.json", {"state": "finished", "step": step, "stopped_early": stopped_early})
-    return UnlearnResult(model, step, history, time.perf_counter() - started, resumed_from, stopped_early)
+    return UnlearnResult(model, step, history, time.perf_counter() - started, resumed_from, stopped_early, passes)

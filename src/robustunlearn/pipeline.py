@@ -6,8 +6,8 @@ Each stage is a library function; :func:`run_pipeline` strings them together and
 
 from __future__ import annotations
 
-import copy
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -66,9 +66,15 @@ def _subset(records: list, limit: int | None) -> list:
     return records if limit is None else records[:limit]
 
 
-def evaluate_model(model, tokenizer, benchmark: Benchmark, settings: RunSettings) -> dict[str, float]:
-    """Forget and retain knowledge of ``model``: QA ROUGE-L recall and accuracy, VerbMem ROUGE-L F1,
-    multiple-choice accuracy, utility perplexity."""
+UTILITY_METRIC = "retain_qa_rouge"  # the utility the study's learning-rate sweep maximises
+
+
+def evaluate_model(
+    model, tokenizer, benchmark: Benchmark, settings: RunSettings, metrics: Sequence[str] | None = None
+) -> dict[str, float]:
+    """Forget and retain knowledge of ``model`` (all of :data:`METRIC_COLUMNS`, or just ``metrics``):
+    QA ROUGE-L recall and accuracy (one greedy pass per role), VerbMem ROUGE-L F1, multiple-choice
+    accuracy, utility perplexity."""
     from robustunlearn.metrics import (
         accuracy_from_answers,
         answer_questions,
@@ -78,78 +84,82 @@ def evaluate_model(model, tokenizer, benchmark: Benchmark, settings: RunSettings
         verbmem,
     )
 
+    wanted = set(METRIC_COLUMNS if metrics is None else metrics)
+    unknown = wanted - set(METRIC_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown metric(s) {sorted(unknown)}; accepted: {', '.join(METRIC_COLUMNS)}")
     options = settings.eval
     limit = options.max_examples
     results: dict[str, float] = {}
     for role in ("forget", "retain"):
+        if not wanted & {f"{role}_qa_rouge", f"{role}_qa_accuracy"}:
+            continue
         questions = _subset(benchmark.require(f"{role}_qa"), limit)
         answers = answer_questions(model, tokenizer, questions, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size)
         results[f"{role}_qa_rouge"] = knowmem_from_answers(answers, questions)["mean"]
         results[f"{role}_qa_accuracy"] = accuracy_from_answers(answers, questions)["accuracy"]
-    results["forget_verbmem_rouge"] = verbmem(
-        model, tokenizer, _subset(benchmark.require("forget_verbmem"), limit),
-        max_new_tokens=options.verbmem_max_new_tokens, batch_size=options.batch_size,
-    )["mean"]
-    results["forget_mcq_accuracy"] = mcq_accuracy(
-        model, tokenizer, _subset(benchmark.require("forget_mcq"), limit), batch_size=options.batch_size
-    )["acc"]
-    if benchmark.get("utility_text"):
+    if "forget_verbmem_rouge" in wanted:
+        results["forget_verbmem_rouge"] = verbmem(
+            model, tokenizer, _subset(benchmark.require("forget_verbmem"), limit),
+            max_new_tokens=options.verbmem_max_new_tokens, batch_size=options.batch_size,
+        )["mean"]
+    if "forget_mcq_accuracy" in wanted:
+        results["forget_mcq_accuracy"] = mcq_accuracy(
+            model, tokenizer, _subset(benchmark.require("forget_mcq"), limit), batch_size=options.batch_size
+        )["acc"]
+    if "utility_perplexity" in wanted and benchmark.get("utility_text"):
         results["utility_perplexity"] = perplexity(
             model, tokenizer, _subset(benchmark.get("utility_text"), limit), batch_size=options.batch_size
         )
-    return results
+    return {key: results[key] for key in METRIC_COLUMNS if key in results and key in wanted}
 
 
 def unlearn_config(settings: RunSettings) -> UnlearnConfig:
     return UnlearnConfig(seed=settings.seed, **settings.unlearn.model_dump())
 
 
-def run_pipeline(settings: RunSettings, output_dir: Path, cache_dir=None, console=None) -> dict[str, Any]:
-    """Prepare, unlearn, evaluate, quantize, evaluate again; write ``results.json``."""
-    from robustunlearn.attacks import quantize_model
-
-    started = time.perf_counter()
+def load_target(settings: RunSettings, cache_dir=None, console=None):
+    """The model to unlearn, its tokenizer, the benchmark, and the prepared bundle (None for a user's model)."""
     if settings.model_path is not None:
         # Load the user's model first: a bad path fails before any data work.
-        target, tokenizer = load_model(settings.model_path, trust_remote_code=settings.trust_remote_code)
+        model, tokenizer = load_model(settings.model_path, trust_remote_code=settings.trust_remote_code)
         benchmark = load_benchmark(settings.benchmark, **asdict(prepare_config(settings).data))
-        prepare_report: dict[str, Any] = {"model_path": settings.model_path}
-        scores: dict[str, dict[str, float]] = {"target": evaluate_model(target, tokenizer, benchmark, settings)}
-    else:
-        prepared = prepare_from_settings(settings, cache_dir, console=console)
-        target, tokenizer = load_model(prepared.target_dir)
-        retrain, _ = load_model(prepared.retrain_dir)
-        benchmark = prepared.benchmark
-        prepare_report = {k: prepared.report[k] for k in ("key", "target", "retrain")}
-        scores = {
-            "target": evaluate_model(target, tokenizer, benchmark, settings),
-            "retrain": evaluate_model(retrain, tokenizer, benchmark, settings),
-        }
-        del retrain
-    unlearned = copy.deepcopy(target)
-    outcome = unlearn(unlearned, tokenizer, benchmark, unlearn_config(settings), output_dir / "unlearn", console=console)
-    save_model(unlearned, tokenizer, output_dir / "unlearn" / "final", {"kind": "unlearned", **settings.unlearn.model_dump()})
-    scores["unlearned"] = evaluate_model(unlearned, tokenizer, benchmark, settings)
+        return model, tokenizer, benchmark, None
+    prepared = prepare_from_settings(settings, cache_dir, console=console)
+    model, tokenizer = load_model(prepared.target_dir)
+    return model, tokenizer, prepared.benchmark, prepared
 
-    quantized, quantization_report = quantize_model(unlearned, settings.quantization)
-    scores[f"unlearned+{settings.quantization}"] = evaluate_model(quantized, tokenizer, benchmark, settings)
-    target_quantized, _ = quantize_model(target, settings.quantization)
-    scores[f"target+{settings.quantization}"] = evaluate_model(target_quantized, tokenizer, benchmark, settings)
 
+def unlearn_only(settings: RunSettings, output_dir: Path, cache_dir=None, *, resume: bool = False, console=None) -> Path:
+    """Unlearn the target and save it to ``output_dir/final``; with ``resume``, continue a killed run."""
+    model, tokenizer, benchmark, _ = load_target(settings, cache_dir, console)
+    unlearn(model, tokenizer, benchmark, unlearn_config(settings), output_dir, resume=resume, console=console)
+    return save_model(model, tokenizer, output_dir / "final", {"kind": "unlearned", **settings.unlearn.model_dump()})
+
+
+def run_pipeline(settings: RunSettings, output_dir: Path, cache_dir=None, console=None, lr_sweep: bool = False) -> dict[str, Any]:
+    """The main job: a small grade study (``settings.study``) on one benchmark; writes the study's
+    files (results.jsonl, report.md/html, plots) and ``results.json``, a summary per model."""
+    from robustunlearn.study import run_study
+
+    started = time.perf_counter()
+    rows = run_study(settings, settings.study, output_dir, cache_dir, console, lr_sweep=lr_sweep)
+    references = rows[0]["reference"]
+    scores: dict[str, dict[str, float]] = {"target": references["target"]}
+    if references["retrain"] is not None:
+        scores["retrain"] = references["retrain"]
+    for row in rows:
+        cell = row["cell"]
+        name = f"{cell['objective']}/{cell['optimizer']}" + (f"/seed{cell['seed']}" if len(settings.study.seeds) > 1 else "")
+        scores[name if row["attack"] == "none" else f"{name}+{row['attack']}"] = {**row["forget"], **row["utility"]}
     results = {
-        "settings": settings.model_dump(),
-        "benchmark": {"name": benchmark.name, "schema_version": benchmark.schema_version, "splits": benchmark.summary()},
-        "prepare": prepare_report,
-        "unlearn": {
-            "objective": settings.unlearn.objective,
-            "optimizer": settings.unlearn.optimizer,
-            "steps": outcome.steps_done,
-            "seconds": round(outcome.seconds, 2),
-            "final_loss": outcome.history[-1].get("loss") if outcome.history else None,
-            "model_dir": str(output_dir / "unlearn" / "final"),
-        },
-        "quantization": {"method": settings.quantization, "report": quantization_report},
+        "settings": settings.model_dump(mode="json"),
+        "benchmark": {"name": settings.benchmark},
+        "cells": [
+            {**row["cell"], **row["cost"]} for row in rows if row["attack"] == "none"
+        ],
         "scores": scores,
+        "files": sorted(p.name for p in output_dir.iterdir() if p.is_file()),
         "seconds": round(time.perf_counter() - started, 1),
     }
     atomic_write_json(output_dir / "results.json", results)
@@ -157,16 +167,12 @@ def run_pipeline(settings: RunSettings, output_dir: Path, cache_dir=None, consol
 
 
 def results_table(results: dict[str, Any]) -> Table:
-    """Metrics as rows, models as columns: target, retrain, unlearned, then the quantized ones."""
-    unlearn_info = results["unlearn"]
-    table = Table(
-        title=f"{results['benchmark']['name']}: {unlearn_info['objective']} with {unlearn_info['optimizer']}, "
-        f"{unlearn_info['steps']} steps"
-    )
-    table.add_column("metric", no_wrap=True)
-    for name in results["scores"]:
-        table.add_column(name, justify="right")
-    for key, title in METRIC_COLUMNS.items():
-        table.add_row(title, *(f"{m[key]:.3f}" if key in m else "-" for m in results["scores"].values()))
+    """Models as rows (target, retrain, each unlearned cell and its attacked versions), metrics as columns."""
+    table = Table(title=f"{results['benchmark']['name']}: forgetting and utility before and after attacks")
+    table.add_column("model", no_wrap=True)
+    for title in METRIC_COLUMNS.values():
+        table.add_column(title.replace(" ", "\n", 1), justify="right")  # two-line headers fit 80 columns
+    for name, metrics in results["scores"].items():
+        table.add_row(name, *(f"{metrics[key]:.3f}" if key in metrics else "-" for key in METRIC_COLUMNS))
     table.caption = "forget: lower = more forgotten; retain: higher = more utility kept; ppl: lower is better"
     return table

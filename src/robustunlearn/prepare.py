@@ -259,6 +259,8 @@ def prepare(
             def on_epoch(epoch: int, loss: float, accuracy: float | None) -> None:
                 fields = {"loss": loss} if accuracy is None else {"loss": loss, "acc": f"{accuracy:.2%}"}
                 progress.update(task, completed=epoch, **fields)
+                if accuracy is not None and not console.is_terminal:  # logs get a line per check
+                    console.print(f"{name}: epoch {epoch} loss {loss:.3f} QA accuracy {accuracy:.2%}")
 
             stats = train_lm(model, tokenizer, training_records(benchmark, roles), questions, config.train, on_epoch)
         stats["parameters"] = count_parameters(model)
