@@ -27,7 +27,23 @@ console = Console(stderr=True)
 ConfigOption = typer.Option(None, "--config", help="YAML recipe; flags override its values.")
 CacheOption = typer.Option(None, "--cache-dir", help="Where prepared models are cached [default: ~/.cache/robustunlearn].")
 SeedOption = typer.Option(None, "--seed", help="Seed for data generation, training and unlearning [default: 0].")
-BenchmarkOption = typer.Option(None, "--benchmark", help="Benchmark name [default: synthetic].")
+BenchmarkOption = typer.Option(None, "--benchmark", help="Benchmark: synthetic, tofu, muse, wmdp [default: synthetic].")
+DataDirOption = typer.Option(None, "--data-dir", help="Local directory of a real benchmark's files (else: the hub).")
+ForgetSplitOption = typer.Option(None, "--forget-split", help="TOFU's forget split: forget01, forget05, forget10.")
+BaseModelOption = typer.Option(
+    None, "--base-model", help="Fine-tune this model (dir or hub name) into target and retrain instead of the tiny one."
+)
+
+
+def _benchmark_options(data_dir: Optional[Path], forget_split: Optional[str]) -> Optional[dict[str, Any]]:
+    options = {}
+    if data_dir is not None:
+        if not data_dir.is_dir():
+            raise UserError(f"data directory {data_dir} does not exist")
+        options["data_dir"] = str(data_dir)
+    if forget_split is not None:
+        options["forget_split"] = forget_split
+    return options or None
 
 
 def _settings(config: Optional[Path], **flat: Any):
@@ -63,12 +79,21 @@ def prepare(
     cache_dir: Optional[Path] = CacheOption,
     seed: Optional[int] = SeedOption,
     benchmark: Optional[str] = BenchmarkOption,
+    data_dir: Optional[Path] = DataDirOption,
+    forget_split: Optional[str] = ForgetSplitOption,
+    base_model: Optional[str] = BaseModelOption,
     force: bool = typer.Option(False, "--force", help="Rebuild even if a complete cache entry exists."),
 ) -> None:
-    """Generate the benchmark and train the tiny target and retrain models (cached)."""
+    """Load or generate the benchmark and train the target (forget + retain) and retrain (retain only) models (cached)."""
+    from robustunlearn.models import check_model_reference
     from robustunlearn.pipeline import prepare_from_settings, prepare_summary_table
 
-    settings = _settings(config, seed=seed, benchmark=benchmark)
+    settings = _settings(
+        config, seed=seed, benchmark=benchmark, base_model=base_model,
+        benchmark_options=_benchmark_options(data_dir, forget_split),
+    )
+    if base_model is not None:
+        check_model_reference(base_model)
     prepared = prepare_from_settings(settings, cache_dir, console=console, force=force)
     Console().print(prepare_summary_table(prepared))
     console.print(f"cached in {prepared.directory}")
@@ -109,13 +134,15 @@ SweepOption = typer.Option(False, "--lr-sweep", help="Choose each optimizer's lr
 
 
 def _study(
-    config, benchmark, seed, model, objectives, optimizers, seeds, attacks, steps, lr, output_dir, cache_dir, lr_sweep
+    config, benchmark, seed, model, objectives, optimizers, seeds, attacks, steps, lr, output_dir, cache_dir, lr_sweep,
+    data_dir=None, forget_split=None, base_model=None,
 ) -> None:
     from robustunlearn.models import check_model_reference
     from robustunlearn.pipeline import results_table, run_pipeline
 
     settings = _settings(
-        config, benchmark=benchmark, seed=seed, model_path=model, unlearn__lr=lr,
+        config, benchmark=benchmark, seed=seed, model_path=model, unlearn__lr=lr, base_model=base_model,
+        benchmark_options=_benchmark_options(data_dir, forget_split),
         study__objectives=_names(objectives), study__optimizers=_names(optimizers),
         study__seeds=_seeds(seeds) or ((seed,) if seed is not None else None),
         study__attacks=_names(attacks), study__max_steps=steps,
@@ -161,11 +188,15 @@ def study(
     lr: Optional[float] = LrOption,
     lr_sweep: bool = SweepOption,
     model: Optional[str] = ModelOption,
+    data_dir: Optional[Path] = DataDirOption,
+    forget_split: Optional[str] = ForgetSplitOption,
+    base_model: Optional[str] = BaseModelOption,
     cache_dir: Optional[Path] = CacheOption,
     seed: Optional[int] = SeedOption,
 ) -> None:
     """A grid of optimizers x objectives x seeds with the attack suite."""
-    _study(config, benchmark, seed, model, objectives, optimizers, seeds, attacks, steps, lr, output_dir, cache_dir, lr_sweep)
+    _study(config, benchmark, seed, model, objectives, optimizers, seeds, attacks, steps, lr, output_dir, cache_dir,
+           lr_sweep, data_dir, forget_split, base_model)
 
 
 @app.command("unlearn")
@@ -199,6 +230,42 @@ def unlearn_command(
     _writable_dir(output_dir)
     final_dir = unlearn_only(settings, output_dir, cache_dir, resume=resume, console=console)
     console.print(f"final model in {final_dir}")
+
+
+bench_app = typer.Typer(help="Speed and memory benchmarks (ratios measured in one run).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("optimizers")
+def bench_optimizers_command(
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as a JSON list."),
+    optimizers: Optional[str] = typer.Option(None, "--optimizers", help="Comma-separated subset [default: all]."),
+    sizes: Optional[str] = typer.Option(None, "--sizes", help="Model sizes, comma-separated [default: 1M,5M]."),
+) -> None:
+    """Step time / forward time, peak memory / inference peak, optimizer state / parameters, per optimizer."""
+    from robustunlearn.bench import bench_optimizers
+    from robustunlearn.optim import OPTIMIZERS
+
+    chosen = _names(optimizers)
+    for name in chosen or ():
+        if name not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {name!r}; accepted: {', '.join(sorted(OPTIMIZERS))}")
+    if json_file is not None:
+        _writable_dir(json_file.parent)
+    kwargs = {"sizes": _names(sizes)} if sizes else {}
+    bench_optimizers(optimizers=chosen, json_path=json_file, console=Console(), **kwargs)
+
+
+@bench_app.command("generation")
+def bench_generation_command(
+    prompts: int = typer.Option(64, "--prompts", min=1, help="Number of prompts."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Batch size of the batched run."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Tokens generated per prompt."),
+) -> None:
+    """Batched left-padded greedy generation vs one prompt at a time (speed-up, identical outputs)."""
+    from robustunlearn.bench_generation import bench_generation
+
+    bench_generation(n_prompts=prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
 
 def main() -> None:

@@ -7,10 +7,10 @@ the field and, for names, the accepted values.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from robustunlearn.errors import UserError
 from robustunlearn.models import TinyModelConfig
@@ -63,16 +63,42 @@ class TrainSettings(Strict):
 
 
 class UnlearnSettings(Strict):
+    """The engine's options (:class:`robustunlearn.engine.UnlearnConfig` has their meaning)."""
+
     objective: str = "npo"
     optimizer: str = "adamw"
     lr: float | None = Field(None, gt=0)
     steps: int = Field(60, ge=1)
-    batch_size: int = Field(8, ge=1)
+    epochs: int | None = Field(None, ge=1)  # passes over the forget set; replaces steps
+    batch_size: int = Field(8, ge=1)  # the global batch: split over the processes of a multi-process run
     lr_schedule: str = "constant"
     warmup_steps: int = Field(0, ge=0)
     checkpoint_every: int = Field(0, ge=0)
+    eval_every: int = Field(0, ge=0)
+    forget_splits: tuple[str, ...] = ("forget_qa", "forget_text")
+    retain_splits: tuple[str, ...] = ("retain_qa", "retain_text")
+    max_length: int = Field(256, ge=2)
     objective_options: dict[str, Any] = Field(default_factory=dict)
     optimizer_options: dict[str, Any] = Field(default_factory=dict)
+    lora: dict[str, Any] | None = None  # rank, alpha, dropout, target_modules
+    keep_best: str | None = None  # metric whose best value's weights are kept (needs eval_every)
+    keep_best_mode: Literal["min", "max"] = "min"
+
+    @model_validator(mode="after")
+    def _budget_and_best(self) -> "UnlearnSettings":
+        if {"steps", "epochs"} <= self.model_fields_set and self.epochs is not None:
+            raise ValueError("set unlearn.steps or unlearn.epochs, not both")
+        if self.keep_best is not None and self.eval_every < 1:
+            raise ValueError("keep_best needs eval_every >= 1 (steps between evaluations)")
+        return self
+
+    @field_validator("lora")
+    @classmethod
+    def _lora(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        from robustunlearn.engine import lora_options
+
+        lora_options(value)
+        return value
 
     @field_validator("objective")
     @classmethod
@@ -177,6 +203,10 @@ class RunSettings(Strict):
     # target; there is then no retrain reference.
     model_path: str | None = None
     trust_remote_code: bool = False
+    # Options of a real benchmark's loader, e.g. {data_dir: ../shared/data/tofu, forget_split: forget01}.
+    benchmark_options: dict[str, Any] = Field(default_factory=dict)
+    # A model `prepare` fine-tunes into the target and retrain models instead of training the tiny one.
+    base_model: str | None = None
     quantization: str = "rtn-int4"
     data: DataSettings = DataSettings()
     model: ModelSettings = ModelSettings()

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from robustunlearn.config import RunSettings
-from robustunlearn.data import load_benchmark
 from robustunlearn.data.base import Benchmark
 from robustunlearn.data.synthetic import SyntheticConfig
 from robustunlearn.engine import UnlearnConfig, unlearn
@@ -40,6 +38,9 @@ def prepare_config(settings: RunSettings) -> PrepareConfig:
         data=SyntheticConfig(seed=settings.seed, **settings.data.model_dump()),
         model=TinyModelConfig(**settings.model.model_dump()),
         train=TrainConfig(seed=settings.seed, **settings.train.model_dump()),
+        benchmark=settings.benchmark,
+        benchmark_options=tuple(sorted(settings.benchmark_options.items())),
+        base_model=settings.base_model,
     )
 
 
@@ -66,6 +67,15 @@ def _subset(records: list, limit: int | None) -> list:
     return records if limit is None else records[:limit]
 
 
+METRIC_SPLITS = {
+    "forget_qa_rouge": "forget_qa",
+    "forget_qa_accuracy": "forget_qa",
+    "forget_verbmem_rouge": "forget_verbmem",
+    "forget_mcq_accuracy": "forget_mcq",
+    "retain_qa_rouge": "retain_qa",
+    "retain_qa_accuracy": "retain_qa",
+    "utility_perplexity": "utility_text",
+}
 UTILITY_METRIC = "retain_qa_rouge"  # the utility the study's learning-rate sweep maximises
 
 
@@ -88,6 +98,8 @@ def evaluate_model(
     unknown = wanted - set(METRIC_COLUMNS)
     if unknown:
         raise ValueError(f"unknown metric(s) {sorted(unknown)}; accepted: {', '.join(METRIC_COLUMNS)}")
+    if metrics is None:  # everything the benchmark has the splits for (TOFU has no verbmem or MCQ)
+        wanted = {key for key in wanted if benchmark.get(METRIC_SPLITS[key])}
     options = settings.eval
     limit = options.max_examples
     results: dict[str, float] = {}
@@ -107,11 +119,45 @@ def evaluate_model(
         results["forget_mcq_accuracy"] = mcq_accuracy(
             model, tokenizer, _subset(benchmark.require("forget_mcq"), limit), batch_size=options.batch_size
         )["acc"]
-    if "utility_perplexity" in wanted and benchmark.get("utility_text"):
+    if "utility_perplexity" in wanted:
         results["utility_perplexity"] = perplexity(
             model, tokenizer, _subset(benchmark.get("utility_text"), limit), batch_size=options.batch_size
         )
     return {key: results[key] for key in METRIC_COLUMNS if key in results and key in wanted}
+
+
+def tofu_scores(
+    model, tokenizer, benchmark: Benchmark, settings: RunSettings, retrain_truth_ratios: Sequence[float] | None = None
+) -> dict[str, Any] | None:
+    """TOFU's metrics when the benchmark carries its evaluation sets (QA with perturbed answers):
+    forget truth ratio, forget quality (KS-test p-value against the retrain model's forget truth
+    ratios, when given) and model utility; ``forget_truth_ratios`` are kept for that comparison."""
+    from robustunlearn.data.tofu import tofu_eval_sets
+    from robustunlearn.metrics import forget_quality, model_utility, tofu_eval_set
+
+    sets = tofu_eval_sets(benchmark)
+    if "forget" not in sets:
+        return None
+    options = settings.eval
+    evaluated = {
+        name: tofu_eval_set(
+            model, tokenizer, _subset(records, options.max_examples), forget=name == "forget",
+            normalise_prob=name in ("real_authors", "world_facts"), batch_size=options.batch_size,
+        )
+        for name, records in sets.items()
+    }
+    forget = evaluated.pop("forget")
+    result: dict[str, Any] = {
+        "forget_truth_ratio": forget["truth_ratio"],
+        "forget_truth_ratios": forget["truth_ratios"],
+        "forget_prob": forget["prob"],
+        "forget_rouge": forget["rouge"],
+        "model_utility": model_utility(evaluated) if evaluated else None,
+        "utility_sets": {name: {k: v[k] for k in ("prob", "rouge", "truth_ratio")} for name, v in evaluated.items()},
+    }
+    if retrain_truth_ratios:
+        result["forget_quality"] = forget_quality(forget["truth_ratios"], retrain_truth_ratios)
+    return result
 
 
 def unlearn_config(settings: RunSettings) -> UnlearnConfig:
@@ -123,8 +169,7 @@ def load_target(settings: RunSettings, cache_dir=None, console=None):
     if settings.model_path is not None:
         # Load the user's model first: a bad path fails before any data work.
         model, tokenizer = load_model(settings.model_path, trust_remote_code=settings.trust_remote_code)
-        benchmark = load_benchmark(settings.benchmark, **asdict(prepare_config(settings).data))
-        return model, tokenizer, benchmark, None
+        return model, tokenizer, prepare_config(settings).load_benchmark(), None
     prepared = prepare_from_settings(settings, cache_dir, console=console)
     model, tokenizer = load_model(prepared.target_dir)
     return model, tokenizer, prepared.benchmark, prepared

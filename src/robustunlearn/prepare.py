@@ -66,16 +66,29 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PrepareConfig:
+    """What to prepare. ``benchmark`` other than ``synthetic`` is loaded with ``benchmark_options``
+    (e.g. TOFU's ``data_dir`` and ``forget_split``); ``base_model`` (a local directory or hub name)
+    is fine-tuned instead of training the tiny model and a tokenizer from scratch."""
+
     data: SyntheticConfig = field(default_factory=SyntheticConfig)
     model: TinyModelConfig = field(default_factory=TinyModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    benchmark: str = "synthetic"
+    benchmark_options: tuple[tuple[str, Any], ...] = ()  # sorted (name, value) pairs, hashable
+    base_model: str | None = None
+
+    def load_benchmark(self) -> Benchmark:
+        if self.benchmark == "synthetic":
+            return load_benchmark("synthetic", **asdict(self.data))
+        return load_benchmark(self.benchmark, **dict(self.benchmark_options))
 
     def key(self) -> str:
         payload = {
             "generator_version": GENERATOR_VERSION,
             "prepare_version": PREPARE_VERSION,
-            "data": asdict(self.data),
-            "model": asdict(self.model),
+            "benchmark": self.benchmark,
+            "data": asdict(self.data) if self.benchmark == "synthetic" else dict(self.benchmark_options),
+            "model": self.base_model or asdict(self.model),
             "train": asdict(self.train),
         }
         blob = json.dumps(payload, sort_keys=True).encode()
@@ -233,20 +246,26 @@ def prepare(
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
 
-    benchmark = load_benchmark("synthetic", **asdict(config.data))
+    benchmark = config.load_benchmark()
     benchmark.save(directory / "benchmark.json")
-    all_records = training_records(benchmark, ("forget", "retain", "holdout"))
-    tokenizer = train_tokenizer(
-        (prompt + completion for prompt, completion in map(prompt_and_completion, all_records)),
-        config.model.vocab_size,
-    )
+    if config.base_model is None:
+        all_records = training_records(benchmark, ("forget", "retain", "holdout"))
+        tokenizer = train_tokenizer(
+            (prompt + completion for prompt, completion in map(prompt_and_completion, all_records)),
+            config.model.vocab_size,
+        )
+    else:
+        tokenizer = load_model(config.base_model)[1]
     report: dict[str, Any] = {"key": config.key(), "version": __version__, "config": asdict(config)}
     plans = {
         "target": (("forget", "retain"), benchmark.require("forget_qa") + benchmark.require("retain_qa")),
         "retrain": (("retain",), benchmark.require("retain_qa")),
     }
     for name, (roles, questions) in plans.items():
-        model = build_tiny_model(config.model, tokenizer, seed=config.train.seed)
+        if config.base_model is None:
+            model = build_tiny_model(config.model, tokenizer, seed=config.train.seed)
+        else:
+            model = load_model(config.base_model)[0]
         with Progress(
             TextColumn(f"training {name:<7}"),
             BarColumn(),
@@ -266,13 +285,14 @@ def prepare(
         stats["parameters"] = count_parameters(model)
         stats["trained_on"] = list(roles) + ["utility"]
         eval_batches = {
-            role: make_batches(tokenizer, benchmark.require(f"{role}_qa"), 8 * config.train.batch_tokens, config.train.max_length)
+            role: make_batches(tokenizer, benchmark.get(f"{role}_qa"), 8 * config.train.batch_tokens, config.train.max_length)
             for role in ("forget", "retain", "holdout")
+            if benchmark.get(f"{role}_qa")
         }
         stats["qa_accuracy_teacher_forced"] = {
             role: teacher_forced_accuracy(model, batches) for role, batches in eval_batches.items()
         }
-        save_model(model, tokenizer, directory / name, {"kind": name, "benchmark": "synthetic", **stats})
+        save_model(model, tokenizer, directory / name, {"kind": name, "benchmark": benchmark.name, **stats})
         report[name] = stats
     atomic_write_json(directory / PREPARED, report)
     return Prepared(directory, benchmark, directory / "target", directory / "retrain", report)

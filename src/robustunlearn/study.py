@@ -119,7 +119,7 @@ def run_cell(
     settings: RunSettings, study: StudySettings, directory: Path, console=None, attacks: bool = True,
 ) -> list[dict[str, Any]]:
     """Unlearn one cell to the matched level, evaluate it, run the attack suite; return its rows."""
-    from robustunlearn.pipeline import evaluate_model
+    from robustunlearn.pipeline import evaluate_model, tofu_scores
     from robustunlearn.scores import attack_scores
 
     metric = study.level_metric
@@ -151,8 +151,9 @@ def run_cell(
     }
     unlearned = evaluate_model(model, tokenizer, benchmark, settings)
     reference = {"target": references["target"], "unlearned": unlearned, "retrain": retrain}
+    retrain_ratios = (references.get("tofu_retrain") or {}).get("forget_truth_ratios")
 
-    def row(attack: str, family: str, scores: dict[str, float], curve=None) -> dict[str, Any]:
+    def row(attack: str, family: str, attacked_model, scores: dict[str, float], curve=None) -> dict[str, Any]:
         entry = {
             "cell": cell.as_dict(), "attack": attack, "attack_family": family,
             "forget": {k: v for k, v in scores.items() if k.startswith("forget_")},
@@ -160,12 +161,15 @@ def run_cell(
             "reference": reference, "primary_metric": metric, "curve": curve, "cost": cost, "landscape": None,
         }
         entry["scores"] = attack_scores(entry)
+        tofu = tofu_scores(attacked_model, tokenizer, benchmark, settings, retrain_ratios)
+        if tofu is not None:
+            entry["tofu"] = tofu
         return entry
 
-    rows = [row("none", "none", unlearned)]
+    rows = [row("none", "none", model, unlearned)]
     for attack in study.attacks if attacks else ():
         attacked, family, curve = run_attack(attack, model, tokenizer, benchmark, settings, study, probe)
-        rows.append(row(attack, family, evaluate_model(attacked, tokenizer, benchmark, settings), curve))
+        rows.append(row(attack, family, attacked, evaluate_model(attacked, tokenizer, benchmark, settings), curve))
     return rows
 
 
@@ -210,7 +214,7 @@ def run_study(
 ) -> list[dict[str, Any]]:
     """Run (or resume) the grid; write ``results.jsonl``, ``report.md``/``report.html`` and plots."""
     from robustunlearn.models import load_model
-    from robustunlearn.pipeline import evaluate_model, load_target
+    from robustunlearn.pipeline import evaluate_model, load_target, tofu_scores
     from robustunlearn.report import write_report
 
     target, tokenizer, benchmark, prepared = load_target(settings, cache_dir, console)
@@ -220,7 +224,9 @@ def run_study(
     else:
         references = {"target": evaluate_model(target, tokenizer, benchmark, settings), "retrain": None}
         if prepared is not None:
-            references["retrain"] = evaluate_model(load_model(prepared.retrain_dir)[0], tokenizer, benchmark, settings)
+            retrain = load_model(prepared.retrain_dir)[0]
+            references["retrain"] = evaluate_model(retrain, tokenizer, benchmark, settings)
+            references["tofu_retrain"] = tofu_scores(retrain, tokenizer, benchmark, settings)
         atomic_write_json(references_path, references)
 
     chosen = sweep_learning_rates(settings, study, target, tokenizer, benchmark, references, output_dir, console) if lr_sweep else {}
