@@ -4,34 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
+from helpers import assert_bit_identical, snapshot, tiny_llama
 
 from robustunlearn.attacks import ATTACKS, gaussian_noise_attack, magnitude_prune_attack, quantizable_linears
-
-
-def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-
-
-def assert_bit_identical(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for name, tensor in before.items():
-        assert torch.equal(after[name].flatten().view(torch.uint8), tensor.flatten().view(torch.uint8)), name
 
 
 def target_names(model: torch.nn.Module) -> set[str]:
@@ -43,7 +18,7 @@ def test_attack_names():
 
 
 def test_relative_noise_has_the_requested_std():
-    model = tiny_llama().double()
+    model = tiny_llama(dtype=torch.float64).eval()
     before = snapshot(model)
     noisy = gaussian_noise_attack(model, 0.1, seed=1)
     assert_bit_identical(model, before)
@@ -60,7 +35,7 @@ def test_relative_noise_has_the_requested_std():
 
 
 def test_absolute_noise_and_seeding():
-    model = tiny_llama()
+    model = tiny_llama().eval()
     noisy = gaussian_noise_attack(model, 0.05, relative=False, seed=2)
     noise = torch.cat(
         [(noisy.state_dict()[n] - model.state_dict()[n]).flatten() for n in target_names(model)]
@@ -77,7 +52,7 @@ def test_absolute_noise_and_seeding():
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
 def test_per_layer_pruning_zeroes_the_smallest_weights(sparsity):
-    model = tiny_llama()
+    model = tiny_llama().eval()
     before = snapshot(model)
     pruned = magnitude_prune_attack(model, sparsity)
     assert_bit_identical(model, before)
@@ -95,7 +70,7 @@ def test_per_layer_pruning_zeroes_the_smallest_weights(sparsity):
 
 
 def test_global_pruning_uses_one_threshold_across_layers():
-    model = tiny_llama()
+    model = tiny_llama().eval()
     for _, linear in quantizable_linears(model)[:3]:
         linear.weight.data.mul_(10)  # three layers of large weights: global pruning spares them
     before = snapshot(model)
@@ -114,7 +89,7 @@ def test_global_pruning_uses_one_threshold_across_layers():
 
 
 def test_pruning_argument_errors():
-    model = tiny_llama()
+    model = tiny_llama().eval()
     with pytest.raises(ValueError, match="per-layer, global"):
         magnitude_prune_attack(model, 0.5, scope="per-row")
     with pytest.raises(ValueError, match="sparsity"):

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import transformers
+from helpers import assert_bit_identical, snapshot, tiny_llama
 
 from robustunlearn.attacks import (
     FP4_CODE_BOOK,
@@ -27,31 +28,6 @@ from robustunlearn.attacks import (
 )
 from robustunlearn.batching import TokenBatch
 from robustunlearn.errors import UserError
-
-
-def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-
-
-def assert_bit_identical(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for name, tensor in before.items():
-        assert torch.equal(after[name].flatten().view(torch.uint8), tensor.flatten().view(torch.uint8)), name
 
 
 def calibration(seed: int = 1, batches: int = 4) -> list[torch.Tensor]:
@@ -228,7 +204,7 @@ def q_proj_inputs(model, batches) -> torch.Tensor:
 
 
 def test_gptq_model_beats_rtn_on_a_layer_and_leaves_the_input_alone():
-    model = tiny_llama()
+    model = tiny_llama().eval()
     before = snapshot(model)
     batches = calibration()
     gptq_model, report = quantize_model(model, "gptq-int4", group_size=16, calibration=batches)
@@ -246,9 +222,9 @@ def test_gptq_model_beats_rtn_on_a_layer_and_leaves_the_input_alone():
 
 
 def test_gptq_model_codes_and_padding():
-    model = tiny_llama()
+    model = tiny_llama().eval()
     ids = calibration(batches=2)
-    codes = gptq_quantize_model(tiny_llama(), ids, bits=3, group_size=16)
+    codes = gptq_quantize_model(tiny_llama().eval(), ids, bits=3, group_size=16)
     assert set(codes) == {name for name, _ in quantizable_linears(model)}
     assert all(c.dtype == torch.uint8 and int(c.max()) <= 7 for c in codes.values())
     # right padding masked out of the Hessians gives the same quantization as no padding
@@ -257,7 +233,7 @@ def test_gptq_model_codes_and_padding():
         extra = torch.randint(0, 64, (batch.shape[0], 5))
         mask = torch.cat([torch.ones_like(batch), torch.zeros_like(extra)], dim=1)
         padded.append(TokenBatch(torch.cat([batch, extra], dim=1), mask, torch.full_like(mask, -100)))
-    padded_codes = gptq_quantize_model(tiny_llama(), padded, bits=3, group_size=16)
+    padded_codes = gptq_quantize_model(tiny_llama().eval(), padded, bits=3, group_size=16)
     assert all(torch.equal(codes[name], padded_codes[name]) for name in codes)
 
 
@@ -268,7 +244,7 @@ def test_gptq_quantizes_lm_head_when_asked_and_takes_strings():
 
     pairs = calibration_inputs(["some retain text", "more of it"], CharTokenizer())
     assert [tuple(ids.shape) for ids, _ in pairs] == [(1, 16), (1, 10)]
-    model = tiny_llama()
+    model = tiny_llama().eval()
     quantized, report = quantize_model(
         model,
         "gptq-int4",
@@ -288,7 +264,7 @@ def test_gptq_quantizes_lm_head_when_asked_and_takes_strings():
 
 @pytest.mark.parametrize("method", ["rtn-int8", "rtn-int4", "rtn-int3", "nf4", "fp4"])
 def test_quantize_model_replaces_block_linears_only(method):
-    model = tiny_llama()
+    model = tiny_llama().eval()
     before = snapshot(model)
     quantized, report = quantize_model(model, method, group_size=32)
     assert_bit_identical(model, before)
@@ -306,7 +282,7 @@ def test_quantize_model_replaces_block_linears_only(method):
 
 
 def test_quantize_model_include_lm_head():
-    model = tiny_llama()
+    model = tiny_llama().eval()
     quantized, report = quantize_model(model, "rtn-int4", include_lm_head=True)
     assert report["layers"] == 15
     assert not torch.equal(quantized.lm_head.weight, model.lm_head.weight)
@@ -324,7 +300,7 @@ def test_method_names():
     with pytest.raises(ValueError, match="unknown"):
         parse_method("quanto-int3")
     with pytest.raises(ValueError, match="calibration"):
-        quantize_model(tiny_llama(), "gptq-int4")
+        quantize_model(tiny_llama().eval(), "gptq-int4")
 
 
 # ---- library backends ------------------------------------------------------------------------
@@ -343,7 +319,7 @@ BACKENDS = [
 def test_library_backend(method, module, max_error):
     if importlib.util.find_spec(module.split(".")[0]) is None:
         pytest.skip(f"{module} is not installed")
-    model = tiny_llama()
+    model = tiny_llama().eval()
     before = snapshot(model)
     quantized, report = quantize_model(model, method, group_size=32)
     assert_bit_identical(model, before)
@@ -354,7 +330,7 @@ def test_library_backend(method, module, max_error):
 
 def test_bitsandbytes_backend_agrees_with_the_emulation():
     pytest.importorskip("bitsandbytes")
-    model = tiny_llama()
+    model = tiny_llama().eval()
     for library, emulation in (("bnb-nf4", "nf4"), ("bnb-int8", "rtn-int8")):
         a, _ = quantize_model(model, library)
         b, _ = quantize_model(model, emulation)
@@ -367,7 +343,7 @@ def test_missing_backend_names_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "hqq.core", None)
     monkeypatch.setitem(sys.modules, "hqq.core.quantize", None)
     with pytest.raises(UserError, match="pip install hqq"):
-        quantize_model(tiny_llama(), "hqq-int4")
+        quantize_model(tiny_llama().eval(), "hqq-int4")
 
 
 # ---- code agreement --------------------------------------------------------------------------
@@ -375,7 +351,7 @@ def test_missing_backend_names_the_package(monkeypatch):
 
 @pytest.mark.parametrize("method", ["rtn-int4", "rtn-int8", "nf4", "fp4"])
 def test_code_agreement(method):
-    model = tiny_llama()
+    model = tiny_llama().eval()
     assert code_agreement(model, model, method, group_size=32) == 1.0
     tiny_update = gaussian_noise_attack(model, 1e-4, seed=3)
     large_update = gaussian_noise_attack(model, 0.3, seed=3)
@@ -385,7 +361,7 @@ def test_code_agreement(method):
 
 
 def test_code_agreement_gptq_and_errors():
-    model = tiny_llama()
+    model = tiny_llama().eval()
     batches = calibration(batches=2)
     assert code_agreement(model, model, "gptq-int4", calibration=batches, group_size=16) == 1.0
     with pytest.raises(ValueError, match="code_agreement supports"):

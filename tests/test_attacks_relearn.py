@@ -4,35 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
+from helpers import assert_bit_identical, snapshot, tiny_llama
 
 from robustunlearn.attacks import LoraOptions, relearn_attack
 from robustunlearn.batching import IGNORE_INDEX, TokenBatch
-
-
-def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-
-
-def assert_bit_identical(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for name, tensor in before.items():
-        assert torch.equal(after[name].flatten().view(torch.uint8), tensor.flatten().view(torch.uint8)), name
 
 
 def forget_batches() -> list[TokenBatch]:
@@ -51,7 +26,7 @@ def log_likelihood(model: torch.nn.Module, batch: TokenBatch) -> float:
 
 
 def test_relearning_raises_likelihood_and_records_the_curve():
-    model = tiny_llama()
+    model = tiny_llama().eval()
     before = snapshot(model)
     batches = forget_batches()
     calls = []
@@ -76,7 +51,7 @@ def test_relearning_raises_likelihood_and_records_the_curve():
 
 def test_relearning_is_deterministic_given_the_seed():
     pytest.importorskip("peft")
-    model = tiny_llama()
+    model = tiny_llama().eval()
     lora = LoraOptions(rank=4, dropout=0.1)  # random adapter init and dropout: the seed matters
     first, _ = relearn_attack(model, None, forget_batches(), steps=3, lr=1e-2, lora=lora, seed=5)
     torch.manual_seed(123)  # the global RNG state must not matter
@@ -89,7 +64,7 @@ def test_relearning_is_deterministic_given_the_seed():
 
 def test_lora_relearning_changes_weights_only_through_the_merged_adapter():
     pytest.importorskip("peft")
-    model = tiny_llama()
+    model = tiny_llama().eval()
     before = snapshot(model)
     batch = forget_batches()[0]
     lora = LoraOptions(rank=2, alpha=4.0, target_modules=("up_proj", "down_proj"))
@@ -116,7 +91,7 @@ def test_relearning_on_strings_with_a_tokenizer():
         def __call__(self, text, return_tensors):
             return {"input_ids": torch.tensor([[ord(c) % 64 for c in text]])}
 
-    model = tiny_llama()
+    model = tiny_llama().eval()
     text = "the secret is forty two"
     relearned, _ = relearn_attack(model, CharTokenizer(), [text], steps=5, lr=1e-2)
     ids = CharTokenizer()(text, "pt")["input_ids"]
@@ -125,7 +100,7 @@ def test_relearning_on_strings_with_a_tokenizer():
 
 
 def test_relearning_argument_errors():
-    model = tiny_llama()
+    model = tiny_llama().eval()
     with pytest.raises(ValueError, match="tokenizer"):
         relearn_attack(model, None, ["text"], steps=1)
     with pytest.raises(ValueError, match="eval_every"):

@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
+from helpers import snapshot, tiny_llama
 from torch import nn
 
 from robustunlearn.attacks import quantizable_linears
 from robustunlearn.metrics.landscape import linear_interpolation, lmc_barrier, sharpness
-
-
-def tiny_llama(seed: int) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).double().eval()
-
 
 INPUT_IDS = torch.arange(2 * 12).reshape(2, 12) % 64
 
@@ -31,10 +16,6 @@ INPUT_IDS = torch.arange(2 * 12).reshape(2, 12) % 64
 def lm_loss(model: nn.Module) -> dict[str, float]:
     with torch.no_grad():
         return {"loss": float(model(input_ids=INPUT_IDS, labels=INPUT_IDS).loss)}
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
 
 def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
@@ -51,7 +32,7 @@ class Point(nn.Module):
 
 
 def test_lmc_of_a_model_with_itself_is_flat():
-    model = tiny_llama(0)
+    model = tiny_llama(0, dtype=torch.float64).eval()
     curve = linear_interpolation(model, model, lm_loss, points=5)
     assert [point["alpha"] for point in curve] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert {point["loss"] for point in curve} == {lm_loss(model)["loss"]}
@@ -59,7 +40,7 @@ def test_lmc_of_a_model_with_itself_is_flat():
 
 
 def test_lmc_endpoints_are_the_two_models_and_inputs_are_untouched():
-    model_a, model_b = tiny_llama(0), tiny_llama(1)
+    model_a, model_b = tiny_llama(0, dtype=torch.float64).eval(), tiny_llama(1, dtype=torch.float64).eval()
     before_a, before_b = snapshot(model_a), snapshot(model_b)
     curve = linear_interpolation(model_a, model_b, lm_loss, points=3)
     assert curve[0]["loss"] == lm_loss(model_a)["loss"]
@@ -116,7 +97,7 @@ def weights_bowl(model: nn.Module):
 
 
 def test_sharpness_at_the_minimum_of_a_quadratic():
-    model = tiny_llama(0)
+    model = tiny_llama(0, dtype=torch.float64).eval()
     before = snapshot(model)
     loss, optimum = weights_bowl(model)
     scales = (1e-3, 1e-2, 3e-2)
@@ -134,7 +115,7 @@ def test_sharpness_at_the_minimum_of_a_quadratic():
 
 
 def test_sharpness_is_seeded_and_absolute_noise_has_absolute_scale():
-    model = tiny_llama(0)
+    model = tiny_llama(0, dtype=torch.float64).eval()
     loss, optimum = weights_bowl(model)
     first = sharpness(model, loss, scales=(1e-2,), samples=2, seed=3)
     assert sharpness(model, loss, scales=(1e-2,), samples=2, seed=3) == first

@@ -2,9 +2,10 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_llama
 from scipy.stats import hmean, ks_2samp
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from robustunlearn.bench_generation import bench_generation
 from robustunlearn.data.base import QA, Continuation, MultipleChoice, Passage
@@ -69,29 +70,15 @@ def tokenizer():
     )
 
 
-def tiny_llama(tokenizer, seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(config).to(dtype)
-
-
 @pytest.fixture(scope="module")
 def random_model(tokenizer):
-    return tiny_llama(tokenizer, seed=1, dtype=torch.float64)
+    return tiny_llama(1, vocab_size=len(tokenizer), max_positions=128, dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
 def trained_model(tokenizer):
     """A tiny Llama that has memorised ALICE, BRUNO and LIGHTHOUSE (prompt unscored, eos scored)."""
-    model = tiny_llama(tokenizer, seed=0)
+    model = tiny_llama(0, vocab_size=len(tokenizer), max_positions=128)
     examples = [(qa_prompt(r.question), qa_completion(r.answer)) for r in (ALICE, BRUNO)] + [
         ("", LIGHTHOUSE.text)
     ]
@@ -369,7 +356,7 @@ def test_tofu_needs_perturbed_answers(trained_model, tokenizer):
 
 
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tokenizer):
-    model = tiny_llama(tokenizer, dtype=torch.float64)
+    model = tiny_llama(vocab_size=len(tokenizer), max_positions=128, dtype=torch.float64)
     torch.nn.init.zeros_(model.lm_head.weight)  # logits 0 everywhere: uniform next-token distribution
     assert perplexity(model, tokenizer, [LIGHTHOUSE, UNSEEN_PASSAGE], batch_size=1) == pytest.approx(
         len(tokenizer)

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import tiny_llama
+from transformers import LlamaForCausalLM
 
 from robustunlearn.batching import IGNORE_INDEX, TokenBatch, UnlearnBatch
 from robustunlearn.objectives import OBJECTIVES, build_objective
@@ -18,20 +19,6 @@ from robustunlearn.objectives.common import mean_nll, sequence_logprobs
 from robustunlearn.objectives.rmu import random_direction
 
 VOCAB = 64
-
-
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).to(dtype)
 
 
 def perturbed(model: LlamaForCausalLM, scale: float = 0.05, seed: int = 1) -> LlamaForCausalLM:
@@ -111,7 +98,7 @@ def evaluate(objective, model, batch, reference_model=None):
 
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    return tiny_llama()
+    return tiny_llama(vocab_size=VOCAB, layers=4, dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +285,8 @@ def test_rmu_trainable_parameters_are_the_chosen_down_projections(model):
 def test_rmu_under_lora_trains_the_down_proj_adapters():
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(
-        tiny_llama(), peft.LoraConfig(r=2, target_modules=["down_proj", "q_proj"])
+        tiny_llama(vocab_size=VOCAB, layers=4, dtype=torch.float64),
+        peft.LoraConfig(r=2, target_modules=["down_proj", "q_proj"]),
     )
     objective = build_objective("rmu", model)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -349,7 +337,7 @@ def test_rmu_loss_decreases_with_adam_on_its_parameters():
     # disjoint vocabularies, so that forget and retain activations can be told apart
     batch = unlearn_batch()
     batch = UnlearnBatch(with_tokens_in(batch.forget, 0, 32), with_tokens_in(batch.retain, 32, 64))
-    model = tiny_llama(seed=3, dtype=torch.float32)
+    model = tiny_llama(3, vocab_size=VOCAB, layers=4)
     frozen = copy.deepcopy(model).requires_grad_(False)
     objective = build_objective("rmu", model)
     params = objective.trainable_parameters(model)
@@ -376,7 +364,7 @@ def test_rmu_loss_decreases_with_adam_on_its_parameters():
 
 
 def sgd_steps(name: str, steps: int = 10, lr: float = 0.5, **hparams) -> LlamaForCausalLM:
-    model = tiny_llama(seed=5, dtype=torch.float32)
+    model = tiny_llama(5, vocab_size=VOCAB, layers=4)
     objective = build_objective(name, **hparams)
     batch = unlearn_batch()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
@@ -394,7 +382,7 @@ def nll(model, tokens: TokenBatch) -> float:
 
 def test_ga_raises_forget_nll_and_graddiff_protects_retain():
     batch = unlearn_batch()
-    start = tiny_llama(seed=5, dtype=torch.float32)
+    start = tiny_llama(5, vocab_size=VOCAB, layers=4)
     ga, graddiff = sgd_steps("ga"), sgd_steps("graddiff")
     assert nll(ga, batch.forget) > nll(start, batch.forget) + 0.5
     assert nll(graddiff, batch.retain) < nll(ga, batch.retain) - 0.5
@@ -402,9 +390,9 @@ def test_ga_raises_forget_nll_and_graddiff_protects_retain():
 
 def test_npo_and_simnpo_raise_forget_nll():
     batch = unlearn_batch()
-    start = nll(tiny_llama(seed=5, dtype=torch.float32), batch.forget)
+    start = nll(tiny_llama(5, vocab_size=VOCAB, layers=4), batch.forget)
     # NPO with θ_ref = θ_0: evaluate() uses the current model as reference, so pass it frozen
-    model = tiny_llama(seed=5, dtype=torch.float32)
+    model = tiny_llama(5, vocab_size=VOCAB, layers=4)
     frozen = copy.deepcopy(model).requires_grad_(False)
     npo = build_objective("npo", gamma=0.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -419,7 +407,7 @@ def test_npo_and_simnpo_raise_forget_nll():
 
 def test_idk_sft_lowers_refusal_nll():
     batch = unlearn_batch()
-    start = nll(tiny_llama(seed=5, dtype=torch.float32), batch.forget_refusal)
+    start = nll(tiny_llama(5, vocab_size=VOCAB, layers=4), batch.forget_refusal)
     assert nll(sgd_steps("idk", lr=0.1, gamma=0.0), batch.forget_refusal) < start - 0.2
 
 

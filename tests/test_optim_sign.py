@@ -6,9 +6,8 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import Quadratic, closure_for, next_token_loss, tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from robustunlearn.optim.sign import (
     SPECS,
@@ -20,64 +19,6 @@ from robustunlearn.optim.sign import (
     Signum,
     quantize,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: more threads only add contention (10x slower on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Quadratic(nn.Module):
-    """L(θ) = ½‖S(θ − θ*)‖², A = SᵀS positive definite."""
-
-    def __init__(self, dim: int = 8, seed: int = 0) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-        self.register_buffer("sqrt_a", torch.eye(dim, dtype=torch.float64) + noise / dim**0.5)
-        self.register_buffer("target", torch.randn(dim, generator=generator, dtype=torch.float64))
-        self.theta = nn.Parameter(torch.zeros(dim, dtype=torch.float64))
-
-    def loss(self) -> torch.Tensor:
-        return 0.5 * (self.sqrt_a @ (self.theta - self.target)).square().sum()
-
-
-def closure_for(module: nn.Module, loss_fn):
-    def closure(backward: bool = True, *, sample_labels: bool = False, term: str | None = None):
-        loss = loss_fn()
-        if not backward:
-            return loss
-        module.zero_grad(set_to_none=True)
-        loss.backward()
-        return loss.detach()
-
-    return closure
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
-
-
-def lm_loss(model: LlamaForCausalLM, input_ids: torch.Tensor):
-    def loss() -> torch.Tensor:
-        logits = model(input_ids=input_ids).logits[:, :-1]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
-
-    return loss
 
 
 def feed(optimizer: torch.optim.Optimizer, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -134,7 +75,7 @@ def test_decreases_a_convex_quadratic(name):
 def test_decreases_a_tiny_llama_loss(name):
     model = tiny_llama()
     input_ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
-    loss_fn = lm_loss(model, input_ids)
+    loss_fn = next_token_loss(model, input_ids)
     params = [p for p in model.parameters() if p.requires_grad]
     options = {"warmup_steps": 2} if name == "onebit-adam" else {}
     optimizer = SPECS[name].build(model, params, 1e-3, options)

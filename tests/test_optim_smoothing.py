@@ -6,20 +6,10 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import closure_for, next_token_loss, tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from robustunlearn.optim.smoothing import SAM, SPECS, RandomizedSmoothing
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: more threads only add contention (10x slower on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Quadratic(nn.Module):
@@ -48,33 +38,6 @@ class Quadratic(nn.Module):
         self.zero_grad(set_to_none=True)
         loss.backward()
         return loss.detach()
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
-
-
-def lm_closure(model: LlamaForCausalLM, input_ids: torch.Tensor):
-    def closure(backward: bool = True, *, sample_labels: bool = False, term: str | None = None):
-        logits = model(input_ids=input_ids).logits[:, :-1]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
-        if not backward:
-            return loss
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        return loss.detach()
-
-    return closure
 
 
 def test_specs_and_base_choice():
@@ -106,7 +69,7 @@ def test_decreases_a_convex_quadratic(name, base, lr):
 def test_decreases_a_tiny_llama_loss(name):
     model = tiny_llama()
     input_ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
-    closure = lm_closure(model, input_ids)
+    closure = closure_for(model, next_token_loss(model, input_ids))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = SPECS[name].build(model, params, 1e-3, {})
     first = closure(backward=False).item()

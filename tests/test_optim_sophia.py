@@ -7,40 +7,17 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import Quadratic, closure_for, tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from robustunlearn.optim.sophia import SPECS, SophiaG, SophiaH
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: more threads only add contention (10x slower on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Quadratic(nn.Module):
-    """L(θ) = ½‖r‖², r = S(θ − θ*), A = SᵀS positive definite.
-
-    Its sampled-label loss treats r as the mean of a unit Gaussian, y ~ N(r, I), and returns
-    ½‖r − y‖²: the squared gradient is then a Gauss-Newton-Bartlett estimate, E[ĝ²] = diag(A)."""
-
-    def __init__(self, dim: int = 8, seed: int = 0) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-        self.register_buffer("sqrt_a", torch.eye(dim, dtype=torch.float64) + noise / dim**0.5)
-        self.register_buffer("target", torch.randn(dim, generator=generator, dtype=torch.float64))
-        self.theta = nn.Parameter(torch.zeros(dim, dtype=torch.float64))
-
-    def residual(self) -> torch.Tensor:
-        return self.sqrt_a @ (self.theta - self.target)
-
-    def loss(self) -> torch.Tensor:
-        return 0.5 * self.residual().square().sum()
+class SampledQuadratic(Quadratic):
+    """The quadratic ½‖r‖² with a sampled-label loss: it treats r as the mean of a unit Gaussian,
+    y ~ N(r, I), and returns ½‖r − y‖², so the squared gradient is a Gauss-Newton-Bartlett
+    estimate, E[ĝ²] = diag(A)."""
 
     def closure(self, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)
@@ -59,21 +36,6 @@ class Quadratic(nn.Module):
             return loss.detach()
 
         return closure
-
-
-def tiny_llama(dtype: torch.dtype = torch.float32, attention: str = "sdpa") -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        attn_implementation=attention,
-    )
-    return LlamaForCausalLM(config).to(dtype)
 
 
 def lm_closure(model: LlamaForCausalLM, input_ids: torch.Tensor, seed: int = 0):
@@ -113,7 +75,7 @@ def test_specs():
     assert set(SPECS) == {"sophia-g", "sophia-h"}
     for name, spec in SPECS.items():
         assert spec.name == name and spec.grade == "second-order" and spec.default_lr > 0
-    model = Quadratic()
+    model = SampledQuadratic()
     optimizer = SPECS["sophia-h"].build(model, [model.theta], 1e-3, {"hvp": "finite-difference"})
     assert isinstance(optimizer, SophiaH) and optimizer.hvp == "finite-difference"
 
@@ -127,7 +89,7 @@ def test_specs():
     ],
 )
 def test_decreases_a_convex_quadratic(name, options):
-    model = Quadratic()
+    model = SampledQuadratic()
     optimizer = SPECS[name].build(model, [model.theta], 0.05, {"hessian_period": 2, **options})
     closure = model.closure()
     initial = model.loss().item()
@@ -143,7 +105,7 @@ def test_decreases_a_convex_quadratic(name, options):
     [("sophia-g", {}), ("sophia-h", {}), ("sophia-h", {"hvp": "finite-difference"})],
 )
 def test_decreases_a_tiny_llama_loss_with_sdpa_attention(name, options):
-    model = tiny_llama()
+    model = tiny_llama(attention="sdpa")
     assert model.config._attn_implementation == "sdpa"
     input_ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
     closure = lm_closure(model, input_ids)
@@ -277,14 +239,7 @@ def test_hutchinson_hvp_agrees_with_double_backward_on_a_float64_mlp(hvp, rtol):
     def loss_fn():
         return F.cross_entropy(model(inputs), labels)
 
-    def closure(backward: bool = True, *, sample_labels: bool = False, term: str | None = None):
-        loss = loss_fn()
-        if not backward:
-            return loss
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        return loss.detach()
-
+    closure = closure_for(model, loss_fn)
     before = [p.detach().clone() for p in model.parameters()]
     expected = reference_estimates(model, loss_fn)
     for got, want in zip(hutchinson_estimates(model, closure, hvp), expected):
@@ -294,7 +249,7 @@ def test_hutchinson_hvp_agrees_with_double_backward_on_a_float64_mlp(hvp, rtol):
 
 def test_hutchinson_hvp_runs_on_a_tiny_llama_with_sdpa_attention():
     # The fused CPU SDPA kernel has no double backward: the plain reference fails ...
-    model = tiny_llama(torch.float64)
+    model = tiny_llama(dtype=torch.float64, attention="sdpa")
     input_ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
     closure = lm_closure(model, input_ids)
     with pytest.raises(RuntimeError, match="not implemented"):
@@ -311,7 +266,7 @@ def test_hutchinson_hvp_runs_on_a_tiny_llama_with_sdpa_attention():
 
 
 def test_autograd_hvp_explains_a_closure_without_a_graph():
-    model = Quadratic()
+    model = SampledQuadratic()
 
     def detached(backward: bool = True, *, sample_labels: bool = False, term: str | None = None):
         return model.closure()(backward=True)
@@ -328,10 +283,10 @@ def test_state_dict_resumes_the_identical_trajectory_of_sophia_g():
         for step in steps:
             optimizer.step(lm_closure(model, input_ids, seed=step))
 
-    straight = tiny_llama(torch.float64)
+    straight = tiny_llama(dtype=torch.float64, attention="sdpa")
     run(straight, SPECS["sophia-g"].build(straight, list(straight.parameters()), 1e-3, options), range(6))
 
-    first = tiny_llama(torch.float64)
+    first = tiny_llama(dtype=torch.float64, attention="sdpa")
     optimizer = SPECS["sophia-g"].build(first, list(first.parameters()), 1e-3, options)
     run(first, optimizer, range(3))
     buffer = io.BytesIO()
@@ -339,7 +294,7 @@ def test_state_dict_resumes_the_identical_trajectory_of_sophia_g():
     buffer.seek(0)
     saved = torch.load(buffer)
 
-    resumed = tiny_llama(torch.float64)
+    resumed = tiny_llama(dtype=torch.float64, attention="sdpa")
     resumed.load_state_dict(saved["model"])
     optimizer = SPECS["sophia-g"].build(resumed, list(resumed.parameters()), 1e-3, options)
     optimizer.load_state_dict(saved["optimizer"])
