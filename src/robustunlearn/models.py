@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging as hf_logging
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from robustunlearn.errors import UserError
@@ -104,6 +105,7 @@ def save_model(model, tokenizer, directory: str | Path, manifest: dict[str, Any]
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
+        hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar is noise
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         if not (staging / WEIGHTS).exists():

@@ -1,0 +1,308 @@
+"""FO–ZO hybrids: a first-order and a zeroth-order optimizer sharing one model.
+
+* ``hybrid`` (Lang et al. 2026, "Downgrade to Upgrade", the FO–ZO hybrid): blocks of ``every``
+  first-order steps alternate with blocks of ``every`` zeroth-order steps, and the run ends on a
+  zeroth-order block, so the final weights come out of the robust (ZO) regime. The blocks are
+  laid out backwards from the last of ``total_steps`` steps: the last block is ZO, the one before
+  it FO, and so on; the first block is whatever remains, so it may be shorter than ``every`` and
+  of either kind (see :func:`phase_at`).
+* ``hybrid-objective``: every step, a ZO step on the forget term of the loss
+  (``closure(backward=False, term="forget")``), then an FO step on the retain term
+  (``closure(term="retain")``).
+* ``hybrid-depth``: every step, a ZO step on the bottom of the network (embeddings and early
+  blocks), then an FO step on the last ``fo_blocks`` blocks and everything after them (final
+  norm, head); during the FO step only those weights require grad, so backward stops there.
+
+Each part keeps its own state (moments); ``state_dict`` holds both. ``lr`` is the FO learning
+rate, ``zo_lr`` the ZO one; ``param_groups`` lists the FO groups then the ZO groups (the same
+dicts the parts use), so an LR scheduler scales both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustunlearn.optim import OptimizerSpec
+from robustunlearn.optim.base import Closure
+
+
+def phase_at(step: int, total_steps: int, every: int) -> str:
+    """Phase (``"fo"`` or ``"zo"``) of step ``step`` (0-based) of a ``hybrid`` run of
+    ``total_steps`` steps in blocks of ``every``: blocks are counted back from the last step,
+    which is in a ZO block, and alternate kinds from there."""
+    if not 0 <= step < total_steps:
+        raise ValueError(f"step {step} is outside the planned run of total_steps={total_steps}")
+    blocks_after = (total_steps - 1 - step) // every
+    return "zo" if blocks_after % 2 == 0 else "fo"
+
+
+def _registry() -> dict[str, OptimizerSpec]:
+    # imported on use: the registry imports this module while it is being built
+    from robustunlearn.optim import OPTIMIZERS
+
+    return OPTIMIZERS
+
+
+def _build_part(
+    name: str,
+    zeroth_order: bool,
+    model: nn.Module,
+    params: list[nn.Parameter],
+    lr: float | None,
+    options: dict[str, Any],
+) -> torch.optim.Optimizer:
+    """Build the ZO part (a zeroth-order optimizer) or the FO part (any gradient-based one)."""
+    specs = _registry()
+    accepted = sorted(
+        n
+        for n, s in specs.items()
+        if (s.grade == "zeroth-order") == zeroth_order and s.grade != "hybrid"
+    )
+    if name not in accepted:
+        kind = "zeroth-order" if zeroth_order else "gradient-based"
+        raise ValueError(
+            f"unknown {kind} optimizer {name!r} for a hybrid part; accepted: {', '.join(accepted)}"
+        )
+    spec = specs[name]
+    return spec.build(
+        model, params, spec.default_lr if lr is None else lr, {**spec.default_options, **options}
+    )
+
+
+class _TwoPart(torch.optim.Optimizer):
+    """A first-order part ``fo`` and a zeroth-order part ``zo``, presented as one optimizer."""
+
+    def __init__(self, fo: torch.optim.Optimizer, zo: torch.optim.Optimizer) -> None:
+        unique = list(
+            {id(p): p for part in (fo, zo) for g in part.param_groups for p in g["params"]}.values()
+        )
+        super().__init__(unique, {})
+        self.fo, self.zo = fo, zo
+        self.param_groups = [*fo.param_groups, *zo.param_groups]
+        self.steps_taken = 0
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "fo"):
+            raise NotImplementedError("add parameter groups to .fo or .zo, not to the hybrid")
+        super().add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "fo": self.fo.state_dict(),
+            "zo": self.zo.state_dict(),
+            "steps_taken": self.steps_taken,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.fo.load_state_dict(state_dict["fo"])
+        self.zo.load_state_dict(state_dict["zo"])
+        self.steps_taken = state_dict["steps_taken"]
+
+
+class AlternatingHybrid(_TwoPart):
+    """``hybrid``: FO and ZO blocks of ``every`` steps over the same weights, ending on ZO."""
+
+    def __init__(
+        self,
+        fo: torch.optim.Optimizer,
+        zo: torch.optim.Optimizer,
+        *,
+        total_steps: int,
+        every: int = 20,
+    ) -> None:
+        if not (isinstance(total_steps, int) and total_steps >= 1):
+            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        super().__init__(fo, zo)
+        self.total_steps, self.every = total_steps, every
+
+    @property
+    def current_phase(self) -> str:
+        """Phase of the next call to :meth:`step`."""
+        return phase_at(self.steps_taken, self.total_steps, self.every)
+
+    def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
+        part = self.fo if self.current_phase == "fo" else self.zo
+        loss = part.step(closure)
+        self.steps_taken += 1
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "total_steps": self.total_steps, "every": self.every}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.total_steps, self.every = state_dict["total_steps"], state_dict["every"]
+
+
+def _only(closure: Closure, fixed_term: str) -> Closure:
+    """``closure`` restricted to the loss term ``fixed_term``, whatever term its caller asks for."""
+
+    def restricted(
+        backward: bool = True, *, sample_labels: bool = False, term: str | None = None
+    ) -> Tensor:
+        return closure(backward, sample_labels=sample_labels, term=fixed_term)
+
+    return restricted
+
+
+class ObjectiveHybrid(_TwoPart):
+    """``hybrid-objective``: ZO on the forget term, then FO on the retain term, every step.
+    Returns the forget-term loss of the ZO step."""
+
+    def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
+        loss = self.zo.step(_only(closure, "forget"))
+        self.fo.step(_only(closure, "retain"))
+        self.steps_taken += 1
+        return loss
+
+
+class DepthHybrid(_TwoPart):
+    """``hybrid-depth``: ZO on the bottom of the network, then FO on its top, every step.
+    Returns the loss of the FO step."""
+
+    def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
+        self.zo.step(closure)
+        frozen = [p for g in self.zo.param_groups for p in g["params"] if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            loss = self.fo.step(closure)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        self.steps_taken += 1
+        return loss
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer blocks: of the ``ModuleList``s holding two or more
+    modules of one class (``model.model.layers`` in a Hugging Face Llama), the one with the most
+    parameters."""
+    stacks = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1
+    ]
+    if not stacks:
+        raise ValueError(
+            f"found no stack of repeated blocks (a ModuleList) in {type(model).__name__}"
+        )
+    return max(stacks, key=lambda s: sum(p.numel() for p in s.parameters()))
+
+
+def split_by_depth(
+    model: nn.Module, params: list[nn.Parameter], fo_blocks: int
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(top, bottom)`` of ``params``: ``top`` holds the last ``fo_blocks`` blocks and every
+    parameter registered after the block stack (final norm, output head); ``bottom`` the rest.
+    A weight shared between the bottom and the head (tied embeddings) counts where it is first
+    registered: in the bottom."""
+    blocks = find_blocks(model)
+    if not (isinstance(fo_blocks, int) and 1 <= fo_blocks <= len(blocks)):
+        raise ValueError(f"fo_blocks must be an integer in [1, {len(blocks)}], got {fo_blocks!r}")
+    in_stack = {id(p) for p in blocks.parameters()}
+    in_top_blocks = {
+        id(p) for block in blocks[len(blocks) - fo_blocks :] for p in block.parameters()
+    }
+    top, seen_stack = set(), False
+    for p in model.parameters():  # registration order; shared weights come once, at first use
+        if id(p) in in_stack:
+            seen_stack = True
+        if id(p) in in_top_blocks or (seen_stack and id(p) not in in_stack):
+            top.add(id(p))
+    upper = [p for p in params if id(p) in top]
+    lower = [p for p in params if id(p) not in top]
+    if not upper or not lower:
+        empty = "first" if not upper else "zeroth"
+        raise ValueError(
+            f"fo_blocks={fo_blocks} leaves the {empty}-order part without trainable weights"
+        )
+    return upper, lower
+
+
+def _options(name: str, options: dict[str, Any], own: tuple[str, ...]) -> dict[str, Any]:
+    """The hybrid's options, checked: the parts' (``fo``, ``zo``, ``fo_options``, ``zo_options``,
+    ``zo_lr``) and its ``own``. ``total_steps`` is accepted by all three, used by ``hybrid`` only."""
+    known = ("fo", "zo", "fo_options", "zo_options", "zo_lr", "total_steps", *own)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown {name} options: {', '.join(unknown)}; accepted: {', '.join(known)}"
+        )
+    return {"fo_options": {}, "zo_options": {}, "zo_lr": None, **options}
+
+
+def _build_alternating(
+    model: nn.Module, params: list[nn.Parameter], lr: float, options: dict[str, Any]
+) -> torch.optim.Optimizer:
+    o = _options("hybrid", options, ("every",))
+    if o.get("total_steps") is None:
+        raise ValueError(
+            "hybrid needs total_steps (the planned number of steps) to end on a zeroth-order block"
+        )
+    fo = _build_part(o["fo"], False, model, params, lr, o["fo_options"])
+    zo = _build_part(o["zo"], True, model, params, o["zo_lr"], o["zo_options"])
+    return AlternatingHybrid(fo, zo, total_steps=o["total_steps"], every=o["every"])
+
+
+def _build_objective(
+    model: nn.Module, params: list[nn.Parameter], lr: float, options: dict[str, Any]
+) -> torch.optim.Optimizer:
+    o = _options("hybrid-objective", options, ())
+    fo = _build_part(o["fo"], False, model, params, lr, o["fo_options"])
+    zo = _build_part(o["zo"], True, model, params, o["zo_lr"], o["zo_options"])
+    return ObjectiveHybrid(fo, zo)
+
+
+def _build_depth(
+    model: nn.Module, params: list[nn.Parameter], lr: float, options: dict[str, Any]
+) -> torch.optim.Optimizer:
+    o = _options("hybrid-depth", options, ("fo_blocks",))
+    top, bottom = split_by_depth(model, params, o["fo_blocks"])
+    fo = _build_part(o["fo"], False, model, top, lr, o["fo_options"])
+    zo = _build_part(o["zo"], True, model, bottom, o["zo_lr"], o["zo_options"])
+    return DepthHybrid(fo, zo)
+
+
+SPECS: dict[str, OptimizerSpec] = {
+    "hybrid": OptimizerSpec(
+        "hybrid",
+        "hybrid",
+        1e-4,
+        "FO-ZO hybrid (the paper's): blocks of `every` Adam steps and `every` R-AdaZO steps, "
+        "ending on ZO; needs total_steps",
+        _build_alternating,
+        {"fo": "adam", "zo": "zo-adazo", "every": 20},
+    ),
+    "hybrid-objective": OptimizerSpec(
+        "hybrid-objective",
+        "hybrid",
+        1e-4,
+        "ZO (R-AdaZO) on the forget loss, FO (Adam) on the retain loss, every step",
+        _build_objective,
+        {"fo": "adam", "zo": "zo-adazo"},
+    ),
+    "hybrid-depth": OptimizerSpec(
+        "hybrid-depth",
+        "hybrid",
+        1e-4,
+        "FO (Adam) on the last `fo_blocks` blocks and the head, ZO (R-AdaZO) below, every step",
+        _build_depth,
+        {"fo": "adam", "zo": "zo-adazo", "fo_blocks": 2},
+    ),
+}
+
+__all__ = [
+    "SPECS",
+    "AlternatingHybrid",
+    "DepthHybrid",
+    "ObjectiveHybrid",
+    "find_blocks",
+    "phase_at",
+    "split_by_depth",
+]

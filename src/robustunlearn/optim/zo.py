@@ -1,0 +1,583 @@
+"""Zeroth-order optimizers: gradient estimates from loss values only (no backward, no ``.grad``).
+
+Every step draws ``q`` random directions ``z`` with ``E[z zᵀ] = I`` and measures the loss along
+each, MeZO-style (Malladi et al. 2023, "Fine-Tuning Language Models with Just Forward Passes"):
+the weights move in place to ``θ + eps·z``, ``θ − eps·z`` and back, and ``z`` is regenerated from
+a seed at each move instead of being stored. The projected gradients and the estimate are
+
+    two-sided:  p_k = (L(θ + eps·z_k) − L(θ − eps·z_k)) / (2·eps)      (≈ ∇L·z_k)
+    one-sided:  p_k = (L(θ + eps·z_k) − L(θ)) / eps
+    ĝ = (1/q) · Σ_k p_k · z_k                                          (E ĝ → ∇L as eps → 0)
+
+Directions (``directions=``): ``"rademacher"`` (z_i = ±1: the cheapest to draw, and the lowest
+variance), ``"gaussian"`` (z ~ N(0, I), as in MeZO), ``"sphere"`` (z uniform on the sphere of
+radius √d, d = number of optimized weights: ĝ is then ``d·(∇L·u)·u`` for a unit ``u``, the
+estimator of the paper and of R-AdaZO, whose smoothing radius μ is ``eps·√d`` here). ``eps`` is
+the perturbation per coordinate in all three cases, so learning rates carry over between them.
+
+Exact round trip. ``θ + a − 2a + a`` is not ``θ`` in floating point, and no scheme can restore
+arbitrary weights without a copy: near 0 the floats are denser than near ``a``, so ``θ ↦ θ + a``
+cannot be inverted there. Fixed-point arithmetic is exact, so float32/float64 tensors are kept
+on a grid ``h = 2**(e − digits)`` (``digits`` = 24 or 53; ``2**(e−1)`` is the first power of two
+above ``max|θ| + max|eps·z|``, leaving a spare bit). Perturbations and updates are rounded to
+multiples of ``h``, and sums of multiples of ``h`` up to ``2**e`` in magnitude are exact, so
+perturb, restore and update commit no rounding error at all. Weights off the grid (at the first
+step, after a write by another optimizer, or when a tensor's range crosses a power of two) are
+first rounded onto it: a change of at most ``h/2``, one ulp of the tensor's largest entry.
+Updates below ``h/2`` are rounded away (plain fp32 rounds away those below half an ulp of each
+entry). Rademacher moves need no per-element rounding: ``eps`` is rounded once to a multiple of
+every tensor's grid, and ±1 times a grid value is a grid value. float16/bfloat16 have too few
+digits for a per-tensor grid and use plain arithmetic (their round trip drifts by a few ulps per
+step, as MeZO's does).
+
+Cost. A two-sided step draws each direction three times (``+eps``, ``−2·eps``, then restore and
+update in one pass: ``θ += (eps − lr·p)·z``) instead of MeZO's four; ``fuse=False`` restores and
+updates in separate passes (same result, bit for bit, one more draw). One-sided steps draw twice
+but also evaluate ``L(θ)``. Variants whose update is not a multiple of ``z`` (momentum, Adam,
+elementwise sign) still restore and update from one draw, but write the weights twice.
+
+Randomness never touches the default generator: direction ``k`` of parameter ``i`` at step ``t``
+comes from a dedicated ``torch.Generator`` seeded with a hash of ``(seed, t, k, i)``, so ranks
+that share ``seed`` draw the same directions and need to all-reduce only the ``q`` projected
+gradients (``reduce_projected_grad``). ``seed`` and ``t`` are in the ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustunlearn.optim import OptimizerSpec
+from robustunlearn.optim.base import Closure
+
+DIRECTIONS = ("rademacher", "gaussian", "sphere")
+_DIGITS = {torch.float32: 24, torch.float64: 53}  # significand bits of the exactly handled dtypes
+# |z| bound used to size the grid for Gaussian directions: torch's Box-Muller draws stay below
+# ~8.6 even from 53-bit uniforms, and the grid's spare bit absorbs anything up to twice this.
+_GAUSSIAN_BOUND = 9.0
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One round of SplitMix64 (Steele, Lea & Flood 2014): a bijective 64-bit mixer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def stream_seed(seed: int, step: int, direction: int, index: int) -> int:
+    """The generator seed of direction ``direction`` of parameter ``index`` at step ``step``."""
+    x = _splitmix64(seed & _MASK64)
+    for value in (step, direction, index):
+        x = _splitmix64(x ^ (value & _MASK64))
+    return x
+
+
+def _snap(x: float, h: float | None) -> float:
+    """``x`` rounded to a multiple of the power of two ``h`` (``None``: no grid)."""
+    return x if h is None else round(x / h) * h
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """A tensor's grid for one step: sums of multiples of ``h`` are exact while they stay within
+    ``limit`` in magnitude; ``span`` is ``max|θ|`` at the start of the step."""
+
+    h: float
+    limit: float
+    span: float
+
+
+class ZerothOrderOptimizer(torch.optim.Optimizer):
+    """Base class: the seeded perturb / evaluate / restore loop. Subclasses turn the estimate
+    ``ĝ`` into an update (``_delta``); those whose update is ``−lr·ĝ`` say so (``_linear``).
+
+    Per-group options: ``lr``, ``weight_decay`` (decoupled, ``θ ← θ − lr·wd·θ``, applied only to
+    tensors with two or more dimensions, so biases and norm gains are not decayed). The rest is
+    global: ``eps`` (perturbation per coordinate), ``q`` (directions per step, averaged),
+    ``two_sided``, ``directions`` (see :data:`DIRECTIONS`), ``seed`` (``None``: drawn once from
+    torch's default generator), ``term`` (passed to the closure, e.g. ``"forget"``),
+    ``reduce_projected_grad`` (maps the tensor of the ``q`` projected gradients to the values to
+    use, e.g. an all-reduce mean across data-parallel ranks), ``fuse`` (restore and update in one
+    pass). The closure is called as ``closure(backward=False, term=term)`` under ``no_grad``.
+
+    After a step, ``projected_grads`` holds its ``q`` projected gradients and
+    :meth:`direction` regenerates its directions; ``steps_taken`` counts steps (and seeds them).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        *,
+        eps: float = 1e-3,
+        q: int = 1,
+        two_sided: bool = True,
+        directions: str = "rademacher",
+        seed: int | None = None,
+        term: str | None = None,
+        reduce_projected_grad: Callable[[Tensor], Tensor] | None = None,
+        fuse: bool = True,
+    ) -> None:
+        if not defaults["lr"] >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {defaults['lr']}")
+        if not defaults["weight_decay"] >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {defaults['weight_decay']}")
+        if not eps > 0.0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if not (isinstance(q, int) and q >= 1):
+            raise ValueError(f"q must be a positive integer, got {q!r}")
+        if directions not in DIRECTIONS:
+            raise ValueError(
+                f"unknown directions {directions!r}; accepted: {', '.join(DIRECTIONS)}"
+            )
+        super().__init__(params, defaults)
+        self.eps = eps
+        self.q = q
+        self.two_sided = two_sided
+        self.directions = directions
+        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
+        self.term = term
+        self.reduce_projected_grad = reduce_projected_grad
+        self.fuse = fuse
+        self.steps_taken = 0
+        self.projected_grads: list[float] = []  # of the last step, after reduce_projected_grad
+        self._norms: list[float] = []  # sphere: |n_k| of the last step's raw Gaussian draws
+        self._dim = sum(p.numel() for group in self.param_groups for p in group["params"])
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._sign_tables: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        # p -> (h, p._version) after our last write: while the version holds, p is on grid h
+        self._on_grid: dict[Tensor, tuple[float, int]] = {}
+
+    # -- subclass hooks ------------------------------------------------------------------------
+
+    def _linear(self, group: dict[str, Any]) -> bool:
+        """Whether the update is exactly ``−lr·ĝ`` (so it can be folded into the restore)."""
+        return False
+
+    def _weight(self, projected_grad: float) -> float:
+        """How a direction's projected gradient weighs its ``z`` in ``ĝ`` (ZO-sign: its sign)."""
+        return projected_grad
+
+    def _delta(self, p: Tensor, group: dict[str, Any], estimate: Tensor) -> Tensor:
+        """The update of ``p`` (added to it) from its slice of ``ĝ``; may overwrite ``estimate``."""
+        return estimate.mul_(-group["lr"])
+
+    # -- public ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
+        """One ZO step. Returns ``L(θ)`` (one-sided) or ``(L(θ + eps·z_1) + L(θ − eps·z_1))/2``,
+        which is ``L(θ) + O(eps²)`` (two-sided), both at the weights before the update."""
+        if closure is None:
+            raise ValueError("zeroth-order optimizers need a closure that returns the loss")
+        params = [(group, p) for group in self.param_groups for p in group["params"]]
+        grids = self._prepare_grids(params)
+        scale = self._common_eps(grids)
+        # the last move leaves θ − eps·z (two-sided) or θ + eps·z (one-sided): the restoring factor
+        restore = 1.0 if self.two_sided else -1.0
+
+        def loss_at() -> Tensor:
+            return closure(backward=False, term=self.term).detach()
+
+        base = None if self.two_sided else loss_at()
+        projected, self._norms = [], []
+        loss = base
+        for k in range(self.q):
+            norm = self._move(params, grids, k, 1.0, scale)
+            plus = loss_at()
+            if self.two_sided:
+                self._move(params, grids, k, -2.0, scale)
+                minus = loss_at()
+                difference = (float(plus) - float(minus)) / 2
+                loss = (plus + minus) / 2 if loss is None else loss
+            else:
+                difference = float(plus) - float(base)
+            step_length = scale
+            if self.directions == "sphere":  # θ moved by eps·n = eps·(|n|/√d)·z
+                self._norms.append(norm)
+                step_length = scale * norm / math.sqrt(self._dim)
+            projected.append(difference / step_length)
+            if k < self.q - 1 or not self.fuse:
+                self._move(params, grids, k, restore, scale)
+        self.projected_grads = self._reduce(projected, params[0][1].device)
+        self._update(params, grids, scale, restore if self.fuse else 0.0)
+        self.steps_taken += 1
+        return loss
+
+    def direction(self, index: int, k: int = 0) -> Tensor:
+        """Direction ``z_k`` that the last step used for parameter ``index`` (in the order of
+        ``param_groups``), regenerated from its seed."""
+        if not self.projected_grads:
+            raise RuntimeError("this optimizer has not taken a step yet")
+        if not 0 <= k < self.q:
+            raise ValueError(f"direction k={k} out of range; this optimizer draws q={self.q}")
+        p = [p for group in self.param_groups for p in group["params"]][index]
+        z = self._noise(p, index, k, self.steps_taken - 1)
+        if self.directions == "sphere":
+            z.mul_(math.sqrt(self._dim) / self._norms[k])
+        return z
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["zeroth_order"] = {"seed": self.seed, "steps_taken": self.steps_taken}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        counters = state_dict.pop("zeroth_order")
+        super().load_state_dict(state_dict)
+        self.seed, self.steps_taken = counters["seed"], counters["steps_taken"]
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _reduce(self, projected: list[float], device: torch.device) -> list[float]:
+        if self.reduce_projected_grad is None:
+            return projected
+        reduced = self.reduce_projected_grad(
+            torch.tensor(projected, dtype=torch.float64, device=device)
+        )
+        return [float(v) for v in reduced.tolist()]
+
+    def _noise(self, p: Tensor, index: int, k: int, step: int | None = None) -> Tensor:
+        """Fresh draw of the raw direction (±1 or N(0, 1), shaped like ``p``)."""
+        generator = self._generators.get(p.device)
+        if generator is None:
+            generator = self._generators[p.device] = torch.Generator(device=p.device)
+        step = self.steps_taken if step is None else step
+        generator.manual_seed(stream_seed(self.seed, step, k, index))
+        if self.directions != "rademacher":
+            return torch.empty(p.shape, dtype=p.dtype, device=p.device).normal_(generator=generator)
+        # 64 signs per draw: random words, read byte by byte through a table of 8 signs per byte
+        words = torch.empty((p.numel() + 63) // 64, dtype=torch.int64, device=p.device)
+        words.random_(-(2**63), None, generator=generator)  # full 64-bit range: every bit fair
+        signs = self._sign_table(p).index_select(0, words.view(torch.uint8).int())
+        return signs.view(-1)[: p.numel()].view(p.shape)
+
+    def _sign_table(self, p: Tensor) -> Tensor:
+        key = (p.device, p.dtype)
+        if key not in self._sign_tables:
+            bits = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=p.device)
+            byte = torch.arange(256, device=p.device).to(torch.uint8)[:, None]
+            self._sign_tables[key] = torch.where(byte & bits != 0, 1.0, -1.0).to(p.dtype)
+        return self._sign_tables[key]
+
+    def _prepare_grids(self, params: list[tuple[dict, Tensor]]) -> list[_Grid | None]:
+        """Each parameter's grid for this step (``None``: plain arithmetic); weights that are off
+        their grid are rounded onto it."""
+        exact = [p.dtype in _DIGITS and p.numel() > 0 for _, p in params]
+        device = params[0][1].device
+        # max|θ| of every tensor, fetched with one synchronisation
+        maxima = [torch.aminmax(p) for (_, p), e in zip(params, exact) if e]
+        spans = [torch.maximum(hi, -lo).to(device, torch.float64) for lo, hi in maxima]
+        spans = iter(torch.stack(spans).tolist() if spans else [])
+        reach = self.eps * (1.0 if self.directions == "rademacher" else _GAUSSIAN_BOUND)
+        grids: list[_Grid | None] = []
+        for (_, p), e in zip(params, exact):
+            if not e:
+                grids.append(None)
+                continue
+            span = next(spans)
+            if not math.isfinite(span):
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} holds non-finite values")
+            # span + reach < 2**(exponent - 1): one spare bit below the limit 2**exponent
+            exponent = math.frexp(span + reach)[1] + 1
+            h = math.ldexp(1.0, exponent - _DIGITS[p.dtype])
+            cached = self._on_grid.get(p)
+            if cached is None or cached[1] != p._version or cached[0] < h:
+                p.div_(h).round_().mul_(h)  # exact: h is a power of two
+            grids.append(_Grid(h, math.ldexp(1.0, exponent), span))
+        return grids
+
+    def _common_eps(self, grids: list[_Grid | None]) -> float:
+        """``eps``, for Rademacher directions rounded to a multiple of every tensor's grid."""
+        if self.directions != "rademacher":
+            return self.eps
+        coarsest = max((g.h for g in grids if g is not None), default=None)
+        scale = _snap(self.eps, coarsest)
+        if scale == 0.0:
+            raise ValueError(
+                f"eps={self.eps} is below the resolution {coarsest} of the largest weights; raise eps"
+            )
+        return scale
+
+    def _move(
+        self, params, grids: list[_Grid | None], k: int, coefficient: float, scale: float
+    ) -> float:
+        """``θ += coefficient·eps·z_k`` for every parameter; returns |n_k| for sphere directions
+        (whose moves use the raw Gaussian draw ``n_k``, of norm ≈ √d), else 0."""
+        norms = []
+        for index, ((_, p), grid) in enumerate(zip(params, grids)):
+            noise = self._noise(p, index, k)
+            if self.directions == "sphere" and coefficient == 1.0:
+                norms.append(torch.linalg.vector_norm(noise, dtype=torch.float64))
+            self._add_perturbation(p, noise, coefficient, scale, grid)
+        return math.sqrt(sum(n.item() ** 2 for n in norms))
+
+    def _add_perturbation(
+        self, p: Tensor, noise: Tensor, coefficient: float, scale: float, grid: _Grid | None
+    ) -> None:
+        """``p += coefficient·round_h(scale·noise)``; leaves ``noise`` intact."""
+        if self.directions == "rademacher" or grid is None:
+            p.add_(noise, alpha=coefficient * scale)
+        else:
+            p.add_(torch.round(noise * (scale / grid.h)), alpha=coefficient * grid.h)
+
+    def _update(self, params, grids: list[_Grid | None], scale: float, restore: float) -> None:
+        """Last pass: add ``restore·eps·z_q`` (undoing the last perturbation) and the update."""
+        if self.directions == "sphere":
+            lengths = [math.sqrt(self._dim) / norm for norm in self._norms]
+        else:
+            lengths = [1.0] * self.q
+        weights = [self._weight(p) * c / self.q for p, c in zip(self.projected_grads, lengths)]
+        last = self.q - 1
+        for index, ((group, p), grid) in enumerate(zip(params, grids)):
+            h = None if grid is None else grid.h
+            decay = group["weight_decay"] if p.ndim >= 2 else 0.0
+            if self.directions == "rademacher" and self._linear(group) and decay == 0.0:
+                steps = [_snap(-group["lr"] * w, h) for w in weights]
+                # ±1 times grid values: each add is exact while θ stays within the grid's limit
+                if grid is None or grid.span + grid.h + scale + sum(map(abs, steps)) <= grid.limit:
+                    for k, c in enumerate(steps):
+                        p.add_(
+                            self._noise(p, index, k),
+                            alpha=c + (restore * scale if k == last else 0.0),
+                        )
+                    self._mark(p, h)
+                    continue
+            estimate = None
+            for k, w in enumerate(weights):
+                noise = self._noise(p, index, k)
+                if k == last and restore:
+                    self._add_perturbation(p, noise, restore, scale, grid)
+                estimate = noise.mul_(w) if estimate is None else estimate.add_(noise, alpha=w)
+            delta = self._delta(p, group, estimate)
+            if decay:
+                delta.add_(p, alpha=-group["lr"] * decay)
+            if h is not None:
+                delta.div_(h).round_().mul_(h)
+            p.add_(delta)
+            self._mark(p, h)
+
+    def _mark(self, p: Tensor, h: float | None) -> None:
+        if h is not None:
+            self._on_grid[p] = (h, p._version)
+
+
+def _check_betas(betas: tuple[float, float]) -> None:
+    if not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must lie in [0, 1), got {betas}")
+
+
+class ZOSGD(ZerothOrderOptimizer):
+    """ZO-SGD (MeZO): ``b ← μ·b + ĝ`` (without momentum ``b = ĝ``), ``θ ← θ − lr·b``."""
+
+    def __init__(
+        self,
+        params,
+        lr: float = 3e-4,
+        *,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        **options: Any,
+    ) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+        super().__init__(
+            params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, **options
+        )
+
+    def _linear(self, group: dict[str, Any]) -> bool:
+        return group["momentum"] == 0.0
+
+    def _delta(self, p: Tensor, group: dict[str, Any], estimate: Tensor) -> Tensor:
+        if group["momentum"] == 0.0:
+            return estimate.mul_(-group["lr"])
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = estimate.clone()
+        else:
+            state["momentum_buffer"].mul_(group["momentum"]).add_(estimate)
+        return state["momentum_buffer"].mul(-group["lr"])
+
+
+class ZOAdam(ZerothOrderOptimizer):
+    """ZO-Adam: Adam's moments on the estimate (as ZO-AdaMM, Chen et al. 2019, without its max):
+
+    m ← β1·m + (1−β1)·ĝ,   v ← β2·v + (1−β2)·ĝ²,
+    θ ← θ − lr·(m / (1−β1^t)) / (sqrt(v / (1−β2^t)) + adam_eps).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 3e-4,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        directions: str = "gaussian",
+        **options: Any,
+    ) -> None:
+        _check_betas(betas)
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "adam_eps": adam_eps,
+            "weight_decay": weight_decay,
+        }
+        super().__init__(params, defaults, directions=directions, **options)
+
+    def _delta(self, p: Tensor, group: dict[str, Any], estimate: Tensor) -> Tensor:
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(estimate, 1 - beta1)
+        v.mul_(beta2).addcmul_(estimate, estimate, value=1 - beta2)
+        denominator = (v / (1 - beta2 ** state["step"])).sqrt_().add_(group["adam_eps"])
+        return torch.div(m, denominator, out=estimate).mul_(
+            -group["lr"] / (1 - beta1 ** state["step"])
+        )
+
+
+class ZOAdaZO(ZerothOrderOptimizer):
+    """R-AdaZO (Shu, Zhang, He & Dai, "Refining Adaptive Zeroth-Order Optimization at Ease",
+    ICML 2025, arXiv:2502.01014, Algorithm 1): the second moment is driven by the *first*
+    moment, whose averaging already removed much of the estimate's variance:
+
+        m ← β1·m + (1−β1)·ĝ,   v ← β2·v + (1−β2)·m²,   θ ← θ − lr·m / sqrt(v + ζ),
+
+    with no bias correction (so the first steps move by up to ``lr/sqrt(1−β2)`` per coordinate),
+    and ĝ the one-sided estimate on the unit sphere (``d·(L(θ+μu) − L(θ))/μ·u``) by default.
+    The paper puts ζ inside the square root (public implementations add ε = 1e-8 outside it
+    instead; ``zeta=1e-16`` inside gives the same floor).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 3e-5,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        zeta: float = 1e-16,
+        weight_decay: float = 0.0,
+        directions: str = "sphere",
+        two_sided: bool = False,
+        **options: Any,
+    ) -> None:
+        _check_betas(betas)
+        if not zeta > 0.0:
+            raise ValueError(f"zeta must be > 0, got {zeta}")
+        defaults = {"lr": lr, "betas": tuple(betas), "zeta": zeta, "weight_decay": weight_decay}
+        super().__init__(params, defaults, directions=directions, two_sided=two_sided, **options)
+
+    def _delta(self, p: Tensor, group: dict[str, Any], estimate: Tensor) -> Tensor:
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(estimate, 1 - beta1)
+        v.mul_(beta2).addcmul_(m, m, value=1 - beta2)
+        denominator = torch.add(v, group["zeta"], out=estimate).sqrt_()
+        return torch.div(m, denominator, out=estimate).mul_(-group["lr"])
+
+
+class ZOSign(ZerothOrderOptimizer):
+    """ZO-signSGD in two forms. ``elementwise=False`` (ZO-Bench's ZO-SGD-Sign, Zhang et al. 2024,
+    "Revisiting Zeroth-Order Optimization for Memory-Efficient LLM Fine-Tuning"): the sign of each
+    projected gradient scales its direction, ``θ ← θ − lr·(1/q)·Σ sign(p_k)·z_k``.
+    ``elementwise=True`` (Liu et al. 2019, "signSGD via Zeroth-Order Oracle"): the sign of the
+    estimate, ``θ ← θ − lr·sign(ĝ)``. With Rademacher directions and q = 1 they coincide.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 5e-4,
+        *,
+        elementwise: bool = False,
+        weight_decay: float = 0.0,
+        **options: Any,
+    ) -> None:
+        self.elementwise = elementwise
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay}, **options)
+
+    def _linear(self, group: dict[str, Any]) -> bool:
+        return not self.elementwise
+
+    def _weight(self, projected_grad: float) -> float:
+        if self.elementwise:
+            return projected_grad
+        return float((projected_grad > 0) - (projected_grad < 0))
+
+    def _delta(self, p: Tensor, group: dict[str, Any], estimate: Tensor) -> Tensor:
+        if self.elementwise:
+            estimate.sign_()
+        return estimate.mul_(-group["lr"])
+
+
+def _spec(
+    name: str, cls: type, lr: float, description: str, **default_options: Any
+) -> OptimizerSpec:
+    def build(model: nn.Module, params: list[nn.Parameter], lr: float, options: dict[str, Any]):
+        return cls(params, lr=lr, **options)
+
+    return OptimizerSpec(name, "zeroth-order", lr, description, build, default_options)
+
+
+SPECS: dict[str, OptimizerSpec] = {
+    spec.name: spec
+    for spec in (
+        _spec(
+            "zo-sgd",
+            ZOSGD,
+            3e-4,
+            "ZO-SGD (MeZO): two-point estimate along Rademacher directions, fused in-place passes",
+        ),
+        _spec("zo-adam", ZOAdam, 3e-4, "ZO-Adam: Adam moments on a two-point Gaussian ZO estimate"),
+        _spec(
+            "zo-adazo",
+            ZOAdaZO,
+            3e-5,
+            "R-AdaZO: adaptive ZO, second moment from the first moment, unit-sphere directions",
+        ),
+        _spec(
+            "zo-sign",
+            ZOSign,
+            5e-4,
+            "ZO-signSGD (ZO-Bench): sign of each projected gradient times its direction",
+        ),
+        _spec(
+            "zo-sign-elementwise",
+            ZOSign,
+            5e-4,
+            "ZO-signSGD, elementwise sign of the ZO estimate (Gaussian directions)",
+            elementwise=True,
+            directions="gaussian",
+        ),
+    )
+}
+
+__all__ = [
+    "DIRECTIONS",
+    "SPECS",
+    "ZOSGD",
+    "ZOAdaZO",
+    "ZOAdam",
+    "ZOSign",
+    "ZerothOrderOptimizer",
+    "stream_seed",
+]
