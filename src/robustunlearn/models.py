@@ -170,6 +170,7 @@ def load_model(
             verify_model_dir(path)
         except ValueError as error:
             raise UserError(str(error)) from None
+    hf_logging.disable_progress_bar()  # "Loading weights" bars for every attacked copy are noise
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
