@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def test_tofu_forget01_study_carries_tofu_metrics(tmp_path, monkeypatch):
     for row in rows:
         tofu = row["tofu"]
         assert 0 <= tofu["forget_quality"] <= 1
-        assert 0 < tofu["model_utility"] <= 1
+        nine = [v for numbers in tofu["utility_sets"].values() for v in numbers.values()]
+        assert len(nine) == 9 and tofu["model_utility"] == pytest.approx(statistics.harmonic_mean(nine))
         assert 0 < tofu["forget_truth_ratio"] <= 1
         assert len(tofu["forget_truth_ratios"]) == 16
         assert set(tofu["utility_sets"]) == {"retain", "real_authors", "world_facts"}
