@@ -1,15 +1,27 @@
-"""The unlearning loop: logging, checkpoints, resume identity, the non-finite guard."""
+"""The unlearning loop: logging, checkpoints, resume identity, the non-finite guard, epoch
+budgets, keeping the best weights, and the 7B recipes."""
 
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
 
+import robustunlearn
 import robustunlearn.engine as engine_module
+from robustunlearn.config import load_settings
 from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
-from robustunlearn.engine import NonFiniteLossError, RecordStream, UnlearnConfig, unlearn
+from robustunlearn.engine import (
+    NonFiniteLossError,
+    RecordStream,
+    UnlearnConfig,
+    restore_best,
+    unlearn,
+)
+from robustunlearn.errors import UserError
 from robustunlearn.models import TinyModelConfig, build_tiny_model, train_tokenizer
 from robustunlearn.objectives import build_objective
 
@@ -56,10 +68,12 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "signum", "sophia-g"])
+@pytest.mark.parametrize("optimizer", ["adamw", "signum", "sophia-g", "zo-sgd", "hybrid"])
 def test_resume_after_kill_gives_identical_weights(setup, tmp_path, optimizer):
     benchmark, tokenizer = setup
-    config = UnlearnConfig(objective="npo", optimizer=optimizer, lr=1e-3, steps=6, batch_size=2, checkpoint_every=2, eval_every=1)
+    options = {"every": 2} if optimizer == "hybrid" else {}
+    config = UnlearnConfig(objective="npo", optimizer=optimizer, lr=1e-3, steps=6, batch_size=2, checkpoint_every=2,
+                           eval_every=1, optimizer_options=options)
 
     reference = fresh_model(tokenizer)
     unlearn(reference, tokenizer, benchmark, config, tmp_path / "whole", progress=False, evaluate=lambda m, s: {})
@@ -129,3 +143,99 @@ def test_bad_config_values():
         UnlearnConfig(steps=0)
     with pytest.raises(ValueError, match="lr_schedule"):
         UnlearnConfig(lr_schedule="sawtooth")
+
+
+def test_epochs_set_the_step_budget_and_the_schedule(setup):
+    benchmark, tokenizer = setup
+    forget = len(benchmark.get("forget_qa"))
+    config = UnlearnConfig(objective="ga", optimizer="sgd", lr=1e-3, epochs=2, batch_size=3, lr_schedule="linear",
+                           forget_splits=("forget_qa",))
+    result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, progress=False)
+    assert result.total_steps == result.steps_done == len(result.history) == math.ceil(2 * forget / 3) != config.steps
+    assert result.history[-1]["lr"] == 0.0  # the linear schedule ends at the epoch budget
+
+
+SCORES = {1: 5.0, 2: 1.0, 3: 4.0, 4: 2.0}
+
+
+@pytest.mark.parametrize(("mode", "best_step"), [("min", 2), ("max", 1)])
+def test_keep_best_keeps_the_weights_of_the_best_evaluation(setup, tmp_path, mode, best_step):
+    benchmark, tokenizer = setup
+    seen = {}
+
+    def evaluate(model, step):
+        seen[step] = weights(model)
+        return {"forget_qa_rouge": SCORES[step], "note": "not a number"}
+
+    config = UnlearnConfig(objective="graddiff", optimizer="adamw", lr=1e-3, steps=4, batch_size=2, eval_every=1,
+                           keep_best="forget_qa_rouge", keep_best_mode=mode)
+    result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False, evaluate=evaluate)
+    expected = {"step": best_step, "metric": "forget_qa_rouge", "value": SCORES[best_step], "mode": mode}
+    assert result.best == expected
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["best.json", f"step-{best_step}"]
+    final = weights(result.model)
+    assert any(not torch.equal(final[name], tensor) for name, tensor in seen[best_step].items())
+    record = restore_best(result.model, tmp_path)
+    assert {k: record[k] for k in expected} == expected
+    for name, tensor in seen[best_step].items():
+        assert torch.equal(result.model.state_dict()[name], tensor), name
+
+
+def test_keep_best_survives_a_resume(setup, tmp_path):
+    benchmark, tokenizer = setup
+    config = UnlearnConfig(objective="graddiff", optimizer="adamw", lr=1e-3, steps=4, batch_size=2, eval_every=1,
+                           checkpoint_every=2, keep_best="forget_qa_rouge")
+
+    def die_at_step_3(model, step):
+        if step == 3:
+            raise Killed
+        return {"forget_qa_rouge": SCORES[step]}
+
+    with pytest.raises(Killed):
+        unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False, evaluate=die_at_step_3)
+    # the resumed run sees only steps 3 and 4; step 2 stays the best
+    result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, resume=True, progress=False,
+                     evaluate=lambda model, step: {"forget_qa_rouge": SCORES[step]})
+    assert result.resumed_from == 2 and result.best["step"] == 2
+
+
+def test_keep_best_errors(setup, tmp_path):
+    benchmark, tokenizer = setup
+    config = UnlearnConfig(objective="ga", optimizer="sgd", steps=2, batch_size=2, eval_every=1, keep_best="rouge")
+    with pytest.raises(ValueError, match="needs an evaluate callback"):
+        unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"not a number the evaluation returns; it returns \['accuracy'\]"):
+        unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False,
+                evaluate=lambda model, step: {"accuracy": 0.5})
+    with pytest.raises(ValueError, match="needs eval_every"):
+        UnlearnConfig(keep_best="rouge")
+    with pytest.raises(ValueError, match="keep_best_mode"):
+        UnlearnConfig(keep_best="rouge", eval_every=1, keep_best_mode="lowest")
+    with pytest.raises(ValueError, match="no best weights"):
+        restore_best(fresh_model(tokenizer), tmp_path / "elsewhere")
+
+
+def test_settings_refuse_conflicting_budgets_and_unknown_lora_options():
+    with pytest.raises(UserError, match="steps or unlearn.epochs, not both"):
+        load_settings(overrides={"unlearn": {"steps": 10, "epochs": 2}})
+    with pytest.raises(UserError, match="unknown lora option.*rnk.*accepted: rank"):
+        load_settings(overrides={"unlearn": {"lora": {"rnk": 8}}})
+    with pytest.raises(UserError, match="keep_best needs eval_every"):
+        load_settings(overrides={"unlearn": {"keep_best": "forget_qa_rouge"}})
+    with pytest.raises(ValueError, match="unknown lora option"):
+        UnlearnConfig(lora={"rnk": 8})
+
+
+RECIPES = sorted((Path(robustunlearn.__file__).parent / "recipes").glob("*.yaml"))
+
+
+def test_the_7b_recipes_are_there():
+    assert {p.stem for p in RECIPES} >= {"muse-news-npo", "wmdp-rmu", "tofu-npo"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_parses_into_an_engine_config(recipe):
+    settings = load_settings(recipe)
+    assert settings.benchmark in ("muse", "wmdp", "tofu") and settings.model_path is not None
+    config = UnlearnConfig(seed=settings.seed, **settings.unlearn.model_dump())  # as the pipeline builds it
+    engine_module.build_objective(config.objective, **config.objective_options)

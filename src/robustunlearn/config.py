@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from robustunlearn.errors import UserError
 from robustunlearn.models import TinyModelConfig
@@ -85,7 +92,7 @@ class UnlearnSettings(Strict):
     keep_best_mode: Literal["min", "max"] = "min"
 
     @model_validator(mode="after")
-    def _budget_and_best(self) -> "UnlearnSettings":
+    def _budget_and_best(self) -> UnlearnSettings:
         if {"steps", "epochs"} <= self.model_fields_set and self.epochs is not None:
             raise ValueError("set unlearn.steps or unlearn.epochs, not both")
         if self.keep_best is not None and self.eval_every < 1:

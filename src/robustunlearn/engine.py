@@ -4,37 +4,50 @@ Each step draws a forget batch and a retain batch, computes the frozen reference
 once (under ``no_grad``), builds the closure of :mod:`robustunlearn.optim.base` and lets the
 optimizer call it as its grade needs: backward for first-order, function values at perturbed
 weights for zeroth-order, sampled labels for Sophia-G. Steps are logged as JSON lines; checkpoints
-(model, optimizer state, RNG states, data position) are written atomically so a killed run
-resumes to the same final weights.
+(trainable weights, optimizer state, RNG states, data position) are written atomically so a
+killed run resumes to the same final weights.
+
+Options (:class:`UnlearnConfig`): a budget in ``steps`` or ``epochs``; LoRA adapters instead of
+full fine-tuning (``lora``), whose reference model is the same model with its adapter disabled;
+keeping the weights with the best value of an evaluation metric (``keep_best``). Launched in
+several processes (``torchrun``, ``accelerate launch``), the run is data parallel
+(:mod:`robustunlearn.distributed`): ``batch_size`` is the global batch, each rank takes its
+shard, and rank 0 alone logs, evaluates and writes files. docs/engine.md has the details.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model as load_safetensors_into, save_model as save_safetensors_from
+from safetensors.torch import load_file, save_file
 
+from robustunlearn.attacks.relearn import LoraOptions, add_lora
 from robustunlearn.batching import IGNORE_INDEX, TokenBatch, UnlearnBatch
 from robustunlearn.data.base import QA, Benchmark, Record
 from robustunlearn.data.collate import collate_records
 from robustunlearn.data.prompts import REFUSAL_ANSWERS
+from robustunlearn.distributed import DataParallel, data_parallel
 from robustunlearn.io import atomic_write_json
 from robustunlearn.objectives import build_objective
 from robustunlearn.optim import build_optimizer
 
 SCHEDULES = ("constant", "linear", "cosine")
+BEST_MODES = ("min", "max")
+WEIGHTS = "model.safetensors"
+_RANK_SEED_STRIDE = 1_000_003  # rank r samples Sophia-G's labels from seed + r·stride
 
 
 @dataclass
@@ -45,7 +58,8 @@ class UnlearnConfig:
     lr: float | None = None  # None: the optimizer's registered default
     optimizer_options: dict[str, Any] = field(default_factory=dict)
     steps: int = 60
-    batch_size: int = 8  # forget examples per step; the retain batch has as many
+    epochs: int | None = None  # passes over the forget set; when given, it sets the step budget
+    batch_size: int = 8  # forget examples per step (over all processes); the retain batch has as many
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     seed: int = 0
@@ -54,15 +68,44 @@ class UnlearnConfig:
     forget_splits: tuple[str, ...] = ("forget_qa", "forget_text")
     retain_splits: tuple[str, ...] = ("retain_qa", "retain_text")
     max_length: int = 256
+    lora: dict[str, Any] | None = None  # LoRA adapters: fields of attacks.relearn.LoraOptions
+    keep_best: str | None = None  # an `evaluate` metric: keep the weights of its best value
+    keep_best_mode: str = "min"  # "min" or "max": which value of keep_best is best
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1 or None, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; accepted: {', '.join(SCHEDULES)}")
+        if self.keep_best_mode not in BEST_MODES:
+            raise ValueError(f"unknown keep_best_mode {self.keep_best_mode!r}; accepted: {', '.join(BEST_MODES)}")
+        if self.keep_best is not None and self.eval_every < 1:
+            raise ValueError(f"keep_best={self.keep_best!r} needs eval_every >= 1, got {self.eval_every}")
         self.forget_splits, self.retain_splits = tuple(self.forget_splits), tuple(self.retain_splits)
+        lora_options(self.lora)  # fail now on unknown LoRA options
+
+    def total_steps(self, forget_records: int) -> int:
+        """The step budget: ``steps``, or with ``epochs`` ⌈epochs · forget_records / batch_size⌉."""
+        if self.epochs is None:
+            return self.steps
+        return math.ceil(self.epochs * forget_records / self.batch_size)
+
+
+def lora_options(options: dict[str, Any] | None) -> LoraOptions | None:
+    """``UnlearnConfig.lora`` as :class:`~robustunlearn.attacks.relearn.LoraOptions` (None: none)."""
+    if options is None:
+        return None
+    accepted = [f.name for f in fields(LoraOptions)]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown lora option(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+    if "target_modules" in options:
+        options = {**options, "target_modules": tuple(options["target_modules"])}
+    return LoraOptions(**options)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -124,10 +167,18 @@ def sampled_label_loss(model, batch: TokenBatch, generator: torch.Generator) -> 
 
 
 def make_closure(
-    model, objective, batch: UnlearnBatch, reference: dict, generator: torch.Generator, record: dict, passes: dict[str, int]
+    model,
+    objective,
+    batch: UnlearnBatch,
+    reference: dict,
+    generator: torch.Generator,
+    record: dict,
+    passes: dict[str, int],
+    after_backward: Callable[[], None] | None = None,
 ):
     """The step's closure (protocol in :mod:`robustunlearn.optim.base`); ``record`` receives the
-    loss terms of its latest call, for logging; ``passes`` counts forward and backward passes."""
+    loss terms of its latest call, for logging; ``passes`` counts forward and backward passes;
+    ``after_backward`` runs after each backward (data parallel: the gradient all-reduce)."""
 
     def closure(backward: bool = True, *, sample_labels: bool = False, term: str | None = None) -> torch.Tensor:
         passes["forward"] += 1
@@ -146,6 +197,8 @@ def make_closure(
                 record.update({k: float(v.detach()) for k, v in terms.items() if v.numel() == 1})
             if backward:
                 loss.backward()
+                if after_backward is not None:
+                    after_backward()
         # Without backward the graph (if the caller enabled grad) is kept: sophia-h differentiates twice.
         return loss.detach() if backward else loss
 
@@ -168,67 +221,154 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
 
 @dataclass
 class UnlearnResult:
-    model: Any
+    model: Any  # under LoRA the peft model: its merge_and_unload() makes the input model plain again
     steps_done: int
     history: list[dict[str, Any]]
     seconds: float
     resumed_from: int | None = None
     stopped_early: str | None = None  # why the evaluation callback stopped the run
     passes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})  # model passes, this process
+    total_steps: int = 0  # the step budget (from steps or epochs)
+    best: dict[str, Any] | None = None  # with keep_best: step, metric, value, mode of the kept weights
 
 
-class Checkpointer:
-    """Atomic checkpoints in ``directory/checkpoints/step-N`` and a ``latest`` pointer."""
+def save_trainable_weights(model, path: Path) -> None:
+    """Write the weights that require grad (the ones a run changes) to a safetensors file."""
+    save_file({name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}, str(path))
 
-    def __init__(self, directory: Path):
-        self.root = directory / "checkpoints"
 
-    def latest(self) -> Path | None:
-        pointer = self.root / "latest.json"
-        if not pointer.is_file():
+def load_weights(model, path: Path) -> None:
+    """Copy the weights saved in ``path`` into the parameters of ``model`` with the same names."""
+    parameters = dict(model.named_parameters())
+    saved = load_file(str(path))
+    unknown = sorted(name for name in saved if name not in parameters or parameters[name].shape != saved[name].shape)
+    if unknown:
+        raise ValueError(f"{path} holds weights this model lacks or shapes it differs in: {', '.join(unknown[:5])}")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            parameters[name].copy_(tensor)
+
+
+class Snapshots:
+    """Directories ``root/<name>``, each written in full under a temporary name and then renamed,
+    and a pointer file (``root/<pointer>``, written atomically) naming the current one; only the
+    current one is kept (snapshots of 7B models are large)."""
+
+    def __init__(self, root: Path, pointer: str):
+        self.root, self.pointer = root, root / pointer
+
+    def current(self) -> tuple[Path, dict[str, Any]] | None:
+        if not self.pointer.is_file():
             return None
-        path = self.root / json.loads(pointer.read_text())["name"]
-        return path if (path / "progress.json").is_file() else None
+        record = json.loads(self.pointer.read_text())
+        path = self.root / record["name"]
+        return (path, record) if path.is_dir() else None
 
-    def save(self, step: int, model, optimizer, scheduler, streams: dict[str, RecordStream], generator, extra: dict) -> None:
+    def commit(self, name: str, write: Callable[[Path], None], record: dict[str, Any]) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".step-", dir=self.root))
-        save_safetensors_from(model, str(staging / "model.safetensors"))
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate(),
-                "sampling_rng": generator.get_state(),
-            },
-            staging / "state.pt",
-        )
-        atomic_write_json(
-            staging / "progress.json",
-            {"step": step, "streams": {k: s.state_dict() for k, s in streams.items()}, **extra},
-        )
-        final = self.root / f"step-{step}"
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.root))
+        write(staging)
+        final = self.root / name
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
-        previous = self.latest()
-        atomic_write_json(self.root / "latest.json", {"name": final.name, "step": step})
-        if previous is not None and previous != final:
-            shutil.rmtree(previous, ignore_errors=True)  # keep one: checkpoints of 7B models are large
+        previous = self.current()
+        atomic_write_json(self.pointer, {"name": name, **record})
+        if previous is not None and previous[0] != final:
+            shutil.rmtree(previous[0], ignore_errors=True)
+        return final
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every RNG a step may draw from: torch's (CPU and current CUDA device), Python's, and the
+    generator of Sophia-G's sampled labels."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "sampling": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    generator.set_state(state["sampling"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    """Atomic checkpoints in ``directory/checkpoints/step-N`` and a ``latest.json`` pointer.
+
+    A checkpoint holds the trainable weights (the others never change; under LoRA these are the
+    adapter weights), optimizer and scheduler state, every rank's RNG states and the data
+    position. All ranks call :meth:`save` (it gathers their RNG states); rank 0 writes."""
+
+    def __init__(self, directory: Path, parallel: DataParallel | None = None):
+        self.snapshots = Snapshots(directory / "checkpoints", "latest.json")
+        self.parallel = parallel or DataParallel()
+
+    def latest(self) -> Path | None:
+        current = self.snapshots.current()
+        return None if current is None else current[0]
+
+    def save(self, step: int, model, optimizer, scheduler, streams: dict[str, RecordStream], generator, extra: dict) -> None:
+        ranks = self.parallel.gather_objects(_rng_state(generator))
+        if not self.parallel.is_main:
+            return
+
+        def write(staging: Path) -> None:
+            save_trainable_weights(model, staging / WEIGHTS)
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ranks": ranks}
+            torch.save(state, staging / "state.pt")
+            progress = {"step": step, "streams": {k: s.state_dict() for k, s in streams.items()}, **extra}
+            atomic_write_json(staging / "progress.json", progress)
+
+        self.snapshots.commit(f"step-{step}", write, {"step": step})
 
     def load(self, path: Path, model, optimizer, scheduler, streams: dict[str, RecordStream], generator) -> dict:
-        load_safetensors_into(model, str(path / "model.safetensors"))
         state = torch.load(path / "state.pt", weights_only=False)
+        if len(state["ranks"]) != self.parallel.world_size:
+            raise ValueError(
+                f"checkpoint {path} was written by a run of {len(state['ranks'])} process(es); "
+                f"resume it with as many, not {self.parallel.world_size}"
+            )
+        load_weights(model, path / WEIGHTS)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        generator.set_state(state["sampling_rng"])
+        _set_rng_state(state["ranks"][self.parallel.rank], generator)
         progress = json.loads((path / "progress.json").read_text())
         for name, stream in streams.items():
             stream.load_state_dict(progress["streams"][name])
         return progress
+
+
+def best_snapshots(output_dir: str | Path) -> Snapshots:
+    """Where ``keep_best`` keeps its weights: ``output_dir/best/step-N/model.safetensors``, named
+    by ``output_dir/best/best.json`` (with the step, metric, value and mode)."""
+    return Snapshots(Path(output_dir) / "best", "best.json")
+
+
+def restore_best(model, output_dir: str | Path) -> dict[str, Any]:
+    """Load the weights ``keep_best`` kept into ``model`` (the model :func:`unlearn` returned:
+    under LoRA the peft model, before merging) and return their record."""
+    current = best_snapshots(output_dir).current()
+    if current is None:
+        raise ValueError(f"{output_dir} holds no best weights (best/best.json); run with keep_best and eval_every")
+    path, record = current
+    load_weights(model, path / WEIGHTS)
+    return record
+
+
+def _best_value(metrics: dict[str, Any], name: str) -> float:
+    value = metrics.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        available = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        raise ValueError(f"keep_best metric {name!r} is not a number the evaluation returns; it returns {available}")
+    return float(value)
+
+
+def _better(value: float, best: float, mode: str) -> bool:
+    return value < best if mode == "min" else value > best
 
 
 def _records(benchmark: Benchmark, splits: Sequence[str]) -> list[Record]:
@@ -238,6 +378,61 @@ def _records(benchmark: Benchmark, splits: Sequence[str]) -> list[Record]:
     if not records:
         raise ValueError(f"benchmark {benchmark.name!r} has no records in {list(splits)}; it has {sorted(benchmark.splits)}")
     return records
+
+
+def _shard_batch(
+    forget: list[Record], retain: list[Record], refusal_seed: int, parallel: DataParallel, tokenizer, max_length: int
+) -> UnlearnBatch:
+    """This rank's shard of the global forget and retain batches, with the refusals (for ``idk``)
+    of its forget questions, drawn over the global batch as a single process draws them."""
+    refusals = refusal_records(forget, refusal_seed)
+    mine = parallel.shard(forget)
+    before = sum(isinstance(r, QA) for r in forget[: parallel.shard_start(len(forget))])
+    refusals = refusals[before : before + sum(isinstance(r, QA) for r in mine)]
+    return UnlearnBatch(
+        forget=collate_records(tokenizer, mine, max_length),
+        retain=collate_records(tokenizer, parallel.shard(retain), max_length),
+        forget_refusal=collate_records(tokenizer, refusals, max_length) if refusals else None,
+    )
+
+
+def _optimizer_parts(optimizer) -> list:
+    """The optimizer and, for a hybrid, its first-order and zeroth-order parts."""
+    return [optimizer, *(getattr(optimizer, name) for name in ("fo", "zo") if hasattr(optimizer, name))]
+
+
+def _make_data_parallel(optimizer, parallel: DataParallel) -> None:
+    """Let zeroth-order parts average their projected gradients over ranks; refuse what would
+    let ranks drift apart."""
+    from robustunlearn.optim.sophia import SophiaH
+    from robustunlearn.optim.zo import ZerothOrderOptimizer
+
+    for part in _optimizer_parts(optimizer):
+        if isinstance(part, SophiaH) and part.hvp == "autograd":
+            # its Hessian-vector products never pass through the closure's gradient all-reduce
+            raise ValueError("sophia-h with hvp='autograd' cannot run in several processes; use hvp='finite-difference'")
+        if isinstance(part, ZerothOrderOptimizer) and part.reduce_projected_grad is None:
+            part.reduce_projected_grad = parallel.mean_
+
+
+@contextlib.contextmanager
+def _reference_view(model, reference_model, lora: bool) -> Iterator[Any]:
+    """The frozen reference: the deep copy taken at the start, or under LoRA the model itself
+    with its adapter disabled (in eval mode, like the copy)."""
+    if not lora:
+        yield reference_model
+        return
+    training = model.training
+    # re-enabling the adapter makes all of its weights trainable again (peft's set_adapter)
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    try:
+        with model.disable_adapter():
+            yield model
+    finally:
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
+        model.train(training)
 
 
 def unlearn(
@@ -253,18 +448,29 @@ def unlearn(
     progress: bool = True,
     console=None,
 ) -> UnlearnResult:
-    """Unlearn ``benchmark``'s forget splits from ``model`` in place and return it.
+    """Unlearn ``benchmark``'s forget splits from ``model`` in place and return it (under LoRA,
+    wrapped in a peft model whose adapters hold the change).
 
-    ``evaluate(model, step)`` runs every ``config.eval_every`` steps; its metrics are logged and
-    passed to ``should_stop``, which returns a reason to stop early (or None)."""
+    ``evaluate(model, step)`` runs every ``config.eval_every`` steps (on rank 0); its metrics are
+    logged and passed to ``should_stop``, which returns a reason to stop early (or None)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = console or Console(stderr=True)
     output_dir = Path(output_dir) if output_dir is not None else None
+    if config.keep_best is not None and (evaluate is None or output_dir is None):
+        raise ValueError(f"keep_best={config.keep_best!r} needs an evaluate callback and an output directory")
+    parallel = data_parallel()
+    if config.batch_size % parallel.world_size:
+        raise ValueError(
+            f"batch_size {config.batch_size} (the global batch) must be a multiple of the {parallel.world_size} processes"
+        )
     torch.manual_seed(config.seed)
     random.seed(config.seed)
 
+    lora = lora_options(config.lora)
+    if lora is not None:
+        model = add_lora(model, lora)  # the base weights freeze, the adapters train
     objective = build_objective(config.objective, model=model, **config.objective_options)
     trainable = objective.trainable_parameters(model)
     if trainable is not None:
@@ -272,19 +478,28 @@ def unlearn(
         for parameter in model.parameters():
             parameter.requires_grad_(id(parameter) in chosen)
     reference_model = None
-    if objective.needs_reference:
+    if objective.needs_reference and lora is None:
         reference_model = copy.deepcopy(model).eval().requires_grad_(False)
     model.train()
-    optimizer = build_optimizer(config.optimizer, model, config.lr, total_steps=config.steps, **config.optimizer_options)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, config.steps))
+    device = next(model.parameters()).device
+    forget_records = _records(benchmark, config.forget_splits)
+    total_steps = config.total_steps(len(forget_records))
+    optimizer = build_optimizer(config.optimizer, model, config.lr, total_steps=total_steps, **config.optimizer_options)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    average_gradients = None
+    if parallel.enabled:
+        _make_data_parallel(optimizer, parallel)
+        average_gradients = functools.partial(parallel.average_gradients, trained)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, total_steps))
     streams = {
-        "forget": RecordStream(_records(benchmark, config.forget_splits), config.batch_size, config.seed),
+        "forget": RecordStream(forget_records, config.batch_size, config.seed),
         "retain": RecordStream(_records(benchmark, config.retain_splits), config.batch_size, config.seed + 1),
     }
-    generator = torch.Generator().manual_seed(config.seed)
-    checkpointer = Checkpointer(output_dir) if output_dir is not None else None
+    generator = torch.Generator(device=device).manual_seed(config.seed + _RANK_SEED_STRIDE * parallel.rank)
+    checkpointer = Checkpointer(output_dir, parallel) if output_dir is not None else None
+    keeper = best_snapshots(output_dir) if config.keep_best is not None else None
 
-    start_step, resumed_from, history = 0, None, []
+    start_step, resumed_from, history, best = 0, None, [], None
     log_path = output_dir / "log.jsonl" if output_dir is not None else None
     if resume:
         if checkpointer is None:
@@ -295,63 +510,83 @@ def unlearn(
             if log_path is not None and log_path.exists():  # drop log lines of steps the checkpoint does not hold
                 history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
                 history = [h for h in history if h.get("step", 0) <= start_step]
-    if log_path is not None:
+        kept = keeper.current() if keeper is not None else None
+        best = None if kept is None else kept[1]
+    parallel.broadcast_([p.detach() for p in trained])  # every rank starts from rank 0's weights
+    parallel.barrier()  # every rank has read the log before rank 0 rewrites it
+    if output_dir is not None and parallel.is_main:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+        if keeper is not None and best is None:
+            shutil.rmtree(keeper.root, ignore_errors=True)  # a fresh run's best is its own
 
     started = time.perf_counter()
     stopped_early = None
     passes = {"forward": 0, "backward": 0}
     columns = (TextColumn(f"unlearn {config.objective}/{config.optimizer}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not progress) as bar:
-        task = bar.add_task("unlearn", total=config.steps, completed=start_step, loss="-")
+    with Progress(*columns, console=console, disable=not progress or not parallel.is_main) as bar:
+        task = bar.add_task("unlearn", total=total_steps, completed=start_step, loss="-")
         step = start_step
-        for step in range(start_step + 1, config.steps + 1):
-            forget_records = streams["forget"].next()
-            refusals = refusal_records(forget_records, config.seed + step)
-            batch = UnlearnBatch(
-                forget=collate_records(tokenizer, forget_records, config.max_length),
-                retain=collate_records(tokenizer, streams["retain"].next(), config.max_length),
-                forget_refusal=collate_records(tokenizer, refusals, config.max_length) if refusals else None,
-            ).to(next(model.parameters()).device)
-            with torch.no_grad():
-                reference = objective.reference_outputs(reference_model, batch) if reference_model is not None else {}
-            passes["forward"] += reference_model is not None
-            for group in optimizer.param_groups:
-                if "batch_size" in group:  # Sophia-G's B: its sampled-label loss averages the scored forget tokens
-                    group["batch_size"] = int((batch.forget.labels[:, 1:] != IGNORE_INDEX).sum())
+        for step in range(start_step + 1, total_steps + 1):
+            # every rank draws the global batch from its copy of the streams, then takes its shard
+            batch = _shard_batch(streams["forget"].next(), streams["retain"].next(), config.seed + step, parallel,
+                                 tokenizer, config.max_length).to(device)
+            reference = {}
+            if objective.needs_reference:
+                with torch.no_grad(), _reference_view(model, reference_model, lora is not None) as frozen:
+                    reference = objective.reference_outputs(frozen, batch)
+                passes["forward"] += 1
+            if any("batch_size" in group for group in optimizer.param_groups):
+                # Sophia-G's B: its sampled-label loss averages the scored forget tokens (of every rank)
+                scored = int(parallel.sum_((batch.forget.labels[:, 1:] != IGNORE_INDEX).sum()))
+                for group in optimizer.param_groups:
+                    if "batch_size" in group:
+                        group["batch_size"] = scored
+            # the phase this step runs in (a hybrid's current_phase names the next step's, and raises after the last)
+            phase = optimizer.current_phase if hasattr(type(optimizer), "current_phase") else None
             terms: dict[str, float] = {}
-            returned = optimizer.step(make_closure(model, objective, batch, reference, generator, terms, passes))
+            closure = make_closure(model, objective, batch, reference, generator, terms, passes, average_gradients)
+            returned = optimizer.step(closure)
             scheduler.step()
+            terms = parallel.mean_values(terms, device)
             entry = {"step": step, "lr": optimizer.param_groups[0]["lr"], **terms}
             if returned is not None:  # the loss the optimizer reports (at θ; the last closure call may be perturbed)
-                entry["loss"] = float(returned)
-            for name in ("last_unclipped_fraction", "current_phase"):
-                if hasattr(optimizer, name):
-                    entry[name] = getattr(optimizer, name)
+                entry["loss"] = parallel.mean_values({"loss": float(returned)}, device)["loss"]
+            if phase is not None:
+                entry["current_phase"] = phase
+            if hasattr(optimizer, "last_unclipped_fraction"):
+                entry["last_unclipped_fraction"] = optimizer.last_unclipped_fraction
             bad = [k for k, v in terms.items() if isinstance(v, float) and not math.isfinite(v)]
             if not terms or bad:
                 cause = f"{', '.join(bad)} = {[terms[k] for k in bad]}" if bad else "the closure was never called"
-                if output_dir is not None:
+                if output_dir is not None and parallel.is_main:
                     atomic_write_json(output_dir / "status.json", {"state": "failed", "step": step, "cause": cause})
                 raise NonFiniteLossError(step, cause)
             if evaluate is not None and config.eval_every and step % config.eval_every == 0:
-                entry["eval"] = evaluate(model, step)
+                entry["eval"] = parallel.broadcast_object(evaluate(model, step) if parallel.is_main else None)
                 model.train()
+                value = _best_value(entry["eval"], config.keep_best) if keeper is not None else None
+                if value is not None and (best is None or _better(value, best["value"], config.keep_best_mode)):
+                    best = {"step": step, "metric": config.keep_best, "value": value, "mode": config.keep_best_mode}
+                    if parallel.is_main:
+                        keeper.commit(f"step-{step}", lambda staging: save_trainable_weights(model, staging / WEIGHTS), best)
             history.append(entry)
-            if log_path is not None:
+            if log_path is not None and parallel.is_main:
                 with open(log_path, "a", encoding="utf-8") as log:
                     log.write(json.dumps(entry) + "\n")
             bar.update(task, completed=step, loss=f"{terms.get('loss', float('nan')):.4f}")
             if should_stop is not None and "eval" in entry:
                 stopped_early = should_stop(entry["eval"])
-            is_last = step == config.steps or stopped_early is not None
+            is_last = step == total_steps or stopped_early is not None
             if checkpointer is not None and (is_last or (config.checkpoint_every and step % config.checkpoint_every == 0)):
                 checkpointer.save(step, model, optimizer, scheduler, streams, generator, {"config": asdict(config)})
             if stopped_early is not None:
                 break
     model.eval()
-    if output_dir is not None:
+    if output_dir is not None and parallel.is_main:
         atomic_write_json(output_dir / "status.json", {"state": "finished", "step": step, "stopped_early": stopped_early})
-    return UnlearnResult(model, step, history, time.perf_counter() - started, resumed_from, stopped_early, passes)
+    parallel.barrier()  # no rank returns before rank 0 has written the run's files
+    if best is not None:
+        best = {k: best[k] for k in ("step", "metric", "value", "mode")}
+    return UnlearnResult(model, step, history, time.perf_counter() - started, resumed_from, stopped_early, passes, total_steps, best)

@@ -178,8 +178,9 @@ def load_target(settings: RunSettings, cache_dir=None, console=None):
 def unlearn_only(settings: RunSettings, output_dir: Path, cache_dir=None, *, resume: bool = False, console=None) -> Path:
     """Unlearn the target and save it to ``output_dir/final``; with ``resume``, continue a killed run."""
     model, tokenizer, benchmark, _ = load_target(settings, cache_dir, console)
-    unlearn(model, tokenizer, benchmark, unlearn_config(settings), output_dir, resume=resume, console=console)
-    return save_model(model, tokenizer, output_dir / "final", {"kind": "unlearned", **settings.unlearn.model_dump()})
+    result = unlearn(model, tokenizer, benchmark, unlearn_config(settings), output_dir, resume=resume, console=console)
+    final = result.model.merge_and_unload() if settings.unlearn.lora else result.model  # a plain model, adapters merged
+    return save_model(final, tokenizer, output_dir / "final", {"kind": "unlearned", **settings.unlearn.model_dump()})
 
 
 def run_pipeline(settings: RunSettings, output_dir: Path, cache_dir=None, console=None, lr_sweep: bool = False) -> dict[str, Any]:

@@ -139,7 +139,7 @@ def run_cell(
     model = copy.deepcopy(target)
     config = UnlearnConfig(
         **{**settings.unlearn.model_dump(), "optimizer": cell.optimizer, "objective": cell.objective,
-           "lr": cell.lr, "steps": study.max_steps, "eval_every": study.check_every},
+           "lr": cell.lr, "steps": study.max_steps, "eval_every": study.check_every, "epochs": None},
         seed=cell.seed,
     )
     started = time.perf_counter()

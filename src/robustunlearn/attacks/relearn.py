@@ -58,7 +58,7 @@ def _token_batches(batches: Sequence[TokenBatch | str], tokenizer: Any) -> list[
     return result
 
 
-def _add_lora(model: nn.Module, lora: LoraOptions) -> nn.Module:
+def add_lora(model: nn.Module, lora: LoraOptions) -> nn.Module:
     """Inject LoRA adapters into ``model`` in place (only they stay trainable); returns the peft wrapper."""
     try:
         peft = importlib.import_module("peft")
@@ -143,7 +143,7 @@ def relearn_attack(
         if lora is None:
             attacked.requires_grad_(True)
         else:
-            peft_model = _add_lora(attacked, lora)  # injects the adapters into `attacked`
+            peft_model = add_lora(attacked, lora)  # injects the adapters into `attacked`
         attacked.train()
         optim = build_optimizer(optimizer, attacked, lr)
         record(0)
