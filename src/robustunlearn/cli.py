@@ -151,7 +151,8 @@ def _study(
         check_model_reference(model)
     _writable_dir(output_dir)
     results = run_pipeline(settings, output_dir, cache_dir, console=console, lr_sweep=lr_sweep)
-    Console().print(results_table(results))
+    # Eight columns of numbers need ~110 characters; pipes and CI logs default to 80 and would truncate.
+    Console(width=max(Console().width, 120)).print(results_table(results))
     console.print(f"results, report and plots in {output_dir}")
 
 
