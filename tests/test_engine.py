@@ -23,7 +23,6 @@ from robustunlearn.engine import (
 )
 from robustunlearn.errors import UserError
 from robustunlearn.models import TinyModelConfig, build_tiny_model, train_tokenizer
-from robustunlearn.objectives import build_objective
 
 TINY = TinyModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 

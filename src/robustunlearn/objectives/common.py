@@ -103,6 +103,18 @@ class RetainTerm:
     def retain_needs_reference(self) -> bool:
         return self.gamma != 0 and self.retain_loss == "kl"
 
+    # Defaults for objectives whose only use of the reference model is the retain term; those
+    # with more (npo, idk-dpo) override needs_reference and reference_outputs.
+    @property
+    def needs_reference(self) -> bool:
+        return self.retain_needs_reference
+
+    def trainable_parameters(self, model: nn.Module) -> None:
+        return None
+
+    def reference_outputs(self, reference_model: nn.Module, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
+        return self.retain_reference(reference_model, batch)
+
     def retain_reference(
         self, reference_model: nn.Module, batch: UnlearnBatch
     ) -> dict[str, torch.Tensor]:

@@ -56,18 +56,6 @@ class GradDiff(RetainTerm):
 
     name: ClassVar[str] = "graddiff"
 
-    @property
-    def needs_reference(self) -> bool:
-        return self.retain_needs_reference
-
-    def trainable_parameters(self, model: nn.Module) -> None:
-        return None
-
-    def reference_outputs(
-        self, reference_model: nn.Module, batch: UnlearnBatch
-    ) -> dict[str, torch.Tensor]:
-        return self.retain_reference(reference_model, batch)
-
     def loss(
         self, model: nn.Module, batch: UnlearnBatch, reference: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:

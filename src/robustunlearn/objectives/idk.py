@@ -56,9 +56,6 @@ class Idk(RetainTerm):
     def needs_reference(self) -> bool:
         return self.mode == "dpo" or self.retain_needs_reference
 
-    def trainable_parameters(self, model: nn.Module) -> None:
-        return None
-
     def reference_outputs(
         self, reference_model: nn.Module, batch: UnlearnBatch
     ) -> dict[str, torch.Tensor]:

@@ -46,9 +46,6 @@ class NPO(RetainTerm):
         super().__post_init__()
         check_positive("beta", self.beta)
 
-    def trainable_parameters(self, model: nn.Module) -> None:
-        return None
-
     def reference_outputs(
         self, reference_model: nn.Module, batch: UnlearnBatch
     ) -> dict[str, torch.Tensor]:
@@ -91,18 +88,6 @@ class SimNPO(RetainTerm):
         super().__post_init__()
         check_positive("beta", self.beta)
         check_positive("forget_weight", self.forget_weight)
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.retain_needs_reference
-
-    def trainable_parameters(self, model: nn.Module) -> None:
-        return None
-
-    def reference_outputs(
-        self, reference_model: nn.Module, batch: UnlearnBatch
-    ) -> dict[str, torch.Tensor]:
-        return self.retain_reference(reference_model, batch)
 
     def loss(
         self, model: nn.Module, batch: UnlearnBatch, reference: dict[str, torch.Tensor]
