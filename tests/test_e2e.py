@@ -62,8 +62,18 @@ def test_run_writes_results_report_and_skips_finished_cells(tmp_path, monkeypatc
     relearn_rows = [row for row in rows if row["attack"] == "relearn"]
     assert all([point["step"] for point in row["curve"]] == [0, 2, 4] for row in relearn_rows)
     assert all("recovery_ratio" in row["scores"] for row in rows if row["attack"] != "none")
+    # The landscape: each cell's sharpness; an LMC curve from adamw's model (alpha 0) to zo-sgd's
+    # (alpha 1) whose endpoints are those models' own scores.
+    unlearned = {row["cell"]["optimizer"]: row for row in rows if row["attack"] == "none"}
+    assert all(len(row["landscape"]["sharpness"]) == 3 for row in rows)
+    lmc = unlearned["zo-sgd"]["landscape"]
+    assert lmc["pair"] == "adamw-vs-zo-sgd" and "lmc" not in unlearned["adamw"]["landscape"]
+    assert [point["alpha"] for point in lmc["lmc"]] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    for point, optimizer in ((lmc["lmc"][0], "adamw"), (lmc["lmc"][-1], "zo-sgd")):
+        assert point["forget_qa_rouge"] == pytest.approx(unlearned[optimizer]["forget"]["forget_qa_rouge"])
+        assert {"forget_qa_loss", "retain_qa_loss"} <= set(point)
     report = (output / "report.md").read_text()
-    assert "adamw" in report and "zo-sgd" in report
+    assert "adamw" in report and "zo-sgd" in report and "Loss landscape" in report
     assert list(output.glob("*.png")) and (output / "report.html").exists()
 
     # A rerun skips both finished cells: no unlearning happens at all.
@@ -71,6 +81,7 @@ def test_run_writes_results_report_and_skips_finished_cells(tmp_path, monkeypatc
         raise AssertionError("a finished cell ran again")
 
     monkeypatch.setattr(study_module, "run_cell", no_cells)
+    monkeypatch.setattr("robustunlearn.metrics.landscape.linear_interpolation", no_cells)
     run_cli(monkeypatch, *args)
     assert capsys.readouterr().err.count("skipping finished cell") == 2
     assert len((output / "results.jsonl").read_text().splitlines()) == 6

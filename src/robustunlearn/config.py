@@ -128,6 +128,13 @@ class UnlearnSettings(Strict):
 
         return _check_name("lr_schedule", value, SCHEDULES)
 
+    @field_validator("keep_best")
+    @classmethod
+    def _keep_best(cls, value: str | None) -> str | None:
+        from robustunlearn.pipeline import METRIC_COLUMNS  # what the run's evaluation returns
+
+        return None if value is None else _check_name("keep_best metric", value, METRIC_COLUMNS)
+
 
 class EvalSettings(Strict):
     batch_size: int = Field(32, ge=1)
@@ -152,6 +159,10 @@ class StudySettings(Strict):
     relearn_lr: float = Field(1e-4, gt=0)
     relearn_eval_every: int = Field(5, ge=1)
     sweep_factors: tuple[float, ...] = (0.3, 1.0, 3.0)  # --lr-sweep tries base lr x each
+    # Loss landscape per cell: sharpness of the forget loss, and linear mode connectivity from the first
+    # optimizer's model to each other one's (same objective and seed). Keeps each cell's weights on disk.
+    landscape: bool = True
+    lmc_points: int = Field(6, ge=2)  # points on each interpolation path, endpoints included
 
     @field_validator("objectives")
     @classmethod
@@ -214,6 +225,9 @@ class RunSettings(Strict):
     benchmark_options: dict[str, Any] = Field(default_factory=dict)
     # A model `prepare` fine-tunes into the target and retrain models instead of training the tiny one.
     base_model: str | None = None
+    # The dtype the model to unlearn (model_path or the prepared target) and base_model load in;
+    # "auto": the checkpoint's. Zeroth-order steps are exact in float32 only (docs/engine.md).
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     quantization: str = "rtn-int4"
     data: DataSettings = DataSettings()
     model: ModelSettings = ModelSettings()
@@ -265,7 +279,12 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | No
         if loaded is not None and not isinstance(loaded, dict):
             raise UserError(f"config file {path} must hold a mapping of settings, not {type(loaded).__name__}")
         data = loaded or {}
-    data = _deep_merge(data, _drop_none(overrides or {}))
+    overrides = _drop_none(overrides or {})
+    data = _deep_merge(data, overrides)
+    flags = overrides.get("unlearn", {})
+    for given, replaced in (("steps", "epochs"), ("epochs", "steps")):
+        if given in flags and replaced not in flags:  # a budget flag replaces the recipe's other budget
+            data["unlearn"].pop(replaced, None)
     try:
         return RunSettings.model_validate(data)
     except ValidationError as error:

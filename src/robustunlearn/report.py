@@ -18,7 +18,8 @@
       "cost": {"steps": 120, "forward_passes": 240, "backward_passes": 120, "seconds": 31.2,
                "reached_level": true, "target_level": 0.2},
       "landscape": {"pair": "adam-vs-zo-adazo",
-                    "lmc": [{"alpha": 0.0, "<metric>": ...}, ...],
+                    "lmc": [{"alpha": 0.0, "forget_qa_rouge": ..., "forget_qa_loss": ...}, ...],
+                    "sharpness_loss": "forget_qa_loss",
                     "sharpness": [{"scale": ..., "mean_loss_increase": ..., "std": ...}]} | null
     }
 
@@ -29,8 +30,9 @@
 * ``scores``: :func:`robustunlearn.scores.attack_scores` of the row. The report recomputes
   them from the other fields rather than trusting stored ones.
 * ``curve``: forget metrics by relearning step (relearning attacks only); ``cost``: of the
-  cell's unlearning run (every row of a cell carries the same); ``landscape``: optional, either
-  key of it may be absent.
+  cell's unlearning run (every row of a cell carries the same); ``landscape``: optional, any
+  key of it may be absent: ``lmc`` runs from the model of ``pair``'s first optimizer (θ_a, α = 0)
+  to this cell's (θ_b, α = 1); ``sharpness`` is of this cell's model.
 
 :func:`write_report` writes ``report.md`` (plots as relative links to PNGs beside it),
 ``report.html`` (self-contained: the same PNGs embedded as base64 ``<img>``) and the PNGs.
@@ -339,14 +341,18 @@ def _cost_table(study: _Study) -> Table | None:
     return Table(_point_columns(study) + titles, rows)
 
 
-def _landscapes(study: _Study) -> list[tuple[str, dict[str, Any]]]:
-    """``(label, landscape)`` of each distinct landscape the rows carry (each cell's rows repeat it)."""
+def _landscapes(study: _Study, key: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(label, landscape)`` of each distinct landscape the rows carry with a ``key`` part ("lmc" or
+    "sharpness"; each cell's rows repeat it). An LMC curve is labelled by its pair, sharpness by its cell."""
     seen: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     for row in study.rows:
         landscape = row.get("landscape")
-        if isinstance(landscape, dict) and (landscape.get("lmc") or landscape.get("sharpness")):
-            seen.setdefault(json.dumps(landscape, sort_keys=True), (row["cell"], landscape))
-    names = [str(landscape.get("pair") or study.label(cell)) for cell, landscape in seen.values()]
+        if isinstance(landscape, dict) and landscape.get(key):
+            seen.setdefault(json.dumps(landscape[key], sort_keys=True), (row["cell"], landscape))
+    names = [
+        str(landscape.get("pair") if key == "lmc" and landscape.get("pair") else study.label(cell))
+        for cell, landscape in seen.values()
+    ]
     return [
         (name if names.count(name) == 1 else f"{name} (seed {cell['seed']})", landscape)
         for name, (cell, landscape) in zip(names, seen.values())
@@ -354,27 +360,31 @@ def _landscapes(study: _Study) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _lmc_metrics(study: _Study, landscapes: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The study's forget and utility metrics first, then the curves' other keys; at most three."""
     keys = list(
         dict.fromkeys(k for _, ls in landscapes for point in ls.get("lmc") or [] for k in point if k != "alpha")
     )
     preferred = [key for key in (study.primary, study.utility) if key in keys]
-    return preferred or keys[:1]
+    return (preferred + [key for key in keys if key not in preferred])[:3]
 
 
 def _rise_is_worse(metric: str) -> bool:
-    return metric.startswith("forget") or lower_is_better(metric)
+    """A rise is worse for a forget metric where higher means more knowledge (ROUGE: knowledge
+    resurfacing) and for a utility loss or perplexity; a fall is worse for a forget loss (its
+    dip is the knowledge coming back) and for utility ROUGE or accuracy."""
+    return metric.startswith("forget") != lower_is_better(metric)
 
 
 def _landscape_blocks(study: _Study, images: dict[str, Image]) -> list[Block]:
-    landscapes = _landscapes(study)
-    if not landscapes:
+    curves, sharp = _landscapes(study, "lmc"), _landscapes(study, "sharpness")
+    if not curves and not sharp:
         return []
     blocks: list[Block] = [Heading(2, "Loss landscape")]
-    metrics = _lmc_metrics(study, landscapes)
+    metrics = _lmc_metrics(study, curves)
     barriers = [
         [name, metric, _number(lmc_barrier(ls["lmc"], metric, higher_is_worse=_rise_is_worse(metric)))]
-        for name, ls in landscapes
-        if len({point["alpha"] for point in ls.get("lmc") or []}) >= 2
+        for name, ls in curves
+        if len({point["alpha"] for point in ls["lmc"]}) >= 2
         for metric in metrics
         if all(metric in point for point in ls["lmc"])
     ]
@@ -382,8 +392,9 @@ def _landscape_blocks(study: _Study, images: dict[str, Image]) -> list[Block]:
         blocks += [
             Paragraph(
                 "Barrier: the largest excess of the interpolation path over the straight line between its "
-                "endpoints (Frankle et al. 2020): for a forget metric a rise (knowledge resurfacing between "
-                "the two models), for utility a fall (for perplexity a rise)."
+                "endpoints (Frankle et al. 2020), in the direction that is worse: for forget ROUGE a rise and "
+                "for a forget loss a dip (knowledge resurfacing between the two models); for utility ROUGE a "
+                "fall, for a utility loss or perplexity a rise."
             ),
             Table(["pair", "metric", "barrier"], barriers),
         ]
@@ -392,18 +403,21 @@ def _landscape_blocks(study: _Study, images: dict[str, Image]) -> list[Block]:
     sharpness = [
         [
             name,
+            str(ls.get("sharpness_loss", "loss")),
             _general(point.get("scale")),
             f"{_general(point.get('mean_loss_increase'))} ± {_general(point.get('std'))}",
         ]
-        for name, ls in landscapes
-        for point in ls.get("sharpness") or []
+        for name, ls in sharp
+        for point in ls["sharpness"]
     ]
     if sharpness:
         blocks += [
             Paragraph(
-                "Sharpness: mean loss increase under Gaussian weight noise of the given scale (± std over draws)."
+                "Sharpness: mean change of the loss under Gaussian weight noise of the given scale (a fraction "
+                "of each weight matrix's RMS; ± std over draws). On a forget loss a negative change means the "
+                "noise brings forgotten answers back."
             ),
-            Table(["model", "noise scale", "loss increase"], sharpness),
+            Table(["model", "loss", "noise scale", "loss change"], sharpness),
         ]
     return blocks
 
@@ -636,7 +650,7 @@ def _plot_recovery(study: _Study) -> Figure | None:
 
 
 def _plot_lmc(study: _Study) -> Figure | None:
-    landscapes = [(name, ls) for name, ls in _landscapes(study) if ls.get("lmc")]
+    landscapes = _landscapes(study, "lmc")
     if not landscapes:
         return None
     metrics = _lmc_metrics(study, landscapes)

@@ -24,8 +24,8 @@ from typing import Any
 from robustunlearn.config import RunSettings, StudySettings
 from robustunlearn.data.base import Benchmark
 from robustunlearn.data.collate import collate_records
-from robustunlearn.engine import UnlearnConfig, unlearn
-from robustunlearn.io import atomic_write_json, atomic_write_text
+from robustunlearn.engine import UnlearnConfig, load_weights, save_trainable_weights, unlearn
+from robustunlearn.io import atomic_write, atomic_write_json, atomic_write_text
 from robustunlearn.optim import OPTIMIZERS
 
 # Learning rates for the embedded benchmark's default study (npo). Reproduce or extend with
@@ -36,6 +36,8 @@ from robustunlearn.optim import OPTIMIZERS
 EMBEDDED_LEARNING_RATES: dict[str, float] = {"adam": 3e-4}
 
 QUANTIZATION_FAMILY = "quantization"
+UNLEARNED_WEIGHTS = "unlearned.safetensors"  # a cell's unlearned weights, kept for the LMC curves
+LANDSCAPE_EXAMPLES = 128  # QA pairs per role the landscape losses average over
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,66 @@ def forget_level_probe(tokenizer, benchmark: Benchmark, settings: RunSettings, m
     return probe
 
 
+def qa_losses(tokenizer, benchmark: Benchmark):
+    """``losses(model)``: the teacher-forced answer NLL on (up to LANDSCAPE_EXAMPLES) forget and
+    retain QA pairs, as ``forget_qa_loss`` / ``retain_qa_loss``: one forward pass per batch."""
+    from robustunlearn.metrics import qa_answer_nll
+
+    records = {role: benchmark.require(f"{role}_qa")[:LANDSCAPE_EXAMPLES] for role in ("forget", "retain")}
+
+    def losses(model, roles=("forget", "retain")) -> dict[str, float]:
+        return {f"{role}_qa_loss": qa_answer_nll(model, tokenizer, records[role]) for role in roles}
+
+    return losses
+
+
+def cell_sharpness(model, tokenizer, benchmark: Benchmark, seed: int) -> dict[str, Any]:
+    """Sharpness of the forget loss (see :func:`robustunlearn.metrics.landscape.sharpness`)."""
+    from robustunlearn.metrics.landscape import sharpness
+
+    losses = qa_losses(tokenizer, benchmark)
+    curve = sharpness(model, lambda noisy: losses(noisy, roles=("forget",))["forget_qa_loss"], seed=seed)
+    return {"sharpness_loss": "forget_qa_loss", "sharpness": curve}
+
+
+def add_lmc_curves(
+    finished: Sequence[tuple[Cell, list[dict[str, Any]]]], target, tokenizer, benchmark: Benchmark,
+    settings: RunSettings, study: StudySettings, output_dir: Path,
+) -> None:
+    """Linear mode connectivity from the first optimizer's unlearned model to each other cell's with
+    the same objective and seed: the level metric and the QA losses along the line. Stored in the
+    cell's rows (``landscape.pair``, ``landscape.lmc``) and its ``rows.json``; cells that have one skip."""
+    from robustunlearn.metrics.landscape import linear_interpolation
+    from robustunlearn.pipeline import evaluate_model
+
+    anchors = {(cell.objective, cell.seed): cell for cell, _ in finished if cell.optimizer == study.optimizers[0]}
+    losses = qa_losses(tokenizer, benchmark)
+
+    def evaluate(model) -> dict[str, float]:
+        return {**evaluate_model(model, tokenizer, benchmark, settings, metrics=(study.level_metric,)), **losses(model)}
+
+    def unlearned(cell: Cell):
+        model = copy.deepcopy(target)
+        load_weights(model, output_dir / "cells" / cell.name / UNLEARNED_WEIGHTS)
+        return model
+
+    for cell, rows in finished:
+        anchor = anchors.get((cell.objective, cell.seed))
+        landscape = rows[0].get("landscape")
+        if anchor is None or anchor == cell or not isinstance(landscape, dict) or "lmc" in landscape:
+            continue
+        if not all((output_dir / "cells" / c.name / UNLEARNED_WEIGHTS).is_file() for c in (anchor, cell)):
+            continue  # a cell finished before weights were kept: no curve rather than a failed study
+        pair = f"{anchor.optimizer}-vs-{cell.optimizer}"
+        landscape = {
+            **landscape, "pair": pair if len(study.objectives) == 1 else f"{cell.objective}: {pair}",
+            "lmc": linear_interpolation(unlearned(anchor), unlearned(cell), evaluate, points=study.lmc_points),
+        }
+        for row in rows:
+            row["landscape"] = landscape
+        atomic_write_json(output_dir / "cells" / cell.name / "rows.json", rows)
+
+
 def run_attack(name: str, model, tokenizer, benchmark: Benchmark, settings: RunSettings, study: StudySettings, probe):
     """Apply one attack of the suite; returns (attacked model, family, curve or None)."""
     from robustunlearn.attacks import (
@@ -121,8 +183,11 @@ def run_attack(name: str, model, tokenizer, benchmark: Benchmark, settings: RunS
 def run_cell(
     cell: Cell, target, tokenizer, benchmark: Benchmark, references: dict[str, dict[str, float] | None],
     settings: RunSettings, study: StudySettings, directory: Path, console=None, attacks: bool = True,
+    landscape: bool = True,
 ) -> list[dict[str, Any]]:
-    """Unlearn one cell to the matched level, evaluate it, run the attack suite; return its rows."""
+    """Unlearn one cell to the matched level, evaluate it, run the attack suite; return its rows.
+    With ``landscape`` (and ``study.landscape``, not under LoRA) the rows carry the model's
+    sharpness and its weights are kept in ``directory``/UNLEARNED_WEIGHTS for :func:`add_lmc_curves`."""
     from robustunlearn.pipeline import evaluate_model, tofu_scores
     from robustunlearn.scores import attack_scores
 
@@ -154,6 +219,10 @@ def run_cell(
         "target_level": target_level,
     }
     unlearned = evaluate_model(model, tokenizer, benchmark, settings)
+    cell_landscape = None
+    if landscape and study.landscape and settings.unlearn.lora is None:
+        cell_landscape = cell_sharpness(model, tokenizer, benchmark, cell.seed)
+        atomic_write(directory / UNLEARNED_WEIGHTS, lambda path: save_trainable_weights(model, path))
     reference = {"target": references["target"], "unlearned": unlearned, "retrain": retrain}
     retrain_ratios = (references.get("tofu_retrain") or {}).get("forget_truth_ratios")
 
@@ -162,7 +231,7 @@ def run_cell(
             "cell": cell.as_dict(), "attack": attack, "attack_family": family,
             "forget": {k: v for k, v in scores.items() if k.startswith("forget_")},
             "utility": {k: v for k, v in scores.items() if not k.startswith("forget_")},
-            "reference": reference, "primary_metric": metric, "curve": curve, "cost": cost, "landscape": None,
+            "reference": reference, "primary_metric": metric, "curve": curve, "cost": cost, "landscape": cell_landscape,
         }
         entry["scores"] = attack_scores(entry)
         tofu = tofu_scores(attacked_model, tokenizer, benchmark, settings, retrain_ratios)
@@ -202,7 +271,7 @@ def sweep_learning_rates(
         for factor in study.sweep_factors:
             cell = Cell(settings.benchmark, study.objectives[0], optimizer, study.seeds[0], base * factor)
             (row,) = run_cell(cell, target, tokenizer, benchmark, references, settings, study,
-                              output_dir / "sweep" / cell.name, console, attacks=False)
+                              output_dir / "sweep" / cell.name, console, attacks=False, landscape=False)
             candidates.append((row["cost"]["reached_level"], row["utility"][UTILITY_METRIC],
                                -row["forget"][study.level_metric], cell.lr))
             trials.append({"optimizer": optimizer, "lr": cell.lr, "reached_level": row["cost"]["reached_level"],
@@ -234,19 +303,24 @@ def run_study(
         atomic_write_json(references_path, references)
 
     chosen = sweep_learning_rates(settings, study, target, tokenizer, benchmark, references, output_dir, console) if lr_sweep else {}
-    rows: list[dict[str, Any]] = []
+    finished: list[tuple[Cell, list[dict[str, Any]]]] = []
     for cell in _cells_for(settings, study, chosen):
         cell_dir = output_dir / "cells" / cell.name
         done = cell_dir / "rows.json"
         if done.exists():
             if console is not None:
                 console.print(f"skipping finished cell {cell.name}")
-            rows += json.loads(done.read_text())
+            finished.append((cell, json.loads(done.read_text())))
             continue
         cell_rows = run_cell(cell, target, tokenizer, benchmark, references, settings, study, cell_dir, console)
         atomic_write_json(done, cell_rows)
-        rows += cell_rows
-        _write_results(rows, output_dir)
+        finished.append((cell, cell_rows))
+        _write_results([row for _, cell_rows in finished for row in cell_rows], output_dir)
+    if study.landscape:
+        if console is not None:
+            console.print("loss landscape: linear mode connectivity between the unlearned models")
+        add_lmc_curves(finished, target, tokenizer, benchmark, settings, study, output_dir)
+    rows = [row for _, cell_rows in finished for row in cell_rows]
     _write_results(rows, output_dir)
     write_report(output_dir / "results.jsonl", output_dir, title=f"robustunlearn study: {settings.benchmark}")
     return rows

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from robustunlearn.data.base import QA
 from robustunlearn.data.prompts import qa_completion, qa_prompt
 from robustunlearn.metrics.generation import generate_greedy
+from robustunlearn.metrics.likelihood import completion_logprobs
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -83,3 +84,15 @@ def qa_accuracy(
         model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
     )
     return {**accuracy_from_answers(answers, records), "answers": answers}
+
+
+def qa_answer_nll(model, tokenizer, records: Sequence[QA], *, batch_size: int = 16) -> float:
+    """Mean over records of the mean token NLL of ``qa_completion(answer)`` after ``qa_prompt(question)``
+    (teacher-forced: one forward pass per batch, no generation)."""
+    if not records:
+        raise ValueError("cannot score an empty list of QA records")
+    logprobs = completion_logprobs(
+        model, tokenizer, [qa_prompt(r.question) for r in records], [qa_completion(r.answer) for r in records],
+        batch_size=batch_size,
+    )
+    return float(sum(-lp.mean() for lp in logprobs) / len(logprobs))
