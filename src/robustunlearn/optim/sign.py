@@ -53,6 +53,17 @@ def _decay(p: Tensor, group: dict) -> None:
         p.mul_(1.0 - group["lr"] * group["weight_decay"])
 
 
+def _adam_state(state: dict, p: Tensor, *, error: bool) -> dict:
+    """Adam's per-parameter state (zeroed on first use, with an error-feedback buffer if asked),
+    its step count advanced for the step being taken."""
+    if not state:
+        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        if error:
+            state["error"] = torch.zeros_like(p)
+    state["step"] += 1
+    return state
+
+
 def quantize(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """The paper's ``Q(x; N)``: a symmetric N-bit quantizer with one scale per tensor.
 
@@ -226,14 +237,7 @@ class QAdam(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                    if group["error_feedback"]:
-                        state["error"] = torch.zeros_like(p)
-                state["step"] += 1
+                state = _adam_state(self.state[p], p, error=group["error_feedback"])
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.lerp_(p.grad, 1.0 - beta1)
                 v.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
@@ -298,13 +302,7 @@ class OneBitAdam(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                    state["error"] = torch.zeros_like(p)
-                state["step"] += 1
+                state = _adam_state(self.state[p], p, error=True)
                 t = state["step"]
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.lerp_(p.grad, 1.0 - beta1)
