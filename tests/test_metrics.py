@@ -243,10 +243,17 @@ def test_mcq_picks_the_trained_answer(trained_model, tokenizer):
 
 def test_mcq_length_normalisation_hand_built():
     record = MultipleChoice("q", ("a", "a much longer option"), answer_index=1)
-    # acc: -4 > -5 picks option 0; acc_norm: -4/len(" a") = -2 < -5/len(" a much longer option") = -0.25.
+    # acc: -4 > -5 picks option 0; acc_norm: -4/len("a") = -4 < -5/len("a much longer option") = -0.25.
     result = mcq_from_loglikelihoods([[-4.0, -5.0]], [record])
     assert result["predictions"] == [0] and result["predictions_norm"] == [1]
     assert result["acc"] == 0.0 and result["acc_norm"] == 1.0
+
+
+def test_mcq_length_normalisation_counts_the_choice_without_its_leading_space():
+    # lm-eval divides by len(choice): -2/1 < -5/3 picks "abc"; counting the scored " " too would
+    # give -2/2 > -5/4 and pick "a".
+    record = MultipleChoice("q", ("a", "abc"), answer_index=1)
+    assert mcq_from_loglikelihoods([[-2.0, -5.0]], [record])["predictions_norm"] == [1]
 
 
 # --- membership inference and PrivLeak --------------------------------------------------------

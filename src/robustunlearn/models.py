@@ -8,6 +8,7 @@ or half-written directory is detected instead of silently loaded).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import shutil
 import tempfile
@@ -26,6 +27,7 @@ from robustunlearn.io import atomic_write_json
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+GGUF_SUFFIX = ".gguf"
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,15 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# The dtypes models load in (RunSettings.dtype); "auto" keeps the dtype the checkpoint was saved in.
+DTYPES: dict[str, torch.dtype | str] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": "auto",
+}
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -140,46 +151,93 @@ def verify_model_dir(directory: str | Path) -> dict[str, Any]:
 
 
 def check_model_reference(name_or_path: str | Path) -> Path | None:
-    """The local directory ``name_or_path`` names, or None for a hub name; ``UserError`` when it
-    looks like a path (starts with ``.``, ``/`` or ``~``, or has more than one ``/``) that is not there."""
+    """The local directory or GGUF file ``name_or_path`` names, or None for a hub name; ``UserError``
+    when it looks like a path (starts with ``.``, ``/`` or ``~``, has more than one ``/``, or ends
+    in ``.gguf``) that is not there, or names a GGUF file without the ``gguf`` package installed."""
     path = Path(name_or_path).expanduser()
+    gguf = path.suffix.lower() == GGUF_SUFFIX
     if path.exists():
+        if gguf and path.is_file():
+            if importlib.util.find_spec("gguf") is None:
+                raise UserError(f"loading the GGUF file {path} needs the gguf package: pip install 'robustunlearn[gguf]'")
+            return path
         if not path.is_dir():
-            raise UserError(f"model path {path} is not a directory")
+            raise UserError(f"model path {path} is neither a directory nor a {GGUF_SUFFIX} file")
         return path
-    if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
+    if gguf or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
         raise UserError(f"model path {name_or_path} does not exist")
     return None
+
+
+def _pretrained_source(name_or_path: str | Path, path: Path | None) -> tuple[str, dict[str, Any]]:
+    """What ``from_pretrained`` takes for ``name_or_path``: the directory or hub name, and for a GGUF
+    file the directory holding it plus ``gguf_file`` (absolute: transformers resolves a bare name
+    against the working directory)."""
+    if path is not None and path.is_file():
+        return str(path.parent), {"gguf_file": str(path.resolve())}
+    return str(name_or_path), {}
+
+
+def _load_errors(extra: dict[str, Any]) -> tuple[type[Exception], ...]:
+    """What a failed load raises: a missing file, and for a GGUF a malformed file or an
+    architecture transformers cannot read."""
+    return (OSError, ValueError) if "gguf_file" in extra else (OSError,)
+
+
+def _cannot_load(name_or_path: str | Path, error: Exception) -> UserError:
+    return UserError(f"cannot load model {str(name_or_path)!r}: {str(error).splitlines()[0]}")
+
+
+def load_tokenizer(name_or_path: str | Path, *, trust_remote_code: bool = False):
+    """The tokenizer of a local directory, GGUF file (rebuilt from its metadata) or hub name, with a
+    pad token (eos when it has none: batching needs one) and a bos token (eos when it has none:
+    every sequence starts with one)."""
+    path = check_model_reference(name_or_path)
+    source, extra = _pretrained_source(name_or_path, path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
+    except _load_errors(extra) as error:
+        raise _cannot_load(name_or_path, error) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.bos_token_id is None:
+        tokenizer.bos_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_model(
     name_or_path: str | Path,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     verify: bool = True,
 ):
-    """Load a causal LM and its tokenizer from a local directory or a Hugging Face hub name.
+    """Load a causal LM and its tokenizer from a local directory, a GGUF file or a Hugging Face hub name.
 
     Local directories saved by :func:`save_model` are checked against their manifest. Weights load
-    from safetensors only; remote code runs only when ``trust_remote_code`` is asked for."""
+    from safetensors only; remote code runs only when ``trust_remote_code`` is asked for. A GGUF
+    file (llama.cpp's format, e.g. a Q4 quantized SmolLM2) loads through transformers' GGUF support
+    and is dequantized into an ordinary dense model in ``dtype``: unlearning trains every weight,
+    and the result saves like any other model."""
     path = check_model_reference(name_or_path)
-    if path is not None and verify and (path / MANIFEST).exists():
+    if path is not None and path.is_dir() and verify and (path / MANIFEST).exists():
         try:
             verify_model_dir(path)
         except ValueError as error:
             raise UserError(str(error)) from None
     hf_logging.disable_progress_bar()  # "Loading weights" bars for every attacked copy are noise
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    source, extra = _pretrained_source(name_or_path, path)
+    if extra:
+        from transformers import GgufConfig
+
+        # Without dequantize, transformers may keep the weights in GGUF blocks (not trainable, not savable).
+        extra["quantization_config"] = GgufConfig(dequantize=True)
+    else:
+        extra["use_safetensors"] = True
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
-    except OSError as error:
-        raise UserError(f"cannot load model {name_or_path!r}: {str(error).splitlines()[0]}") from None
-    if tokenizer.pad_token is None:  # most hub LMs ship none; batching needs one
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.bos_token_id is None:
-        tokenizer.bos_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    except _load_errors(extra) as error:
+        raise _cannot_load(name_or_path, error) from None
     return model.to(device), tokenizer

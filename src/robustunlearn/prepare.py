@@ -13,6 +13,7 @@ every model's weights are checked against their SHA-256 on load.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -35,6 +36,7 @@ from robustunlearn.data.collate import encode_example, pad_examples, prompt_and_
 from robustunlearn.data.synthetic import GENERATOR_VERSION, SyntheticConfig
 from robustunlearn.io import atomic_write_json
 from robustunlearn.models import (
+    DTYPES,
     TinyModelConfig,
     build_tiny_model,
     count_parameters,
@@ -76,6 +78,7 @@ class PrepareConfig:
     benchmark: str = "synthetic"
     benchmark_options: tuple[tuple[str, Any], ...] = ()  # sorted (name, value) pairs, hashable
     base_model: str | None = None
+    dtype: str = "float32"  # what base_model loads and is fine-tuned in (a key of models.DTYPES)
 
     def load_benchmark(self) -> Benchmark:
         if self.benchmark == "synthetic":
@@ -88,7 +91,7 @@ class PrepareConfig:
             "prepare_version": PREPARE_VERSION,
             "benchmark": self.benchmark,
             "data": asdict(self.data) if self.benchmark == "synthetic" else dict(self.benchmark_options),
-            "model": self.base_model or asdict(self.model),
+            "model": {"base_model": self.base_model, "dtype": self.dtype} if self.base_model else asdict(self.model),
             "train": asdict(self.train),
         }
         blob = json.dumps(payload, sort_keys=True).encode()
@@ -255,7 +258,9 @@ def prepare(
             config.model.vocab_size,
         )
     else:
-        tokenizer = load_model(config.base_model)[1]
+        # Loaded once (a GGUF file takes about a minute to read on two cores); target and retrain each
+        # fine-tune a copy.
+        base_model, tokenizer = load_model(config.base_model, dtype=DTYPES[config.dtype])
     report: dict[str, Any] = {"key": config.key(), "version": __version__, "config": asdict(config)}
     plans = {
         "target": (("forget", "retain"), benchmark.require("forget_qa") + benchmark.require("retain_qa")),
@@ -265,7 +270,7 @@ def prepare(
         if config.base_model is None:
             model = build_tiny_model(config.model, tokenizer, seed=config.train.seed)
         else:
-            model = load_model(config.base_model)[0]
+            model = copy.deepcopy(base_model)
         with Progress(
             TextColumn(f"training {name:<7}"),
             BarColumn(),

@@ -25,16 +25,16 @@ def mcq_from_loglikelihoods(
 ) -> dict:
     """Accuracies from the summed log-likelihood of every option of every record.
 
-    ``acc`` picks ``argmax_i LL_i``; ``acc_norm`` picks ``argmax_i LL_i / len(option_i)`` with the
-    length in characters of the scored continuation (lm-eval's ``acc_norm``), which removes the
-    bias against long options."""
+    ``acc`` picks ``argmax_i LL_i``; ``acc_norm`` picks ``argmax_i LL_i / len(choice_i)`` with the
+    length in characters of the choice itself, without the space scored before it (exactly
+    lm-eval's ``acc_norm``), which removes the bias against long options."""
     if len(loglikelihoods) != len(records):
         raise ValueError(f"got log-likelihoods for {len(loglikelihoods)} records, expected {len(records)}")
     if not records:
         raise ValueError("cannot score an empty list of multiple-choice records")
     predictions, predictions_norm = [], []
     for lls, record in zip(loglikelihoods, records):
-        lengths = [len(option_text(c)) for c in record.choices]
+        lengths = [len(choice) for choice in record.choices]
         predictions.append(argmax(lls))
         predictions_norm.append(argmax([ll / n for ll, n in zip(lls, lengths)]))
     answers = [r.answer_index for r in records]

@@ -1,0 +1,96 @@
+"""``eval``: one model's forget and retain metrics on a benchmark, and optionally lm-eval-harness
+tasks (:mod:`robustunlearn.metrics.lm_eval_backend`) on the same loaded model."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from robustunlearn.config import RunSettings
+from robustunlearn.pipeline import METRIC_COLUMNS, evaluate_model, load_target, tofu_scores
+
+TOFU_COLUMNS = {"forget_truth_ratio": "forget truth ratio", "forget_prob": "forget prob", "model_utility": "model utility"}
+
+
+def evaluate_from_settings(
+    settings: RunSettings,
+    cache_dir=None,
+    *,
+    console=None,
+    metrics: bool = True,
+    lm_eval_tasks: Sequence[str] = (),
+    lm_eval_include: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``settings.model_path`` (a directory, GGUF file or hub name), or the prepared
+    target when it is None: with ``metrics``, :func:`~robustunlearn.pipeline.evaluate_model` on
+    the benchmark (plus TOFU's truth ratio and model utility on TOFU); with ``lm_eval_tasks``,
+    those lm-eval tasks. lm-eval's presence and the task names are checked before the model loads.
+    ``settings.eval`` sets the batch size and caps the examples per split (and per lm-eval task)."""
+    manager = None
+    if lm_eval_tasks:
+        from robustunlearn.metrics.lm_eval_backend import require_lm_eval, task_manager
+
+        require_lm_eval()
+        manager = task_manager(lm_eval_tasks, lm_eval_include)
+    started = time.perf_counter()
+    model, tokenizer, benchmark, prepared = load_target(settings, cache_dir, console)
+    model.eval()
+    report: dict[str, Any] = {
+        "model": settings.model_path or str(prepared.target_dir),
+        "benchmark": benchmark.name,
+        "settings": settings.model_dump(mode="json"),
+    }
+    if metrics:
+        report["metrics"] = evaluate_model(model, tokenizer, benchmark, settings)
+        tofu = tofu_scores(model, tokenizer, benchmark, settings)
+        if tofu is not None:
+            report["metrics"].update({key: tofu[key] for key in TOFU_COLUMNS if tofu.get(key) is not None})
+    if lm_eval_tasks:
+        from robustunlearn.metrics.lm_eval_backend import lm_eval_scores, run_lm_eval
+
+        options = settings.eval
+        results = run_lm_eval(
+            model, tokenizer, lm_eval_tasks, manager=manager, batch_size=options.batch_size, limit=options.max_examples
+        )
+        report["lm_eval"] = {
+            "tasks": list(lm_eval_tasks),
+            "include_path": str(lm_eval_include) if lm_eval_include is not None else None,
+            "scores": lm_eval_scores(results),
+            "versions": results["versions"],
+            "n_samples": results["n-samples"],
+        }
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def evaluation_table(report: dict[str, Any]) -> Table:
+    """Metric / value rows: ours first, then each requested lm-eval task's numbers."""
+    table = Table(title=f"{report['model']} on {report['benchmark']}")
+    table.add_column("metric", no_wrap=True)
+    table.add_column("value", justify="right")
+    titles = {**METRIC_COLUMNS, **TOFU_COLUMNS}
+    for key, value in report.get("metrics", {}).items():
+        table.add_row(titles[key], f"{value:.4f}")
+    lm_eval = report.get("lm_eval")
+    if lm_eval:
+        scores = lm_eval["scores"]
+        # A tag (a name lm-eval expands to tasks) has no entry of its own: show every task then.
+        shown = [name for name in lm_eval["tasks"] if name in scores]
+        for name in shown if len(shown) == len(lm_eval["tasks"]) else list(scores):
+            for metric, value in scores[name].items():
+                if "_stderr" in metric:
+                    continue
+                stderr = scores[name].get(_stderr_key(metric))
+                table.add_row(f"lm-eval {name} {metric}", f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
+    table.caption = "forget: lower = more forgotten; retain and utility: higher = more kept; ppl: lower is better"
+    return table
+
+
+def _stderr_key(metric: str) -> str:
+    """``acc`` -> ``acc_stderr``; ``exact_match,strict-match`` -> ``exact_match_stderr,strict-match``."""
+    name, comma, filter_name = metric.partition(",")
+    return f"{name}_stderr{comma}{filter_name}"
