@@ -63,6 +63,21 @@ def test_ga_raises_forget_nll_through_the_engine(setup):
     assert result.history[-1]["loss"] < result.history[0]["loss"] - 0.5
 
 
+@pytest.mark.parametrize("optimizer,stops_at", [("adamw", 2), ("hybrid", 5)])
+def test_an_early_stop_waits_for_the_end_of_a_hybrid_zo_block(setup, optimizer, stops_at):
+    # hybrid with 9 steps in blocks of 2: zo fo fo zo zo fo fo zo zo; asked to stop at step 2, it
+    # runs on through the next ZO block (steps 4-5), so the run still ends in the robust regime.
+    benchmark, tokenizer = setup
+    options = {"every": 2} if optimizer == "hybrid" else {}
+    config = UnlearnConfig(objective="npo", optimizer=optimizer, lr=1e-3, steps=9, batch_size=2, eval_every=1,
+                           optimizer_options=options)
+    result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, progress=False,
+                     evaluate=lambda model, step: {"step": step}, should_stop=lambda m: "level" if m["step"] >= 2 else None)
+    assert result.steps_done == stops_at and result.stopped_early == "level"
+    if optimizer == "hybrid":
+        assert [h["current_phase"] for h in result.history] == ["zo", "fo", "fo", "zo", "zo"]
+
+
 class Killed(Exception):
     pass
 
@@ -92,6 +107,28 @@ def test_resume_after_kill_gives_identical_weights(setup, tmp_path, optimizer):
         assert torch.equal(tensor, resumed.state_dict()[name]), name
     logged = [json.loads(line)["step"] for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_skips_the_partial_log_line_of_a_run_killed_while_logging(setup, tmp_path):
+    benchmark, tokenizer = setup
+    config = UnlearnConfig(objective="ga", optimizer="adamw", lr=1e-3, steps=4, batch_size=2, checkpoint_every=2, eval_every=1)
+
+    def die_at_step_3(model, step):
+        if step == 3:
+            raise Killed
+        return {}
+
+    with pytest.raises(Killed):
+        unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False, evaluate=die_at_step_3)
+    with open(tmp_path / "log.jsonl", "a") as log:
+        log.write('{"step": 3, "lr": 0.00')  # cut off by the kill
+    result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, resume=True, progress=False,
+                     evaluate=lambda model, step: {})
+    assert result.resumed_from == 2
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    (tmp_path / "log.jsonl").write_text('{"step": 1}\n{"step": 2, "lr"\n{"step": 3}\n')  # damage inside is an error
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, resume=True, progress=False)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path, monkeypatch):
@@ -236,5 +273,6 @@ def test_the_7b_recipes_are_there():
 def test_every_recipe_parses_into_an_engine_config(recipe):
     settings = load_settings(recipe)
     assert settings.benchmark in ("muse", "wmdp", "tofu") and settings.model_path is not None
+    assert settings.dtype == "bfloat16"
     config = UnlearnConfig(seed=settings.seed, **settings.unlearn.model_dump())  # as the pipeline builds it
     engine_module.build_objective(config.objective, **config.objective_options)

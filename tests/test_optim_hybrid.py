@@ -113,6 +113,32 @@ def test_hybrid_runs_the_planned_phase_each_step_and_stops_after_the_plan():
     assert ran == ["fo", "zo", "zo", "fo", "fo", "zo", "zo"]
     with pytest.raises(ValueError, match="outside the planned run"):
         opt.step(closure)
+    assert len(ran) == 7 and opt.steps_taken == 7  # the refused step ran neither part
+
+
+def test_may_stop_only_after_a_finished_zo_block():
+    model = tiny_llama()
+    opt = build_optimizer("hybrid", model, total_steps=7, every=2, zo_options={"seed": 0})
+    closure = two_term_closure(model)
+    may_stop = [opt.may_stop]
+    for _ in range(7):
+        opt.step(closure)
+        may_stop.append(opt.may_stop)
+    # phases fo zo zo fo fo zo zo: the ZO blocks end after steps 3 and 7
+    assert may_stop == [False, False, False, True, False, False, False, True]
+
+
+@pytest.mark.parametrize("total,every", [(7, 2), (6, 2), (1, 1), (3, 20)])
+def test_current_phase_after_the_last_step_is_the_last_phase(total, every):
+    model = tiny_llama()
+    opt = build_optimizer("hybrid", model, total_steps=total, every=every, zo_options={"seed": 0})
+    closure = two_term_closure(model)
+    for _ in range(total):
+        opt.step(closure)
+    assert opt.current_phase == phase_at(total - 1, total, every) == "zo"
+    with pytest.raises(ValueError, match="outside the planned run"):
+        opt.step(closure)
+    assert opt.current_phase == "zo"  # a refused step changes nothing
 
 
 def test_each_phase_keeps_its_own_moments_and_state_dict_resumes_exactly():

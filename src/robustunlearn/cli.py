@@ -13,6 +13,7 @@ from typing import Any, Optional
 import typer
 from typer.exceptions import TyperException
 from rich.console import Console
+from rich.markup import escape
 
 from robustunlearn.errors import UserError
 
@@ -20,6 +21,7 @@ app = typer.Typer(
     help="Robust LLM unlearning: optimizer grades, unlearning objectives, quantization and relearning attacks.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts hold literal [default: ...] and [gguf] brackets, not rich markup
     add_completion=False,
 )
 console = Console(stderr=True)
@@ -31,7 +33,7 @@ BenchmarkOption = typer.Option(None, "--benchmark", help="Benchmark: synthetic, 
 DataDirOption = typer.Option(None, "--data-dir", help="Local directory of a real benchmark's files (else: the hub).")
 ForgetSplitOption = typer.Option(None, "--forget-split", help="TOFU's forget split: forget01, forget05, forget10.")
 BaseModelOption = typer.Option(
-    None, "--base-model", help="Fine-tune this model (dir or hub name) into target and retrain instead of the tiny one."
+    None, "--base-model", help="Fine-tune this model (dir, .gguf file or hub name) into target and retrain instead of the tiny one."
 )
 
 
@@ -128,7 +130,7 @@ AttacksOption = typer.Option(
 StepsOption = typer.Option(None, "--steps", help="Each cell's unlearning step budget [default: 150].")
 LrOption = typer.Option(None, "--lr", help="Learning rate for every optimizer [default: each optimizer's tuned lr].")
 ModelOption = typer.Option(
-    None, "--model", help="Local Hugging Face model dir or hub name to unlearn instead of the embedded tiny target."
+    None, "--model", help="Hugging Face model dir, .gguf file or hub name to unlearn instead of the embedded tiny target."
 )
 SweepOption = typer.Option(False, "--lr-sweep", help="Choose each optimizer's lr by a small sweep at matched forgetting.")
 
@@ -208,8 +210,31 @@ def unlearn_command(
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="Optimizer grade [default: adamw]."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate [default: the optimizer's]."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Unlearning steps [default: 60]."),
+    epochs: Optional[int] = typer.Option(
+        None, "--epochs", help="Passes over the forget set; replaces --steps: ceil(epochs x forget records / batch size)."
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Forget (and retain) examples per step, over all processes [default: 8]."
+    ),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant, linear or cosine [default: constant]."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warmup steps [default: 0]."),
     checkpoint_every: Optional[int] = typer.Option(
         None, "--checkpoint-every", help="Steps between checkpoints (0: only at the end) [default: 0]."
+    ),
+    eval_every: Optional[int] = typer.Option(
+        None, "--eval-every", help="Steps between evaluations, logged in log.jsonl (0: never) [default: 0]."
+    ),
+    keep_best: Optional[str] = typer.Option(
+        None, "--keep-best", metavar="METRIC",
+        help="Save in final/ the weights of the evaluation with the best METRIC (e.g. forget_qa_rouge); needs --eval-every.",
+    ),
+    keep_best_mode: Optional[str] = typer.Option(
+        None, "--keep-best-mode", help="min or max: which value of --keep-best is best [default: min]."
+    ),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Train LoRA adapters of this rank instead of all weights."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA scale alpha (with --lora-rank) [default: 16]."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="Load the model in float32, bfloat16, float16 or auto (its saved dtype) [default: float32]."
     ),
     model: Optional[str] = typer.Option(None, "--model", help="Model to unlearn [default: the embedded tiny target]."),
     output_dir: Path = typer.Option(..., "--output-dir", help="Run directory: log.jsonl, checkpoints/, final/."),
@@ -217,20 +242,80 @@ def unlearn_command(
     cache_dir: Optional[Path] = CacheOption,
     seed: Optional[int] = SeedOption,
 ) -> None:
-    """Unlearn only: leaves the final model in OUTPUT_DIR/final/ (model.safetensors, config, tokenizer, manifest)."""
+    """Unlearn only: leaves the final model in OUTPUT_DIR/final/ (model.safetensors, config, tokenizer, manifest).
+    Several processes (torchrun --nproc_per_node N -m robustunlearn.cli unlearn ...) run it data parallel."""
+    from robustunlearn.distributed import is_main_process, leave_process_group
     from robustunlearn.models import check_model_reference
     from robustunlearn.pipeline import unlearn_only
 
+    if steps is not None and epochs is not None:
+        raise UserError("give --steps or --epochs, not both")
     settings = _settings(
-        config, benchmark=benchmark, seed=seed, model_path=model,
+        config, benchmark=benchmark, seed=seed, model_path=model, dtype=dtype,
         unlearn__objective=objective, unlearn__optimizer=optimizer, unlearn__lr=lr, unlearn__steps=steps,
-        unlearn__checkpoint_every=checkpoint_every,
+        unlearn__epochs=epochs, unlearn__batch_size=batch_size, unlearn__lr_schedule=lr_schedule,
+        unlearn__warmup_steps=warmup_steps, unlearn__checkpoint_every=checkpoint_every,
+        unlearn__eval_every=eval_every, unlearn__keep_best=keep_best, unlearn__keep_best_mode=keep_best_mode,
+        unlearn__lora={"rank": lora_rank, "alpha": lora_alpha},
     )
+    if lora_alpha is not None and "rank" not in settings.unlearn.lora:
+        raise UserError("--lora-alpha needs --lora-rank (or unlearn.lora.rank in the --config recipe)")
     if model is not None:
         check_model_reference(model)
     _writable_dir(output_dir)
     final_dir = unlearn_only(settings, output_dir, cache_dir, resume=resume, console=console)
-    console.print(f"final model in {final_dir}")
+    if is_main_process():
+        console.print(f"final model in {final_dir}")
+    leave_process_group()
+
+
+@app.command("eval")
+def eval_command(
+    config: Optional[Path] = ConfigOption,
+    benchmark: Optional[str] = BenchmarkOption,
+    data_dir: Optional[Path] = DataDirOption,
+    forget_split: Optional[str] = ForgetSplitOption,
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Model to evaluate: Hugging Face dir, .gguf file or hub name [default: the embedded prepared target]."
+    ),
+    lm_eval: Optional[str] = typer.Option(
+        None, "--lm-eval", help="lm-eval-harness tasks, comma-separated (e.g. wmdp_bio,mmlu); needs the lm-eval extra."
+    ),
+    lm_eval_include: Optional[Path] = typer.Option(
+        None, "--lm-eval-include", help="Directory of extra lm-eval task YAMLs (its include_path), e.g. tasks over local files."
+    ),
+    metrics: bool = typer.Option(True, "--metrics/--no-metrics", help="Our forget and retain metrics on the benchmark."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Also write the results to this JSON file."),
+    cache_dir: Optional[Path] = CacheOption,
+    seed: Optional[int] = SeedOption,
+) -> None:
+    """Evaluate a model: our forget and retain metrics on the benchmark, lm-eval-harness tasks with --lm-eval."""
+    from robustunlearn.evaluation import evaluate_from_settings, evaluation_table
+    from robustunlearn.io import atomic_write_json
+    from robustunlearn.models import check_model_reference
+
+    tasks = _names(lm_eval) or ()
+    if lm_eval_include is not None and not tasks:
+        raise UserError("--lm-eval-include needs --lm-eval TASKS")
+    if not metrics and not tasks:
+        raise UserError("--no-metrics leaves nothing to evaluate: add --lm-eval TASKS")
+    settings = _settings(
+        config, benchmark=benchmark, seed=seed, model_path=model,
+        benchmark_options=_benchmark_options(data_dir, forget_split),
+    )
+    if model is not None:
+        check_model_reference(model)
+    if output is not None:
+        if output.is_dir():
+            raise UserError(f"--output {output} is a directory; give a file name")
+        _writable_dir(output.parent)
+    report = evaluate_from_settings(
+        settings, cache_dir, console=console, metrics=metrics, lm_eval_tasks=tasks, lm_eval_include=lm_eval_include
+    )
+    Console(width=max(Console().width, 100)).print(evaluation_table(report))
+    if output is not None:
+        atomic_write_json(output, report)
+        console.print(f"results in {output}")
 
 
 bench_app = typer.Typer(help="Speed and memory benchmarks (ratios measured in one run).", no_args_is_help=True)
@@ -274,7 +359,8 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except UserError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True, markup=True)
+        # escape: a message like "pip install 'robustunlearn[gguf]'" is not rich markup
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True, markup=True)
         sys.exit(2)
     except typer.Exit as done:
         sys.exit(done.exit_code)
@@ -285,7 +371,7 @@ def main() -> None:
         if type(error).__name__ == "NoArgsIsHelpError":
             sys.exit(0)
         message = error.format_message() if hasattr(error, "format_message") else str(error)
-        console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(getattr(error, "exit_code", 2))
 
 

@@ -141,6 +141,9 @@ class EvalSettings(Strict):
     max_new_tokens: int = Field(8, ge=1)  # QA answers are short
     verbmem_max_new_tokens: int = Field(48, ge=1)
     max_examples: int | None = Field(None, ge=1)  # cap per split, for quick looks
+    # TOFU's truth ratio, forget quality and model utility. None: on the tofu benchmark only; the
+    # synthetic benchmark has the perturbed answers they need, but they add ~1k scored QA per model.
+    tofu_metrics: bool | None = None
 
 
 class StudySettings(Strict):

@@ -197,4 +197,11 @@ def data_parallel() -> DataParallel:
     return DataParallel(dist.get_rank(), dist.get_world_size())
 
 
-__all__ = ["DataParallel", "data_parallel", "is_main_process", "local_device"]
+def leave_process_group() -> None:
+    """Destroy the process group, if one is initialized: the last act of a launched command
+    (NCCL warns about pending operations at exit otherwise)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = ["DataParallel", "data_parallel", "is_main_process", "leave_process_group", "local_device"]

@@ -105,7 +105,12 @@ def lora_options(options: dict[str, Any] | None) -> LoraOptions | None:
         raise ValueError(f"unknown lora option(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
     if "target_modules" in options:
         options = {**options, "target_modules": tuple(options["target_modules"])}
-    return LoraOptions(**options)
+    chosen = LoraOptions(**options)
+    if isinstance(chosen.rank, bool) or not isinstance(chosen.rank, int) or chosen.rank < 1:
+        raise ValueError(f"lora rank must be a positive integer, got {chosen.rank!r}")
+    if isinstance(chosen.alpha, bool) or not isinstance(chosen.alpha, (int, float)) or chosen.alpha <= 0:
+        raise ValueError(f"lora alpha must be positive, got {chosen.alpha!r}")
+    return chosen
 
 
 class NonFiniteLossError(RuntimeError):
@@ -371,6 +376,20 @@ def _better(value: float, best: float, mode: str) -> bool:
     return value < best if mode == "min" else value > best
 
 
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    """The entries of a ``log.jsonl``; a run killed while appending leaves a partial last line,
+    which is skipped."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path} line {number} is not JSON") from None
+    return entries
+
+
 def _records(benchmark: Benchmark, splits: Sequence[str]) -> list[Record]:
     records: list[Record] = []
     for split in splits:
@@ -399,6 +418,20 @@ def _shard_batch(
 def _optimizer_parts(optimizer) -> list:
     """The optimizer and, for a hybrid, its first-order and zeroth-order parts."""
     return [optimizer, *(getattr(optimizer, name) for name in ("fo", "zo") if hasattr(optimizer, name))]
+
+
+def _inexact_zeroth_order_dtypes(optimizer) -> list[str]:
+    """The dtypes below float32 among the weights zeroth-order parts of ``optimizer`` perturb:
+    their perturb-and-restore round trip is exact in float32 and float64 only (optim/zo.py)."""
+    from robustunlearn.optim.zo import ZerothOrderOptimizer
+
+    low = {
+        str(p.dtype).removeprefix("torch.")
+        for part in _optimizer_parts(optimizer) if isinstance(part, ZerothOrderOptimizer)
+        for group in part.param_groups for p in group["params"]
+        if p.dtype.is_floating_point and torch.finfo(p.dtype).bits < 32
+    }
+    return sorted(low)
 
 
 def _make_data_parallel(optimizer, parallel: DataParallel) -> None:
@@ -452,7 +485,9 @@ def unlearn(
     wrapped in a peft model whose adapters hold the change).
 
     ``evaluate(model, step)`` runs every ``config.eval_every`` steps (on rank 0); its metrics are
-    logged and passed to ``should_stop``, which returns a reason to stop early (or None)."""
+    logged and passed to ``should_stop``, which returns a reason to stop early (or None). An
+    optimizer whose ``may_stop`` is false (a ``hybrid`` before the end of a ZO block) defers that
+    stop to the next step where it is true."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -486,6 +521,13 @@ def unlearn(
     total_steps = config.total_steps(len(forget_records))
     optimizer = build_optimizer(config.optimizer, model, config.lr, total_steps=total_steps, **config.optimizer_options)
     trained = [p for p in model.parameters() if p.requires_grad]
+    inexact = _inexact_zeroth_order_dtypes(optimizer)
+    if inexact and parallel.is_main:
+        console.print(
+            f"[yellow]warning:[/yellow] {config.optimizer} perturbs and restores {', '.join(inexact)} weights "
+            "inexactly (they drift a few ulps per step); load the model in float32 (dtype: float32) for exact steps",
+            highlight=False, soft_wrap=True,
+        )
     average_gradients = None
     if parallel.enabled:
         _make_data_parallel(optimizer, parallel)
@@ -500,16 +542,21 @@ def unlearn(
     keeper = best_snapshots(output_dir) if config.keep_best is not None else None
 
     start_step, resumed_from, history, best = 0, None, [], None
+    # A reason to stop that waits for a point where the optimizer may stop (a hybrid ends on ZO).
+    pending_stop = None
     log_path = output_dir / "log.jsonl" if output_dir is not None else None
     if resume:
         if checkpointer is None:
             raise ValueError("resume needs an output directory")
         latest = checkpointer.latest()
         if latest is not None:
-            start_step = resumed_from = checkpointer.load(latest, model, optimizer, scheduler, streams, generator)["step"]
+            progress_state = checkpointer.load(latest, model, optimizer, scheduler, streams, generator)
+            start_step = resumed_from = progress_state["step"]
+            pending_stop = progress_state.get("pending_stop")
+            if parallel.is_main:
+                console.print(f"resuming from step {start_step} ({latest})", highlight=False, soft_wrap=True)
             if log_path is not None and log_path.exists():  # drop log lines of steps the checkpoint does not hold
-                history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-                history = [h for h in history if h.get("step", 0) <= start_step]
+                history = [h for h in _read_log(log_path) if h.get("step", 0) <= start_step]
         kept = keeper.current() if keeper is not None else None
         best = None if kept is None else kept[1]
     parallel.broadcast_([p.detach() for p in trained])  # every rank starts from rank 0's weights
@@ -543,7 +590,7 @@ def unlearn(
                 for group in optimizer.param_groups:
                     if "batch_size" in group:
                         group["batch_size"] = scored
-            # the phase this step runs in (a hybrid's current_phase names the next step's, and raises after the last)
+            # the phase this step runs in: a hybrid's current_phase names the phase of its next step
             phase = optimizer.current_phase if hasattr(type(optimizer), "current_phase") else None
             terms: dict[str, float] = {}
             closure = make_closure(model, objective, batch, reference, generator, terms, passes, average_gradients)
@@ -576,11 +623,14 @@ def unlearn(
                 with open(log_path, "a", encoding="utf-8") as log:
                     log.write(json.dumps(entry) + "\n")
             bar.update(task, completed=step, loss=f"{terms.get('loss', float('nan')):.4f}")
-            if should_stop is not None and "eval" in entry:
-                stopped_early = should_stop(entry["eval"])
+            if should_stop is not None and "eval" in entry and pending_stop is None:
+                pending_stop = should_stop(entry["eval"])
+            if pending_stop is not None and getattr(optimizer, "may_stop", True):
+                stopped_early = pending_stop
             is_last = step == total_steps or stopped_early is not None
             if checkpointer is not None and (is_last or (config.checkpoint_every and step % config.checkpoint_every == 0)):
-                checkpointer.save(step, model, optimizer, scheduler, streams, generator, {"config": asdict(config)})
+                checkpointer.save(step, model, optimizer, scheduler, streams, generator,
+                                  {"config": asdict(config), "pending_stop": pending_stop})
             if stopped_early is not None:
                 break
     model.eval()

@@ -11,14 +11,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.table import Table
 
 from robustunlearn.config import RunSettings
 from robustunlearn.data.base import Benchmark
 from robustunlearn.data.synthetic import SyntheticConfig
-from robustunlearn.engine import UnlearnConfig, unlearn
+from robustunlearn.distributed import data_parallel, local_device
+from robustunlearn.engine import UnlearnConfig, restore_best, unlearn
+from robustunlearn.errors import UserError
 from robustunlearn.io import atomic_write_json
-from robustunlearn.models import TinyModelConfig, load_model, save_model
+from robustunlearn.models import DTYPES, TinyModelConfig, load_model, save_model
 from robustunlearn.prepare import PrepareConfig, Prepared, TrainConfig, prepare
 
 # Metric key -> column title of the results table.
@@ -41,6 +44,7 @@ def prepare_config(settings: RunSettings) -> PrepareConfig:
         benchmark=settings.benchmark,
         benchmark_options=tuple(sorted(settings.benchmark_options.items())),
         base_model=settings.base_model,
+        dtype=settings.dtype,
     )
 
 
@@ -129,16 +133,19 @@ def evaluate_model(
 def tofu_scores(
     model, tokenizer, benchmark: Benchmark, settings: RunSettings, retrain_truth_ratios: Sequence[float] | None = None
 ) -> dict[str, Any] | None:
-    """TOFU's metrics when the benchmark carries its evaluation sets (QA with perturbed answers):
+    """TOFU's metrics when ``settings.eval.tofu_metrics`` asks for them (by default: on the tofu
+    benchmark) and the benchmark carries their evaluation sets (QA with perturbed answers):
     forget truth ratio, forget quality (KS-test p-value against the retrain model's forget truth
     ratios, when given) and model utility; ``forget_truth_ratios`` are kept for that comparison."""
     from robustunlearn.data.tofu import tofu_eval_sets
     from robustunlearn.metrics import forget_quality, model_utility, tofu_eval_set
 
+    options = settings.eval
+    if not (options.tofu_metrics if options.tofu_metrics is not None else benchmark.name == "tofu"):
+        return None
     sets = tofu_eval_sets(benchmark)
     if "forget" not in sets:
         return None
-    options = settings.eval
     evaluated = {
         name: tofu_eval_set(
             model, tokenizer, _subset(records, options.max_examples), forget=name == "forget",
@@ -161,26 +168,72 @@ def tofu_scores(
 
 
 def unlearn_config(settings: RunSettings) -> UnlearnConfig:
-    return UnlearnConfig(seed=settings.seed, **settings.unlearn.model_dump())
+    """The engine's config from the settings, with the embedded benchmark's tuned defaults
+    (learning rate, objective and optimizer options) where the settings leave them open."""
+    from robustunlearn.study import learning_rate, objective_options, optimizer_options
+
+    options = settings.unlearn
+    return UnlearnConfig(
+        seed=settings.seed,
+        **{**options.model_dump(), "lr": learning_rate(settings, options.optimizer, {}),
+           "objective_options": objective_options(settings, options.objective),
+           "optimizer_options": optimizer_options(settings, options.optimizer)},
+    )
 
 
-def load_target(settings: RunSettings, cache_dir=None, console=None):
-    """The model to unlearn, its tokenizer, the benchmark, and the prepared bundle (None for a user's model)."""
+def load_target(settings: RunSettings, cache_dir=None, console=None, device: str | torch.device = "cpu"):
+    """The model to unlearn (in ``settings.dtype``, on ``device``), its tokenizer, the benchmark,
+    and the prepared bundle (None for a user's model)."""
+    dtype = DTYPES[settings.dtype]
     if settings.model_path is not None:
         # Load the user's model first: a bad path fails before any data work.
-        model, tokenizer = load_model(settings.model_path, trust_remote_code=settings.trust_remote_code)
+        model, tokenizer = load_model(
+            settings.model_path, dtype=dtype, device=device, trust_remote_code=settings.trust_remote_code
+        )
         return model, tokenizer, prepare_config(settings).load_benchmark(), None
     prepared = prepare_from_settings(settings, cache_dir, console=console)
-    model, tokenizer = load_model(prepared.target_dir)
+    model, tokenizer = load_model(prepared.target_dir, dtype=dtype, device=device)
     return model, tokenizer, prepared.benchmark, prepared
 
 
 def unlearn_only(settings: RunSettings, output_dir: Path, cache_dir=None, *, resume: bool = False, console=None) -> Path:
-    """Unlearn the target and save it to ``output_dir/final``; with ``resume``, continue a killed run."""
-    model, tokenizer, benchmark, _ = load_target(settings, cache_dir, console)
-    result = unlearn(model, tokenizer, benchmark, unlearn_config(settings), output_dir, resume=resume, console=console)
-    final = result.model.merge_and_unload() if settings.unlearn.lora else result.model  # a plain model, adapters merged
-    return save_model(final, tokenizer, output_dir / "final", {"kind": "unlearned", **settings.unlearn.model_dump()})
+    """Unlearn the target and save it to ``output_dir/final``; with ``resume``, continue a killed run.
+
+    With ``unlearn.eval_every`` the model is evaluated (:func:`evaluate_model`) every so many
+    steps and the metrics are logged; with ``unlearn.keep_best`` the final model holds the weights
+    of the best evaluation instead of the last ones (its record is in the manifest's ``best``).
+
+    Launched in several processes (torchrun, accelerate launch), each loads the model on its
+    :func:`~robustunlearn.distributed.local_device` and the run is data parallel; rank 0 alone
+    prepares the target (the others wait, then read its cache entry), evaluates and writes the files."""
+    parallel = data_parallel()  # joins the launcher's process group, if any
+    if parallel.enabled and settings.model_path is None:
+        if parallel.is_main:
+            prepare_from_settings(settings, cache_dir, console=console)
+        parallel.barrier()
+    model, tokenizer, benchmark, _ = load_target(settings, cache_dir, console, device=local_device())
+    options = settings.unlearn
+    if options.keep_best is not None and not benchmark.get(METRIC_SPLITS[options.keep_best]):
+        raise UserError(
+            f"--keep-best {options.keep_best} needs the {METRIC_SPLITS[options.keep_best]} split, "
+            f"which benchmark {benchmark.name!r} lacks"
+        )
+
+    def evaluate(unlearned, step: int) -> dict[str, float]:
+        return evaluate_model(unlearned, tokenizer, benchmark, settings)
+
+    result = unlearn(model, tokenizer, benchmark, unlearn_config(settings), output_dir, resume=resume,
+                     evaluate=evaluate if options.eval_every else None, console=console)
+    final_dir = output_dir / "final"
+    if parallel.is_main:
+        manifest = {"kind": "unlearned", **options.model_dump()}
+        if result.best is not None:
+            restore_best(result.model, output_dir)
+            manifest["best"] = result.best
+        final = result.model.merge_and_unload() if options.lora else result.model  # a plain model, adapters merged
+        save_model(final, tokenizer, final_dir, manifest)
+    parallel.barrier()  # every rank returns once the final model is there
+    return final_dir
 
 
 def run_pipeline(settings: RunSettings, output_dir: Path, cache_dir=None, console=None, lr_sweep: bool = False) -> dict[str, Any]:

@@ -122,10 +122,24 @@ class AlternatingHybrid(_TwoPart):
 
     @property
     def current_phase(self) -> str:
-        """Phase of the next call to :meth:`step`."""
-        return phase_at(self.steps_taken, self.total_steps, self.every)
+        """Phase of the next call to :meth:`step`; once the planned ``total_steps`` are done, the
+        phase of the last step (``"zo"``), so that a caller may read it after the run."""
+        return phase_at(min(self.steps_taken, self.total_steps - 1), self.total_steps, self.every)
+
+    @property
+    def may_stop(self) -> bool:
+        """Whether the steps taken so far end on a finished ZO block: a run stopped early (at a
+        matched forgetting level) stops only there, so it too ends in the robust regime."""
+        if self.steps_taken == 0:
+            return False
+        last = phase_at(self.steps_taken - 1, self.total_steps, self.every)
+        return last == "zo" and (self.steps_taken == self.total_steps or self.current_phase == "fo")
 
     def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
+        if self.steps_taken >= self.total_steps:
+            raise ValueError(
+                f"step {self.steps_taken} is outside the planned run of total_steps={self.total_steps}"
+            )
         part = self.fo if self.current_phase == "fo" else self.zo
         loss = part.step(closure)
         self.steps_taken += 1
