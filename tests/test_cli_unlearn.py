@@ -325,3 +325,11 @@ def test_kill_9_then_resume_gives_the_final_hash_of_an_uninterrupted_run(model_d
     assert file_sha256(killed / "final" / "model.safetensors") == file_sha256(whole / "final" / "model.safetensors")
     logged = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()]
     assert logged == list(range(1, KILL_STEPS + 1))
+
+
+def test_unlearn_takes_a_real_benchmarks_data_dir_and_forget_split(monkeypatch, capsys, tmp_path):
+    data = tmp_path / "tofu"
+    data.mkdir()
+    settings = capture_settings(monkeypatch, capsys, "unlearn", "--benchmark", "tofu", "--data-dir", str(data),
+                                "--forget-split", "forget05", "--output-dir", str(tmp_path / "o"))
+    assert settings.benchmark_options == {"data_dir": str(data), "forget_split": "forget05"}

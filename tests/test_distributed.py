@@ -159,7 +159,8 @@ def test_each_rank_takes_its_contiguous_shard_of_the_global_batch(two_processes,
     record_batches(seen)
     run(CASES["adamw"])
     ranks = [torch.load(two_processes / f"adamw.rank{r}.pt")["batches"] for r in range(WORLD_SIZE)]
-    assert len(seen) == len(ranks[0]) == len(ranks[1]) == 3 * CASES["adamw"].steps  # forget, retain, refusals
+    # forget, retain, refusals and the refused questions with their true answers
+    assert len(seen) == len(ranks[0]) == len(ranks[1]) == 4 * CASES["adamw"].steps
     for whole, first, second in zip(seen, *ranks):
         assert len(first) == len(second) == len(whole) // 2 and first + second == whole
 

@@ -276,3 +276,33 @@ def test_every_recipe_parses_into_an_engine_config(recipe):
     assert settings.dtype == "bfloat16"
     config = UnlearnConfig(seed=settings.seed, **settings.unlearn.model_dump())  # as the pipeline builds it
     engine_module.build_objective(config.objective, **config.objective_options)
+
+
+def test_a_snapshot_commit_clears_staging_left_by_a_killed_writer(tmp_path):
+    snapshots = engine_module.Snapshots(tmp_path, "latest.json")
+    leftover = tmp_path / ".step-4-abc123"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    final = snapshots.commit("step-6", lambda staging: (staging / "model.safetensors").write_bytes(b"whole"), {"step": 6})
+    assert not leftover.exists() and (final / "model.safetensors").read_bytes() == b"whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-6"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "zo-sgd"])
+def test_idk_dpo_pairs_refusals_with_their_questions_when_the_forget_batch_mixes_in_passages(setup, optimizer):
+    # The default forget splits hold QA pairs and passages; only the QA rows have a refusal, and
+    # DPO must compare each refusal with its own question's true answer (it used to take the whole
+    # forget batch: 8 rows against 6 refusals).
+    benchmark, tokenizer = setup
+    config = UnlearnConfig(objective="idk-dpo", optimizer=optimizer, lr=1e-3, steps=4, batch_size=8, seed=1)
+    assert config.forget_splits == ("forget_qa", "forget_text")
+    questions, passages = benchmark.get("forget_qa")[:5], benchmark.get("forget_text")[:3]
+    assert questions and passages
+    batch = engine_module._shard_batch(
+        questions + passages, benchmark.get("retain_qa")[:8], 0, engine_module.data_parallel(), tokenizer, 256
+    )
+    assert len(batch.forget) == len(questions) + len(passages)
+    assert len(batch.forget_refusal) == len(batch.forget_answered) == len(questions)
+    assert torch.equal(batch.forget_answered.input_ids[0], batch.forget.input_ids[0, : batch.forget_answered.input_ids.shape[1]])
+    result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, progress=False)
+    assert result.steps_done == 4 and all(math.isfinite(h["reward_margin"]) for h in result.history)

@@ -37,15 +37,19 @@ class TokenBatch:
 @dataclass
 class UnlearnBatch:
     """One unlearning step's data: forget examples, retain examples, and (for ``idk``) the forget
-    questions paired with refusal answers instead of the true ones."""
+    questions paired with refusal answers instead of the true ones, and the same questions with
+    their true answers (``forget_answered``, row-aligned with ``forget_refusal``: the forget batch
+    may also hold passages, which have no refusal)."""
 
     forget: TokenBatch
     retain: TokenBatch | None = None
     forget_refusal: TokenBatch | None = None
+    forget_answered: TokenBatch | None = None
 
     def to(self, device: torch.device | str) -> "UnlearnBatch":
+        def moved(batch: TokenBatch | None) -> TokenBatch | None:
+            return None if batch is None else batch.to(device)
+
         return UnlearnBatch(
-            self.forget.to(device),
-            None if self.retain is None else self.retain.to(device),
-            None if self.forget_refusal is None else self.forget_refusal.to(device),
+            self.forget.to(device), moved(self.retain), moved(self.forget_refusal), moved(self.forget_answered)
         )

@@ -237,6 +237,8 @@ def unlearn_command(
         None, "--dtype", help="Load the model in float32, bfloat16, float16 or auto (its saved dtype) [default: float32]."
     ),
     model: Optional[str] = typer.Option(None, "--model", help="Model to unlearn [default: the embedded tiny target]."),
+    data_dir: Optional[Path] = DataDirOption,
+    forget_split: Optional[str] = ForgetSplitOption,
     output_dir: Path = typer.Option(..., "--output-dir", help="Run directory: log.jsonl, checkpoints/, final/."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --output-dir."),
     cache_dir: Optional[Path] = CacheOption,
@@ -252,6 +254,7 @@ def unlearn_command(
         raise UserError("give --steps or --epochs, not both")
     settings = _settings(
         config, benchmark=benchmark, seed=seed, model_path=model, dtype=dtype,
+        benchmark_options=_benchmark_options(data_dir, forget_split),
         unlearn__objective=objective, unlearn__optimizer=optimizer, unlearn__lr=lr, unlearn__steps=steps,
         unlearn__epochs=epochs, unlearn__batch_size=batch_size, unlearn__lr_schedule=lr_schedule,
         unlearn__warmup_steps=warmup_steps, unlearn__checkpoint_every=checkpoint_every,

@@ -271,6 +271,9 @@ class Snapshots:
 
     def commit(self, name: str, write: Callable[[Path], None], record: dict[str, Any]) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob(".*-*"):  # staging of a writer killed mid-write (one writer at a time)
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.root))
         write(staging)
         final = self.root / name
@@ -407,11 +410,13 @@ def _shard_batch(
     refusals = refusal_records(forget, refusal_seed)
     mine = parallel.shard(forget)
     before = sum(isinstance(r, QA) for r in forget[: parallel.shard_start(len(forget))])
-    refusals = refusals[before : before + sum(isinstance(r, QA) for r in mine)]
+    questions = [r for r in mine if isinstance(r, QA)]
+    refusals = refusals[before : before + len(questions)]
     return UnlearnBatch(
         forget=collate_records(tokenizer, mine, max_length),
         retain=collate_records(tokenizer, parallel.shard(retain), max_length),
         forget_refusal=collate_records(tokenizer, refusals, max_length) if refusals else None,
+        forget_answered=collate_records(tokenizer, questions, max_length) if questions else None,
     )
 
 

@@ -318,7 +318,7 @@ def run_study(
     settings: RunSettings, study: StudySettings, output_dir: Path, cache_dir=None, console=None, lr_sweep: bool = False
 ) -> list[dict[str, Any]]:
     """Run (or resume) the grid; write ``results.jsonl``, ``report.md``/``report.html`` and plots."""
-    from robustunlearn.models import load_model
+    from robustunlearn.models import DTYPES, load_model
     from robustunlearn.pipeline import evaluate_model, load_target, tofu_scores
     from robustunlearn.report import write_report
 
@@ -329,7 +329,7 @@ def run_study(
     else:
         references = {"target": evaluate_model(target, tokenizer, benchmark, settings), "retrain": None}
         if prepared is not None:
-            retrain = load_model(prepared.retrain_dir)[0]
+            retrain = load_model(prepared.retrain_dir, dtype=DTYPES[settings.dtype])[0]
             references["retrain"] = evaluate_model(retrain, tokenizer, benchmark, settings)
             references["tofu_retrain"] = tofu_scores(retrain, tokenizer, benchmark, settings)
         atomic_write_json(references_path, references)

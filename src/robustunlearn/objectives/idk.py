@@ -34,7 +34,7 @@ class Idk(RetainTerm):
     ``batch.forget_refusal``.
 
     ``mode="dpo"``: with w = refusal answer (``batch.forget_refusal``), l = true answer
-    (``batch.forget``), Δ_a = log π_θ(a|x) − log π_ref(a|x) summed over answer tokens,
+    (``batch.forget_answered``: the same questions; passages in the forget batch take no part), Δ_a = log π_θ(a|x) − log π_ref(a|x) summed over answer tokens,
     L = −(2/β) E log σ(β (Δ_w − Δ_l)) + γ · R_retain. This is DPO scaled by 2/β, the scale of the
     NPO reference code, so that its gradient at θ = ref is −∇ E(log π_θ(w) − log π_θ(l)) whatever
     β: summed-NLL fine-tuning on the refusal plus ascent on the true answer.
@@ -63,8 +63,13 @@ class Idk(RetainTerm):
         if self.mode == "dpo":
             refusal = require(batch, "forget_refusal", self.name)
             reference["refusal_logprobs"], _ = sequence_logprobs(reference_model, refusal)
-            reference["forget_logprobs"], _ = sequence_logprobs(reference_model, batch.forget)
+            reference["forget_logprobs"], _ = sequence_logprobs(reference_model, self._answered(batch))
         return reference
+
+    def _answered(self, batch: UnlearnBatch):
+        """The dispreferred side of each DPO pair: the refusal's question with its true answer
+        (``batch.forget`` itself when a caller built no separate one: a forget batch of QA only)."""
+        return batch.forget if batch.forget_answered is None else batch.forget_answered
 
     def loss(
         self, model: nn.Module, batch: UnlearnBatch, reference: dict[str, torch.Tensor]
@@ -77,7 +82,7 @@ class Idk(RetainTerm):
             return self.with_retain(
                 model, batch, reference, refusal_nll, {"refusal_nll": refusal_nll.detach()}
             )
-        forget_logprobs, forget_counts = sequence_logprobs(model, batch.forget)
+        forget_logprobs, forget_counts = sequence_logprobs(model, self._answered(batch))
         margin = (refusal_logprobs - reference["refusal_logprobs"]) - (
             forget_logprobs - reference["forget_logprobs"]
         )
