@@ -152,6 +152,7 @@ def add_lmc_curves(
         load_weights(model, output_dir / "cells" / cell.name / UNLEARNED_WEIGHTS)
         return model
 
+    loaded_anchors: dict[Cell, Any] = {}  # each anchor is one end of several curves: load it once
     for cell, rows in finished:
         anchor = anchors.get((cell.objective, cell.seed))
         landscape = rows[0].get("landscape")
@@ -159,10 +160,12 @@ def add_lmc_curves(
             continue
         if not all((output_dir / "cells" / c.name / UNLEARNED_WEIGHTS).is_file() for c in (anchor, cell)):
             continue  # a cell finished before weights were kept: no curve rather than a failed study
+        if anchor not in loaded_anchors:
+            loaded_anchors[anchor] = unlearned(anchor)
         pair = f"{anchor.optimizer}-vs-{cell.optimizer}"
         landscape = {
             **landscape, "pair": pair if len(study.objectives) == 1 else f"{cell.objective}: {pair}",
-            "lmc": linear_interpolation(unlearned(anchor), unlearned(cell), evaluate, points=study.lmc_points),
+            "lmc": linear_interpolation(loaded_anchors[anchor], unlearned(cell), evaluate, points=study.lmc_points),
         }
         for row in rows:
             row["landscape"] = landscape
