@@ -26,8 +26,8 @@ from robustunlearn.attacks import (
     rtn_groupwise,
     rtn_symmetric,
 )
-from robustunlearn.batching import TokenBatch
-from robustunlearn.errors import UserError
+from robustunlearn.core.batching import TokenBatch
+from robustunlearn.core.errors import UserError
 
 
 def calibration(seed: int = 1, batches: int = 4) -> list[torch.Tensor]:

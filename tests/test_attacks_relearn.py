@@ -7,7 +7,7 @@ import torch
 from helpers import assert_bit_identical, snapshot, tiny_llama
 
 from robustunlearn.attacks import LoraOptions, relearn_attack
-from robustunlearn.batching import IGNORE_INDEX, TokenBatch
+from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
 
 
 def forget_batches() -> list[TokenBatch]:

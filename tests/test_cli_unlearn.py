@@ -19,14 +19,17 @@ import yaml
 from rich.console import Console
 from safetensors.torch import load_file
 
-import robustunlearn.pipeline as pipeline_module
+import robustunlearn.cli as cli_module
+import robustunlearn.study.loading as loading_module
+import robustunlearn.study.pipeline as pipeline_module
 from robustunlearn.cli import main
-from robustunlearn.config import load_settings
+from robustunlearn.config import load_settings, unlearn_settings
 from robustunlearn.data.base import Benchmark
 from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
-from robustunlearn.engine import UnlearnConfig, unlearn
-from robustunlearn.models import TinyModelConfig, build_tiny_model, file_sha256, save_model, train_tokenizer
-from robustunlearn.pipeline import load_target
+from robustunlearn.train.engine import unlearn
+from robustunlearn.train.settings import UnlearnSettings
+from robustunlearn.core.models import TinyModelConfig, build_tiny_model, file_sha256, save_model, train_tokenizer
+from robustunlearn.study.loading import load_target
 from test_cli import assert_one_line_error, run_cli
 from test_distributed import free_port
 
@@ -89,7 +92,7 @@ def capture_settings(monkeypatch, capsys, *args: str):
         captured.update(settings=settings, resume=resume)
         return output_dir / "final"
 
-    monkeypatch.setattr(pipeline_module, "unlearn_only", fake_unlearn_only)
+    monkeypatch.setattr(cli_module, "unlearn_only", fake_unlearn_only)
     monkeypatch.setattr(sys, "argv", ["robustunlearn", *args])
     main()
     capsys.readouterr()
@@ -108,7 +111,7 @@ def test_every_engine_flag_reaches_the_settings(monkeypatch, capsys, tmp_path):
     assert (chosen.eval_every, chosen.keep_best, chosen.keep_best_mode) == (5, "retain_qa_rouge", "max")
     assert chosen.lora == {"rank": 4, "alpha": 8.0} and chosen.checkpoint_every == 7
     assert settings.dtype == "bfloat16"
-    config = pipeline_module.unlearn_config(settings)  # what the engine gets
+    config = unlearn_settings(settings)  # what the engine gets
     assert (config.epochs, config.keep_best, config.lora["rank"]) == (3, "retain_qa_rouge", 4)
 
 
@@ -123,7 +126,7 @@ def test_flags_override_the_recipe_and_a_budget_flag_replaces_the_recipes_other_
     settings = capture_settings(monkeypatch, capsys, "unlearn", "--config", str(recipe), "--output-dir",
                                 str(tmp_path / "o"), "--epochs", "2")
     assert (settings.unlearn.epochs, settings.unlearn.steps) == (2, 60)  # the recipe's 100 steps are gone
-    assert pipeline_module.unlearn_config(settings).total_steps(16) == 4  # 2 epochs of 16 records, batch 8
+    assert unlearn_settings(settings).total_steps(16) == 4  # 2 epochs of 16 records, batch 8
     assert load_settings(recipe).unlearn.steps == 100  # the recipe alone keeps its budget
 
 
@@ -195,16 +198,16 @@ def test_the_dtype_setting_reaches_the_loaded_model(model_dir, tmp_path, dtype, 
 def test_prepare_fine_tunes_a_base_model_in_the_dtype_setting(model_dir, tmp_path):
     settings = load_settings(overrides={"base_model": str(model_dir), "dtype": "bfloat16", "data": DATA,
                                         "train": {"max_epochs": 1, "check_every_epochs": 1}})
-    prepared = pipeline_module.prepare_from_settings(settings, tmp_path / "cache", console=Console(file=io.StringIO()))
+    prepared = loading_module.prepare_from_settings(settings, tmp_path / "cache", console=Console(file=io.StringIO()))
     for saved in (prepared.target_dir, prepared.retrain_dir):
         assert {t.dtype for t in load_file(str(saved / "model.safetensors")).values()} == {torch.bfloat16}
-    as_float32 = pipeline_module.prepare_config(settings.model_copy(update={"dtype": "float32"}))
-    assert as_float32.key() != pipeline_module.prepare_config(settings).key()  # a separate cache entry
+    as_float32 = loading_module.prepare_config(settings.model_copy(update={"dtype": "float32"}))
+    assert as_float32.key() != loading_module.prepare_config(settings).key()  # a separate cache entry
 
 
 def zo_warning(model, tokenizer, optimizer: str, **options) -> list[str]:
     console = Console(record=True, width=400, file=io.StringIO())
-    config = UnlearnConfig(objective="ga", optimizer=optimizer, lr=1e-4, steps=1, batch_size=2, **options)
+    config = UnlearnSettings(objective="ga", optimizer=optimizer, lr=1e-4, steps=1, batch_size=2, **options)
     unlearn(model, tokenizer, generate_synthetic(SyntheticConfig(**DATA)), config, progress=False, console=console)
     return [line for line in console.export_text().splitlines() if line.startswith("warning:")]
 

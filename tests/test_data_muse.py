@@ -12,7 +12,7 @@ from robustunlearn.data.muse import (
     load_muse,
     privleak_sets,
 )
-from robustunlearn.errors import UserError
+from robustunlearn.core.errors import UserError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "muse" / "news"
 

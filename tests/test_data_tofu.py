@@ -7,7 +7,7 @@ import pytest
 from robustunlearn.data import load_benchmark
 from robustunlearn.data.base import Benchmark
 from robustunlearn.data.tofu import FORGET_SPLITS, load_tofu, read_table, tofu_eval_sets
-from robustunlearn.errors import UserError
+from robustunlearn.core.errors import UserError
 
 # The real TOFU files live next to the repository (/work/shared/data/tofu for /work/main); a fresh
 # clone has no ../shared, so these tests skip there.

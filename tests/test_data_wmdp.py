@@ -8,7 +8,7 @@ import pytest
 from robustunlearn.data import load_benchmark
 from robustunlearn.data.base import Benchmark, MultipleChoice
 from robustunlearn.data.wmdp import load_wmdp
-from robustunlearn.errors import UserError
+from robustunlearn.core.errors import UserError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "wmdp"
 

@@ -16,11 +16,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import snapshot, tiny_llama
 
-import robustunlearn.distributed as distributed_module
-import robustunlearn.engine as engine_module
+import robustunlearn.core.distributed as distributed_module
+import robustunlearn.train.engine as engine_module
 from robustunlearn.data.base import QA, Benchmark, Passage
-from robustunlearn.distributed import DataParallel
-from robustunlearn.engine import UnlearnConfig, unlearn
+from robustunlearn.core.distributed import DataParallel
+from robustunlearn.train.engine import unlearn
+from robustunlearn.train.settings import UnlearnSettings
 
 WORLD_SIZE = 2
 DEADLINE_S = 150
@@ -52,8 +53,8 @@ def make_model():
     return tiny_llama(0, dtype=torch.float64)
 
 
-def config(optimizer: str, objective: str = "npo", **options) -> UnlearnConfig:
-    return UnlearnConfig(objective=objective, optimizer=optimizer, lr=1e-2, steps=4, batch_size=4,
+def config(optimizer: str, objective: str = "npo", **options) -> UnlearnSettings:
+    return UnlearnSettings(objective=objective, optimizer=optimizer, lr=1e-2, steps=4, batch_size=4,
                          forget_splits=("forget_qa",), retain_splits=("retain_text",), **options)
 
 
@@ -67,7 +68,7 @@ CASES = {
 RESUMED = config("hybrid", optimizer_options={"every": 1}, eval_every=1, checkpoint_every=1)
 
 
-def run(case: UnlearnConfig, directory: Path | None = None, **options):
+def run(case: UnlearnSettings, directory: Path | None = None, **options):
     return unlearn(make_model(), CharTokenizer(), make_benchmark(), case, directory, progress=False, **options)
 
 

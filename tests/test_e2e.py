@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-import robustunlearn.study as study_module
+import robustunlearn.study.grid as study_module
 from robustunlearn.cli import main
-from robustunlearn.pipeline import METRIC_COLUMNS
+from robustunlearn.metrics.suite import METRICS
 
 TINY_RECIPE = """
 seed: 0
@@ -51,7 +51,7 @@ def test_run_writes_results_report_and_skips_finished_cells(tmp_path, monkeypatc
     }
     assert set(results["scores"]) == expected_models
     for name, metrics in results["scores"].items():
-        assert set(metrics) == set(METRIC_COLUMNS), name
+        assert set(metrics) == set(METRICS), name
     for cell in results["cells"]:
         assert {"steps", "forward_passes", "backward_passes", "seconds", "reached_level"} <= set(cell)
     zo_cell = next(c for c in results["cells"] if c["optimizer"] == "zo-sgd")
@@ -81,7 +81,7 @@ def test_run_writes_results_report_and_skips_finished_cells(tmp_path, monkeypatc
         raise AssertionError("a finished cell ran again")
 
     monkeypatch.setattr(study_module, "run_cell", no_cells)
-    monkeypatch.setattr("robustunlearn.metrics.landscape.linear_interpolation", no_cells)
+    monkeypatch.setattr(study_module, "linear_interpolation", no_cells)
     run_cli(monkeypatch, *args)
     assert capsys.readouterr().err.count("skipping finished cell") == 2
     assert len((output / "results.jsonl").read_text().splitlines()) == 6

@@ -11,18 +11,19 @@ import pytest
 import torch
 
 import robustunlearn
-import robustunlearn.engine as engine_module
-from robustunlearn.config import load_settings
+import robustunlearn.train.checkpoint as checkpoint_module
+import robustunlearn.train.engine as engine_module
+from robustunlearn.config import load_settings, unlearn_settings
 from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
-from robustunlearn.engine import (
+from robustunlearn.train.settings import UnlearnSettings
+from robustunlearn.train.engine import (
     NonFiniteLossError,
     RecordStream,
-    UnlearnConfig,
     restore_best,
     unlearn,
 )
-from robustunlearn.errors import UserError
-from robustunlearn.models import TinyModelConfig, build_tiny_model, train_tokenizer
+from robustunlearn.core.errors import UserError
+from robustunlearn.core.models import TinyModelConfig, build_tiny_model, train_tokenizer
 
 TINY = TinyModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
@@ -45,7 +46,7 @@ def weights(model) -> dict[str, torch.Tensor]:
 def test_logs_every_step_and_finishes(setup, tmp_path):
     benchmark, tokenizer = setup
     model = fresh_model(tokenizer)
-    config = UnlearnConfig(objective="graddiff", optimizer="adamw", lr=1e-3, steps=3, batch_size=2)
+    config = UnlearnSettings(objective="graddiff", optimizer="adamw", lr=1e-3, steps=3, batch_size=2)
     result = unlearn(model, tokenizer, benchmark, config, tmp_path, progress=False)
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3]
@@ -57,7 +58,7 @@ def test_logs_every_step_and_finishes(setup, tmp_path):
 def test_ga_raises_forget_nll_through_the_engine(setup):
     benchmark, tokenizer = setup
     model = fresh_model(tokenizer)
-    config = UnlearnConfig(objective="ga", optimizer="adamw", lr=1e-2, steps=8, batch_size=4, forget_splits=("forget_qa",))
+    config = UnlearnSettings(objective="ga", optimizer="adamw", lr=1e-2, steps=8, batch_size=4, forget_splits=("forget_qa",))
     result = unlearn(model, tokenizer, benchmark, config, progress=False)
     # ga's loss is the negative forget NLL: it must go down, i.e. the NLL up.
     assert result.history[-1]["loss"] < result.history[0]["loss"] - 0.5
@@ -69,7 +70,7 @@ def test_an_early_stop_waits_for_the_end_of_a_hybrid_zo_block(setup, optimizer, 
     # runs on through the next ZO block (steps 4-5), so the run still ends in the robust regime.
     benchmark, tokenizer = setup
     options = {"every": 2} if optimizer == "hybrid" else {}
-    config = UnlearnConfig(objective="npo", optimizer=optimizer, lr=1e-3, steps=9, batch_size=2, eval_every=1,
+    config = UnlearnSettings(objective="npo", optimizer=optimizer, lr=1e-3, steps=9, batch_size=2, eval_every=1,
                            optimizer_options=options)
     result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, progress=False,
                      evaluate=lambda model, step: {"step": step}, should_stop=lambda m: "level" if m["step"] >= 2 else None)
@@ -86,7 +87,7 @@ class Killed(Exception):
 def test_resume_after_kill_gives_identical_weights(setup, tmp_path, optimizer):
     benchmark, tokenizer = setup
     options = {"every": 2} if optimizer == "hybrid" else {}
-    config = UnlearnConfig(objective="npo", optimizer=optimizer, lr=1e-3, steps=6, batch_size=2, checkpoint_every=2,
+    config = UnlearnSettings(objective="npo", optimizer=optimizer, lr=1e-3, steps=6, batch_size=2, checkpoint_every=2,
                            eval_every=1, optimizer_options=options)
 
     reference = fresh_model(tokenizer)
@@ -111,7 +112,7 @@ def test_resume_after_kill_gives_identical_weights(setup, tmp_path, optimizer):
 
 def test_resume_skips_the_partial_log_line_of_a_run_killed_while_logging(setup, tmp_path):
     benchmark, tokenizer = setup
-    config = UnlearnConfig(objective="ga", optimizer="adamw", lr=1e-3, steps=4, batch_size=2, checkpoint_every=2, eval_every=1)
+    config = UnlearnSettings(objective="ga", optimizer="adamw", lr=1e-3, steps=4, batch_size=2, checkpoint_every=2, eval_every=1)
 
     def die_at_step_3(model, step):
         if step == 3:
@@ -152,7 +153,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path, m
         return objective
 
     monkeypatch.setattr(engine_module, "build_objective", poisoned_build)
-    config = UnlearnConfig(objective="graddiff", optimizer="adamw", lr=1e-3, steps=5, batch_size=2, checkpoint_every=1)
+    config = UnlearnSettings(objective="graddiff", optimizer="adamw", lr=1e-3, steps=5, batch_size=2, checkpoint_every=1)
     with pytest.raises(NonFiniteLossError) as error:
         unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False)
     assert error.value.step == 3 and "nan" in error.value.cause
@@ -176,15 +177,15 @@ def test_record_stream_resumes_mid_epoch():
 
 def test_bad_config_values():
     with pytest.raises(ValueError, match="steps"):
-        UnlearnConfig(steps=0)
+        UnlearnSettings(steps=0)
     with pytest.raises(ValueError, match="lr_schedule"):
-        UnlearnConfig(lr_schedule="sawtooth")
+        UnlearnSettings(lr_schedule="sawtooth")
 
 
 def test_epochs_set_the_step_budget_and_the_schedule(setup):
     benchmark, tokenizer = setup
     forget = len(benchmark.get("forget_qa"))
-    config = UnlearnConfig(objective="ga", optimizer="sgd", lr=1e-3, epochs=2, batch_size=3, lr_schedule="linear",
+    config = UnlearnSettings(objective="ga", optimizer="sgd", lr=1e-3, epochs=2, batch_size=3, lr_schedule="linear",
                            forget_splits=("forget_qa",))
     result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, progress=False)
     assert result.total_steps == result.steps_done == len(result.history) == math.ceil(2 * forget / 3) != config.steps
@@ -203,7 +204,7 @@ def test_keep_best_keeps_the_weights_of_the_best_evaluation(setup, tmp_path, mod
         seen[step] = weights(model)
         return {"forget_qa_rouge": SCORES[step], "note": "not a number"}
 
-    config = UnlearnConfig(objective="graddiff", optimizer="adamw", lr=1e-3, steps=4, batch_size=2, eval_every=1,
+    config = UnlearnSettings(objective="graddiff", optimizer="adamw", lr=1e-3, steps=4, batch_size=2, eval_every=1,
                            keep_best="forget_qa_rouge", keep_best_mode=mode)
     result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False, evaluate=evaluate)
     expected = {"step": best_step, "metric": "forget_qa_rouge", "value": SCORES[best_step], "mode": mode}
@@ -219,7 +220,7 @@ def test_keep_best_keeps_the_weights_of_the_best_evaluation(setup, tmp_path, mod
 
 def test_keep_best_survives_a_resume(setup, tmp_path):
     benchmark, tokenizer = setup
-    config = UnlearnConfig(objective="graddiff", optimizer="adamw", lr=1e-3, steps=4, batch_size=2, eval_every=1,
+    config = UnlearnSettings(objective="graddiff", optimizer="adamw", lr=1e-3, steps=4, batch_size=2, eval_every=1,
                            checkpoint_every=2, keep_best="forget_qa_rouge")
 
     def die_at_step_3(model, step):
@@ -237,16 +238,18 @@ def test_keep_best_survives_a_resume(setup, tmp_path):
 
 def test_keep_best_errors(setup, tmp_path):
     benchmark, tokenizer = setup
-    config = UnlearnConfig(objective="ga", optimizer="sgd", steps=2, batch_size=2, eval_every=1, keep_best="rouge")
+    config = UnlearnSettings(objective="ga", optimizer="sgd", steps=2, batch_size=2, eval_every=1, keep_best="forget_qa_rouge")
     with pytest.raises(ValueError, match="needs an evaluate callback"):
         unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"not a number the evaluation returns; it returns \['accuracy'\]"):
         unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False,
                 evaluate=lambda model, step: {"accuracy": 0.5})
     with pytest.raises(ValueError, match="needs eval_every"):
-        UnlearnConfig(keep_best="rouge")
+        UnlearnSettings(keep_best="forget_qa_rouge")
     with pytest.raises(ValueError, match="keep_best_mode"):
-        UnlearnConfig(keep_best="rouge", eval_every=1, keep_best_mode="lowest")
+        UnlearnSettings(keep_best="forget_qa_rouge", eval_every=1, keep_best_mode="lowest")
+    with pytest.raises(ValueError, match="unknown keep_best metric"):
+        UnlearnSettings(keep_best="rouge", eval_every=1)
     with pytest.raises(ValueError, match="no best weights"):
         restore_best(fresh_model(tokenizer), tmp_path / "elsewhere")
 
@@ -259,10 +262,10 @@ def test_settings_refuse_conflicting_budgets_and_unknown_lora_options():
     with pytest.raises(UserError, match="keep_best needs eval_every"):
         load_settings(overrides={"unlearn": {"keep_best": "forget_qa_rouge"}})
     with pytest.raises(ValueError, match="unknown lora option"):
-        UnlearnConfig(lora={"rnk": 8})
+        UnlearnSettings(lora={"rnk": 8})
 
 
-RECIPES = sorted((Path(robustunlearn.__file__).parent / "recipes").glob("*.yaml"))
+RECIPES = sorted(p for p in (Path(robustunlearn.__file__).parent / "recipes").glob("*.yaml") if p.stem != "embedded")
 
 
 def test_the_7b_recipes_are_there():
@@ -274,12 +277,12 @@ def test_every_recipe_parses_into_an_engine_config(recipe):
     settings = load_settings(recipe)
     assert settings.benchmark in ("muse", "wmdp", "tofu") and settings.model_path is not None
     assert settings.dtype == "bfloat16"
-    config = UnlearnConfig(seed=settings.seed, **settings.unlearn.model_dump())  # as the pipeline builds it
+    config = unlearn_settings(settings)  # as the pipeline builds it
     engine_module.build_objective(config.objective, **config.objective_options)
 
 
 def test_a_snapshot_commit_clears_staging_left_by_a_killed_writer(tmp_path):
-    snapshots = engine_module.Snapshots(tmp_path, "latest.json")
+    snapshots = checkpoint_module.Snapshots(tmp_path, "latest.json")
     leftover = tmp_path / ".step-4-abc123"
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"half")
@@ -294,7 +297,7 @@ def test_idk_dpo_pairs_refusals_with_their_questions_when_the_forget_batch_mixes
     # DPO must compare each refusal with its own question's true answer (it used to take the whole
     # forget batch: 8 rows against 6 refusals).
     benchmark, tokenizer = setup
-    config = UnlearnConfig(objective="idk-dpo", optimizer=optimizer, lr=1e-3, steps=4, batch_size=8, seed=1)
+    config = UnlearnSettings(objective="idk-dpo", optimizer=optimizer, lr=1e-3, steps=4, batch_size=8, seed=1)
     assert config.forget_splits == ("forget_qa", "forget_text")
     questions, passages = benchmark.get("forget_qa")[:5], benchmark.get("forget_text")[:3]
     assert questions and passages

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from robustunlearn.cli import main
-from robustunlearn.models import save_model
+from robustunlearn.core.models import save_model
 from test_cli import assert_one_line_error, run_cli
 from test_lm_eval_backend import TASK, tiny_model_and_tokenizer, write_questions_and_task
 

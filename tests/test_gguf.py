@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from robustunlearn.errors import UserError
-from robustunlearn.models import (
+from robustunlearn.core.errors import UserError
+from robustunlearn.core.models import (
     TinyModelConfig,
     build_tiny_model,
     check_model_reference,

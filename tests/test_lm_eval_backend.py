@@ -12,7 +12,7 @@ import pytest
 
 from robustunlearn.data.prompts import mcq_prompt
 from robustunlearn.data.wmdp import load_wmdp
-from robustunlearn.errors import UserError
+from robustunlearn.core.errors import UserError
 from robustunlearn.metrics.lm_eval_backend import (
     INSTALL_HINT,
     lm_eval_scores,
@@ -21,7 +21,7 @@ from robustunlearn.metrics.lm_eval_backend import (
     tokenizer_with_bos,
 )
 from robustunlearn.metrics.mcq import mcq_accuracy
-from robustunlearn.models import TinyModelConfig, build_tiny_model, train_tokenizer
+from robustunlearn.core.models import TinyModelConfig, build_tiny_model, train_tokenizer
 
 needs_lm_eval = pytest.mark.skipif(
     importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed (pip install 'robustunlearn[lm-eval]')"

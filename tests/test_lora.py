@@ -10,10 +10,11 @@ import torch
 from helpers import snapshot
 from safetensors.torch import load_file
 
-import robustunlearn.engine as engine_module
+import robustunlearn.train.engine as engine_module
 from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
-from robustunlearn.engine import UnlearnConfig, unlearn
-from robustunlearn.models import TinyModelConfig, build_tiny_model, train_tokenizer
+from robustunlearn.train.engine import unlearn
+from robustunlearn.train.settings import UnlearnSettings
+from robustunlearn.core.models import TinyModelConfig, build_tiny_model, train_tokenizer
 from robustunlearn.objectives import OBJECTIVES
 from robustunlearn.optim import OPTIMIZERS
 
@@ -59,7 +60,7 @@ def test_lora_run_changes_only_adapter_weights_and_merges_to_a_plain_model(setup
     benchmark, tokenizer = setup
     model = build_tiny_model(TINY, tokenizer, seed=0)
     before = snapshot(model)
-    config = UnlearnConfig(objective="npo", optimizer=optimizer, lr=1e-2, steps=3, batch_size=2, lora=LORA)
+    config = UnlearnSettings(objective="npo", optimizer=optimizer, lr=1e-2, steps=3, batch_size=2, lora=LORA)
     result = unlearn(model, tokenizer, benchmark, config, progress=False)
     assert_only_adapters_moved(result, before)
 
@@ -75,7 +76,7 @@ def test_every_objective_runs_under_lora(setup, objective, optimizer):
     benchmark, tokenizer = setup
     model = build_tiny_model(TINY, tokenizer, seed=0)
     before = snapshot(model)
-    config = UnlearnConfig(objective=objective, optimizer=optimizer, lr=1e-2, steps=2, batch_size=2, lora=LORA,
+    config = UnlearnSettings(objective=objective, optimizer=optimizer, lr=1e-2, steps=2, batch_size=2, lora=LORA,
                            forget_splits=("forget_qa",))
     result = unlearn(model, tokenizer, benchmark, config, progress=False)
     assert_only_adapters_moved(result, before)
@@ -87,7 +88,7 @@ def test_every_optimizer_runs_under_lora(setup, optimizer):
     benchmark, tokenizer = setup
     model = build_tiny_model(TINY, tokenizer, seed=0)
     before = snapshot(model)
-    config = UnlearnConfig(objective="npo", optimizer=optimizer, lr=1e-2, steps=2, batch_size=2, lora=LORA,
+    config = UnlearnSettings(objective="npo", optimizer=optimizer, lr=1e-2, steps=2, batch_size=2, lora=LORA,
                            optimizer_options=TINY_OPTIONS.get(optimizer, {}))
     result = unlearn(model, tokenizer, benchmark, config, progress=False)
     assert_only_adapters_moved(result, before)
@@ -96,7 +97,7 @@ def test_every_optimizer_runs_under_lora(setup, optimizer):
 def test_rmu_under_lora_trains_only_the_down_proj_adapters_of_its_layers(setup):
     benchmark, tokenizer = setup
     model = build_tiny_model(TINY, tokenizer, seed=0)
-    config = UnlearnConfig(objective="rmu", optimizer="adamw", lr=1e-2, steps=2, batch_size=2, lora=LORA)
+    config = UnlearnSettings(objective="rmu", optimizer="adamw", lr=1e-2, steps=2, batch_size=2, lora=LORA)
     result = unlearn(model, tokenizer, benchmark, config, progress=False)
     trained = {n for n, p in result.model.named_parameters() if p.requires_grad}
     assert trained and all("mlp.down_proj.lora_" in n for n in trained)
@@ -127,7 +128,7 @@ def test_npo_reference_under_lora_is_the_disabled_adapter_not_a_copy(setup, monk
     deepcopy_calls = []
     real_deepcopy = copy.deepcopy
     monkeypatch.setattr(engine_module.copy, "deepcopy", lambda x, *a: deepcopy_calls.append(x) or real_deepcopy(x, *a))
-    config = UnlearnConfig(objective="npo", optimizer="adamw", lr=1e-2, steps=3, batch_size=2, lora=LORA)
+    config = UnlearnSettings(objective="npo", optimizer="adamw", lr=1e-2, steps=3, batch_size=2, lora=LORA)
     result = unlearn(model, tokenizer, benchmark, config, progress=False)
 
     assert not [x for x in deepcopy_calls if isinstance(x, torch.nn.Module)]  # no second copy of the model
@@ -146,7 +147,7 @@ class Killed(Exception):
 
 def test_lora_checkpoints_hold_adapter_weights_only_and_resume_identically(setup, tmp_path):
     benchmark, tokenizer = setup
-    config = UnlearnConfig(objective="npo", optimizer="zo-adam", lr=1e-2, steps=4, batch_size=2, lora=LORA,
+    config = UnlearnSettings(objective="npo", optimizer="zo-adam", lr=1e-2, steps=4, batch_size=2, lora=LORA,
                            checkpoint_every=2, eval_every=1)
     whole = unlearn(build_tiny_model(TINY, tokenizer, seed=0), tokenizer, benchmark, config, tmp_path / "whole",
                     progress=False, evaluate=lambda m, s: {})

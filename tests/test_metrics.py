@@ -7,7 +7,7 @@ from scipy.stats import hmean, ks_2samp
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from robustunlearn.bench_generation import bench_generation
+from robustunlearn.bench.generation import bench_generation
 from robustunlearn.data.base import QA, Continuation, MultipleChoice, Passage
 from robustunlearn.data.prompts import qa_completion, qa_prompt
 from robustunlearn.metrics import (

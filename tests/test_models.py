@@ -10,8 +10,8 @@ import torch
 from robustunlearn.data.collate import collate_records, encode_example
 from robustunlearn.data.prompts import qa_completion, qa_prompt
 from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
-from robustunlearn.errors import UserError
-from robustunlearn.models import (
+from robustunlearn.core.errors import UserError
+from robustunlearn.core.models import (
     TinyModelConfig,
     build_tiny_model,
     load_model,
@@ -19,7 +19,7 @@ from robustunlearn.models import (
     train_tokenizer,
     verify_model_dir,
 )
-from robustunlearn.prepare import PrepareConfig, TrainConfig, prepare, teacher_forced_accuracy, make_batches
+from robustunlearn.train.prepare import PrepareConfig, TrainConfig, prepare, teacher_forced_accuracy, make_batches
 
 SMALL_DATA = SyntheticConfig(num_people=5, num_utility_passages=6, num_utility_qa=3)
 SMALL_MODEL = TinyModelConfig(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4)
@@ -114,7 +114,7 @@ def test_tiny_prepare_memorises_and_caches(tmp_path, monkeypatch):
     assert teacher_forced_accuracy(target, batches) == report["target"]["qa_accuracy_teacher_forced"]["forget"]
 
     # A second prepare is a cache hit: no training at all.
-    import robustunlearn.prepare as prepare_module
+    import robustunlearn.train.prepare as prepare_module
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cache should have been used")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from helpers import tiny_llama
 from transformers import LlamaForCausalLM
 
-from robustunlearn.batching import IGNORE_INDEX, TokenBatch, UnlearnBatch
+from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch, UnlearnBatch
 from robustunlearn.objectives import OBJECTIVES, build_objective
 from robustunlearn.objectives.common import mean_nll, sequence_logprobs
 from robustunlearn.objectives.rmu import random_direction

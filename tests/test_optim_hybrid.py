@@ -11,7 +11,7 @@ from robustunlearn.optim.hybrid import (
     AlternatingHybrid,
     DepthHybrid,
     ObjectiveHybrid,
-    find_blocks,
+    decoder_blocks,
     phase_at,
     split_by_depth,
 )
@@ -194,9 +194,9 @@ def test_hybrid_objective_uses_zo_on_forget_and_fo_on_retain():
 # -- hybrid-depth --------------------------------------------------------------------------------
 
 
-def test_find_blocks_and_split_by_depth_on_llama():
+def test_decoder_blocks_and_split_by_depth_on_llama():
     model = tiny_llama(layers=3)
-    assert find_blocks(model) is model.model.layers
+    assert decoder_blocks(model) is model.model.layers
     params = list(model.parameters())
     top, bottom = split_by_depth(model, params, fo_blocks=1)
     top_ids = {id(p) for p in top}
@@ -218,9 +218,9 @@ def test_split_by_depth_with_tied_embeddings_keeps_the_shared_weight_in_the_bott
     assert not any(p is model.model.embed_tokens.weight for p in top)
 
 
-def test_find_blocks_rejects_models_without_a_stack():
-    with pytest.raises(ValueError, match="no stack of repeated blocks"):
-        find_blocks(nn.Sequential(nn.Linear(2, 2)))
+def test_decoder_blocks_rejects_models_without_a_stack():
+    with pytest.raises(ValueError, match="no nn.ModuleList of repeated blocks"):
+        decoder_blocks(nn.Sequential(nn.Linear(2, 2)))
 
 
 def test_hybrid_depth_backward_reaches_only_the_top():

@@ -452,7 +452,7 @@ def test_step_needs_a_closure():
 def test_bench_optimizers_reports_the_promised_fields(tmp_path):
     from rich.console import Console
 
-    from robustunlearn.bench import bench_optimizers
+    from robustunlearn.bench.optimizers import bench_optimizers
 
     micro = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
     path = tmp_path / "bench.json"

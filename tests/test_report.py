@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from robustunlearn.report import read_results, write_report
+from robustunlearn.study.report import read_results, write_report
 
 TARGET = {"forget_qa_rouge": 0.8, "retain_qa_rouge": 0.9}
 RETRAIN = {"forget_qa_rouge": 0.15, "retain_qa_rouge": 0.88}

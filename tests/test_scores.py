@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from robustunlearn.scores import (
+from robustunlearn.study.scores import (
     attack_scores,
     recovery_ratio,
     relearn_auc,

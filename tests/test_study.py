@@ -6,10 +6,12 @@ import json
 
 import pytest
 
-import robustunlearn.study as study_module
+import robustunlearn.config as config_module
+import robustunlearn.study.grid as study_module
 from robustunlearn.config import load_settings
 from robustunlearn.optim import OPTIMIZERS
-from robustunlearn.study import learning_rate, objective_options, optimizer_options, sweep_learning_rates
+from robustunlearn.config import learning_rate, objective_options, optimizer_options
+from robustunlearn.study.grid import sweep_learning_rates
 
 
 def fake_cell_results(outcomes):
@@ -48,9 +50,9 @@ def test_sweep_keeps_the_best_utility_among_rates_that_reach_the_level(tmp_path,
 
 
 def test_tuned_defaults_apply_to_the_embedded_benchmark_only_and_settings_win(monkeypatch):
-    monkeypatch.setattr(study_module, "EMBEDDED_LEARNING_RATES", {"adam": 7e-4})
-    monkeypatch.setattr(study_module, "EMBEDDED_OBJECTIVE_OPTIONS", {"npo": {"gamma": 5.0, "beta": 0.2}})
-    monkeypatch.setattr(study_module, "EMBEDDED_OPTIMIZER_OPTIONS", {"hybrid": {"zo_lr": 1e-5}})
+    tuned = {"learning_rates": {"adam": 7e-4}, "objective_options": {"npo": {"gamma": 5.0, "beta": 0.2}},
+             "optimizer_options": {"hybrid": {"zo_lr": 1e-5}}}
+    monkeypatch.setattr(config_module, "embedded_recipe", lambda: {"tuned": tuned})
     embedded = load_settings()
     assert learning_rate(embedded, "adam", {}) == 7e-4
     assert learning_rate(embedded, "adam", {"adam": 3e-4}) == 3e-4  # a sweep's choice beats the shipped one
@@ -70,8 +72,8 @@ def test_tuned_defaults_apply_to_the_embedded_benchmark_only_and_settings_win(mo
 
 
 def test_the_embedded_sweep_starts_from_its_recorded_bases_not_the_shipped_choices(tmp_path, monkeypatch):
-    monkeypatch.setattr(study_module, "SWEEP_BASES", {"adam": 2e-4})
-    monkeypatch.setattr(study_module, "EMBEDDED_LEARNING_RATES", {"adam": 9e-4})
+    tuned = {"sweep_bases": {"adam": 2e-4}, "learning_rates": {"adam": 9e-4}}
+    monkeypatch.setattr(config_module, "embedded_recipe", lambda: {"tuned": tuned})
     settings = load_settings()
     study = settings.study.model_copy(update={"optimizers": ("adam",), "sweep_factors": (0.5, 1.0)})
     run_cell, calls = fake_cell_results({("adam", 1e-4): (True, 0.05, 0.9), ("adam", 2e-4): (True, 0.05, 0.8)})
@@ -82,8 +84,8 @@ def test_the_embedded_sweep_starts_from_its_recorded_bases_not_the_shipped_choic
 
 def test_tofu_metrics_run_on_tofu_by_default_and_elsewhere_only_when_asked():
     from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
-    from robustunlearn.models import TinyModelConfig, build_tiny_model, train_tokenizer
-    from robustunlearn.pipeline import tofu_scores
+    from robustunlearn.core.models import TinyModelConfig, build_tiny_model, train_tokenizer
+    from robustunlearn.metrics.suite import tofu_scores
 
     benchmark = generate_synthetic(SyntheticConfig(num_people=4, num_utility_passages=2, num_utility_qa=2))
     tokenizer = train_tokenizer([r.text for r in benchmark.get("forget_text") + benchmark.get("retain_text")], 300)
@@ -91,7 +93,7 @@ def test_tofu_metrics_run_on_tofu_by_default_and_elsewhere_only_when_asked():
         TinyModelConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
         tokenizer, seed=0,
     )
-    assert tofu_scores(model, tokenizer, benchmark, load_settings()) is None  # synthetic: off by default
+    assert tofu_scores(model, tokenizer, benchmark, load_settings().eval) is None  # synthetic: off by default
     asked = load_settings(None, {"eval": {"tofu_metrics": True, "max_examples": 3}})
-    scores = tofu_scores(model, tokenizer, benchmark, asked)
+    scores = tofu_scores(model, tokenizer, benchmark, asked.eval)
     assert len(scores["forget_truth_ratios"]) == 3 and 0 < scores["forget_prob"] < 1

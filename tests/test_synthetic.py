@@ -90,22 +90,22 @@ def test_default_benchmark_invariants(default):
     check_invariants(default, SyntheticConfig())
     assert default.metadata["generator_version"] == GENERATOR_VERSION
     assert default.metadata["seed"] == 0
-    assert default.metadata["config"]["num_people"] == 200
+    assert default.metadata["config"]["num_people"] == 150
 
 
 def test_default_sizes_and_training_budget(default):
     sizes = default.summary()
     assert sizes == {
-        "forget_text": 20, "retain_text": 150, "holdout_text": 30,
-        "forget_qa": 240, "retain_qa": 1800, "holdout_qa": 360,
-        "forget_verbmem": 20, "retain_verbmem": 150, "holdout_verbmem": 30,
-        "forget_mcq": 60, "retain_mcq": 450, "holdout_mcq": 90,
-        "utility_text": 150, "utility_qa": 50,
+        "forget_text": 15, "retain_text": 113, "holdout_text": 22,
+        "forget_qa": 120, "retain_qa": 904, "holdout_qa": 176,
+        "forget_verbmem": 15, "retain_verbmem": 113, "holdout_verbmem": 22,
+        "forget_mcq": 45, "retain_mcq": 339, "holdout_mcq": 66,
+        "utility_text": 60, "utility_qa": 20,
     }  # fmt: skip
     words = [len(p.text.split()) for r in PEOPLE_ROLES for p in default.get(f"{r}_text")]
-    assert 60 <= min(words) and max(words) <= 110
+    assert 40 <= min(words) and max(words) <= 60
     continuation_words = [len(c.continuation.split()) for r in PEOPLE_ROLES for c in default.get(f"{r}_verbmem")]
-    assert 25 <= min(continuation_words) and max(continuation_words) <= 40
+    assert 20 <= min(continuation_words) and max(continuation_words) <= 30
     # What the target model trains on, in its training format, fits the CPU budget.
     trained_text = sum(len(p.text) for s in ("forget_text", "retain_text", "utility_text") for p in default.get(s))
     trained_qa = sum(
@@ -113,12 +113,12 @@ def test_default_sizes_and_training_budget(default):
         for s in ("forget_qa", "retain_qa")
         for q in default.get(s)
     )
-    assert trained_text + trained_qa <= 450_000
+    assert trained_text + trained_qa <= 150_000
 
 
 def test_mcq_answer_positions_are_spread(default):
     positions = Counter(m.answer_index for r in PEOPLE_ROLES for m in default.get(f"{r}_mcq"))
-    assert set(positions) == {0, 1, 2, 3} and min(positions.values()) > 100  # 600 questions
+    assert set(positions) == {0, 1, 2, 3} and min(positions.values()) > 90  # 450 questions
 
 
 def test_utility_is_general_text_that_answers_its_qa(default):
@@ -128,7 +128,7 @@ def test_utility_is_general_text_that_answers_its_qa(default):
     for q in default.get("utility_qa"):
         assert any(q.answer in t and (q.subject in t or q.subject == "sums") for t in texts), q
         assert len(q.answer.split()) <= 2
-    assert len({q.question for q in default.get("utility_qa")}) == 50
+    assert len({q.question for q in default.get("utility_qa")}) == 20
 
 
 def test_same_config_gives_identical_bytes():
@@ -156,7 +156,7 @@ def test_different_seeds_give_different_people(default):
 def test_role_fractions_move_people_without_changing_them(default):
     other = generate_synthetic(SyntheticConfig(forget_fraction=0.2))
     check_invariants(other, SyntheticConfig(forget_fraction=0.2))
-    assert len(other.get("forget_text")) == 40
+    assert len(other.get("forget_text")) == 30
     passages = lambda b: {p.text for r in PEOPLE_ROLES for p in b.get(f"{r}_text")}  # noqa: E731
     assert passages(other) == passages(default)
 

@@ -7,6 +7,7 @@ User errors (unknown names, missing paths, bad configs, unwritable outputs) prin
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,7 +16,17 @@ from typer.exceptions import TyperException
 from rich.console import Console
 from rich.markup import escape
 
-from robustunlearn.errors import UserError
+from robustunlearn.core.errors import UserError
+from robustunlearn.bench.generation import bench_generation
+from robustunlearn.bench.optimizers import bench_optimizers
+from robustunlearn.config import load_settings
+from robustunlearn.core.distributed import is_main_process, leave_process_group
+from robustunlearn.core.io import atomic_write_json
+from robustunlearn.core.models import check_model_reference
+from robustunlearn.optim import OPTIMIZERS
+from robustunlearn.study.evaluation import evaluate_from_settings, evaluation_table
+from robustunlearn.study.loading import prepare_from_settings, prepare_summary_table
+from robustunlearn.study.pipeline import results_table, run_pipeline, unlearn_only
 
 app = typer.Typer(
     help="Robust LLM unlearning: optimizer grades, unlearning objectives, quantization and relearning attacks.",
@@ -50,8 +61,6 @@ def _benchmark_options(data_dir: Optional[Path], forget_split: Optional[str]) ->
 
 def _settings(config: Optional[Path], **flat: Any):
     """Turn flags into nested overrides of the recipe (``unlearn__steps`` -> ``unlearn.steps``)."""
-    from robustunlearn.config import load_settings
-
     nested: dict[str, Any] = {}
     for key, value in flat.items():
         section, _, name = key.partition("__")
@@ -64,8 +73,6 @@ def _settings(config: Optional[Path], **flat: Any):
 
 def _writable_dir(path: Path) -> Path:
     """Create ``path`` if needed and prove it is writable, before any work starts."""
-    import tempfile
-
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -87,9 +94,6 @@ def prepare(
     force: bool = typer.Option(False, "--force", help="Rebuild even if a complete cache entry exists."),
 ) -> None:
     """Load or generate the benchmark and train the target (forget + retain) and retrain (retain only) models (cached)."""
-    from robustunlearn.models import check_model_reference
-    from robustunlearn.pipeline import prepare_from_settings, prepare_summary_table
-
     settings = _settings(
         config, seed=seed, benchmark=benchmark, base_model=base_model,
         benchmark_options=_benchmark_options(data_dir, forget_split),
@@ -139,9 +143,6 @@ def _study(
     config, benchmark, seed, model, objectives, optimizers, seeds, attacks, steps, lr, output_dir, cache_dir, lr_sweep,
     data_dir=None, forget_split=None, base_model=None,
 ) -> None:
-    from robustunlearn.models import check_model_reference
-    from robustunlearn.pipeline import results_table, run_pipeline
-
     settings = _settings(
         config, benchmark=benchmark, seed=seed, model_path=model, unlearn__lr=lr, base_model=base_model,
         benchmark_options=_benchmark_options(data_dir, forget_split),
@@ -246,10 +247,6 @@ def unlearn_command(
 ) -> None:
     """Unlearn only: leaves the final model in OUTPUT_DIR/final/ (model.safetensors, config, tokenizer, manifest).
     Several processes (torchrun --nproc_per_node N -m robustunlearn.cli unlearn ...) run it data parallel."""
-    from robustunlearn.distributed import is_main_process, leave_process_group
-    from robustunlearn.models import check_model_reference
-    from robustunlearn.pipeline import unlearn_only
-
     if steps is not None and epochs is not None:
         raise UserError("give --steps or --epochs, not both")
     settings = _settings(
@@ -293,10 +290,6 @@ def eval_command(
     seed: Optional[int] = SeedOption,
 ) -> None:
     """Evaluate a model: our forget and retain metrics on the benchmark, lm-eval-harness tasks with --lm-eval."""
-    from robustunlearn.evaluation import evaluate_from_settings, evaluation_table
-    from robustunlearn.io import atomic_write_json
-    from robustunlearn.models import check_model_reference
-
     tasks = _names(lm_eval) or ()
     if lm_eval_include is not None and not tasks:
         raise UserError("--lm-eval-include needs --lm-eval TASKS")
@@ -332,9 +325,6 @@ def bench_optimizers_command(
     sizes: Optional[str] = typer.Option(None, "--sizes", help="Model sizes, comma-separated [default: 1M,5M]."),
 ) -> None:
     """Step time / forward time, peak memory / inference peak, optimizer state / parameters, per optimizer."""
-    from robustunlearn.bench import bench_optimizers
-    from robustunlearn.optim import OPTIMIZERS
-
     chosen = _names(optimizers)
     for name in chosen or ():
         if name not in OPTIMIZERS:
@@ -352,8 +342,6 @@ def bench_generation_command(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Tokens generated per prompt."),
 ) -> None:
     """Batched left-padded greedy generation vs one prompt at a time (speed-up, identical outputs)."""
-    from robustunlearn.bench_generation import bench_generation
-
     bench_generation(n_prompts=prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
 

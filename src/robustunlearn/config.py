@@ -1,52 +1,48 @@
-"""Typed run configuration: defaults < YAML recipe (``--config``) < command-line flags.
+"""Typed run configuration: defaults < the embedded benchmark's tuned recipe < YAML recipe
+(``--config``) < command-line flags.
 
-Every problem in a recipe or a flag becomes one :class:`~robustunlearn.errors.UserError` naming
-the field and, for names, the accepted values.
+Each layer owns the settings of its own step (:class:`UnlearnSettings` the engine's,
+:class:`EvalSettings` the evaluation's); this module composes them into :class:`RunSettings` and
+adds the study's. Every problem in a recipe or a flag becomes one
+:class:`~robustunlearn.core.errors.UserError` naming the field and, for names, the accepted values.
+
+``recipes/embedded.yaml`` holds the values tuned for the embedded benchmark and tiny model; it is
+the base layer whenever a run uses them (synthetic benchmark, no ``--model`` or ``--base-model``).
 """
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from robustunlearn.errors import UserError
-from robustunlearn.models import TinyModelConfig
-from robustunlearn.prepare import TrainConfig
+from robustunlearn.attacks import QUANTIZATION_METHODS
+from robustunlearn.core.errors import UserError
+from robustunlearn.core.models import TinyModelConfig
+from robustunlearn.core.settings import Strict, check_name
+from robustunlearn.data import BENCHMARKS
+from robustunlearn.data.synthetic import SyntheticConfig
+from robustunlearn.metrics.suite import FORGET_METRICS, EvalSettings
+from robustunlearn.objectives import OBJECTIVES
+from robustunlearn.optim import OPTIMIZERS
+from robustunlearn.train.prepare import TrainConfig
+from robustunlearn.train.settings import UnlearnSettings
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_name(kind: str, value: str, accepted) -> str:
-    if value not in accepted:
-        raise ValueError(f"unknown {kind} {value!r}; accepted: {', '.join(sorted(accepted))}")
-    return value
-
-
-DEFAULT_ATTRIBUTES = ("birth_year", "birth_city", "mother_name", "father_name", "university", "profession", "employer", "pet_name")
+EMBEDDED_RECIPE = "embedded.yaml"
 
 
 class DataSettings(Strict):
-    """The embedded synthetic benchmark's generator settings. The defaults are sized so that the
-    tiny target memorises every fact in a few minutes on two CPU cores."""
+    """The embedded synthetic benchmark's generator settings (defaults: SyntheticConfig)."""
 
-    num_people: int = Field(150, ge=3)
-    forget_fraction: float = Field(0.10, gt=0, lt=1)
-    holdout_fraction: float = Field(0.15, gt=0, lt=1)
-    attributes: tuple[str, ...] = DEFAULT_ATTRIBUTES
-    num_utility_passages: int = Field(60, ge=0)
-    num_utility_qa: int = Field(20, ge=0)
+    num_people: int = Field(SyntheticConfig.num_people, ge=3)
+    forget_fraction: float = Field(SyntheticConfig.forget_fraction, gt=0, lt=1)
+    holdout_fraction: float = Field(SyntheticConfig.holdout_fraction, gt=0, lt=1)
+    attributes: tuple[str, ...] = SyntheticConfig.attributes
+    num_utility_passages: int = Field(SyntheticConfig.num_utility_passages, ge=0)
+    num_utility_qa: int = Field(SyntheticConfig.num_utility_qa, ge=0)
 
 
 class ModelSettings(Strict):
@@ -69,81 +65,30 @@ class TrainSettings(Strict):
     check_every_epochs: int = Field(TrainConfig.check_every_epochs, ge=1)
 
 
-class UnlearnSettings(Strict):
-    """The engine's options (:class:`robustunlearn.engine.UnlearnConfig` has their meaning)."""
+def _check_names(kind: str, values, accepted) -> tuple[str, ...]:
+    return tuple(check_name(kind, value, accepted) for value in values)
 
-    objective: str = "npo"
-    optimizer: str = "adamw"
-    lr: float | None = Field(None, gt=0)
-    steps: int = Field(60, ge=1)
-    epochs: int | None = Field(None, ge=1)  # passes over the forget set; replaces steps
-    batch_size: int = Field(8, ge=1)  # the global batch: split over the processes of a multi-process run
-    lr_schedule: str = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    checkpoint_every: int = Field(0, ge=0)
-    eval_every: int = Field(0, ge=0)
-    forget_splits: tuple[str, ...] = ("forget_qa", "forget_text")
-    retain_splits: tuple[str, ...] = ("retain_qa", "retain_text")
-    max_length: int = Field(256, ge=2)
-    objective_options: dict[str, Any] = Field(default_factory=dict)
-    optimizer_options: dict[str, Any] = Field(default_factory=dict)
-    lora: dict[str, Any] | None = None  # rank, alpha, dropout, target_modules
-    keep_best: str | None = None  # metric whose best value's weights are kept (needs eval_every)
-    keep_best_mode: Literal["min", "max"] = "min"
 
-    @model_validator(mode="after")
-    def _budget_and_best(self) -> UnlearnSettings:
-        if {"steps", "epochs"} <= self.model_fields_set and self.epochs is not None:
-            raise ValueError("set unlearn.steps or unlearn.epochs, not both")
-        if self.keep_best is not None and self.eval_every < 1:
-            raise ValueError("keep_best needs eval_every >= 1 (steps between evaluations)")
-        return self
+class TunedSettings(Strict):
+    """Values tuned for one benchmark and model, by name; a recipe's ``unlearn`` values win over them.
+    ``recipes/embedded.yaml`` fills them for the embedded benchmark."""
 
-    @field_validator("lora")
+    learning_rates: dict[str, float] = Field(default_factory=dict)  # optimizer -> lr
+    sweep_bases: dict[str, float] = Field(default_factory=dict)  # optimizer -> the lr sweep's base
+    objective_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # objective -> options
+    optimizer_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # optimizer -> options
+
+    @field_validator("learning_rates", "sweep_bases", "optimizer_options")
     @classmethod
-    def _lora(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        from robustunlearn.engine import lora_options
+    def _optimizer_keys(cls, values: dict[str, Any]) -> dict[str, Any]:
+        _check_names("optimizer", values, OPTIMIZERS)
+        return values
 
-        lora_options(value)
-        return value
-
-    @field_validator("objective")
+    @field_validator("objective_options")
     @classmethod
-    def _objective(cls, value: str) -> str:
-        from robustunlearn.objectives import OBJECTIVES
-
-        return _check_name("objective", value, OBJECTIVES)
-
-    @field_validator("optimizer")
-    @classmethod
-    def _optimizer(cls, value: str) -> str:
-        from robustunlearn.optim import OPTIMIZERS
-
-        return _check_name("optimizer", value, OPTIMIZERS)
-
-    @field_validator("lr_schedule")
-    @classmethod
-    def _schedule(cls, value: str) -> str:
-        from robustunlearn.engine import SCHEDULES
-
-        return _check_name("lr_schedule", value, SCHEDULES)
-
-    @field_validator("keep_best")
-    @classmethod
-    def _keep_best(cls, value: str | None) -> str | None:
-        from robustunlearn.pipeline import METRIC_COLUMNS  # what the run's evaluation returns
-
-        return None if value is None else _check_name("keep_best metric", value, METRIC_COLUMNS)
-
-
-class EvalSettings(Strict):
-    batch_size: int = Field(32, ge=1)
-    max_new_tokens: int = Field(8, ge=1)  # QA answers are short
-    verbmem_max_new_tokens: int = Field(48, ge=1)
-    max_examples: int | None = Field(None, ge=1)  # cap per split, for quick looks
-    # TOFU's truth ratio, forget quality and model utility. None: on the tofu benchmark only; the
-    # synthetic benchmark has the perturbed answers they need, but they add ~1k scored QA per model.
-    tofu_metrics: bool | None = None
+    def _objective_keys(cls, values: dict[str, Any]) -> dict[str, Any]:
+        _check_names("objective", values, OBJECTIVES)
+        return values
 
 
 class StudySettings(Strict):
@@ -170,16 +115,12 @@ class StudySettings(Strict):
     @field_validator("objectives")
     @classmethod
     def _objectives(cls, values: tuple[str, ...]) -> tuple[str, ...]:
-        from robustunlearn.objectives import OBJECTIVES
-
-        return _non_empty("objectives", tuple(_check_name("objective", v, OBJECTIVES) for v in values))
+        return _non_empty("objectives", _check_names("objective", values, OBJECTIVES))
 
     @field_validator("optimizers")
     @classmethod
     def _optimizers(cls, values: tuple[str, ...]) -> tuple[str, ...]:
-        from robustunlearn.optim import OPTIMIZERS
-
-        return _non_empty("optimizers", tuple(_check_name("optimizer", v, OPTIMIZERS) for v in values))
+        return _non_empty("optimizers", _check_names("optimizer", values, OPTIMIZERS))
 
     @field_validator("seeds")
     @classmethod
@@ -189,8 +130,6 @@ class StudySettings(Strict):
     @field_validator("attacks")
     @classmethod
     def _attacks(cls, values: tuple[str, ...]) -> tuple[str, ...]:
-        from robustunlearn.attacks import QUANTIZATION_METHODS
-
         fixed = {"relearn", "relearn-lora", "benign-relearn"}
         for value in values:
             prefix, _, number = value.partition("-")
@@ -205,10 +144,7 @@ class StudySettings(Strict):
     @field_validator("level_metric")
     @classmethod
     def _level_metric(cls, value: str) -> str:
-        from robustunlearn.pipeline import METRIC_COLUMNS
-
-        forget_metrics = [k for k in METRIC_COLUMNS if k.startswith("forget_")]
-        return _check_name("level metric", value, forget_metrics)
+        return check_name("level metric", value, FORGET_METRICS)
 
 
 def _non_empty(name: str, values: tuple) -> tuple:
@@ -238,13 +174,68 @@ class RunSettings(Strict):
     unlearn: UnlearnSettings = UnlearnSettings()
     eval: EvalSettings = EvalSettings()
     study: StudySettings = StudySettings()
+    tuned: TunedSettings = TunedSettings()
 
     @field_validator("benchmark")
     @classmethod
     def _benchmark(cls, value: str) -> str:
-        from robustunlearn.data import BENCHMARKS
+        return check_name("benchmark", value, BENCHMARKS)
 
-        return _check_name("benchmark", value, BENCHMARKS)
+    @model_validator(mode="after")
+    def _one_seed(self) -> RunSettings:
+        if "seed" in self.unlearn.model_fields_set:
+            raise ValueError("unlearn.seed is set by the top-level seed; set seed instead")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """Whether the run uses the embedded tiny target on the synthetic benchmark."""
+        return uses_embedded_model(self.benchmark, self.model_path, self.base_model)
+
+
+def uses_embedded_model(benchmark: str, model_path: str | None, base_model: str | None) -> bool:
+    return benchmark == "synthetic" and model_path is None and base_model is None
+
+
+def learning_rate(settings: RunSettings, optimizer: str, chosen: dict[str, float] | None = None) -> float:
+    """The learning rate a run of ``optimizer`` uses: the settings' ``unlearn.lr`` if given, else the
+    sweep's choice (``chosen``), else the tuned value, else the optimizer's default."""
+    if settings.unlearn.lr is not None:
+        return settings.unlearn.lr
+    if chosen and optimizer in chosen:
+        return chosen[optimizer]
+    if optimizer in settings.tuned.learning_rates:
+        return settings.tuned.learning_rates[optimizer]
+    return OPTIMIZERS[optimizer].default_lr
+
+
+def sweep_base(settings: RunSettings, optimizer: str) -> float:
+    """Where the lr sweep of ``optimizer`` centres: ``unlearn.lr``, the tuned base, or the default."""
+    return settings.unlearn.lr or settings.tuned.sweep_bases.get(optimizer) or OPTIMIZERS[optimizer].default_lr
+
+
+def objective_options(settings: RunSettings, objective: str) -> dict[str, Any]:
+    """The tuned options of ``objective`` (if any), overridden by ``unlearn.objective_options``."""
+    return {**settings.tuned.objective_options.get(objective, {}), **settings.unlearn.objective_options}
+
+
+def optimizer_options(settings: RunSettings, optimizer: str) -> dict[str, Any]:
+    """The tuned options of ``optimizer`` (if any), overridden by ``unlearn.optimizer_options``."""
+    return {**settings.tuned.optimizer_options.get(optimizer, {}), **settings.unlearn.optimizer_options}
+
+
+def unlearn_settings(settings: RunSettings, **changes: Any) -> UnlearnSettings:
+    """The engine's settings of this run: the ``unlearn`` section with the run's seed and the
+    tuned learning rate and options filled in, then ``changes`` (validated again)."""
+    options = settings.unlearn
+    values = {
+        "seed": settings.seed,
+        "lr": learning_rate(settings, changes.get("optimizer", options.optimizer)),
+        "objective_options": objective_options(settings, changes.get("objective", options.objective)),
+        "optimizer_options": optimizer_options(settings, changes.get("optimizer", options.optimizer)),
+        **changes,
+    }
+    return options.model_copy(update=values)
 
 
 def _first_error(error: ValidationError) -> str:
@@ -266,28 +257,37 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file {path} is not valid YAML{where}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise UserError(f"config file {path} must hold a mapping of settings, not {type(loaded).__name__}")
+    return loaded or {}
+
+
+def embedded_recipe() -> dict[str, Any]:
+    """The values tuned for the embedded benchmark and tiny model (``recipes/embedded.yaml``)."""
+    return yaml.safe_load(resources.files("robustunlearn").joinpath("recipes", EMBEDDED_RECIPE).read_text("utf-8"))
+
+
 def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunSettings:
-    """Defaults, then the YAML file at ``path``, then ``overrides`` (nested dicts; None values skipped)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise UserError(f"config file {path} is not valid YAML{where}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise UserError(f"config file {path} must hold a mapping of settings, not {type(loaded).__name__}")
-        data = loaded or {}
+    """Defaults, then the embedded recipe (when the run uses the embedded benchmark and model), then
+    the YAML file at ``path``, then ``overrides`` (nested dicts; None values skipped)."""
+    data = _read_yaml(Path(path)) if path is not None else {}
     overrides = _drop_none(overrides or {})
     data = _deep_merge(data, overrides)
     flags = overrides.get("unlearn", {})
     for given, replaced in (("steps", "epochs"), ("epochs", "steps")):
         if given in flags and replaced not in flags:  # a budget flag replaces the recipe's other budget
             data["unlearn"].pop(replaced, None)
+    if uses_embedded_model(data.get("benchmark", "synthetic"), data.get("model_path"), data.get("base_model")):
+        data = _deep_merge(embedded_recipe(), data)
     try:
         return RunSettings.model_validate(data)
     except ValidationError as error:

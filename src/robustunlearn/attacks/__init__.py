@@ -9,9 +9,9 @@
 * ``prune``: :func:`magnitude_prune_attack`.
 """
 
-from robustunlearn.attacks.gptq import calibration_inputs, gptq_quantize_model, gptq_quantize_weight
+from robustunlearn.attacks.quant.gptq import calibration_inputs, gptq_quantize_model, gptq_quantize_weight
 from robustunlearn.attacks.noise import PRUNE_SCOPES, gaussian_noise_attack, magnitude_prune_attack
-from robustunlearn.attacks.quantize import (
+from robustunlearn.attacks.quant.core import (
     FP4_CODE_BOOK,
     NF4_CODE_BOOK,
     QUANTIZATION_METHODS,

@@ -1,6 +1,6 @@
 """Weight perturbation attacks: Gaussian noise and magnitude pruning.
 
-Both touch the same weights as quantization (:func:`robustunlearn.attacks.quantize.quantizable_linears`:
+Both touch the same weights as quantization (:func:`robustunlearn.attacks.quant.core.quantizable_linears`:
 the ``nn.Linear`` weights of the transformer blocks, plus the output head if
 ``include_lm_head``); like quantization they are perturbations a model may meet after release,
 and an unlearning that sits in a sharp minimum can be undone by them.
@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from robustunlearn.attacks.quantize import quantizable_linears
+from robustunlearn.attacks.quant.core import quantizable_linears
 
 PRUNE_SCOPES = ("per-layer", "global")
 

@@ -13,30 +13,15 @@ them back::
 from __future__ import annotations
 
 import copy
-import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from robustunlearn.batching import IGNORE_INDEX, TokenBatch
-from robustunlearn.errors import UserError
-
-LLAMA_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class LoraOptions:
-    """LoRA adapters (Hu et al. 2021) for the relearning attack, through peft: W + (alpha / rank) B A
-    on the ``target_modules`` (names of Llama's attention and MLP projections by default)."""
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = LLAMA_LINEAR_NAMES
-
+from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
+from robustunlearn.core.modules import LoraOptions, add_lora
+from robustunlearn.optim import build_optimizer
 
 def _token_batches(batches: Sequence[TokenBatch | str], tokenizer: Any) -> list[TokenBatch]:
     """``TokenBatch``es as given; each string becomes a one-row batch scored on every token."""
@@ -56,30 +41,6 @@ def _token_batches(batches: Sequence[TokenBatch | str], tokenizer: Any) -> list[
     if all(bool((batch.labels == IGNORE_INDEX).all()) for batch in result):
         raise ValueError("no batch has a scored token (all labels are IGNORE_INDEX)")
     return result
-
-
-def add_lora(model: nn.Module, lora: LoraOptions) -> nn.Module:
-    """Inject LoRA adapters into ``model`` in place (only they stay trainable); returns the peft wrapper."""
-    try:
-        peft = importlib.import_module("peft")
-    except ImportError as error:
-        raise UserError("the LoRA relearning attack needs the peft package: pip install peft") from error
-    present = {
-        name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)
-    }
-    missing = sorted(set(lora.target_modules) - present)
-    if missing:
-        raise ValueError(
-            f"LoRA target module(s) {missing} not in the model; its linear layers are {sorted(present)}"
-        )
-    config = peft.LoraConfig(
-        r=lora.rank,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        bias="none",
-    )
-    return peft.get_peft_model(model, config)
 
 
 def relearn_attack(
@@ -115,8 +76,6 @@ def relearn_attack(
         raise ValueError(f"steps must be >= 0, got {steps}")
     if eval_every is not None and eval_every < 1:
         raise ValueError(f"eval_every must be a positive number of steps or None, got {eval_every}")
-    # imported here: the registry loads every optimizer grade, and only relearning needs one
-    from robustunlearn.optim import build_optimizer
 
     token_batches = _token_batches(batches, tokenizer)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}

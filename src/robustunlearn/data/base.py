@@ -18,6 +18,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Union
+from robustunlearn.core.io import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,6 @@ class Benchmark:
         return cls(data["name"], data["schema_version"], splits, dict(data.get("metadata", {})))
 
     def save(self, path: str | Path) -> None:
-        from robustunlearn.io import atomic_write_text
 
         atomic_write_text(Path(path), self.to_json())
 

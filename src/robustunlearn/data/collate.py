@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from robustunlearn.batching import IGNORE_INDEX, TokenBatch
+from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
 from robustunlearn.data.base import QA, Continuation, Passage, Record
 from robustunlearn.data.prompts import qa_completion, qa_prompt
 

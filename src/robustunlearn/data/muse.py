@@ -42,7 +42,7 @@ from robustunlearn.data.tofu import (
     hub_table,
     read_table,
 )
-from robustunlearn.errors import UserError
+from robustunlearn.core.errors import UserError
 
 SCHEMA_VERSION = "1"
 HUB_NAMES = {"news": "muse-bench/MUSE-News", "books": "muse-bench/MUSE-Books"}

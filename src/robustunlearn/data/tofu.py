@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from robustunlearn.data.base import QA, Benchmark, MultipleChoice
-from robustunlearn.errors import UserError
+from robustunlearn.core.errors import UserError
 
 SCHEMA_VERSION = "1"
 HUB_NAME = "locuslab/TOFU"
@@ -153,7 +153,7 @@ def hub_table(name: str, config: str | None, split: str, *, limit: int | None = 
     """One split of a Hugging Face hub dataset, via ``datasets.load_dataset`` (needs the network;
     gated datasets need ``HF_TOKEN``)."""
     try:
-        import datasets
+        import datasets  # optional heavy dependency: only hub loading needs it
     except ImportError:
         raise UserError(
             f"loading {name!r} from the hub needs the 'datasets' package: pip install datasets"

@@ -41,7 +41,7 @@ from robustunlearn.data.tofu import (
     hub_table,
     read_table,
 )
-from robustunlearn.errors import UserError
+from robustunlearn.core.errors import UserError
 
 SCHEMA_VERSION = "1"
 MCQ_HUB_NAME = "cais/wmdp"

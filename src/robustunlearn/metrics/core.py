@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
+from rich.progress import Progress
 
 T = TypeVar("T")
 
@@ -56,7 +57,6 @@ def chunks(
         for start in starts:
             yield items[start : start + batch_size]
         return
-    from rich.progress import Progress
 
     with Progress(transient=True) as bar:
         task = bar.add_task(description, total=len(items))

@@ -2,7 +2,7 @@
 YAMLs of your own in an include directory) run on a model that is already loaded.
 
 lm-eval is imported only here, when tasks run; without it :func:`require_lm_eval` raises one
-:class:`~robustunlearn.errors.UserError` naming the extra to install. lm-eval's ``HFLM`` wraps the
+:class:`~robustunlearn.core.errors.UserError` naming the extra to install. lm-eval's ``HFLM`` wraps the
 loaded model and tokenizer (nothing is reloaded), and ``lm_eval.simple_evaluate`` runs the tasks.
 
 Every scored sequence starts with the tokenizer's bos token, as in :mod:`robustunlearn.metrics`:
@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from robustunlearn.errors import UserError
+from robustunlearn.core.errors import UserError
 
 INSTALL_HINT = "pip install 'robustunlearn[lm-eval]'"
 DEFAULT_FILTER = ",none"  # lm-eval's results key metrics as "acc,none": metric, then filter

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from robustunlearn.batching import UnlearnBatch
+from robustunlearn.core.batching import UnlearnBatch
 from robustunlearn.objectives.ga import GradDiff, GradientAscent
 from robustunlearn.objectives.idk import Idk, IdkDPO
 from robustunlearn.objectives.npo import NPO, SimNPO

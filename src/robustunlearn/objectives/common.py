@@ -1,6 +1,6 @@
 """Log-likelihood helpers and the retain term shared by the objectives.
 
-Labels follow :mod:`robustunlearn.batching`: unshifted, ``IGNORE_INDEX`` where not scored. The
+Labels follow :mod:`robustunlearn.core.batching`: unshifted, ``IGNORE_INDEX`` where not scored. The
 token at position t is predicted from the logits at position t-1, so every helper compares
 ``logits[:, :-1]`` with ``labels[:, 1:]``. Half-precision logits are upcast to float32 before the
 log-softmax; float64 stays float64.
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustunlearn.batching import IGNORE_INDEX, TokenBatch, UnlearnBatch
+from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch, UnlearnBatch
 
 RETAIN_LOSSES = ("nll", "kl")
 

@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from robustunlearn.batching import UnlearnBatch
+from robustunlearn.core.batching import UnlearnBatch
 from robustunlearn.objectives.common import RetainTerm, mean_nll, sequence_logprobs
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustunlearn.batching import UnlearnBatch
+from robustunlearn.core.batching import UnlearnBatch
 from robustunlearn.objectives.common import (
     RetainTerm,
     check_positive,

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustunlearn.batching import IGNORE_INDEX, TokenBatch, UnlearnBatch
+from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch, UnlearnBatch
+from robustunlearn.core.modules import decoder_blocks, run_until
 from robustunlearn.objectives.common import check_positive, require
 
 WMDP_LAYER = 7
@@ -27,38 +28,16 @@ WMDP_ALPHA = 1200.0
 WMDP_HIDDEN_SIZE = 4096  # zephyr-7b, the model the WMDP constants were tuned on
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of decoder blocks (``model.model.layers`` for Llama, also under a peft wrapper)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers":
-            return module
-    raise ValueError(f"{type(model).__name__} has no decoder 'layers' ModuleList; RMU needs one")
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook: layers after ℓ and the LM head are not needed."""
-
-
 def layer_activations(model: nn.Module, batch: TokenBatch, layer: int) -> torch.Tensor:
     """Output hidden state of decoder layer ``layer`` at the scored positions of ``batch``
     (labels != IGNORE_INDEX: the answer of a QA pair, every real token of a passage):
     ``[scored tokens, hidden]``, at least float32. The forward pass stops after that layer."""
-    captured: list[torch.Tensor] = []
-
-    def capture(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
-        captured.append(output[0] if isinstance(output, tuple) else output)
-        raise _StopForward
-
-    handle = decoder_layers(model)[layer].register_forward_hook(capture)
-    try:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"decoder layer {layer} did not run in the forward pass")
-    hidden = captured[0][batch.labels != IGNORE_INDEX]
+    output = run_until(
+        decoder_blocks(model)[layer],
+        lambda: model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False),
+    )
+    output = output[0] if isinstance(output, tuple) else output
+    hidden = output[batch.labels != IGNORE_INDEX]
     return hidden.to(torch.promote_types(hidden.dtype, torch.float32))
 
 
@@ -127,7 +106,7 @@ class RMU:
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """The trainable parameters of ``mlp.down_proj`` in ``update_layers``: its weight (and
         bias) for a plain model; under a LoRA adapter, the adapter's weights on down_proj."""
-        layers = decoder_layers(model)
+        layers = decoder_blocks(model)
         if max(self.layer, *self.update_layers) >= len(layers):
             raise ValueError(
                 f"RMU layer {self.layer} / update_layers {self.update_layers} out of range for "

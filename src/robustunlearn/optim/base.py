@@ -36,3 +36,14 @@ class Closure(Protocol):
     def __call__(
         self, backward: bool = True, *, sample_labels: bool = False, term: str | None = None
     ) -> torch.Tensor: ...
+
+
+def check_beta(name: str, beta: float) -> None:
+    """A moment decay rate must lie in [0, 1)."""
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"invalid {name} {beta!r}; accepted: 0 <= {name} < 1")
+
+
+def check_betas(betas: tuple[float, float]) -> None:
+    check_beta("betas[0]", betas[0])
+    check_beta("betas[1]", betas[1])

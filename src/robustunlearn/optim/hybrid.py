@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustunlearn.optim import OptimizerSpec
+from robustunlearn.core.modules import decoder_blocks
+from robustunlearn.optim.spec import OPTIMIZERS, OptimizerSpec
 from robustunlearn.optim.base import Closure
 
 
@@ -39,13 +40,6 @@ def phase_at(step: int, total_steps: int, every: int) -> str:
     return "zo" if blocks_after % 2 == 0 else "fo"
 
 
-def _registry() -> dict[str, OptimizerSpec]:
-    # imported on use: the registry imports this module while it is being built
-    from robustunlearn.optim import OPTIMIZERS
-
-    return OPTIMIZERS
-
-
 def _build_part(
     name: str,
     zeroth_order: bool,
@@ -55,7 +49,7 @@ def _build_part(
     options: dict[str, Any],
 ) -> torch.optim.Optimizer:
     """Build the ZO part (a zeroth-order optimizer) or the FO part (any gradient-based one)."""
-    specs = _registry()
+    specs = OPTIMIZERS
     accepted = sorted(
         n
         for n, s in specs.items()
@@ -193,22 +187,6 @@ class DepthHybrid(_TwoPart):
         return loss
 
 
-def find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of transformer blocks: of the ``ModuleList``s holding two or more
-    modules of one class (``model.model.layers`` in a Hugging Face Llama), the one with the most
-    parameters."""
-    stacks = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1
-    ]
-    if not stacks:
-        raise ValueError(
-            f"found no stack of repeated blocks (a ModuleList) in {type(model).__name__}"
-        )
-    return max(stacks, key=lambda s: sum(p.numel() for p in s.parameters()))
-
-
 def split_by_depth(
     model: nn.Module, params: list[nn.Parameter], fo_blocks: int
 ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -216,7 +194,7 @@ def split_by_depth(
     parameter registered after the block stack (final norm, output head); ``bottom`` the rest.
     A weight shared between the bottom and the head (tied embeddings) counts where it is first
     registered: in the bottom."""
-    blocks = find_blocks(model)
+    blocks = decoder_blocks(model)
     if not (isinstance(fo_blocks, int) and 1 <= fo_blocks <= len(blocks)):
         raise ValueError(f"fo_blocks must be an integer in [1, {len(blocks)}], got {fo_blocks!r}")
     in_stack = {id(p) for p in blocks.parameters()}
@@ -316,7 +294,6 @@ __all__ = [
     "AlternatingHybrid",
     "DepthHybrid",
     "ObjectiveHybrid",
-    "find_blocks",
     "phase_at",
     "split_by_depth",
 ]

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from robustunlearn.optim import OptimizerSpec
+from robustunlearn.optim.base import check_beta, check_betas
+from robustunlearn.optim.spec import OptimizerSpec
 
 QUANTIZATION_BITS = (1, 2, 4, 8)
 
@@ -29,16 +30,6 @@ QUANTIZATION_BITS = (1, 2, 4, 8)
 def _check_lr(lr: float) -> None:
     if not lr >= 0.0:
         raise ValueError(f"invalid learning rate {lr!r}; accepted: lr >= 0")
-
-
-def _check_beta(name: str, beta: float) -> None:
-    if not 0.0 <= beta < 1.0:
-        raise ValueError(f"invalid {name} {beta!r}; accepted: 0 <= {name} < 1")
-
-
-def _check_betas(betas: tuple[float, float]) -> None:
-    _check_beta("betas[0]", betas[0])
-    _check_beta("betas[1]", betas[1])
 
 
 def _evaluate(closure: Callable[[], Tensor] | None) -> Tensor | None:
@@ -118,7 +109,7 @@ class Signum(Optimizer):
         self, params: ParamsT, lr: float = 1e-4, beta: float = 0.9, weight_decay: float = 0.0
     ) -> None:
         _check_lr(lr)
-        _check_beta("beta", beta)
+        check_beta("beta", beta)
         super().__init__(params, {"lr": lr, "beta": beta, "weight_decay": weight_decay})
 
     @torch.no_grad()
@@ -168,7 +159,7 @@ class Lion(Optimizer):
         weight_decay: float = 0.0,
     ) -> None:
         _check_lr(lr)
-        _check_betas(betas)
+        check_betas(betas)
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
 
     @torch.no_grad()
@@ -216,7 +207,7 @@ class QAdam(Optimizer):
         error_feedback: bool = False,
     ) -> None:
         _check_lr(lr)
-        _check_betas(betas)
+        check_betas(betas)
         if bits not in QUANTIZATION_BITS:
             raise ValueError(f"invalid bits {bits!r}; accepted: {', '.join(map(str, QUANTIZATION_BITS))}")
         defaults = {
@@ -281,7 +272,7 @@ class OneBitAdam(Optimizer):
         warmup_steps: int = 20,
     ) -> None:
         _check_lr(lr)
-        _check_betas(betas)
+        check_betas(betas)
         if warmup_steps < 1:
             raise ValueError(f"invalid warmup_steps {warmup_steps!r}; accepted: an integer >= 1")
         defaults = {

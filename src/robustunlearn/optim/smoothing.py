@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from robustunlearn.optim import OptimizerSpec
+from robustunlearn.optim.spec import OptimizerSpec
 
 BASES: dict[str, type[Optimizer]] = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 

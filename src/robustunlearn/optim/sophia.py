@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from robustunlearn.optim import OptimizerSpec
+from robustunlearn.optim.spec import OptimizerSpec
 from robustunlearn.optim.base import Closure
 
 HVP_METHODS = ("autograd", "finite-difference")

@@ -52,8 +52,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustunlearn.optim import OptimizerSpec
-from robustunlearn.optim.base import Closure
+from robustunlearn.optim.spec import OptimizerSpec
+from robustunlearn.optim.base import Closure, check_betas
 
 DIRECTIONS = ("rademacher", "gaussian", "sphere")
 _DIGITS = {torch.float32: 24, torch.float64: 53}  # significand bits of the exactly handled dtypes
@@ -370,11 +370,6 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             self._on_grid[p] = (h, p._version)
 
 
-def _check_betas(betas: tuple[float, float]) -> None:
-    if not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"betas must lie in [0, 1), got {betas}")
-
-
 class ZOSGD(ZerothOrderOptimizer):
     """ZO-SGD (MeZO): ``b ← μ·b + ĝ`` (without momentum ``b = ĝ``), ``θ ← θ − lr·b``."""
 
@@ -425,7 +420,7 @@ class ZOAdam(ZerothOrderOptimizer):
         directions: str = "gaussian",
         **options: Any,
     ) -> None:
-        _check_betas(betas)
+        check_betas(betas)
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -476,7 +471,7 @@ class ZOAdaZO(ZerothOrderOptimizer):
         two_sided: bool = False,
         **options: Any,
     ) -> None:
-        _check_betas(betas)
+        check_betas(betas)
         if not zeta > 0.0:
             raise ValueError(f"zeta must be > 0, got {zeta}")
         defaults = {"lr": lr, "betas": tuple(betas), "zeta": zeta, "weight_decay": weight_decay}

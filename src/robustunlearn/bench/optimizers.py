@@ -20,8 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustunlearn.io import atomic_write_json
+from robustunlearn.core.io import atomic_write_json
 from robustunlearn.optim.base import Closure
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from robustunlearn.optim import OPTIMIZERS, build_optimizer
 
 # Llama shapes of about 1M and 5M parameters (untied embeddings).
 BENCH_MODELS: dict[str, dict[str, int]] = {
@@ -44,7 +50,7 @@ _PRELOAD = [
     "torch",
     "transformers.models.llama.modeling_llama",
     "robustunlearn.optim",
-    "robustunlearn.bench",
+    "robustunlearn.bench.optimizers",
 ]
 
 
@@ -122,9 +128,7 @@ def _measure_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
     shape, is that shape's peak (a larger shape has the larger peak).
     Time: after a warm-up round (so that freed memory is reused, as in any long run, rather than
     mapped afresh), ``repeats`` forwards and steps, interleaved."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from robustunlearn.optim import build_optimizer
 
     if task["threads"] is not None:
         torch.set_num_threads(task["threads"])
@@ -235,11 +239,7 @@ def bench_optimizers(
     ``repeats`` timed steps and forwards per shape follow a warm-up round; ``threads`` sets torch's CPU threads in the workers (``None``: torch's default). Prints
     a table with rich; with ``json_path`` writes the rows as JSON.
     """
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
 
-    from robustunlearn.optim import OPTIMIZERS
 
     console = Console() if console is None else console
     names = list(OPTIMIZERS) if optimizers is None else list(optimizers)

@@ -22,15 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustunlearn.attacks.quantize import (
+from robustunlearn.attacks.quant.core import (
     QuantizedTensor,
     _check_bits,
     _work_tensor,
-    decoder_layers,
     group_params,
     quantize_affine,
 )
-from robustunlearn.batching import TokenBatch
+from robustunlearn.core.batching import TokenBatch
+from robustunlearn.core.modules import decoder_blocks, run_until
 
 
 def gptq_quantize_weight(
@@ -137,10 +137,6 @@ def calibration_inputs(
     return pairs
 
 
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once the inputs it wanted are captured."""
-
-
 def _hidden_states(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -156,23 +152,15 @@ def _first_block_inputs(
 ) -> list[tuple[tuple, dict]]:
     """The ``(args, kwargs)`` each batch passes to the first block (hidden states, attention
     mask, rotary embeddings, ...), so the blocks can be replayed one at a time."""
-    captured = []
-
-    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append((args, kwargs))
-        raise _StopForward
-
     device = next(model.parameters()).device
-    handle = block.register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        for ids, mask in batches:
-            try:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return captured
+    return [
+        run_until(
+            block,
+            lambda: model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False),
+            inputs=True,
+        )
+        for ids, mask in batches
+    ]
 
 
 def _hessians(
@@ -244,7 +232,7 @@ def gptq_quantize_model(
             codes[name] = result.codes.cpu()
 
     try:
-        blocks = decoder_layers(model)
+        blocks = decoder_blocks(model)
         inputs = _first_block_inputs(model, blocks[0], batches)
         for block in blocks:
             linears = [(names[id(m)], m) for m in block.modules() if isinstance(m, nn.Linear)]

@@ -5,7 +5,7 @@ QA ROUGE-L): F_target of the original model, F_unlearned after unlearning, F_att
 attack (quantization, relearning, weight noise, ...) on the unlearned model.
 
 A *row* is one (cell, attack) record of ``results.jsonl``; its schema is documented in
-:mod:`robustunlearn.report`. :func:`attack_scores` fills its ``"scores"``, :func:`summarise`
+:mod:`robustunlearn.study.report`. :func:`attack_scores` fills its ``"scores"``, :func:`summarise`
 condenses many rows into one summary per cell and one mean over seeds per grid point.
 """
 

@@ -8,6 +8,7 @@ import time
 import torch
 
 from robustunlearn.metrics.generation import generate_greedy
+from robustunlearn.core.models import TinyModelConfig, build_tiny_model, train_tokenizer
 
 _NAMES = (
     "Alice Moreau",
@@ -54,7 +55,6 @@ def bench_generation(
     is built on ``device``. ``identical`` says whether both ways gave the same texts."""
     prompts = bench_prompts(n_prompts, seed)
     if model is None or tokenizer is None:
-        from robustunlearn.models import TinyModelConfig, build_tiny_model, train_tokenizer
 
         tokenizer = train_tokenizer(prompts, vocab_size=512)
         model = build_tiny_model(TinyModelConfig(), tokenizer, seed).to(device)

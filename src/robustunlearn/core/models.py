@@ -19,10 +19,18 @@ from typing import Any
 
 import torch
 from transformers.utils import logging as hf_logging
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
-from robustunlearn.errors import UserError
-from robustunlearn.io import atomic_write_json
+from robustunlearn.core.errors import UserError
+from robustunlearn.core.io import atomic_write_json
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 MANIFEST = "manifest.json"
@@ -65,8 +73,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedT
     Byte-level pre-tokenization keeps a leading space with each word, so ``" Lisbon"`` after
     ``"Answer:"`` tokenizes the same alone as in context: prompts and answers can be encoded
     separately (see :mod:`robustunlearn.data.collate`)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -230,8 +236,6 @@ def load_model(
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     source, extra = _pretrained_source(name_or_path, path)
     if extra:
-        from transformers import GgufConfig
-
         # Without dequantize, transformers may keep the weights in GGUF blocks (not trainable, not savable).
         extra["quantization_config"] = GgufConfig(dequantize=True)
     else:

@@ -7,11 +7,11 @@ weights for zeroth-order, sampled labels for Sophia-G. Steps are logged as JSON 
 (trainable weights, optimizer state, RNG states, data position) are written atomically so a
 killed run resumes to the same final weights.
 
-Options (:class:`UnlearnConfig`): a budget in ``steps`` or ``epochs``; LoRA adapters instead of
+Options (:class:`UnlearnSettings`): a budget in ``steps`` or ``epochs``; LoRA adapters instead of
 full fine-tuning (``lora``), whose reference model is the same model with its adapter disabled;
 keeping the weights with the best value of an evaluation metric (``keep_best``). Launched in
 several processes (``torchrun``, ``accelerate launch``), the run is data parallel
-(:mod:`robustunlearn.distributed`): ``batch_size`` is the global batch, each rank takes its
+(:mod:`robustunlearn.core.distributed`): ``batch_size`` is the global batch, each rank takes its
 shard, and rank 0 alone logs, evaluates and writes files. docs/engine.md has the details.
 """
 
@@ -27,90 +27,28 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from robustunlearn.attacks.relearn import LoraOptions, add_lora
-from robustunlearn.batching import IGNORE_INDEX, TokenBatch, UnlearnBatch
+from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch, UnlearnBatch
 from robustunlearn.data.base import QA, Benchmark, Record
 from robustunlearn.data.collate import collate_records
 from robustunlearn.data.prompts import REFUSAL_ANSWERS
-from robustunlearn.distributed import DataParallel, data_parallel
-from robustunlearn.io import atomic_write_json
+from robustunlearn.core.distributed import DataParallel, data_parallel
+from robustunlearn.core.io import atomic_write_json
+from robustunlearn.core.models import WEIGHTS
+from robustunlearn.core.modules import add_lora, load_weights, lora_options, save_trainable_weights
 from robustunlearn.objectives import build_objective
 from robustunlearn.optim import build_optimizer
+from robustunlearn.train.checkpoint import Checkpointer, best_snapshots, read_log, restore_best
+from robustunlearn.train.settings import UnlearnSettings
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-SCHEDULES = ("constant", "linear", "cosine")
-BEST_MODES = ("min", "max")
-WEIGHTS = "model.safetensors"
 _RANK_SEED_STRIDE = 1_000_003  # rank r samples Sophia-G's labels from seed + r·stride
-
-
-@dataclass
-class UnlearnConfig:
-    objective: str = "npo"
-    objective_options: dict[str, Any] = field(default_factory=dict)
-    optimizer: str = "adamw"
-    lr: float | None = None  # None: the optimizer's registered default
-    optimizer_options: dict[str, Any] = field(default_factory=dict)
-    steps: int = 60
-    epochs: int | None = None  # passes over the forget set; when given, it sets the step budget
-    batch_size: int = 8  # forget examples per step (over all processes); the retain batch has as many
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    seed: int = 0
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
-    eval_every: int = 0  # steps between calls of the evaluation callback; 0 = never
-    forget_splits: tuple[str, ...] = ("forget_qa", "forget_text")
-    retain_splits: tuple[str, ...] = ("retain_qa", "retain_text")
-    max_length: int = 256
-    lora: dict[str, Any] | None = None  # LoRA adapters: fields of attacks.relearn.LoraOptions
-    keep_best: str | None = None  # an `evaluate` metric: keep the weights of its best value
-    keep_best_mode: str = "min"  # "min" or "max": which value of keep_best is best
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1 or None, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.lr_schedule not in SCHEDULES:
-            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; accepted: {', '.join(SCHEDULES)}")
-        if self.keep_best_mode not in BEST_MODES:
-            raise ValueError(f"unknown keep_best_mode {self.keep_best_mode!r}; accepted: {', '.join(BEST_MODES)}")
-        if self.keep_best is not None and self.eval_every < 1:
-            raise ValueError(f"keep_best={self.keep_best!r} needs eval_every >= 1, got {self.eval_every}")
-        self.forget_splits, self.retain_splits = tuple(self.forget_splits), tuple(self.retain_splits)
-        lora_options(self.lora)  # fail now on unknown LoRA options
-
-    def total_steps(self, forget_records: int) -> int:
-        """The step budget: ``steps``, or with ``epochs`` ⌈epochs · forget_records / batch_size⌉."""
-        if self.epochs is None:
-            return self.steps
-        return math.ceil(self.epochs * forget_records / self.batch_size)
-
-
-def lora_options(options: dict[str, Any] | None) -> LoraOptions | None:
-    """``UnlearnConfig.lora`` as :class:`~robustunlearn.attacks.relearn.LoraOptions` (None: none)."""
-    if options is None:
-        return None
-    accepted = [f.name for f in fields(LoraOptions)]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"unknown lora option(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
-    if "target_modules" in options:
-        options = {**options, "target_modules": tuple(options["target_modules"])}
-    chosen = LoraOptions(**options)
-    if isinstance(chosen.rank, bool) or not isinstance(chosen.rank, int) or chosen.rank < 1:
-        raise ValueError(f"lora rank must be a positive integer, got {chosen.rank!r}")
-    if isinstance(chosen.alpha, bool) or not isinstance(chosen.alpha, (int, float)) or chosen.alpha <= 0:
-        raise ValueError(f"lora alpha must be positive, got {chosen.alpha!r}")
-    return chosen
 
 
 class NonFiniteLossError(RuntimeError):
@@ -237,136 +175,6 @@ class UnlearnResult:
     best: dict[str, Any] | None = None  # with keep_best: step, metric, value, mode of the kept weights
 
 
-def save_trainable_weights(model, path: Path) -> None:
-    """Write the weights that require grad (the ones a run changes) to a safetensors file."""
-    save_file({name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}, str(path))
-
-
-def load_weights(model, path: Path) -> None:
-    """Copy the weights saved in ``path`` into the parameters of ``model`` with the same names."""
-    parameters = dict(model.named_parameters())
-    saved = load_file(str(path))
-    unknown = sorted(name for name in saved if name not in parameters or parameters[name].shape != saved[name].shape)
-    if unknown:
-        raise ValueError(f"{path} holds weights this model lacks or shapes it differs in: {', '.join(unknown[:5])}")
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            parameters[name].copy_(tensor)
-
-
-class Snapshots:
-    """Directories ``root/<name>``, each written in full under a temporary name and then renamed,
-    and a pointer file (``root/<pointer>``, written atomically) naming the current one; only the
-    current one is kept (snapshots of 7B models are large)."""
-
-    def __init__(self, root: Path, pointer: str):
-        self.root, self.pointer = root, root / pointer
-
-    def current(self) -> tuple[Path, dict[str, Any]] | None:
-        if not self.pointer.is_file():
-            return None
-        record = json.loads(self.pointer.read_text())
-        path = self.root / record["name"]
-        return (path, record) if path.is_dir() else None
-
-    def commit(self, name: str, write: Callable[[Path], None], record: dict[str, Any]) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
-        for leftover in self.root.glob(".*-*"):  # staging of a writer killed mid-write (one writer at a time)
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.root))
-        write(staging)
-        final = self.root / name
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-        previous = self.current()
-        atomic_write_json(self.pointer, {"name": name, **record})
-        if previous is not None and previous[0] != final:
-            shutil.rmtree(previous[0], ignore_errors=True)
-        return final
-
-
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """Every RNG a step may draw from: torch's (CPU and current CUDA device), Python's, and the
-    generator of Sophia-G's sampled labels."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "sampling": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    generator.set_state(state["sampling"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-class Checkpointer:
-    """Atomic checkpoints in ``directory/checkpoints/step-N`` and a ``latest.json`` pointer.
-
-    A checkpoint holds the trainable weights (the others never change; under LoRA these are the
-    adapter weights), optimizer and scheduler state, every rank's RNG states and the data
-    position. All ranks call :meth:`save` (it gathers their RNG states); rank 0 writes."""
-
-    def __init__(self, directory: Path, parallel: DataParallel | None = None):
-        self.snapshots = Snapshots(directory / "checkpoints", "latest.json")
-        self.parallel = parallel or DataParallel()
-
-    def latest(self) -> Path | None:
-        current = self.snapshots.current()
-        return None if current is None else current[0]
-
-    def save(self, step: int, model, optimizer, scheduler, streams: dict[str, RecordStream], generator, extra: dict) -> None:
-        ranks = self.parallel.gather_objects(_rng_state(generator))
-        if not self.parallel.is_main:
-            return
-
-        def write(staging: Path) -> None:
-            save_trainable_weights(model, staging / WEIGHTS)
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ranks": ranks}
-            torch.save(state, staging / "state.pt")
-            progress = {"step": step, "streams": {k: s.state_dict() for k, s in streams.items()}, **extra}
-            atomic_write_json(staging / "progress.json", progress)
-
-        self.snapshots.commit(f"step-{step}", write, {"step": step})
-
-    def load(self, path: Path, model, optimizer, scheduler, streams: dict[str, RecordStream], generator) -> dict:
-        state = torch.load(path / "state.pt", weights_only=False)
-        if len(state["ranks"]) != self.parallel.world_size:
-            raise ValueError(
-                f"checkpoint {path} was written by a run of {len(state['ranks'])} process(es); "
-                f"resume it with as many, not {self.parallel.world_size}"
-            )
-        load_weights(model, path / WEIGHTS)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["ranks"][self.parallel.rank], generator)
-        progress = json.loads((path / "progress.json").read_text())
-        for name, stream in streams.items():
-            stream.load_state_dict(progress["streams"][name])
-        return progress
-
-
-def best_snapshots(output_dir: str | Path) -> Snapshots:
-    """Where ``keep_best`` keeps its weights: ``output_dir/best/step-N/model.safetensors``, named
-    by ``output_dir/best/best.json`` (with the step, metric, value and mode)."""
-    return Snapshots(Path(output_dir) / "best", "best.json")
-
-
-def restore_best(model, output_dir: str | Path) -> dict[str, Any]:
-    """Load the weights ``keep_best`` kept into ``model`` (the model :func:`unlearn` returned:
-    under LoRA the peft model, before merging) and return their record."""
-    current = best_snapshots(output_dir).current()
-    if current is None:
-        raise ValueError(f"{output_dir} holds no best weights (best/best.json); run with keep_best and eval_every")
-    path, record = current
-    load_weights(model, path / WEIGHTS)
-    return record
-
-
 def _best_value(metrics: dict[str, Any], name: str) -> float:
     value = metrics.get(name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -377,20 +185,6 @@ def _best_value(metrics: dict[str, Any], name: str) -> float:
 
 def _better(value: float, best: float, mode: str) -> bool:
     return value < best if mode == "min" else value > best
-
-
-def _read_log(path: Path) -> list[dict[str, Any]]:
-    """The entries of a ``log.jsonl``; a run killed while appending leaves a partial last line,
-    which is skipped."""
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    entries = []
-    for number, line in enumerate(lines, 1):
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise ValueError(f"{path} line {number} is not JSON") from None
-    return entries
 
 
 def _records(benchmark: Benchmark, splits: Sequence[str]) -> list[Record]:
@@ -477,7 +271,7 @@ def unlearn(
     model,
     tokenizer,
     benchmark: Benchmark,
-    config: UnlearnConfig,
+    config: UnlearnSettings,
     output_dir: str | Path | None = None,
     *,
     resume: bool = False,
@@ -493,8 +287,6 @@ def unlearn(
     logged and passed to ``should_stop``, which returns a reason to stop early (or None). An
     optimizer whose ``may_stop`` is false (a ``hybrid`` before the end of a ZO block) defers that
     stop to the next step where it is true."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = console or Console(stderr=True)
     output_dir = Path(output_dir) if output_dir is not None else None
@@ -561,7 +353,7 @@ def unlearn(
             if parallel.is_main:
                 console.print(f"resuming from step {start_step} ({latest})", highlight=False, soft_wrap=True)
             if log_path is not None and log_path.exists():  # drop log lines of steps the checkpoint does not hold
-                history = [h for h in _read_log(log_path) if h.get("step", 0) <= start_step]
+                history = [h for h in read_log(log_path) if h.get("step", 0) <= start_step]
         kept = keeper.current() if keeper is not None else None
         best = None if kept is None else kept[1]
     parallel.broadcast_([p.detach() for p in trained])  # every rank starts from rank 0's weights
@@ -635,7 +427,7 @@ def unlearn(
             is_last = step == total_steps or stopped_early is not None
             if checkpointer is not None and (is_last or (config.checkpoint_every and step % config.checkpoint_every == 0)):
                 checkpointer.save(step, model, optimizer, scheduler, streams, generator,
-                                  {"config": asdict(config), "pending_stop": pending_stop})
+                                  {"config": config.model_dump(mode="json"), "pending_stop": pending_stop})
             if stopped_early is not None:
                 break
     model.eval()

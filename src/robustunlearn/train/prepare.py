@@ -13,6 +13,9 @@ every model's weights are checked against their SHA-256 on load.
 
 from __future__ import annotations
 
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
 import copy
 import hashlib
 import json
@@ -29,13 +32,13 @@ from typing import Any
 import torch
 
 from robustunlearn import __version__
-from robustunlearn.batching import IGNORE_INDEX, TokenBatch
+from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
 from robustunlearn.data import load_benchmark
 from robustunlearn.data.base import QA, Benchmark, Record
 from robustunlearn.data.collate import encode_example, pad_examples, prompt_and_completion
 from robustunlearn.data.synthetic import GENERATOR_VERSION, SyntheticConfig
-from robustunlearn.io import atomic_write_json
-from robustunlearn.models import (
+from robustunlearn.core.io import atomic_write_json
+from robustunlearn.core.models import (
     DTYPES,
     TinyModelConfig,
     build_tiny_model,
@@ -236,8 +239,6 @@ def prepare(
     force: bool = False,
 ) -> Prepared:
     """Build (or load from cache) the benchmark, tokenizer, target and retrain models."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = console or Console(stderr=True)
     directory = Path(cache_dir or default_cache_dir()) / "prepared" / config.key()

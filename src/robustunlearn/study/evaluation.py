@@ -11,7 +11,9 @@ from typing import Any
 from rich.table import Table
 
 from robustunlearn.config import RunSettings
-from robustunlearn.pipeline import METRIC_COLUMNS, evaluate_model, load_target, tofu_scores
+from robustunlearn.metrics.lm_eval_backend import lm_eval_scores, require_lm_eval, run_lm_eval, task_manager
+from robustunlearn.metrics.suite import METRICS, evaluate_model, tofu_scores
+from robustunlearn.study.pipeline import load_target
 
 TOFU_COLUMNS = {"forget_truth_ratio": "forget truth ratio", "forget_prob": "forget prob", "model_utility": "model utility"}
 
@@ -26,14 +28,12 @@ def evaluate_from_settings(
     lm_eval_include: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``settings.model_path`` (a directory, GGUF file or hub name), or the prepared
-    target when it is None: with ``metrics``, :func:`~robustunlearn.pipeline.evaluate_model` on
+    target when it is None: with ``metrics``, :func:`~robustunlearn.study.pipeline.evaluate_model` on
     the benchmark (plus TOFU's truth ratio and model utility on TOFU); with ``lm_eval_tasks``,
     those lm-eval tasks. lm-eval's presence and the task names are checked before the model loads.
     ``settings.eval`` sets the batch size and caps the examples per split (and per lm-eval task)."""
     manager = None
     if lm_eval_tasks:
-        from robustunlearn.metrics.lm_eval_backend import require_lm_eval, task_manager
-
         require_lm_eval()
         manager = task_manager(lm_eval_tasks, lm_eval_include)
     started = time.perf_counter()
@@ -45,13 +45,11 @@ def evaluate_from_settings(
         "settings": settings.model_dump(mode="json"),
     }
     if metrics:
-        report["metrics"] = evaluate_model(model, tokenizer, benchmark, settings)
-        tofu = tofu_scores(model, tokenizer, benchmark, settings)
+        report["metrics"] = evaluate_model(model, tokenizer, benchmark, settings.eval)
+        tofu = tofu_scores(model, tokenizer, benchmark, settings.eval)
         if tofu is not None:
             report["metrics"].update({key: tofu[key] for key in TOFU_COLUMNS if tofu.get(key) is not None})
     if lm_eval_tasks:
-        from robustunlearn.metrics.lm_eval_backend import lm_eval_scores, run_lm_eval
-
         options = settings.eval
         results = run_lm_eval(
             model, tokenizer, lm_eval_tasks, manager=manager, batch_size=options.batch_size, limit=options.max_examples
@@ -72,7 +70,7 @@ def evaluation_table(report: dict[str, Any]) -> Table:
     table = Table(title=f"{report['model']} on {report['benchmark']}")
     table.add_column("metric", no_wrap=True)
     table.add_column("value", justify="right")
-    titles = {**METRIC_COLUMNS, **TOFU_COLUMNS}
+    titles = {**{name: spec.title for name, spec in METRICS.items()}, **TOFU_COLUMNS}
     for key, value in report.get("metrics", {}).items():
         table.add_row(titles[key], f"{value:.4f}")
     lm_eval = report.get("lm_eval")

@@ -26,8 +26,8 @@
 * ``forget`` / ``utility``: metrics of the attacked model (for ``"none"``: of the unlearned one);
   ``reference``: of the original (target), unlearned and retrained models.
 * ``primary_metric``: the forget metric the scores use; the utility metric is
-  :func:`robustunlearn.scores.utility_metric` (``retain_qa_rouge`` when present).
-* ``scores``: :func:`robustunlearn.scores.attack_scores` of the row. The report recomputes
+  :func:`robustunlearn.study.scores.utility_metric` (``retain_qa_rouge`` when present).
+* ``scores``: :func:`robustunlearn.study.scores.attack_scores` of the row. The report recomputes
   them from the other fields rather than trusting stored ones.
 * ``curve``: forget metrics by relearning step (relearning attacks only); ``cost``: of the
   cell's unlearning run (every row of a cell carries the same); ``landscape``: optional, any
@@ -54,10 +54,10 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from robustunlearn.io import atomic_write, atomic_write_text
+from robustunlearn.core.io import atomic_write, atomic_write_text
 from robustunlearn.metrics.landscape import lmc_barrier
 from robustunlearn.optim import GRADES
-from robustunlearn.scores import (
+from robustunlearn.study.scores import (
     NO_ATTACK,
     attack_scores,
     lower_is_better,

@@ -6,7 +6,7 @@ metric reaches the retrain reference's level (checked every ``check_every`` step
 budget runs out, and records the steps, forward/backward passes and wall time it used and whether
 it got there. Learning rates come from a small per-optimizer sweep (:func:`sweep_learning_rates`)
 that keeps the best utility at that matched forgetting; the embedded benchmark ships the sweep's
-choices in :data:`EMBEDDED_LEARNING_RATES`.
+choices in ``recipes/embedded.yaml``.
 
 A finished cell leaves ``cells/<id>/rows.json``; a rerun skips it, so a killed study resumes.
 """
@@ -21,24 +21,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from robustunlearn.config import RunSettings, StudySettings
+from robustunlearn.config import RunSettings, StudySettings, learning_rate, sweep_base, unlearn_settings
 from robustunlearn.data.base import Benchmark
 from robustunlearn.data.collate import collate_records
-from robustunlearn.engine import UnlearnConfig, load_weights, save_trainable_weights, unlearn
-from robustunlearn.io import atomic_write, atomic_write_json, atomic_write_text
+from robustunlearn.core.modules import load_weights, save_trainable_weights
+from robustunlearn.train.engine import unlearn
+from robustunlearn.core.io import atomic_write, atomic_write_json, atomic_write_text
+from robustunlearn.metrics.suite import UTILITY_METRIC, evaluate_model, tofu_scores
 from robustunlearn.optim import OPTIMIZERS
-
-# Tuned for the embedded benchmark and tiny model (synthetic, no --model or --base-model). NPO's
-# retain weight: with gamma 1 every grade reached the forgetting level only by wrecking retain QA
-# (adam: retain ROUGE 0.28); gamma 5 keeps it at 0.85. The learning rates are the choices of
-# `robustunlearn study --lr-sweep --output-dir runs/sweep` (base x 0.3, 1, 3 from SWEEP_BASES;
-# measured trials in the README's "Tuned defaults").
-EMBEDDED_OBJECTIVE_OPTIONS: dict[str, dict[str, Any]] = {"npo": {"gamma": 5.0}}
-EMBEDDED_OPTIMIZER_OPTIONS: dict[str, dict[str, Any]] = {"hybrid": {"zo_lr": 1e-4}}
-SWEEP_BASES: dict[str, float] = {"adam": 5e-4, "signadam": 1e-4, "sophia-g": 1e-4, "zo-adazo": 1e-4, "hybrid": 5e-4}
-EMBEDDED_LEARNING_RATES: dict[str, float] = {
-    "adam": 5e-4, "signadam": 1e-4, "sophia-g": 1e-4, "zo-adazo": 3e-5, "hybrid": 1.5e-3,
-}
+from robustunlearn.attacks import (
+    QUANTIZATION_METHODS,
+    gaussian_noise_attack,
+    magnitude_prune_attack,
+    quantize_model,
+    relearn_attack,
+)
+from robustunlearn.core.models import DTYPES, load_model
+from robustunlearn.core.modules import LoraOptions
+from robustunlearn.metrics import qa_answer_nll
+from robustunlearn.metrics.landscape import linear_interpolation, sharpness
+from robustunlearn.study.loading import load_target
+from robustunlearn.study.report import write_report
+from robustunlearn.study.scores import attack_scores
 
 QUANTIZATION_FAMILY = "quantization"
 UNLEARNED_WEIGHTS = "unlearned.safetensors"  # a cell's unlearned weights, kept for the LMC curves
@@ -67,42 +71,11 @@ class Cell:
                 "grade": self.grade, "seed": self.seed, "lr": self.lr}
 
 
-def embedded_defaults(settings: RunSettings) -> bool:
-    """Whether the run unlearns the embedded tiny target on the synthetic benchmark, for which
-    the EMBEDDED_* tables hold tuned defaults."""
-    return settings.benchmark == "synthetic" and settings.model_path is None and settings.base_model is None
-
-
-def learning_rate(settings: RunSettings, optimizer: str, chosen: dict[str, float]) -> float:
-    """The learning rate a cell uses: the settings' ``unlearn.lr`` if given, else the sweep's
-    choice, else the embedded benchmark's shipped choice, else the optimizer's default."""
-    if settings.unlearn.lr is not None:
-        return settings.unlearn.lr
-    if optimizer in chosen:
-        return chosen[optimizer]
-    if embedded_defaults(settings) and optimizer in EMBEDDED_LEARNING_RATES:
-        return EMBEDDED_LEARNING_RATES[optimizer]
-    return OPTIMIZERS[optimizer].default_lr
-
-
-def objective_options(settings: RunSettings, objective: str) -> dict[str, Any]:
-    """The embedded benchmark's tuned options of ``objective`` (if any), overridden by the settings'."""
-    tuned = EMBEDDED_OBJECTIVE_OPTIONS.get(objective, {}) if embedded_defaults(settings) else {}
-    return {**tuned, **settings.unlearn.objective_options}
-
-
-def optimizer_options(settings: RunSettings, optimizer: str) -> dict[str, Any]:
-    """The embedded benchmark's tuned options of ``optimizer`` (if any), overridden by the settings'."""
-    tuned = EMBEDDED_OPTIMIZER_OPTIONS.get(optimizer, {}) if embedded_defaults(settings) else {}
-    return {**tuned, **settings.unlearn.optimizer_options}
-
-
 def forget_level_probe(tokenizer, benchmark: Benchmark, settings: RunSettings, metric: str):
     """A cheap evaluation of the level metric on the forget set, for early stopping and curves."""
-    from robustunlearn.pipeline import evaluate_model
 
     def probe(model, step: int) -> dict[str, float]:
-        return evaluate_model(model, tokenizer, benchmark, settings, metrics=(metric,))
+        return evaluate_model(model, tokenizer, benchmark, settings.eval, metrics=(metric,))
 
     return probe
 
@@ -110,8 +83,6 @@ def forget_level_probe(tokenizer, benchmark: Benchmark, settings: RunSettings, m
 def qa_losses(tokenizer, benchmark: Benchmark):
     """``losses(model)``: the teacher-forced answer NLL on (up to LANDSCAPE_EXAMPLES) forget and
     retain QA pairs, as ``forget_qa_loss`` / ``retain_qa_loss``: one forward pass per batch."""
-    from robustunlearn.metrics import qa_answer_nll
-
     records = {role: benchmark.require(f"{role}_qa")[:LANDSCAPE_EXAMPLES] for role in ("forget", "retain")}
 
     def losses(model, roles=("forget", "retain")) -> dict[str, float]:
@@ -122,8 +93,6 @@ def qa_losses(tokenizer, benchmark: Benchmark):
 
 def cell_sharpness(model, tokenizer, benchmark: Benchmark, seed: int) -> dict[str, Any]:
     """Sharpness of the forget loss (see :func:`robustunlearn.metrics.landscape.sharpness`)."""
-    from robustunlearn.metrics.landscape import sharpness
-
     losses = qa_losses(tokenizer, benchmark)
     # 10% of a matrix's RMS is about the rounding noise of 4-bit RTN (step/sqrt(12), step ~ range/15).
     curve = sharpness(model, lambda noisy: losses(noisy, roles=("forget",))["forget_qa_loss"], scales=SHARPNESS_SCALES,
@@ -138,14 +107,12 @@ def add_lmc_curves(
     """Linear mode connectivity from the first optimizer's unlearned model to each other cell's with
     the same objective and seed: the level metric and the QA losses along the line. Stored in the
     cell's rows (``landscape.pair``, ``landscape.lmc``) and its ``rows.json``; cells that have one skip."""
-    from robustunlearn.metrics.landscape import linear_interpolation
-    from robustunlearn.pipeline import evaluate_model
 
     anchors = {(cell.objective, cell.seed): cell for cell, _ in finished if cell.optimizer == study.optimizers[0]}
     losses = qa_losses(tokenizer, benchmark)
 
     def evaluate(model) -> dict[str, float]:
-        return {**evaluate_model(model, tokenizer, benchmark, settings, metrics=(study.level_metric,)), **losses(model)}
+        return {**evaluate_model(model, tokenizer, benchmark, settings.eval, metrics=(study.level_metric,)), **losses(model)}
 
     def unlearned(cell: Cell):
         model = copy.deepcopy(target)
@@ -174,14 +141,6 @@ def add_lmc_curves(
 
 def run_attack(name: str, model, tokenizer, benchmark: Benchmark, settings: RunSettings, study: StudySettings, probe):
     """Apply one attack of the suite; returns (attacked model, family, curve or None)."""
-    from robustunlearn.attacks import (
-        QUANTIZATION_METHODS,
-        gaussian_noise_attack,
-        magnitude_prune_attack,
-        quantize_model,
-        relearn_attack,
-    )
-    from robustunlearn.attacks.relearn import LoraOptions
 
     if name in QUANTIZATION_METHODS:
         calibration = None
@@ -217,8 +176,6 @@ def run_cell(
     """Unlearn one cell to the matched level, evaluate it, run the attack suite; return its rows.
     With ``landscape`` (and ``study.landscape``, not under LoRA) the rows carry the model's
     sharpness and its weights are kept in ``directory``/UNLEARNED_WEIGHTS for :func:`add_lmc_curves`."""
-    from robustunlearn.pipeline import evaluate_model, tofu_scores
-    from robustunlearn.scores import attack_scores
 
     metric = study.level_metric
     probe = forget_level_probe(tokenizer, benchmark, settings, metric)
@@ -231,12 +188,9 @@ def run_cell(
         return None
 
     model = copy.deepcopy(target)
-    config = UnlearnConfig(
-        **{**settings.unlearn.model_dump(), "optimizer": cell.optimizer, "objective": cell.objective,
-           "lr": cell.lr, "steps": study.max_steps, "eval_every": study.check_every, "epochs": None,
-           "objective_options": objective_options(settings, cell.objective),
-           "optimizer_options": optimizer_options(settings, cell.optimizer)},
-        seed=cell.seed,
+    config = unlearn_settings(
+        settings, optimizer=cell.optimizer, objective=cell.objective, lr=cell.lr, steps=study.max_steps,
+        eval_every=study.check_every, epochs=None, seed=cell.seed,
     )
     started = time.perf_counter()
     outcome = unlearn(model, tokenizer, benchmark, config, directory / "unlearn", evaluate=probe,
@@ -249,7 +203,7 @@ def run_cell(
         "reached_level": outcome.stopped_early is not None,
         "target_level": target_level,
     }
-    unlearned = evaluate_model(model, tokenizer, benchmark, settings)
+    unlearned = evaluate_model(model, tokenizer, benchmark, settings.eval)
     cell_landscape = None
     if landscape and study.landscape and settings.unlearn.lora is None:
         cell_landscape = cell_sharpness(model, tokenizer, benchmark, cell.seed)
@@ -265,7 +219,7 @@ def run_cell(
             "reference": reference, "primary_metric": metric, "curve": curve, "cost": cost, "landscape": cell_landscape,
         }
         entry["scores"] = attack_scores(entry)
-        tofu = tofu_scores(attacked_model, tokenizer, benchmark, settings, retrain_ratios)
+        tofu = tofu_scores(attacked_model, tokenizer, benchmark, settings.eval, retrain_ratios)
         if tofu is not None:
             entry["tofu"] = tofu
         return entry
@@ -273,7 +227,7 @@ def run_cell(
     rows = [row("none", "none", model, unlearned)]
     for attack in study.attacks if attacks else ():
         attacked, family, curve = run_attack(attack, model, tokenizer, benchmark, settings, study, probe)
-        rows.append(row(attack, family, attacked, evaluate_model(attacked, tokenizer, benchmark, settings), curve))
+        rows.append(row(attack, family, attacked, evaluate_model(attacked, tokenizer, benchmark, settings.eval), curve))
     return rows
 
 
@@ -287,21 +241,18 @@ def _cells_for(settings: RunSettings, study: StudySettings, chosen: dict[str, fl
 def sweep_learning_rates(
     settings: RunSettings, study: StudySettings, target, tokenizer, benchmark, references, output_dir: Path, console=None
 ) -> dict[str, float]:
-    """For each optimizer, try a base lr (the settings' ``unlearn.lr``, else SWEEP_BASES for the
-    embedded benchmark, else the optimizer's default) times each ``study.sweep_factors`` (first objective,
+    """For each optimizer, try a base lr (the settings' ``unlearn.lr``, else the tuned
+    ``sweep_bases``, else the optimizer's default) times each ``study.sweep_factors`` (first objective,
     first seed, no attacks) and keep the lr with the best utility among those that reach the
     forget level; if none reaches it, the one with the largest utility minus forget metric (the
     one that forgets most would be the one that wrecks the model most). Written to ``lr_sweep.json``."""
-    from robustunlearn.pipeline import UTILITY_METRIC
 
     path = output_dir / "lr_sweep.json"
     if path.exists():
         return json.loads(path.read_text())["chosen"]
     trials, chosen = [], {}
     for optimizer in study.optimizers:
-        base = settings.unlearn.lr or (
-            SWEEP_BASES.get(optimizer) if embedded_defaults(settings) else None
-        ) or OPTIMIZERS[optimizer].default_lr
+        base = sweep_base(settings, optimizer)
         candidates = []
         for factor in study.sweep_factors:
             cell = Cell(settings.benchmark, study.objectives[0], optimizer, study.seeds[0], base * factor)
@@ -321,20 +272,17 @@ def run_study(
     settings: RunSettings, study: StudySettings, output_dir: Path, cache_dir=None, console=None, lr_sweep: bool = False
 ) -> list[dict[str, Any]]:
     """Run (or resume) the grid; write ``results.jsonl``, ``report.md``/``report.html`` and plots."""
-    from robustunlearn.models import DTYPES, load_model
-    from robustunlearn.pipeline import evaluate_model, load_target, tofu_scores
-    from robustunlearn.report import write_report
 
     target, tokenizer, benchmark, prepared = load_target(settings, cache_dir, console)
     references_path = output_dir / "references.json"
     if references_path.exists():
         references = json.loads(references_path.read_text())
     else:
-        references = {"target": evaluate_model(target, tokenizer, benchmark, settings), "retrain": None}
+        references = {"target": evaluate_model(target, tokenizer, benchmark, settings.eval), "retrain": None}
         if prepared is not None:
             retrain = load_model(prepared.retrain_dir, dtype=DTYPES[settings.dtype])[0]
-            references["retrain"] = evaluate_model(retrain, tokenizer, benchmark, settings)
-            references["tofu_retrain"] = tofu_scores(retrain, tokenizer, benchmark, settings)
+            references["retrain"] = evaluate_model(retrain, tokenizer, benchmark, settings.eval)
+            references["tofu_retrain"] = tofu_scores(retrain, tokenizer, benchmark, settings.eval)
         atomic_write_json(references_path, references)
 
     chosen = sweep_learning_rates(settings, study, target, tokenizer, benchmark, references, output_dir, console) if lr_sweep else {}

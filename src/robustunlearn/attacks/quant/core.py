@@ -23,7 +23,7 @@ Methods (``QUANTIZATION_METHODS``; case and ``_`` vs ``-`` are ignored, aliases 
   ``group_size`` input columns (:func:`rtn_groupwise`).
 * ``nf4``, ``fp4``: bitsandbytes' 4-bit code books emulated in torch (:func:`quantize_code_book`).
 * ``gptq-int{2..8}``: GPTQ with error compensation, calibrated on the caller's text
-  (:mod:`robustunlearn.attacks.gptq`).
+  (:mod:`robustunlearn.attacks.quant.gptq`).
 * library backends, used when installed: ``quanto-int{2,4,8}`` (optimum-quanto),
   ``hqq-int{1,2,3,4,8}`` (HQQ), ``torchao-int8``, ``bnb-nf4``/``bnb-fp4``/``bnb-int8``
   (bitsandbytes). Each quantizes one weight at a time and we keep its dequantized weight.
@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustunlearn.errors import UserError
+from robustunlearn.core.errors import UserError
+from robustunlearn.core.modules import decoder_blocks
 
 QUANTIZATION_METHODS = (
     "rtn-int8",
@@ -280,22 +281,10 @@ def quantize_code_book(
     return QuantizedTensor(codes, absmax.squeeze(1), None, dequantized.to(weight.dtype))
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks: the ``nn.ModuleList`` of ``config.num_hidden_layers`` modules."""
-    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count:
-            return module
-    raise ValueError(
-        f"cannot find the transformer blocks of {type(model).__name__}: "
-        f"no nn.ModuleList of config.num_hidden_layers={count} modules"
-    )
-
-
 def quantizable_linears(model: nn.Module, include_lm_head: bool = False) -> list[tuple[str, nn.Linear]]:
     """``(name, module)`` of the ``nn.Linear`` layers that quantization touches, in model order:
     those inside the transformer blocks, plus the output head if ``include_lm_head``."""
-    inside = {id(m) for layer in decoder_layers(model) for m in layer.modules()}
+    inside = {id(m) for layer in decoder_blocks(model) for m in layer.modules()}
     head = model.get_output_embeddings() if include_lm_head else None
     return [
         (name, module)
@@ -423,7 +412,7 @@ def quantize_model(
     start = time.perf_counter()
     quantized = copy.deepcopy(model)
     if spec.family == "gptq":
-        from robustunlearn.attacks.gptq import gptq_quantize_model
+        from robustunlearn.attacks.quant.gptq import gptq_quantize_model
 
         gptq_quantize_model(
             quantized,
@@ -485,7 +474,7 @@ def code_agreement(
     if spec.family == "gptq":
         if not calibration:
             raise ValueError(f"{spec.name!r} needs calibration data: pass calibration=...")
-        from robustunlearn.attacks.gptq import gptq_quantize_model
+        from robustunlearn.attacks.quant.gptq import gptq_quantize_model
 
         def gptq_codes(model: nn.Module) -> dict[str, torch.Tensor]:
             return gptq_quantize_model(

@@ -1,0 +1,103 @@
+"""The end-to-end run: prepare -> unlearn -> evaluate -> quantize -> evaluate again.
+
+Each stage is a library function; :func:`run_pipeline` strings them together and writes
+``results.json`` atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from robustunlearn.config import RunSettings, unlearn_settings
+from robustunlearn.core.distributed import data_parallel, local_device
+from robustunlearn.train.engine import restore_best, unlearn
+from robustunlearn.core.errors import UserError
+from robustunlearn.core.io import atomic_write_json
+from robustunlearn.metrics.suite import METRICS, evaluate_model
+from robustunlearn.core.models import save_model
+from robustunlearn.study.grid import run_study
+from robustunlearn.study.loading import load_target, prepare_from_settings
+
+def unlearn_only(settings: RunSettings, output_dir: Path, cache_dir=None, *, resume: bool = False, console=None) -> Path:
+    """Unlearn the target and save it to ``output_dir/final``; with ``resume``, continue a killed run.
+
+    With ``unlearn.eval_every`` the model is evaluated (:func:`evaluate_model`) every so many
+    steps and the metrics are logged; with ``unlearn.keep_best`` the final model holds the weights
+    of the best evaluation instead of the last ones (its record is in the manifest's ``best``).
+
+    Launched in several processes (torchrun, accelerate launch), each loads the model on its
+    :func:`~robustunlearn.core.distributed.local_device` and the run is data parallel; rank 0 alone
+    prepares the target (the others wait, then read its cache entry), evaluates and writes the files."""
+    parallel = data_parallel()  # joins the launcher's process group, if any
+    if parallel.enabled and settings.model_path is None:
+        if parallel.is_main:
+            prepare_from_settings(settings, cache_dir, console=console)
+        parallel.barrier()
+    model, tokenizer, benchmark, _ = load_target(settings, cache_dir, console, device=local_device())
+    options = settings.unlearn
+    if options.keep_best is not None and not benchmark.get(METRICS[options.keep_best].split):
+        raise UserError(
+            f"--keep-best {options.keep_best} needs the {METRICS[options.keep_best].split} split, "
+            f"which benchmark {benchmark.name!r} lacks"
+        )
+
+    def evaluate(unlearned, step: int) -> dict[str, float]:
+        return evaluate_model(unlearned, tokenizer, benchmark, settings.eval)
+
+    result = unlearn(model, tokenizer, benchmark, unlearn_settings(settings), output_dir, resume=resume,
+                     evaluate=evaluate if options.eval_every else None, console=console)
+    final_dir = output_dir / "final"
+    if parallel.is_main:
+        manifest = {"kind": "unlearned", **options.model_dump()}
+        if result.best is not None:
+            restore_best(result.model, output_dir)
+            manifest["best"] = result.best
+        final = result.model.merge_and_unload() if options.lora else result.model  # a plain model, adapters merged
+        save_model(final, tokenizer, final_dir, manifest)
+    parallel.barrier()  # every rank returns once the final model is there
+    return final_dir
+
+
+def run_pipeline(settings: RunSettings, output_dir: Path, cache_dir=None, console=None, lr_sweep: bool = False) -> dict[str, Any]:
+    """The main job: a small grade study (``settings.study``) on one benchmark; writes the study's
+    files (results.jsonl, report.md/html, plots) and ``results.json``, a summary per model."""
+    started = time.perf_counter()
+    rows = run_study(settings, settings.study, output_dir, cache_dir, console, lr_sweep=lr_sweep)
+    references = rows[0]["reference"]
+    scores: dict[str, dict[str, float]] = {"target": references["target"]}
+    if references["retrain"] is not None:
+        scores["retrain"] = references["retrain"]
+    for row in rows:
+        cell = row["cell"]
+        name = f"{cell['objective']}/{cell['optimizer']}" + (f"/seed{cell['seed']}" if len(settings.study.seeds) > 1 else "")
+        scores[name if row["attack"] == "none" else f"{name}+{row['attack']}"] = {**row["forget"], **row["utility"]}
+    results = {
+        "settings": settings.model_dump(mode="json"),
+        "benchmark": {"name": settings.benchmark},
+        "cells": [
+            {**row["cell"], **row["cost"]} for row in rows if row["attack"] == "none"
+        ],
+        "scores": scores,
+        "files": sorted(p.name for p in output_dir.iterdir() if p.is_file()),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    atomic_write_json(output_dir / "results.json", results)
+    return results
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    """Models as rows (target, retrain, each unlearned cell and its attacked versions), metrics as columns."""
+    table = Table(title=f"{results['benchmark']['name']}: forgetting and utility before and after attacks")
+    table.add_column("model", no_wrap=True)
+    for spec in METRICS.values():
+        table.add_column(spec.title.replace(" ", "\n", 1), justify="right")  # two-line headers fit 80 columns
+    for name, metrics in results["scores"].items():
+        table.add_row(name, *(f"{metrics[key]:.3f}" if key in metrics else "-" for key in METRICS))
+    table.caption = "forget: lower = more forgotten; retain: higher = more utility kept; ppl: lower is better"
+    return table

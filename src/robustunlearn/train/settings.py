@@ -1,0 +1,81 @@
+"""The unlearning run's settings: one model, read by config validation (as the recipe's
+``unlearn`` section), the CLI and the engine, so every default and check is written once."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from robustunlearn.core.modules import lora_options
+from robustunlearn.core.settings import Strict, check_name
+from robustunlearn.metrics.suite import METRICS
+from robustunlearn.objectives import OBJECTIVES
+from robustunlearn.optim import OPTIMIZERS
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+class UnlearnSettings(Strict):
+    """One objective x one optimizer on a benchmark's forget and retain splits."""
+
+    objective: str = "npo"
+    objective_options: dict[str, Any] = Field(default_factory=dict)
+    optimizer: str = "adamw"
+    lr: float | None = Field(None, gt=0)  # None: the optimizer's registered default
+    optimizer_options: dict[str, Any] = Field(default_factory=dict)
+    steps: int = Field(60, ge=1)
+    epochs: int | None = Field(None, ge=1)  # passes over the forget set; when given, it sets the step budget
+    batch_size: int = Field(8, ge=1)  # forget examples per step (over all processes); the retain batch has as many
+    lr_schedule: str = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    seed: int = 0  # a run's settings set it from the top-level seed
+    checkpoint_every: int = Field(0, ge=0)  # steps between checkpoints; 0 = only at the end
+    eval_every: int = Field(0, ge=0)  # steps between calls of the evaluation callback; 0 = never
+    forget_splits: tuple[str, ...] = ("forget_qa", "forget_text")
+    retain_splits: tuple[str, ...] = ("retain_qa", "retain_text")
+    max_length: int = Field(256, ge=2)
+    lora: dict[str, Any] | None = None  # LoRA adapters: fields of core.modules.LoraOptions
+    keep_best: str | None = None  # a metric of the evaluation: keep the weights of its best value
+    keep_best_mode: Literal["min", "max"] = "min"  # which value of keep_best is best
+
+    @model_validator(mode="after")
+    def _budget_and_best(self) -> UnlearnSettings:
+        if {"steps", "epochs"} <= self.model_fields_set and self.epochs is not None:
+            raise ValueError("set unlearn.steps or unlearn.epochs, not both")
+        if self.keep_best is not None and self.eval_every < 1:
+            raise ValueError("keep_best needs eval_every >= 1 (steps between evaluations)")
+        return self
+
+    @field_validator("lora")
+    @classmethod
+    def _lora(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        lora_options(value)
+        return value
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, value: str) -> str:
+        return check_name("objective", value, OBJECTIVES)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, value: str) -> str:
+        return check_name("optimizer", value, OPTIMIZERS)
+
+    @field_validator("lr_schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        return check_name("lr_schedule", value, SCHEDULES)
+
+    @field_validator("keep_best")
+    @classmethod
+    def _keep_best(cls, value: str | None) -> str | None:
+        return None if value is None else check_name("keep_best metric", value, METRICS)
+
+    def total_steps(self, forget_records: int) -> int:
+        """The step budget: ``steps``, or with ``epochs`` ⌈epochs · forget_records / batch_size⌉."""
+        if self.epochs is None:
+            return self.steps
+        return math.ceil(self.epochs * forget_records / self.batch_size)
