@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_bit_identical, snapshot, tiny_llama
 
+from helpers import assert_bit_identical, snapshot, tiny_llama
 from robustunlearn.attacks import ATTACKS, gaussian_noise_attack, magnitude_prune_attack, quantizable_linears
 
 
@@ -37,9 +37,7 @@ def test_relative_noise_has_the_requested_std():
 def test_absolute_noise_and_seeding():
     model = tiny_llama().eval()
     noisy = gaussian_noise_attack(model, 0.05, relative=False, seed=2)
-    noise = torch.cat(
-        [(noisy.state_dict()[n] - model.state_dict()[n]).flatten() for n in target_names(model)]
-    )
+    noise = torch.cat([(noisy.state_dict()[n] - model.state_dict()[n]).flatten() for n in target_names(model)])
     assert float(noise.std()) == pytest.approx(0.05, rel=0.02)
     again = gaussian_noise_attack(model, 0.05, relative=False, seed=2)
     other = gaussian_noise_attack(model, 0.05, relative=False, seed=3)

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 import transformers
-from helpers import assert_bit_identical, snapshot, tiny_llama
 
+from helpers import assert_bit_identical, snapshot, tiny_llama
 from robustunlearn.attacks import (
     FP4_CODE_BOOK,
     NF4_CODE_BOOK,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_bit_identical, snapshot, tiny_llama
 
+from helpers import assert_bit_identical, snapshot, tiny_llama
 from robustunlearn.attacks import LoraOptions, relearn_attack
 from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
 
@@ -20,9 +20,7 @@ def forget_batches() -> list[TokenBatch]:
 
 def log_likelihood(model: torch.nn.Module, batch: TokenBatch) -> float:
     with torch.no_grad():
-        return -float(
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
-        )
+        return -float(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss)
 
 
 def test_relearning_raises_likelihood_and_records_the_curve():
@@ -36,9 +34,7 @@ def test_relearning_raises_likelihood_and_records_the_curve():
         calls.append(step)
         return {"forget_ll": log_likelihood(evaluated, batches[0])}
 
-    relearned, curve = relearn_attack(
-        model, None, batches, steps=12, lr=1e-2, eval_fn=eval_fn, eval_every=5, seed=0
-    )
+    relearned, curve = relearn_attack(model, None, batches, steps=12, lr=1e-2, eval_fn=eval_fn, eval_every=5, seed=0)
     assert_bit_identical(model, before)
     assert [entry["step"] for entry in curve] == calls == [0, 5, 10, 12]
     assert "train_loss" not in curve[0] and all("train_loss" in entry for entry in curve[1:])
@@ -76,9 +72,7 @@ def test_lora_relearning_changes_weights_only_through_the_merged_adapter():
     for name, tensor in before.items():
         if name.endswith(("up_proj.weight", "down_proj.weight")):
             delta = state[name] - tensor
-            assert 0 < int(torch.linalg.matrix_rank(delta.double(), atol=1e-6)) <= 2, (
-                name
-            )  # B A has rank <= 2
+            assert 0 < int(torch.linalg.matrix_rank(delta.double(), atol=1e-6)) <= 2, name  # B A has rank <= 2
         else:
             assert torch.equal(state[name], tensor), name
     assert all(p.requires_grad for p in relearned.parameters())

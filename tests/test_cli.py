@@ -28,7 +28,9 @@ def assert_one_line_error(output: str, *fragments: str) -> None:
 
 
 def test_unknown_optimizer_lists_accepted(monkeypatch, capsys, tmp_path):
-    code, output = run_cli(monkeypatch, capsys, "run", "--optimizer", "no-such-optimizer", "--output-dir", str(tmp_path / "o"))
+    code, output = run_cli(
+        monkeypatch, capsys, "run", "--optimizer", "no-such-optimizer", "--output-dir", str(tmp_path / "o")
+    )
     assert code == 2
     assert_one_line_error(output, "no-such-optimizer", "accepted:", "adamw", "zo-sgd", "hybrid", "sophia-g")
     assert not (tmp_path / "o").exists()
@@ -75,7 +77,9 @@ def test_unwritable_output_dir(monkeypatch, capsys, tmp_path):
 
 
 def test_missing_model_path(monkeypatch, capsys, tmp_path):
-    code, output = run_cli(monkeypatch, capsys, "run", "--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "o"))
+    code, output = run_cli(
+        monkeypatch, capsys, "run", "--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "o")
+    )
     assert code == 2
     assert_one_line_error(output, "no-model", "does not exist")
     assert not (tmp_path / "o").exists()

@@ -24,12 +24,12 @@ import robustunlearn.study.loading as loading_module
 import robustunlearn.study.pipeline as pipeline_module
 from robustunlearn.cli import main
 from robustunlearn.config import load_settings, unlearn_settings
+from robustunlearn.core.models import TinyModelConfig, build_tiny_model, file_sha256, save_model, train_tokenizer
 from robustunlearn.data.base import Benchmark
 from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
+from robustunlearn.study.loading import load_target
 from robustunlearn.train.engine import unlearn
 from robustunlearn.train.settings import UnlearnSettings
-from robustunlearn.core.models import TinyModelConfig, build_tiny_model, file_sha256, save_model, train_tokenizer
-from robustunlearn.study.loading import load_target
 from test_cli import assert_one_line_error, run_cli
 from test_distributed import free_port
 
@@ -65,8 +65,18 @@ def recipe(tmp_path_factory) -> Path:
 
 
 def unlearn_args(model_dir: Path, recipe: Path, output_dir: Path, *extra: str) -> list[str]:
-    return ["unlearn", "--model", str(model_dir), "--config", str(recipe), "--output-dir", str(output_dir),
-            "--cache-dir", str(output_dir.parent / "cache"), *extra]
+    return [
+        "unlearn",
+        "--model",
+        str(model_dir),
+        "--config",
+        str(recipe),
+        "--output-dir",
+        str(output_dir),
+        "--cache-dir",
+        str(output_dir.parent / "cache"),
+        *extra,
+    ]
 
 
 def run_unlearn(command: list[str], args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -101,10 +111,33 @@ def capture_settings(monkeypatch, capsys, *args: str):
 
 def test_every_engine_flag_reaches_the_settings(monkeypatch, capsys, tmp_path):
     settings = capture_settings(
-        monkeypatch, capsys, "unlearn", "--output-dir", str(tmp_path / "o"), "--epochs", "3", "--batch-size", "6",
-        "--lr-schedule", "cosine", "--warmup-steps", "2", "--eval-every", "5", "--keep-best", "retain_qa_rouge",
-        "--keep-best-mode", "max", "--lora-rank", "4", "--lora-alpha", "8", "--checkpoint-every", "7",
-        "--dtype", "bfloat16",
+        monkeypatch,
+        capsys,
+        "unlearn",
+        "--output-dir",
+        str(tmp_path / "o"),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "6",
+        "--lr-schedule",
+        "cosine",
+        "--warmup-steps",
+        "2",
+        "--eval-every",
+        "5",
+        "--keep-best",
+        "retain_qa_rouge",
+        "--keep-best-mode",
+        "max",
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--checkpoint-every",
+        "7",
+        "--dtype",
+        "bfloat16",
     )
     chosen = settings.unlearn
     assert (chosen.epochs, chosen.batch_size, chosen.lr_schedule, chosen.warmup_steps) == (3, 6, "cosine", 2)
@@ -118,13 +151,25 @@ def test_every_engine_flag_reaches_the_settings(monkeypatch, capsys, tmp_path):
 def test_flags_override_the_recipe_and_a_budget_flag_replaces_the_recipes_other_budget(monkeypatch, capsys, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("unlearn: {epochs: 10, batch_size: 4, lora: {rank: 16, alpha: 32}}\n")
-    settings = capture_settings(monkeypatch, capsys, "unlearn", "--config", str(recipe), "--output-dir",
-                                str(tmp_path / "o"), "--steps", "5", "--lora-alpha", "64")
+    settings = capture_settings(
+        monkeypatch,
+        capsys,
+        "unlearn",
+        "--config",
+        str(recipe),
+        "--output-dir",
+        str(tmp_path / "o"),
+        "--steps",
+        "5",
+        "--lora-alpha",
+        "64",
+    )
     assert (settings.unlearn.steps, settings.unlearn.epochs) == (5, None)
     assert settings.unlearn.lora == {"rank": 16, "alpha": 64.0} and settings.unlearn.batch_size == 4
     recipe.write_text("unlearn: {steps: 100}\n")
-    settings = capture_settings(monkeypatch, capsys, "unlearn", "--config", str(recipe), "--output-dir",
-                                str(tmp_path / "o"), "--epochs", "2")
+    settings = capture_settings(
+        monkeypatch, capsys, "unlearn", "--config", str(recipe), "--output-dir", str(tmp_path / "o"), "--epochs", "2"
+    )
     assert (settings.unlearn.epochs, settings.unlearn.steps) == (2, 60)  # the recipe's 100 steps are gone
     assert unlearn_settings(settings).total_steps(16) == 4  # 2 epochs of 16 records, batch 8
     assert load_settings(recipe).unlearn.steps == 100  # the recipe alone keeps its budget
@@ -165,8 +210,16 @@ def test_keep_best_needs_the_metrics_split(monkeypatch, capsys, tmp_path):
 
 def test_eval_every_logs_metrics_and_keep_best_puts_the_best_weights_in_final(monkeypatch, model_dir, recipe, tmp_path):
     output = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", ["robustunlearn", *unlearn_args(
-        model_dir, recipe, output, "--steps", "4", "--eval-every", "2", "--keep-best", "utility_perplexity")])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "robustunlearn",
+            *unlearn_args(
+                model_dir, recipe, output, "--steps", "4", "--eval-every", "2", "--keep-best", "utility_perplexity"
+            ),
+        ],
+    )
     main()
     evaluated = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
     evaluated = {entry["step"]: entry["eval"] for entry in evaluated if "eval" in entry}
@@ -174,7 +227,12 @@ def test_eval_every_logs_metrics_and_keep_best_puts_the_best_weights_in_final(mo
     # NPO raises the perplexity as it goes: the best (lowest) is at the first evaluation
     assert evaluated[2]["utility_perplexity"] < evaluated[4]["utility_perplexity"]
     best = json.loads((output / "final" / "manifest.json").read_text())["best"]
-    assert best == {"step": 2, "metric": "utility_perplexity", "value": evaluated[2]["utility_perplexity"], "mode": "min"}
+    assert best == {
+        "step": 2,
+        "metric": "utility_perplexity",
+        "value": evaluated[2]["utility_perplexity"],
+        "mode": "min",
+    }
     kept = load_file(str(output / "best" / "step-2" / "model.safetensors"))
     last = load_file(str(output / "checkpoints" / "step-4" / "model.safetensors"))
     final = final_weights(output)
@@ -185,8 +243,10 @@ def test_eval_every_logs_metrics_and_keep_best_puts_the_best_weights_in_final(mo
 # -- dtype ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype, expected", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
-                                             ("float16", torch.float16), ("auto", torch.float16)])
+@pytest.mark.parametrize(
+    "dtype, expected",
+    [("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16), ("auto", torch.float16)],
+)
 def test_the_dtype_setting_reaches_the_loaded_model(model_dir, tmp_path, dtype, expected):
     model, tokenizer, _, _ = load_target(load_settings(overrides={"model_path": str(model_dir), "data": DATA}))
     half = save_model(model.half(), tokenizer, tmp_path / "half")  # saved in float16: what "auto" keeps
@@ -196,8 +256,14 @@ def test_the_dtype_setting_reaches_the_loaded_model(model_dir, tmp_path, dtype, 
 
 
 def test_prepare_fine_tunes_a_base_model_in_the_dtype_setting(model_dir, tmp_path):
-    settings = load_settings(overrides={"base_model": str(model_dir), "dtype": "bfloat16", "data": DATA,
-                                        "train": {"max_epochs": 1, "check_every_epochs": 1}})
+    settings = load_settings(
+        overrides={
+            "base_model": str(model_dir),
+            "dtype": "bfloat16",
+            "data": DATA,
+            "train": {"max_epochs": 1, "check_every_epochs": 1},
+        }
+    )
     prepared = loading_module.prepare_from_settings(settings, tmp_path / "cache", console=Console(file=io.StringIO()))
     for saved in (prepared.target_dir, prepared.retrain_dir):
         assert {t.dtype for t in load_file(str(saved / "model.safetensors")).values()} == {torch.bfloat16}
@@ -239,8 +305,23 @@ def launcher_command(launcher: str) -> list[str]:
         return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, "-m", "robustunlearn.cli"]
     # --multi_gpu selects accelerate's torchrun launcher, which runs on the CPU with gloo as well;
     # without it accelerate starts a single process on a machine without GPUs.
-    return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port, "-m", "robustunlearn.cli"]
+    return [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        port,
+        "-m",
+        "robustunlearn.cli",
+    ]
 
 
 # The embedded target, sized to prepare in seconds.
@@ -261,7 +342,15 @@ def test_two_processes_match_one_process(model_dir, recipe, one_process_run, tmp
     else:
         embedded = tmp_path / "embedded.yaml"
         embedded.write_text(RECIPE + TINY_TARGET)
-        args = ["unlearn", "--config", str(embedded), "--output-dir", str(output), "--cache-dir", str(tmp_path / "cache")]
+        args = [
+            "unlearn",
+            "--config",
+            str(embedded),
+            "--output-dir",
+            str(output),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
         one_process = tmp_path / "one"
     done = run_unlearn(launcher_command(launcher), [*args, "--steps", "6"], timeout=180)
     assert done.stderr.count("final model in") == 1  # only rank 0 prints
@@ -311,8 +400,12 @@ def test_kill_9_then_resume_gives_the_final_hash_of_an_uninterrupted_run(model_d
     run_unlearn(ONE_PROCESS, unlearn_args(model_dir, recipe, whole, *flags))
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([*ONE_PROCESS, *unlearn_args(model_dir, recipe, killed, *flags)], env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*ONE_PROCESS, *unlearn_args(model_dir, recipe, killed, *flags)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for_checkpoint(process, killed)
         process.send_signal(signal.SIGKILL)
@@ -333,6 +426,17 @@ def test_kill_9_then_resume_gives_the_final_hash_of_an_uninterrupted_run(model_d
 def test_unlearn_takes_a_real_benchmarks_data_dir_and_forget_split(monkeypatch, capsys, tmp_path):
     data = tmp_path / "tofu"
     data.mkdir()
-    settings = capture_settings(monkeypatch, capsys, "unlearn", "--benchmark", "tofu", "--data-dir", str(data),
-                                "--forget-split", "forget05", "--output-dir", str(tmp_path / "o"))
+    settings = capture_settings(
+        monkeypatch,
+        capsys,
+        "unlearn",
+        "--benchmark",
+        "tofu",
+        "--data-dir",
+        str(data),
+        "--forget-split",
+        "forget05",
+        "--output-dir",
+        str(tmp_path / "o"),
+    )
     assert settings.benchmark_options == {"data_dir": str(data), "forget_split": "forget05"}

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from robustunlearn.core.errors import UserError
 from robustunlearn.data import load_benchmark
 from robustunlearn.data.base import QA, Benchmark, Continuation, Passage
 from robustunlearn.data.muse import (
@@ -12,7 +13,6 @@ from robustunlearn.data.muse import (
     load_muse,
     privleak_sets,
 )
-from robustunlearn.core.errors import UserError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "muse" / "news"
 

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from robustunlearn.core.errors import UserError
 from robustunlearn.data import load_benchmark
 from robustunlearn.data.base import Benchmark
 from robustunlearn.data.tofu import FORGET_SPLITS, load_tofu, read_table, tofu_eval_sets
-from robustunlearn.core.errors import UserError
 
 # The real TOFU files live next to the repository (/work/shared/data/tofu for /work/main); a fresh
 # clone has no ../shared, so these tests skip there.
@@ -230,9 +230,7 @@ def test_multiple_choice_answer_must_be_an_option(tiny):
         tiny / "real_authors.json",
         [{"question": "Who wrote X?", "option1": "A", "option2": "B", "answer": "Z"}],
     )
-    with pytest.raises(
-        UserError, match=r"real_authors\.json, line 1: field 'answer' 'Z' is none of the options"
-    ):
+    with pytest.raises(UserError, match=r"real_authors\.json, line 1: field 'answer' 'Z' is none of the options"):
         load_tofu(tiny, forget_split="forget01")
 
 
@@ -255,8 +253,6 @@ def test_hub_configs_are_requested_and_mapped_like_local_files(tiny, monkeypatch
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     from_hub = load_tofu(forget_split="forget01")
     assert {c[0] for c in calls} == {"locuslab/TOFU"} and {c[2] for c in calls} == {"train"}
-    assert {"forget01_perturbed", "retain99", "full", "retain_perturbed", "real_authors"} <= {
-        c[1] for c in calls
-    }
+    assert {"forget01_perturbed", "retain99", "full", "retain_perturbed", "real_authors"} <= {c[1] for c in calls}
     assert from_hub.splits == load_tofu(tiny, forget_split="forget01").splits
     assert from_hub.metadata["source"] == "hub:locuslab/TOFU"

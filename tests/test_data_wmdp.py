@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from robustunlearn.core.errors import UserError
 from robustunlearn.data import load_benchmark
 from robustunlearn.data.base import Benchmark, MultipleChoice
 from robustunlearn.data.wmdp import load_wmdp
-from robustunlearn.core.errors import UserError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "wmdp"
 
@@ -68,9 +68,7 @@ def test_answer_index_out_of_range_names_file_line_and_field(wmdp):
     lines = path.read_text(encoding="utf-8").splitlines()
     row = json.loads(lines[1]) | {"answer": 4}
     path.write_text("\n".join([lines[0], json.dumps(row), lines[2]]) + "\n", encoding="utf-8")
-    with pytest.raises(
-        UserError, match=r"wmdp-bio\.jsonl, line 2: field 'answer' is 4, out of range for 4 choices"
-    ):
+    with pytest.raises(UserError, match=r"wmdp-bio\.jsonl, line 2: field 'answer' is 4, out of range for 4 choices"):
         load_wmdp(wmdp, subsets=("bio",))
 
 
@@ -86,9 +84,7 @@ def test_choices_must_be_a_list_of_strings(wmdp):
     (wmdp / "wmdp-chem.jsonl").write_text(
         json.dumps({"question": "Q?", "choices": "A, B", "answer": 0}) + "\n", encoding="utf-8"
     )
-    with pytest.raises(
-        UserError, match=r"wmdp-chem\.jsonl, line 1: field 'choices' must be a non-empty list"
-    ):
+    with pytest.raises(UserError, match=r"wmdp-chem\.jsonl, line 1: field 'choices' must be a non-empty list"):
         load_wmdp(wmdp, subsets=("chem",))
 
 
@@ -149,7 +145,5 @@ def test_hub_failure_becomes_a_user_error(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(
-        UserError, match=r"could not load hub dataset cais/wmdp config wmdp-bio split test: no network"
-    ):
+    with pytest.raises(UserError, match=r"could not load hub dataset cais/wmdp config wmdp-bio split test: no network"):
         load_wmdp(subsets=("bio",))

@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import snapshot, tiny_llama
 
 import robustunlearn.core.distributed as distributed_module
 import robustunlearn.train.engine as engine_module
-from robustunlearn.data.base import QA, Benchmark, Passage
+from helpers import snapshot, tiny_llama
 from robustunlearn.core.distributed import DataParallel
+from robustunlearn.data.base import QA, Benchmark, Passage
 from robustunlearn.train.engine import unlearn
 from robustunlearn.train.settings import UnlearnSettings
 
@@ -54,8 +54,16 @@ def make_model():
 
 
 def config(optimizer: str, objective: str = "npo", **options) -> UnlearnSettings:
-    return UnlearnSettings(objective=objective, optimizer=optimizer, lr=1e-2, steps=4, batch_size=4,
-                         forget_splits=("forget_qa",), retain_splits=("retain_text",), **options)
+    return UnlearnSettings(
+        objective=objective,
+        optimizer=optimizer,
+        lr=1e-2,
+        steps=4,
+        batch_size=4,
+        forget_splits=("forget_qa",),
+        retain_splits=("retain_text",),
+        **options,
+    )
 
 
 CASES = {
@@ -88,8 +96,9 @@ def record_batches(seen: list[list[str]]) -> None:
 
 
 def _worker(rank: int, port: int, out: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     distributed_module.BUCKET_ELEMENTS = 1000  # many buckets, and tensors larger than one
     seen: list[list[str]] = []
@@ -98,12 +107,16 @@ def _worker(rank: int, port: int, out: Path) -> None:
         for name, case in CASES.items():
             seen.clear()
             result = run(case)
-            torch.save({"weights": snapshot(result.model), "history": result.history, "batches": list(seen)},
-                       out / f"{name}.rank{rank}.pt")
+            torch.save(
+                {"weights": snapshot(result.model), "history": result.history, "batches": list(seen)},
+                out / f"{name}.rank{rank}.pt",
+            )
         # stopped after step 2 (as if killed), then resumed to the end
         run(RESUMED, out / "resumed", evaluate=step_of, should_stop=lambda m: "halt" if m["step"] == 2 else None)
         result = run(RESUMED, out / "resumed", evaluate=step_of, resume=True)
-        torch.save({"weights": snapshot(result.model), "resumed_from": result.resumed_from}, out / f"resumed.rank{rank}.pt")
+        torch.save(
+            {"weights": snapshot(result.model), "resumed_from": result.resumed_from}, out / f"resumed.rank{rank}.pt"
+        )
     finally:
         dist.destroy_process_group()
 

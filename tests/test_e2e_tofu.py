@@ -32,11 +32,30 @@ def test_tofu_forget01_study_carries_tofu_metrics(tmp_path, monkeypatch):
     recipe = tmp_path / "tofu.yaml"
     recipe.write_text(RECIPE)
     output = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", [
-        "robustunlearn", "study", "--benchmark", "tofu", "--data-dir", str(TOFU_DIR), "--forget-split", "forget01",
-        "--objectives", "npo", "--optimizers", "adam,hybrid", "--config", str(recipe),
-        "--output-dir", str(output), "--cache-dir", str(tmp_path / "cache"),
-    ])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "robustunlearn",
+            "study",
+            "--benchmark",
+            "tofu",
+            "--data-dir",
+            str(TOFU_DIR),
+            "--forget-split",
+            "forget01",
+            "--objectives",
+            "npo",
+            "--optimizers",
+            "adam,hybrid",
+            "--config",
+            str(recipe),
+            "--output-dir",
+            str(output),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+    )
     main()
     rows = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
     assert {row["cell"]["optimizer"] for row in rows} == {"adam", "hybrid"}

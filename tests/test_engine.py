@@ -14,16 +14,16 @@ import robustunlearn
 import robustunlearn.train.checkpoint as checkpoint_module
 import robustunlearn.train.engine as engine_module
 from robustunlearn.config import load_settings, unlearn_settings
+from robustunlearn.core.errors import UserError
+from robustunlearn.core.models import TinyModelConfig, build_tiny_model, train_tokenizer
 from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
-from robustunlearn.train.settings import UnlearnSettings
 from robustunlearn.train.engine import (
     NonFiniteLossError,
     RecordStream,
     restore_best,
     unlearn,
 )
-from robustunlearn.core.errors import UserError
-from robustunlearn.core.models import TinyModelConfig, build_tiny_model, train_tokenizer
+from robustunlearn.train.settings import UnlearnSettings
 
 TINY = TinyModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 
@@ -58,7 +58,9 @@ def test_logs_every_step_and_finishes(setup, tmp_path):
 def test_ga_raises_forget_nll_through_the_engine(setup):
     benchmark, tokenizer = setup
     model = fresh_model(tokenizer)
-    config = UnlearnSettings(objective="ga", optimizer="adamw", lr=1e-2, steps=8, batch_size=4, forget_splits=("forget_qa",))
+    config = UnlearnSettings(
+        objective="ga", optimizer="adamw", lr=1e-2, steps=8, batch_size=4, forget_splits=("forget_qa",)
+    )
     result = unlearn(model, tokenizer, benchmark, config, progress=False)
     # ga's loss is the negative forget NLL: it must go down, i.e. the NLL up.
     assert result.history[-1]["loss"] < result.history[0]["loss"] - 0.5
@@ -70,10 +72,18 @@ def test_an_early_stop_waits_for_the_end_of_a_hybrid_zo_block(setup, optimizer, 
     # runs on through the next ZO block (steps 4-5), so the run still ends in the robust regime.
     benchmark, tokenizer = setup
     options = {"every": 2} if optimizer == "hybrid" else {}
-    config = UnlearnSettings(objective="npo", optimizer=optimizer, lr=1e-3, steps=9, batch_size=2, eval_every=1,
-                           optimizer_options=options)
-    result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, progress=False,
-                     evaluate=lambda model, step: {"step": step}, should_stop=lambda m: "level" if m["step"] >= 2 else None)
+    config = UnlearnSettings(
+        objective="npo", optimizer=optimizer, lr=1e-3, steps=9, batch_size=2, eval_every=1, optimizer_options=options
+    )
+    result = unlearn(
+        fresh_model(tokenizer),
+        tokenizer,
+        benchmark,
+        config,
+        progress=False,
+        evaluate=lambda model, step: {"step": step},
+        should_stop=lambda m: "level" if m["step"] >= 2 else None,
+    )
     assert result.steps_done == stops_at and result.stopped_early == "level"
     if optimizer == "hybrid":
         assert [h["current_phase"] for h in result.history] == ["zo", "fo", "fo", "zo", "zo"]
@@ -87,8 +97,16 @@ class Killed(Exception):
 def test_resume_after_kill_gives_identical_weights(setup, tmp_path, optimizer):
     benchmark, tokenizer = setup
     options = {"every": 2} if optimizer == "hybrid" else {}
-    config = UnlearnSettings(objective="npo", optimizer=optimizer, lr=1e-3, steps=6, batch_size=2, checkpoint_every=2,
-                           eval_every=1, optimizer_options=options)
+    config = UnlearnSettings(
+        objective="npo",
+        optimizer=optimizer,
+        lr=1e-3,
+        steps=6,
+        batch_size=2,
+        checkpoint_every=2,
+        eval_every=1,
+        optimizer_options=options,
+    )
 
     reference = fresh_model(tokenizer)
     unlearn(reference, tokenizer, benchmark, config, tmp_path / "whole", progress=False, evaluate=lambda m, s: {})
@@ -102,7 +120,16 @@ def test_resume_after_kill_gives_identical_weights(setup, tmp_path, optimizer):
     with pytest.raises(Killed):
         unlearn(interrupted, tokenizer, benchmark, config, tmp_path / "killed", progress=False, evaluate=die_at_step_5)
     resumed = fresh_model(tokenizer)  # a new process starts from the original weights
-    result = unlearn(resumed, tokenizer, benchmark, config, tmp_path / "killed", resume=True, progress=False, evaluate=lambda m, s: {})
+    result = unlearn(
+        resumed,
+        tokenizer,
+        benchmark,
+        config,
+        tmp_path / "killed",
+        resume=True,
+        progress=False,
+        evaluate=lambda m, s: {},
+    )
     assert result.resumed_from == 4
     for name, tensor in weights(reference).items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
@@ -112,7 +139,9 @@ def test_resume_after_kill_gives_identical_weights(setup, tmp_path, optimizer):
 
 def test_resume_skips_the_partial_log_line_of_a_run_killed_while_logging(setup, tmp_path):
     benchmark, tokenizer = setup
-    config = UnlearnSettings(objective="ga", optimizer="adamw", lr=1e-3, steps=4, batch_size=2, checkpoint_every=2, eval_every=1)
+    config = UnlearnSettings(
+        objective="ga", optimizer="adamw", lr=1e-3, steps=4, batch_size=2, checkpoint_every=2, eval_every=1
+    )
 
     def die_at_step_3(model, step):
         if step == 3:
@@ -123,8 +152,16 @@ def test_resume_skips_the_partial_log_line_of_a_run_killed_while_logging(setup, 
         unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False, evaluate=die_at_step_3)
     with open(tmp_path / "log.jsonl", "a") as log:
         log.write('{"step": 3, "lr": 0.00')  # cut off by the kill
-    result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, resume=True, progress=False,
-                     evaluate=lambda model, step: {})
+    result = unlearn(
+        fresh_model(tokenizer),
+        tokenizer,
+        benchmark,
+        config,
+        tmp_path,
+        resume=True,
+        progress=False,
+        evaluate=lambda model, step: {},
+    )
     assert result.resumed_from == 2
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     (tmp_path / "log.jsonl").write_text('{"step": 1}\n{"step": 2, "lr"\n{"step": 3}\n')  # damage inside is an error
@@ -153,7 +190,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path, m
         return objective
 
     monkeypatch.setattr(engine_module, "build_objective", poisoned_build)
-    config = UnlearnSettings(objective="graddiff", optimizer="adamw", lr=1e-3, steps=5, batch_size=2, checkpoint_every=1)
+    config = UnlearnSettings(
+        objective="graddiff", optimizer="adamw", lr=1e-3, steps=5, batch_size=2, checkpoint_every=1
+    )
     with pytest.raises(NonFiniteLossError) as error:
         unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False)
     assert error.value.step == 3 and "nan" in error.value.cause
@@ -185,8 +224,15 @@ def test_bad_config_values():
 def test_epochs_set_the_step_budget_and_the_schedule(setup):
     benchmark, tokenizer = setup
     forget = len(benchmark.get("forget_qa"))
-    config = UnlearnSettings(objective="ga", optimizer="sgd", lr=1e-3, epochs=2, batch_size=3, lr_schedule="linear",
-                           forget_splits=("forget_qa",))
+    config = UnlearnSettings(
+        objective="ga",
+        optimizer="sgd",
+        lr=1e-3,
+        epochs=2,
+        batch_size=3,
+        lr_schedule="linear",
+        forget_splits=("forget_qa",),
+    )
     result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, progress=False)
     assert result.total_steps == result.steps_done == len(result.history) == math.ceil(2 * forget / 3) != config.steps
     assert result.history[-1]["lr"] == 0.0  # the linear schedule ends at the epoch budget
@@ -204,8 +250,16 @@ def test_keep_best_keeps_the_weights_of_the_best_evaluation(setup, tmp_path, mod
         seen[step] = weights(model)
         return {"forget_qa_rouge": SCORES[step], "note": "not a number"}
 
-    config = UnlearnSettings(objective="graddiff", optimizer="adamw", lr=1e-3, steps=4, batch_size=2, eval_every=1,
-                           keep_best="forget_qa_rouge", keep_best_mode=mode)
+    config = UnlearnSettings(
+        objective="graddiff",
+        optimizer="adamw",
+        lr=1e-3,
+        steps=4,
+        batch_size=2,
+        eval_every=1,
+        keep_best="forget_qa_rouge",
+        keep_best_mode=mode,
+    )
     result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False, evaluate=evaluate)
     expected = {"step": best_step, "metric": "forget_qa_rouge", "value": SCORES[best_step], "mode": mode}
     assert result.best == expected
@@ -220,8 +274,16 @@ def test_keep_best_keeps_the_weights_of_the_best_evaluation(setup, tmp_path, mod
 
 def test_keep_best_survives_a_resume(setup, tmp_path):
     benchmark, tokenizer = setup
-    config = UnlearnSettings(objective="graddiff", optimizer="adamw", lr=1e-3, steps=4, batch_size=2, eval_every=1,
-                           checkpoint_every=2, keep_best="forget_qa_rouge")
+    config = UnlearnSettings(
+        objective="graddiff",
+        optimizer="adamw",
+        lr=1e-3,
+        steps=4,
+        batch_size=2,
+        eval_every=1,
+        checkpoint_every=2,
+        keep_best="forget_qa_rouge",
+    )
 
     def die_at_step_3(model, step):
         if step == 3:
@@ -231,19 +293,36 @@ def test_keep_best_survives_a_resume(setup, tmp_path):
     with pytest.raises(Killed):
         unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False, evaluate=die_at_step_3)
     # the resumed run sees only steps 3 and 4; step 2 stays the best
-    result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, resume=True, progress=False,
-                     evaluate=lambda model, step: {"forget_qa_rouge": SCORES[step]})
+    result = unlearn(
+        fresh_model(tokenizer),
+        tokenizer,
+        benchmark,
+        config,
+        tmp_path,
+        resume=True,
+        progress=False,
+        evaluate=lambda model, step: {"forget_qa_rouge": SCORES[step]},
+    )
     assert result.resumed_from == 2 and result.best["step"] == 2
 
 
 def test_keep_best_errors(setup, tmp_path):
     benchmark, tokenizer = setup
-    config = UnlearnSettings(objective="ga", optimizer="sgd", steps=2, batch_size=2, eval_every=1, keep_best="forget_qa_rouge")
+    config = UnlearnSettings(
+        objective="ga", optimizer="sgd", steps=2, batch_size=2, eval_every=1, keep_best="forget_qa_rouge"
+    )
     with pytest.raises(ValueError, match="needs an evaluate callback"):
         unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"not a number the evaluation returns; it returns \['accuracy'\]"):
-        unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False,
-                evaluate=lambda model, step: {"accuracy": 0.5})
+        unlearn(
+            fresh_model(tokenizer),
+            tokenizer,
+            benchmark,
+            config,
+            tmp_path,
+            progress=False,
+            evaluate=lambda model, step: {"accuracy": 0.5},
+        )
     with pytest.raises(ValueError, match="needs eval_every"):
         UnlearnSettings(keep_best="forget_qa_rouge")
     with pytest.raises(ValueError, match="keep_best_mode"):
@@ -286,7 +365,9 @@ def test_a_snapshot_commit_clears_staging_left_by_a_killed_writer(tmp_path):
     leftover = tmp_path / ".step-4-abc123"
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"half")
-    final = snapshots.commit("step-6", lambda staging: (staging / "model.safetensors").write_bytes(b"whole"), {"step": 6})
+    final = snapshots.commit(
+        "step-6", lambda staging: (staging / "model.safetensors").write_bytes(b"whole"), {"step": 6}
+    )
     assert not leftover.exists() and (final / "model.safetensors").read_bytes() == b"whole"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-6"]
 
@@ -306,6 +387,8 @@ def test_idk_dpo_pairs_refusals_with_their_questions_when_the_forget_batch_mixes
     )
     assert len(batch.forget) == len(questions) + len(passages)
     assert len(batch.forget_refusal) == len(batch.forget_answered) == len(questions)
-    assert torch.equal(batch.forget_answered.input_ids[0], batch.forget.input_ids[0, : batch.forget_answered.input_ids.shape[1]])
+    assert torch.equal(
+        batch.forget_answered.input_ids[0], batch.forget.input_ids[0, : batch.forget_answered.input_ids.shape[1]]
+    )
     result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, progress=False)
     assert result.steps_done == 4 and all(math.isfinite(h["reward_margin"]) for h in result.history)

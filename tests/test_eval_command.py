@@ -16,7 +16,8 @@ from test_cli import assert_one_line_error, run_cli
 from test_lm_eval_backend import TASK, tiny_model_and_tokenizer, write_questions_and_task
 
 needs_lm_eval = pytest.mark.skipif(
-    importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed (pip install 'robustunlearn[lm-eval]')"
+    importlib.util.find_spec("lm_eval") is None,
+    reason="lm-eval is not installed (pip install 'robustunlearn[lm-eval]')",
 )
 needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf is not installed")
 
@@ -56,8 +57,19 @@ def recipe(data_dir, tmp_path_factory):
 def test_eval_reports_our_metrics_and_lm_eval_alike(monkeypatch, capsys, model_dir, recipe, data_dir, tmp_path):
     output = tmp_path / "eval.json"
     printed = run_ok(
-        monkeypatch, capsys, "eval", "--config", str(recipe), "--model", str(model_dir),
-        "--lm-eval", TASK, "--lm-eval-include", str(data_dir / "tasks"), "--output", str(output),
+        monkeypatch,
+        capsys,
+        "eval",
+        "--config",
+        str(recipe),
+        "--model",
+        str(model_dir),
+        "--lm-eval",
+        TASK,
+        "--lm-eval-include",
+        str(data_dir / "tasks"),
+        "--output",
+        str(output),
     )
     report = json.loads(output.read_text(encoding="utf-8"))
     assert report["benchmark"] == "wmdp" and report["model"] == str(model_dir)
@@ -99,7 +111,9 @@ def test_eval_usage_errors(monkeypatch, capsys, tmp_path):
 def test_eval_without_lm_eval_names_the_extra(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` raise ImportError
     cache = tmp_path / "cache"  # preparing the default target would fill it: the check comes first
-    code, output = run_cli(monkeypatch, capsys, "eval", "--lm-eval", "wmdp_bio", "--no-metrics", "--cache-dir", str(cache))
+    code, output = run_cli(
+        monkeypatch, capsys, "eval", "--lm-eval", "wmdp_bio", "--no-metrics", "--cache-dir", str(cache)
+    )
     assert code == 2
     assert_one_line_error(output, "pip install 'robustunlearn[lm-eval]'")
     assert not cache.exists()

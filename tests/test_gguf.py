@@ -87,7 +87,9 @@ def write_llama_gguf(model, tokenizer, path) -> None:
 @pytest.fixture(scope="module")
 def source():
     tokenizer = train_tokenizer(TEXTS * 4, vocab_size=400)
-    config = TinyModelConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config = TinyModelConfig(
+        vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+    )
     model = build_tiny_model(config, tokenizer, seed=3).eval()
     return model, tokenizer
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import snapshot, tiny_llama
 from torch import nn
 
+from helpers import snapshot, tiny_llama
 from robustunlearn.attacks import quantizable_linears
-from robustunlearn.metrics.landscape import linear_interpolation, lmc_barrier, sharpness
+from robustunlearn.study.landscape import linear_interpolation, lmc_barrier, sharpness
 
 INPUT_IDS = torch.arange(2 * 12).reshape(2, 12) % 64
 

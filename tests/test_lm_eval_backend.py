@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from robustunlearn.core.errors import UserError
+from robustunlearn.core.models import TinyModelConfig, build_tiny_model, train_tokenizer
 from robustunlearn.data.prompts import mcq_prompt
 from robustunlearn.data.wmdp import load_wmdp
-from robustunlearn.core.errors import UserError
 from robustunlearn.metrics.lm_eval_backend import (
     INSTALL_HINT,
     lm_eval_scores,
@@ -21,10 +22,10 @@ from robustunlearn.metrics.lm_eval_backend import (
     tokenizer_with_bos,
 )
 from robustunlearn.metrics.mcq import mcq_accuracy
-from robustunlearn.core.models import TinyModelConfig, build_tiny_model, train_tokenizer
 
 needs_lm_eval = pytest.mark.skipif(
-    importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed (pip install 'robustunlearn[lm-eval]')"
+    importlib.util.find_spec("lm_eval") is None,
+    reason="lm-eval is not installed (pip install 'robustunlearn[lm-eval]')",
 )
 
 QUESTIONS = [
@@ -45,7 +46,8 @@ def write_questions_and_task(root: Path) -> Path:
     YAML over the same file."""
     questions = root / "wmdp-bio.jsonl"
     questions.write_text(
-        "".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS), encoding="utf-8"
+        "".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS),
+        encoding="utf-8",
     )
     tasks = root / "tasks"
     tasks.mkdir()
@@ -72,7 +74,9 @@ def tiny_model_and_tokenizer():
     """A randomly initialised tiny Llama with a tokenizer trained on the questions."""
     texts = [mcq_prompt(q) + " " + " ".join(c) for q, c, _ in QUESTIONS]
     tokenizer = train_tokenizer(texts * 3, vocab_size=400)
-    config = TinyModelConfig(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config = TinyModelConfig(
+        vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+    )
     return build_tiny_model(config, tokenizer, seed=1).eval(), tokenizer
 
 

@@ -7,16 +7,16 @@ import json
 
 import pytest
 import torch
-from helpers import snapshot
 from safetensors.torch import load_file
 
 import robustunlearn.train.engine as engine_module
-from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
-from robustunlearn.train.engine import unlearn
-from robustunlearn.train.settings import UnlearnSettings
+from helpers import snapshot
 from robustunlearn.core.models import TinyModelConfig, build_tiny_model, train_tokenizer
+from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
 from robustunlearn.objectives import OBJECTIVES
 from robustunlearn.optim import OPTIMIZERS
+from robustunlearn.train.engine import unlearn
+from robustunlearn.train.settings import UnlearnSettings
 
 pytest.importorskip("peft")
 
@@ -76,8 +76,15 @@ def test_every_objective_runs_under_lora(setup, objective, optimizer):
     benchmark, tokenizer = setup
     model = build_tiny_model(TINY, tokenizer, seed=0)
     before = snapshot(model)
-    config = UnlearnSettings(objective=objective, optimizer=optimizer, lr=1e-2, steps=2, batch_size=2, lora=LORA,
-                           forget_splits=("forget_qa",))
+    config = UnlearnSettings(
+        objective=objective,
+        optimizer=optimizer,
+        lr=1e-2,
+        steps=2,
+        batch_size=2,
+        lora=LORA,
+        forget_splits=("forget_qa",),
+    )
     result = unlearn(model, tokenizer, benchmark, config, progress=False)
     assert_only_adapters_moved(result, before)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
@@ -88,8 +95,15 @@ def test_every_optimizer_runs_under_lora(setup, optimizer):
     benchmark, tokenizer = setup
     model = build_tiny_model(TINY, tokenizer, seed=0)
     before = snapshot(model)
-    config = UnlearnSettings(objective="npo", optimizer=optimizer, lr=1e-2, steps=2, batch_size=2, lora=LORA,
-                           optimizer_options=TINY_OPTIONS.get(optimizer, {}))
+    config = UnlearnSettings(
+        objective="npo",
+        optimizer=optimizer,
+        lr=1e-2,
+        steps=2,
+        batch_size=2,
+        lora=LORA,
+        optimizer_options=TINY_OPTIONS.get(optimizer, {}),
+    )
     result = unlearn(model, tokenizer, benchmark, config, progress=False)
     assert_only_adapters_moved(result, before)
 
@@ -147,10 +161,25 @@ class Killed(Exception):
 
 def test_lora_checkpoints_hold_adapter_weights_only_and_resume_identically(setup, tmp_path):
     benchmark, tokenizer = setup
-    config = UnlearnSettings(objective="npo", optimizer="zo-adam", lr=1e-2, steps=4, batch_size=2, lora=LORA,
-                           checkpoint_every=2, eval_every=1)
-    whole = unlearn(build_tiny_model(TINY, tokenizer, seed=0), tokenizer, benchmark, config, tmp_path / "whole",
-                    progress=False, evaluate=lambda m, s: {})
+    config = UnlearnSettings(
+        objective="npo",
+        optimizer="zo-adam",
+        lr=1e-2,
+        steps=4,
+        batch_size=2,
+        lora=LORA,
+        checkpoint_every=2,
+        eval_every=1,
+    )
+    whole = unlearn(
+        build_tiny_model(TINY, tokenizer, seed=0),
+        tokenizer,
+        benchmark,
+        config,
+        tmp_path / "whole",
+        progress=False,
+        evaluate=lambda m, s: {},
+    )
 
     def die_at_step_3(model, step):
         if step == 3:
@@ -158,14 +187,29 @@ def test_lora_checkpoints_hold_adapter_weights_only_and_resume_identically(setup
         return {}
 
     with pytest.raises(Killed):
-        unlearn(build_tiny_model(TINY, tokenizer, seed=0), tokenizer, benchmark, config, tmp_path / "killed",
-                progress=False, evaluate=die_at_step_3)
+        unlearn(
+            build_tiny_model(TINY, tokenizer, seed=0),
+            tokenizer,
+            benchmark,
+            config,
+            tmp_path / "killed",
+            progress=False,
+            evaluate=die_at_step_3,
+        )
     latest = json.loads((tmp_path / "killed" / "checkpoints" / "latest.json").read_text())
     saved = load_file(tmp_path / "killed" / "checkpoints" / latest["name"] / "model.safetensors")
     assert saved and all("lora_" in name for name in saved)
 
-    resumed = unlearn(build_tiny_model(TINY, tokenizer, seed=0), tokenizer, benchmark, config, tmp_path / "killed",
-                      resume=True, progress=False, evaluate=lambda m, s: {})
+    resumed = unlearn(
+        build_tiny_model(TINY, tokenizer, seed=0),
+        tokenizer,
+        benchmark,
+        config,
+        tmp_path / "killed",
+        resume=True,
+        progress=False,
+        evaluate=lambda m, s: {},
+    )
     assert resumed.resumed_from == 2
     expected = snapshot(whole.model)
     for name, tensor in snapshot(resumed.model).items():

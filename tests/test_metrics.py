@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_llama
 from scipy.stats import hmean, ks_2samp
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from helpers import tiny_llama
 from robustunlearn.bench.generation import bench_generation
 from robustunlearn.data.base import QA, Continuation, MultipleChoice, Passage
 from robustunlearn.data.prompts import qa_completion, qa_prompt
@@ -37,9 +37,7 @@ from robustunlearn.metrics import (
 )
 from robustunlearn.metrics.muse import verbmem_from_generations
 
-ALICE = QA(
-    "Where was Alice Moreau born?", "Paris", paraphrased_answer="Paris", perturbed_answers=("London", "Rome")
-)
+ALICE = QA("Where was Alice Moreau born?", "Paris", paraphrased_answer="Paris", perturbed_answers=("London", "Rome"))
 BRUNO = QA("What does Bruno Tanaka write?", "poems", perturbed_answers=("novels", "plays"))
 LIGHTHOUSE = Passage("The old lighthouse keeper counted seven ships before dawn.")
 UNSEEN_QA = QA("Where was Chiara Okafor born?", "Lagos")
@@ -79,9 +77,7 @@ def random_model(tokenizer):
 def trained_model(tokenizer):
     """A tiny Llama that has memorised ALICE, BRUNO and LIGHTHOUSE (prompt unscored, eos scored)."""
     model = tiny_llama(0, vocab_size=len(tokenizer), max_positions=128)
-    examples = [(qa_prompt(r.question), qa_completion(r.answer)) for r in (ALICE, BRUNO)] + [
-        ("", LIGHTHOUSE.text)
-    ]
+    examples = [(qa_prompt(r.question), qa_completion(r.answer)) for r in (ALICE, BRUNO)] + [("", LIGHTHOUSE.text)]
     rows, labels = [], []
     for prompt, completion in examples:
         prompt_ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]
@@ -136,9 +132,7 @@ def test_batched_greedy_equals_one_at_a_time(random_model, tokenizer):
 def test_greedy_stops_at_eos_and_restores_mode(trained_model, tokenizer):
     trained_model.train()
     trained_model.model.layers[0].eval()
-    answers = generate_greedy(
-        trained_model, tokenizer, [qa_prompt(ALICE.question), qa_prompt(BRUNO.question)], 20
-    )
+    answers = generate_greedy(trained_model, tokenizer, [qa_prompt(ALICE.question), qa_prompt(BRUNO.question)], 20)
     assert answers == [" Paris", " poems"]
     assert trained_model.training and trained_model.model.layers[1].training
     assert not trained_model.model.layers[0].training
@@ -183,9 +177,7 @@ def test_verbmem_cuts_reference_to_generation_budget(tokenizer):
 
 
 def test_verbmem_of_a_memorised_passage(trained_model, random_model, tokenizer):
-    record = Continuation(
-        prefix="The old lighthouse keeper", continuation=" counted seven ships before dawn."
-    )
+    record = Continuation(prefix="The old lighthouse keeper", continuation=" counted seven ships before dawn.")
     assert verbmem(trained_model, tokenizer, [record], max_new_tokens=16)["mean"] == pytest.approx(1.0)
     assert verbmem(random_model, tokenizer, [record], max_new_tokens=16)["mean"] < 0.5
 
@@ -223,9 +215,7 @@ def test_completion_logprobs_match_a_manual_forward_pass(random_model, tokenizer
         with torch.no_grad():
             log_probs = random_model(input_ids=torch.tensor([prompt_ids + target])).logits[0].log_softmax(-1)
         expected = log_probs[len(prompt_ids) - 1 : -1]
-        assert torch.allclose(
-            scores.logprobs, expected.gather(-1, torch.tensor(target)[:, None])[:, 0], atol=1e-10
-        )
+        assert torch.allclose(scores.logprobs, expected.gather(-1, torch.tensor(target)[:, None])[:, 0], atol=1e-10)
         mean, std = next_token_stats(expected)
         assert torch.allclose(scores.mean, mean, atol=1e-10) and torch.allclose(scores.std, std, atol=1e-10)
     without_eos = completion_logprobs(random_model, tokenizer, prompts, completions, batch_size=1)
@@ -336,9 +326,7 @@ def test_model_utility_is_the_harmonic_mean_of_present_sets():
 
 def test_tofu_eval_set_on_a_trained_model(trained_model, tokenizer):
     result = tofu_eval_set(trained_model, tokenizer, [ALICE, BRUNO], forget=False)
-    answer_lp = completion_logprobs(
-        trained_model, tokenizer, [qa_prompt(ALICE.question)], [" Paris"], add_eos=True
-    )[0]
+    answer_lp = completion_logprobs(trained_model, tokenizer, [qa_prompt(ALICE.question)], [" Paris"], add_eos=True)[0]
     assert result["probs"][0] == pytest.approx(answer_lp.mean().exp().item())
     assert result["rouges"] == [1.0, 1.0]
     assert all(r < 0.1 for r in result["truth_ratios"])  # the truth is far likelier than the perturbations
@@ -365,9 +353,7 @@ def test_tofu_needs_perturbed_answers(trained_model, tokenizer):
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tokenizer):
     model = tiny_llama(vocab_size=len(tokenizer), max_positions=128, dtype=torch.float64)
     torch.nn.init.zeros_(model.lm_head.weight)  # logits 0 everywhere: uniform next-token distribution
-    assert perplexity(model, tokenizer, [LIGHTHOUSE, UNSEEN_PASSAGE], batch_size=1) == pytest.approx(
-        len(tokenizer)
-    )
+    assert perplexity(model, tokenizer, [LIGHTHOUSE, UNSEEN_PASSAGE], batch_size=1) == pytest.approx(len(tokenizer))
 
 
 def test_perplexity_weights_passages_by_tokens(trained_model, tokenizer):
@@ -375,7 +361,7 @@ def test_perplexity_weights_passages_by_tokens(trained_model, tokenizer):
     logprobs = completion_logprobs(trained_model, tokenizer, ["", ""], [LIGHTHOUSE.text, UNSEEN_PASSAGE.text])
     expected = math.exp(-torch.cat(logprobs).mean().item())
     assert both == pytest.approx(expected)
-    assert perplexity(
-        trained_model, tokenizer, [UNSEEN_PASSAGE, LIGHTHOUSE], batch_size=1, progress=True
-    ) == (pytest.approx(both))
+    assert perplexity(trained_model, tokenizer, [UNSEEN_PASSAGE, LIGHTHOUSE], batch_size=1, progress=True) == (
+        pytest.approx(both)
+    )
     assert perplexity(trained_model, tokenizer, [LIGHTHOUSE]) < 1.1 < both

@@ -7,9 +7,6 @@ import time
 import pytest
 import torch
 
-from robustunlearn.data.collate import collate_records, encode_example
-from robustunlearn.data.prompts import qa_completion, qa_prompt
-from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
 from robustunlearn.core.errors import UserError
 from robustunlearn.core.models import (
     TinyModelConfig,
@@ -19,10 +16,15 @@ from robustunlearn.core.models import (
     train_tokenizer,
     verify_model_dir,
 )
-from robustunlearn.train.prepare import PrepareConfig, TrainConfig, prepare, teacher_forced_accuracy, make_batches
+from robustunlearn.data.collate import collate_records, encode_example
+from robustunlearn.data.prompts import qa_completion, qa_prompt
+from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
+from robustunlearn.train.prepare import PrepareConfig, TrainConfig, make_batches, prepare, teacher_forced_accuracy
 
 SMALL_DATA = SyntheticConfig(num_people=5, num_utility_passages=6, num_utility_qa=3)
-SMALL_MODEL = TinyModelConfig(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4)
+SMALL_MODEL = TinyModelConfig(
+    vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4
+)
 
 
 @pytest.fixture(scope="module")

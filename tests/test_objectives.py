@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_llama
 from transformers import LlamaForCausalLM
 
+from helpers import tiny_llama
 from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch, UnlearnBatch
 from robustunlearn.objectives import OBJECTIVES, build_objective
 from robustunlearn.objectives.common import mean_nll, sequence_logprobs
@@ -156,9 +156,7 @@ def test_npo_value(model, reference, batch):
     out = evaluate(build_objective("npo", beta=beta, gamma=0.0), model, batch, reference)
     sums, _ = loop_logprobs(model, batch.forget)
     ref_sums, _ = loop_logprobs(reference, batch.forget)
-    expected = torch.stack(
-        [-(2 / beta) * F.logsigmoid(-beta * (s - r)) for s, r in zip(sums, ref_sums)]
-    ).mean()
+    expected = torch.stack([-(2 / beta) * F.logsigmoid(-beta * (s - r)) for s, r in zip(sums, ref_sums)]).mean()
     torch.testing.assert_close(out["forget"], expected)
     assert out["retain"].item() == 0.0
 
@@ -170,9 +168,7 @@ def test_npo_at_reference_is_log2_and_sequence_summed_ga_gradient(model, batch, 
     of log p, so NPO's gradient = GA's gradient × (scored tokens / sequences)."""
     params = list(model.parameters())
     npo = evaluate(build_objective("npo", beta=beta, gamma=0.0), model, batch)
-    torch.testing.assert_close(
-        npo["forget"], torch.tensor(2 / beta * math.log(2), dtype=torch.float64)
-    )
+    torch.testing.assert_close(npo["forget"], torch.tensor(2 / beta * math.log(2), dtype=torch.float64))
     ga = evaluate(build_objective("ga"), model, batch)
     npo_grads = torch.autograd.grad(npo["forget"], params)
     ga_grads = torch.autograd.grad(ga["forget"], params)
@@ -188,10 +184,7 @@ def test_simnpo_value(model, batch):
     out = evaluate(objective, model, batch)
     sums, counts = loop_logprobs(model, batch.forget)
     expected = (
-        weight
-        * torch.stack(
-            [-(2 / beta) * F.logsigmoid(-(beta / n) * s - delta) for s, n in zip(sums, counts)]
-        ).mean()
+        weight * torch.stack([-(2 / beta) * F.logsigmoid(-(beta / n) * s - delta) for s, n in zip(sums, counts)]).mean()
     )
     torch.testing.assert_close(out["forget"], expected)
     torch.testing.assert_close(out["retain"], 0.7 * loop_nll(model, batch.retain))
@@ -223,15 +216,11 @@ def test_idk_dpo_value(model, reference, batch):
     win_ref, _ = loop_logprobs(reference, batch.forget_refusal)
     lose, _ = loop_logprobs(model, batch.forget)
     lose_ref, _ = loop_logprobs(reference, batch.forget)
-    margins = [
-        (w - w_ref) - (y - y_ref) for w, w_ref, y, y_ref in zip(win, win_ref, lose, lose_ref)
-    ]
+    margins = [(w - w_ref) - (y - y_ref) for w, w_ref, y, y_ref in zip(win, win_ref, lose, lose_ref)]
     expected = torch.stack([-(2 / beta) * F.logsigmoid(beta * m) for m in margins]).mean()
     torch.testing.assert_close(out["forget"], expected)
     at_reference = evaluate(build_objective("idk", mode="dpo", beta=beta), model, batch)
-    torch.testing.assert_close(
-        at_reference["forget"], torch.tensor(2 / beta * math.log(2), dtype=torch.float64)
-    )
+    torch.testing.assert_close(at_reference["forget"], torch.tensor(2 / beta * math.log(2), dtype=torch.float64))
 
 
 def test_rmu_value_from_hidden_states(model, reference, batch):
@@ -249,12 +238,7 @@ def test_rmu_value_from_hidden_states(model, reference, batch):
     forget_hidden = scored_hidden(model, batch.forget)
     assert forget_hidden.shape == (14, 32)
     expected_forget = ((forget_hidden - control) ** 2).mean()
-    expected_retain = (
-        5.0
-        * (
-            (scored_hidden(model, batch.retain) - scored_hidden(reference, batch.retain)) ** 2
-        ).mean()
-    )
+    expected_retain = 5.0 * ((scored_hidden(model, batch.retain) - scored_hidden(reference, batch.retain)) ** 2).mean()
     torch.testing.assert_close(out["forget"], expected_forget)
     torch.testing.assert_close(out["retain"], expected_retain)
 
@@ -292,9 +276,7 @@ def test_rmu_under_lora_trains_the_down_proj_adapters():
     names = {id(p): n for n, p in model.named_parameters()}
     trained = sorted(names[id(p)] for p in objective.trainable_parameters(model))
     assert trained == sorted(
-        f"base_model.model.model.layers.{i}.mlp.down_proj.lora_{ab}.default.weight"
-        for i in (0, 1, 2)
-        for ab in "AB"
+        f"base_model.model.model.layers.{i}.mlp.down_proj.lora_{ab}.default.weight" for i in (0, 1, 2) for ab in "AB"
     )
     with torch.no_grad(), model.disable_adapter():  # the reference: the adapter switched off
         reference = objective.reference_outputs(model, unlearn_batch())
@@ -321,9 +303,7 @@ def test_rmu_defaults_reproduce_wmdp_for_7b_and_scale_down():
 
 def test_random_direction_is_seeded_unit_and_positive():
     u = random_direction(16, seed=3)
-    assert torch.equal(u, random_direction(16, seed=3)) and not torch.equal(
-        u, random_direction(16, seed=4)
-    )
+    assert torch.equal(u, random_direction(16, seed=3)) and not torch.equal(u, random_direction(16, seed=4))
     assert u.norm().item() == pytest.approx(1.0) and (u >= 0).all()
 
 
@@ -469,8 +449,6 @@ def test_missing_batches_and_layers_raise(model):
         build_objective("graddiff").loss(model, forget_only, {})
     with pytest.raises(ValueError, match="needs batch.forget_refusal"):
         build_objective("idk", gamma=0.0).loss(model, forget_only, {})
-    assert build_objective("npo", gamma=0.0).reference_outputs(model, forget_only).keys() == {
-        "forget_logprobs"
-    }
+    assert build_objective("npo", gamma=0.0).reference_outputs(model, forget_only).keys() == {"forget_logprobs"}
     with pytest.raises(ValueError, match="4 decoder layers"):
         build_objective("rmu").trainable_parameters(model)  # WMDP layer 7 in a 4-layer model

@@ -257,9 +257,7 @@ def test_every_hybrid_decreases_a_tiny_lm_loss_and_is_registered(name):
     closure = two_term_closure(model)
     start = float(closure(backward=False))
     steps = 40 if name == "hybrid" else 20  # hybrid: 20 Adam steps, then 20 R-AdaZO steps
-    opt = build_optimizer(
-        name, model, lr=1e-2, zo_lr=3e-4, total_steps=steps, zo_options={"seed": 0}
-    )
+    opt = build_optimizer(name, model, lr=1e-2, zo_lr=3e-4, total_steps=steps, zo_options={"seed": 0})
     if name == "hybrid":
         assert opt.every == 20  # the paper's N
     for _ in range(steps):

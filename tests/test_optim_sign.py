@@ -6,9 +6,9 @@ import io
 
 import pytest
 import torch
-from helpers import Quadratic, closure_for, next_token_loss, tiny_llama
 from torch import nn
 
+from helpers import Quadratic, closure_for, next_token_loss, tiny_llama
 from robustunlearn.optim.sign import (
     SPECS,
     Lion,
@@ -200,9 +200,7 @@ def test_onebit_adam_freezes_v_and_compresses_momentum_to_a_scaled_sign():
         momentum, error = state["exp_avg"], state["error"]
         assert momentum.abs().unique().numel() == 1  # one scale per tensor times ±1
         # C(c) = (‖c‖₂/√d)·sign(c) with c = m + e keeps the norm of c.
-        torch.testing.assert_close(
-            torch.linalg.vector_norm(momentum), torch.linalg.vector_norm(momentum + error)
-        )
+        torch.testing.assert_close(torch.linalg.vector_norm(momentum), torch.linalg.vector_norm(momentum + error))
 
 
 def test_lion_interpolates_with_beta1_and_tracks_with_beta2():

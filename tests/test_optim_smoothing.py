@@ -6,9 +6,9 @@ import io
 
 import pytest
 import torch
-from helpers import closure_for, next_token_loss, tiny_llama
 from torch import nn
 
+from helpers import closure_for, next_token_loss, tiny_llama
 from robustunlearn.optim.smoothing import SAM, SPECS, RandomizedSmoothing
 
 

@@ -7,10 +7,10 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Quadratic, closure_for, tiny_llama
 from torch import nn
 from transformers import LlamaForCausalLM
 
+from helpers import Quadratic, closure_for, tiny_llama
 from robustunlearn.optim.sophia import SPECS, SophiaG, SophiaH
 
 

@@ -124,9 +124,7 @@ def test_one_sided_projected_gradient_error_falls_like_eps():
     (gradient,) = torch.autograd.grad(model(), [model.x])
     errors = []
     for eps in (1e-3, 1e-4, 1e-5):
-        opt = ZOSGD(
-            model.parameters(), lr=0.0, eps=eps, two_sided=False, directions="gaussian", seed=3
-        )
+        opt = ZOSGD(model.parameters(), lr=0.0, eps=eps, two_sided=False, directions="gaussian", seed=3)
         opt.step(model.closure)
         exact = float(gradient @ opt.direction(0))
         errors.append(abs(opt.projected_grads[0] - exact))
@@ -138,9 +136,7 @@ def test_sphere_directions_have_norm_sqrt_d():
     opt = ZOSGD(model.parameters(), lr=0.0, directions="sphere", seed=1)
     opt.step(lm_closure(model, batch()))
     d = sum(p.numel() for p in model.parameters())
-    norm = math.sqrt(
-        sum(float(opt.direction(i).square().sum()) for i in range(len(list(model.parameters()))))
-    )
+    norm = math.sqrt(sum(float(opt.direction(i).square().sum()) for i in range(len(list(model.parameters())))))
     assert norm == pytest.approx(math.sqrt(d), rel=1e-9)
 
 
@@ -202,9 +198,7 @@ def test_first_step_rounds_weights_by_at_most_half_a_grid_step():
     before = weights(model)
     ZOSGD(model.parameters(), lr=0.0, seed=5).step(lm_closure(model, batch()))
     for old, new in zip(before, model.parameters()):
-        bound = (
-            float(old.abs().max()) + 1e-3
-        ) * 2.0**-23  # half of h = 2**(e - 24), 2**(e - 2) <= bound
+        bound = (float(old.abs().max()) + 1e-3) * 2.0**-23  # half of h = 2**(e - 24), 2**(e - 2) <= bound
         assert float((new.detach() - old).abs().max()) <= bound
 
 
@@ -235,9 +229,7 @@ def test_fused_restore_and_update_equals_unfused(dtype, name, options):
     assert not bitwise_equal(results[0], weights(tiny_llama(dtype)))  # it did move
 
 
-@pytest.mark.parametrize(
-    "two_sided,fused,draws", [(True, True, 3), (True, False, 4), (False, True, 2)]
-)
+@pytest.mark.parametrize("two_sided,fused,draws", [(True, True, 3), (True, False, 4), (False, True, 2)])
 def test_draws_per_step(two_sided, fused, draws):
     model = tiny_llama()
     opt = ZOSGD(model.parameters(), lr=1e-3, two_sided=two_sided, fuse=fused, seed=0)
@@ -376,9 +368,7 @@ def test_every_zo_optimizer_decreases_a_tiny_lm_loss_at_its_default_lr(name):
 
 def test_weight_decay_shrinks_matrices_only():
     model = tiny_llama(torch.float64)
-    opt = ZOSGD(
-        model.parameters(), lr=0.1, weight_decay=0.5, seed=0, reduce_projected_grad=torch.zeros_like
-    )
+    opt = ZOSGD(model.parameters(), lr=0.1, weight_decay=0.5, seed=0, reduce_projected_grad=torch.zeros_like)
     closure = lm_closure(model, batch())
     opt.step(closure)  # rounds onto the grid
     before = weights(model)

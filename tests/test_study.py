@@ -8,9 +8,8 @@ import pytest
 
 import robustunlearn.config as config_module
 import robustunlearn.study.grid as study_module
-from robustunlearn.config import load_settings
+from robustunlearn.config import learning_rate, load_settings, objective_options, optimizer_options
 from robustunlearn.optim import OPTIMIZERS
-from robustunlearn.config import learning_rate, objective_options, optimizer_options
 from robustunlearn.study.grid import sweep_learning_rates
 
 
@@ -21,8 +20,13 @@ def fake_cell_results(outcomes):
     def run_cell(cell, *args, **kwargs):
         calls.append((cell.optimizer, cell.lr, kwargs))
         reached, forget, utility = outcomes[(cell.optimizer, round(cell.lr, 12))]
-        return [{"cost": {"reached_level": reached}, "forget": {"forget_qa_rouge": forget},
-                 "utility": {"retain_qa_rouge": utility}}]
+        return [
+            {
+                "cost": {"reached_level": reached},
+                "forget": {"forget_qa_rouge": forget},
+                "utility": {"retain_qa_rouge": utility},
+            }
+        ]
 
     return run_cell, calls
 
@@ -32,10 +36,14 @@ def test_sweep_keeps_the_best_utility_among_rates_that_reach_the_level(tmp_path,
     study = settings.study.model_copy(update={"optimizers": ("adam", "zo-sgd"), "sweep_factors": (0.1, 1.0, 10.0)})
     outcomes = {
         # adam: two rates reach the level; the slower one keeps more utility
-        ("adam", 1e-4): (False, 0.5, 0.95), ("adam", 1e-3): (True, 0.05, 0.8), ("adam", 1e-2): (True, 0.01, 0.3),
+        ("adam", 1e-4): (False, 0.5, 0.95),
+        ("adam", 1e-3): (True, 0.05, 0.8),
+        ("adam", 1e-2): (True, 0.01, 0.3),
         # zo-sgd: none reaches; the largest lr forgets most by wrecking the model, the middle one has
         # the best utility minus forget
-        ("zo-sgd", 1e-4): (False, 0.97, 0.97), ("zo-sgd", 1e-3): (False, 0.6, 0.9), ("zo-sgd", 1e-2): (False, 0.02, 0.03),
+        ("zo-sgd", 1e-4): (False, 0.97, 0.97),
+        ("zo-sgd", 1e-3): (False, 0.6, 0.9),
+        ("zo-sgd", 1e-2): (False, 0.02, 0.03),
     }
     run_cell, calls = fake_cell_results(outcomes)
     monkeypatch.setattr(study_module, "run_cell", run_cell)
@@ -50,8 +58,11 @@ def test_sweep_keeps_the_best_utility_among_rates_that_reach_the_level(tmp_path,
 
 
 def test_tuned_defaults_apply_to_the_embedded_benchmark_only_and_settings_win(monkeypatch):
-    tuned = {"learning_rates": {"adam": 7e-4}, "objective_options": {"npo": {"gamma": 5.0, "beta": 0.2}},
-             "optimizer_options": {"hybrid": {"zo_lr": 1e-5}}}
+    tuned = {
+        "learning_rates": {"adam": 7e-4},
+        "objective_options": {"npo": {"gamma": 5.0, "beta": 0.2}},
+        "optimizer_options": {"hybrid": {"zo_lr": 1e-5}},
+    }
     monkeypatch.setattr(config_module, "embedded_recipe", lambda: {"tuned": tuned})
     embedded = load_settings()
     assert learning_rate(embedded, "adam", {}) == 7e-4
@@ -83,15 +94,18 @@ def test_the_embedded_sweep_starts_from_its_recorded_bases_not_the_shipped_choic
 
 
 def test_tofu_metrics_run_on_tofu_by_default_and_elsewhere_only_when_asked():
-    from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
     from robustunlearn.core.models import TinyModelConfig, build_tiny_model, train_tokenizer
+    from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
     from robustunlearn.metrics.suite import tofu_scores
 
     benchmark = generate_synthetic(SyntheticConfig(num_people=4, num_utility_passages=2, num_utility_qa=2))
     tokenizer = train_tokenizer([r.text for r in benchmark.get("forget_text") + benchmark.get("retain_text")], 300)
     model = build_tiny_model(
-        TinyModelConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
-        tokenizer, seed=0,
+        TinyModelConfig(
+            vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        ),
+        tokenizer,
+        seed=0,
     )
     assert tofu_scores(model, tokenizer, benchmark, load_settings().eval) is None  # synthetic: off by default
     asked = load_settings(None, {"eval": {"tofu_metrics": True, "max_examples": 3}})

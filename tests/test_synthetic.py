@@ -205,9 +205,10 @@ def test_config_validation(options, message):
 
 def test_load_benchmark_registry():
     assert "synthetic" in BENCHMARKS
-    assert load_benchmark("synthetic", num_people=5).to_json() == generate_synthetic(
-        SyntheticConfig(num_people=5)
-    ).to_json()
+    assert (
+        load_benchmark("synthetic", num_people=5).to_json()
+        == generate_synthetic(SyntheticConfig(num_people=5)).to_json()
+    )
     with pytest.raises(ValueError, match="unknown benchmark 'tofuu'.*synthetic"):
         load_benchmark("tofuu")
     with pytest.raises(ValueError, match="num_peple"):

@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from typer.exceptions import TyperException
 from rich.console import Console
 from rich.markup import escape
+from typer.exceptions import TyperException
 
-from robustunlearn.core.errors import UserError
 from robustunlearn.bench.generation import bench_generation
 from robustunlearn.bench.optimizers import bench_optimizers
 from robustunlearn.config import load_settings
 from robustunlearn.core.distributed import is_main_process, leave_process_group
+from robustunlearn.core.errors import UserError
 from robustunlearn.core.io import atomic_write_json
 from robustunlearn.core.models import check_model_reference
 from robustunlearn.optim import OPTIMIZERS
@@ -38,13 +38,17 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 ConfigOption = typer.Option(None, "--config", help="YAML recipe; flags override its values.")
-CacheOption = typer.Option(None, "--cache-dir", help="Where prepared models are cached [default: ~/.cache/robustunlearn].")
+CacheOption = typer.Option(
+    None, "--cache-dir", help="Where prepared models are cached [default: ~/.cache/robustunlearn]."
+)
 SeedOption = typer.Option(None, "--seed", help="Seed for data generation, training and unlearning [default: 0].")
 BenchmarkOption = typer.Option(None, "--benchmark", help="Benchmark: synthetic, tofu, muse, wmdp [default: synthetic].")
 DataDirOption = typer.Option(None, "--data-dir", help="Local directory of a real benchmark's files (else: the hub).")
 ForgetSplitOption = typer.Option(None, "--forget-split", help="TOFU's forget split: forget01, forget05, forget10.")
 BaseModelOption = typer.Option(
-    None, "--base-model", help="Fine-tune this model (dir, .gguf file or hub name) into target and retrain instead of the tiny one."
+    None,
+    "--base-model",
+    help="Fine-tune this model (dir, .gguf file or hub name) into target and retrain instead of the tiny one.",
 )
 
 
@@ -93,9 +97,13 @@ def prepare(
     base_model: Optional[str] = BaseModelOption,
     force: bool = typer.Option(False, "--force", help="Rebuild even if a complete cache entry exists."),
 ) -> None:
-    """Load or generate the benchmark and train the target (forget + retain) and retrain (retain only) models (cached)."""
+    """Load or generate the benchmark and train the target (forget + retain) and retrain (retain only) models
+    (cached)."""
     settings = _settings(
-        config, seed=seed, benchmark=benchmark, base_model=base_model,
+        config,
+        seed=seed,
+        benchmark=benchmark,
+        base_model=base_model,
         benchmark_options=_benchmark_options(data_dir, forget_split),
     )
     if base_model is not None:
@@ -120,35 +128,65 @@ def _seeds(value: Optional[str]) -> Optional[tuple[int, ...]]:
         raise UserError(f"--seeds must be comma-separated integers, got {value!r}") from None
 
 
-ObjectivesOption = typer.Option(None, "--objectives", "--objective", help="Objective(s), comma-separated [default: npo].")
+ObjectivesOption = typer.Option(
+    None, "--objectives", "--objective", help="Objective(s), comma-separated [default: npo]."
+)
 OptimizersOption = typer.Option(
-    None, "--optimizers", "--optimizer",
+    None,
+    "--optimizers",
+    "--optimizer",
     help="Optimizer(s), comma-separated [default: adam,signadam,zo-adazo,hybrid,sophia-g].",
 )
 SeedsOption = typer.Option(None, "--seeds", help="Seeds of the grid, comma-separated [default: the --seed].")
 AttacksOption = typer.Option(
-    None, "--attacks",
+    None,
+    "--attacks",
     help="Attack suite, comma-separated: quantization methods, relearn, relearn-lora, benign-relearn, "
     "noise-<scale>, prune-<sparsity> [default: rtn-int4,relearn].",
 )
 StepsOption = typer.Option(None, "--steps", help="Each cell's unlearning step budget [default: 150].")
 LrOption = typer.Option(None, "--lr", help="Learning rate for every optimizer [default: each optimizer's tuned lr].")
 ModelOption = typer.Option(
-    None, "--model", help="Hugging Face model dir, .gguf file or hub name to unlearn instead of the embedded tiny target."
+    None,
+    "--model",
+    help="Hugging Face model dir, .gguf file or hub name to unlearn instead of the embedded tiny target.",
 )
-SweepOption = typer.Option(False, "--lr-sweep", help="Choose each optimizer's lr by a small sweep at matched forgetting.")
+SweepOption = typer.Option(
+    False, "--lr-sweep", help="Choose each optimizer's lr by a small sweep at matched forgetting."
+)
 
 
 def _study(
-    config, benchmark, seed, model, objectives, optimizers, seeds, attacks, steps, lr, output_dir, cache_dir, lr_sweep,
-    data_dir=None, forget_split=None, base_model=None,
+    config,
+    benchmark,
+    seed,
+    model,
+    objectives,
+    optimizers,
+    seeds,
+    attacks,
+    steps,
+    lr,
+    output_dir,
+    cache_dir,
+    lr_sweep,
+    data_dir=None,
+    forget_split=None,
+    base_model=None,
 ) -> None:
     settings = _settings(
-        config, benchmark=benchmark, seed=seed, model_path=model, unlearn__lr=lr, base_model=base_model,
+        config,
+        benchmark=benchmark,
+        seed=seed,
+        model_path=model,
+        unlearn__lr=lr,
+        base_model=base_model,
         benchmark_options=_benchmark_options(data_dir, forget_split),
-        study__objectives=_names(objectives), study__optimizers=_names(optimizers),
+        study__objectives=_names(objectives),
+        study__optimizers=_names(optimizers),
         study__seeds=_seeds(seeds) or ((seed,) if seed is not None else None),
-        study__attacks=_names(attacks), study__max_steps=steps,
+        study__attacks=_names(attacks),
+        study__max_steps=steps,
     )
     if model is not None:
         check_model_reference(model)
@@ -181,7 +219,9 @@ def run(
 
 @app.command()
 def study(
-    output_dir: Path = typer.Option(..., "--output-dir", help="Study directory (rerun to resume: finished cells are skipped)."),
+    output_dir: Path = typer.Option(
+        ..., "--output-dir", help="Study directory (rerun to resume: finished cells are skipped)."
+    ),
     config: Optional[Path] = ConfigOption,
     benchmark: Optional[str] = BenchmarkOption,
     objectives: Optional[str] = ObjectivesOption,
@@ -199,8 +239,24 @@ def study(
     seed: Optional[int] = SeedOption,
 ) -> None:
     """A grid of optimizers x objectives x seeds with the attack suite."""
-    _study(config, benchmark, seed, model, objectives, optimizers, seeds, attacks, steps, lr, output_dir, cache_dir,
-           lr_sweep, data_dir, forget_split, base_model)
+    _study(
+        config,
+        benchmark,
+        seed,
+        model,
+        objectives,
+        optimizers,
+        seeds,
+        attacks,
+        steps,
+        lr,
+        output_dir,
+        cache_dir,
+        lr_sweep,
+        data_dir,
+        forget_split,
+        base_model,
+    )
 
 
 @app.command("unlearn")
@@ -212,12 +268,16 @@ def unlearn_command(
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate [default: the optimizer's]."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Unlearning steps [default: 60]."),
     epochs: Optional[int] = typer.Option(
-        None, "--epochs", help="Passes over the forget set; replaces --steps: ceil(epochs x forget records / batch size)."
+        None,
+        "--epochs",
+        help="Passes over the forget set; replaces --steps: ceil(epochs x forget records / batch size).",
     ),
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", help="Forget (and retain) examples per step, over all processes [default: 8]."
     ),
-    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant, linear or cosine [default: constant]."),
+    lr_schedule: Optional[str] = typer.Option(
+        None, "--lr-schedule", help="constant, linear or cosine [default: constant]."
+    ),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warmup steps [default: 0]."),
     checkpoint_every: Optional[int] = typer.Option(
         None, "--checkpoint-every", help="Steps between checkpoints (0: only at the end) [default: 0]."
@@ -226,16 +286,25 @@ def unlearn_command(
         None, "--eval-every", help="Steps between evaluations, logged in log.jsonl (0: never) [default: 0]."
     ),
     keep_best: Optional[str] = typer.Option(
-        None, "--keep-best", metavar="METRIC",
-        help="Save in final/ the weights of the evaluation with the best METRIC (e.g. forget_qa_rouge); needs --eval-every.",
+        None,
+        "--keep-best",
+        metavar="METRIC",
+        help="Save in final/ the weights of the evaluation with the best METRIC (e.g. forget_qa_rouge); "
+        "needs --eval-every.",
     ),
     keep_best_mode: Optional[str] = typer.Option(
         None, "--keep-best-mode", help="min or max: which value of --keep-best is best [default: min]."
     ),
-    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Train LoRA adapters of this rank instead of all weights."),
-    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA scale alpha (with --lora-rank) [default: 16]."),
+    lora_rank: Optional[int] = typer.Option(
+        None, "--lora-rank", help="Train LoRA adapters of this rank instead of all weights."
+    ),
+    lora_alpha: Optional[float] = typer.Option(
+        None, "--lora-alpha", help="LoRA scale alpha (with --lora-rank) [default: 16]."
+    ),
     dtype: Optional[str] = typer.Option(
-        None, "--dtype", help="Load the model in float32, bfloat16, float16 or auto (its saved dtype) [default: float32]."
+        None,
+        "--dtype",
+        help="Load the model in float32, bfloat16, float16 or auto (its saved dtype) [default: float32].",
     ),
     model: Optional[str] = typer.Option(None, "--model", help="Model to unlearn [default: the embedded tiny target]."),
     data_dir: Optional[Path] = DataDirOption,
@@ -250,12 +319,24 @@ def unlearn_command(
     if steps is not None and epochs is not None:
         raise UserError("give --steps or --epochs, not both")
     settings = _settings(
-        config, benchmark=benchmark, seed=seed, model_path=model, dtype=dtype,
+        config,
+        benchmark=benchmark,
+        seed=seed,
+        model_path=model,
+        dtype=dtype,
         benchmark_options=_benchmark_options(data_dir, forget_split),
-        unlearn__objective=objective, unlearn__optimizer=optimizer, unlearn__lr=lr, unlearn__steps=steps,
-        unlearn__epochs=epochs, unlearn__batch_size=batch_size, unlearn__lr_schedule=lr_schedule,
-        unlearn__warmup_steps=warmup_steps, unlearn__checkpoint_every=checkpoint_every,
-        unlearn__eval_every=eval_every, unlearn__keep_best=keep_best, unlearn__keep_best_mode=keep_best_mode,
+        unlearn__objective=objective,
+        unlearn__optimizer=optimizer,
+        unlearn__lr=lr,
+        unlearn__steps=steps,
+        unlearn__epochs=epochs,
+        unlearn__batch_size=batch_size,
+        unlearn__lr_schedule=lr_schedule,
+        unlearn__warmup_steps=warmup_steps,
+        unlearn__checkpoint_every=checkpoint_every,
+        unlearn__eval_every=eval_every,
+        unlearn__keep_best=keep_best,
+        unlearn__keep_best_mode=keep_best_mode,
         unlearn__lora={"rank": lora_rank, "alpha": lora_alpha},
     )
     if lora_alpha is not None and "rank" not in settings.unlearn.lora:
@@ -276,15 +357,21 @@ def eval_command(
     data_dir: Optional[Path] = DataDirOption,
     forget_split: Optional[str] = ForgetSplitOption,
     model: Optional[str] = typer.Option(
-        None, "--model", help="Model to evaluate: Hugging Face dir, .gguf file or hub name [default: the embedded prepared target]."
+        None,
+        "--model",
+        help="Model to evaluate: Hugging Face dir, .gguf file or hub name [default: the embedded prepared target].",
     ),
     lm_eval: Optional[str] = typer.Option(
         None, "--lm-eval", help="lm-eval-harness tasks, comma-separated (e.g. wmdp_bio,mmlu); needs the lm-eval extra."
     ),
     lm_eval_include: Optional[Path] = typer.Option(
-        None, "--lm-eval-include", help="Directory of extra lm-eval task YAMLs (its include_path), e.g. tasks over local files."
+        None,
+        "--lm-eval-include",
+        help="Directory of extra lm-eval task YAMLs (its include_path), e.g. tasks over local files.",
     ),
-    metrics: bool = typer.Option(True, "--metrics/--no-metrics", help="Our forget and retain metrics on the benchmark."),
+    metrics: bool = typer.Option(
+        True, "--metrics/--no-metrics", help="Our forget and retain metrics on the benchmark."
+    ),
     output: Optional[Path] = typer.Option(None, "--output", help="Also write the results to this JSON file."),
     cache_dir: Optional[Path] = CacheOption,
     seed: Optional[int] = SeedOption,
@@ -296,7 +383,10 @@ def eval_command(
     if not metrics and not tasks:
         raise UserError("--no-metrics leaves nothing to evaluate: add --lm-eval TASKS")
     settings = _settings(
-        config, benchmark=benchmark, seed=seed, model_path=model,
+        config,
+        benchmark=benchmark,
+        seed=seed,
+        model_path=model,
         benchmark_options=_benchmark_options(data_dir, forget_split),
     )
     if model is not None:

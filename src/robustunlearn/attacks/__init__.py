@@ -9,7 +9,6 @@
 * ``prune``: :func:`magnitude_prune_attack`.
 """
 
-from robustunlearn.attacks.quant.gptq import calibration_inputs, gptq_quantize_model, gptq_quantize_weight
 from robustunlearn.attacks.noise import PRUNE_SCOPES, gaussian_noise_attack, magnitude_prune_attack
 from robustunlearn.attacks.quant.core import (
     FP4_CODE_BOOK,
@@ -26,6 +25,7 @@ from robustunlearn.attacks.quant.core import (
     rtn_symmetric,
     tensor_quantizer,
 )
+from robustunlearn.attacks.quant.gptq import calibration_inputs, gptq_quantize_model, gptq_quantize_weight
 from robustunlearn.attacks.relearn import LoraOptions, relearn_attack
 
 ATTACKS = ("quantize", "relearn", "benign-relearn", "noise", "prune")

@@ -23,6 +23,7 @@ from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
 from robustunlearn.core.modules import LoraOptions, add_lora
 from robustunlearn.optim import build_optimizer
 
+
 def _token_batches(batches: Sequence[TokenBatch | str], tokenizer: Any) -> list[TokenBatch]:
     """``TokenBatch``es as given; each string becomes a one-row batch scored on every token."""
     if not batches:
@@ -110,9 +111,7 @@ def relearn_attack(
             batch = token_batches[(step - 1) % len(token_batches)].to(device)
             step_loss: list[torch.Tensor] = []
 
-            def closure(
-                backward: bool = True, *, sample_labels: bool = False, term: str | None = None
-            ) -> torch.Tensor:
+            def closure(backward: bool = True, *, sample_labels: bool = False, term: str | None = None) -> torch.Tensor:
                 if sample_labels:
                     raise NotImplementedError("the relearning loss does not sample labels")
                 if term is not None:

@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from robustunlearn.metrics.generation import generate_greedy
 from robustunlearn.core.models import TinyModelConfig, build_tiny_model, train_tokenizer
+from robustunlearn.metrics.generation import generate_greedy
 
 _NAMES = (
     "Alice Moreau",
@@ -55,7 +55,6 @@ def bench_generation(
     is built on ``device``. ``identical`` says whether both ways gave the same texts."""
     prompts = bench_prompts(n_prompts, seed)
     if model is None or tokenizer is None:
-
         tokenizer = train_tokenizer(prompts, vocab_size=512)
         model = build_tiny_model(TinyModelConfig(), tokenizer, seed).to(device)
     generate_greedy(model, tokenizer, prompts[:2], max_new_tokens, batch_size)  # warm-up

@@ -18,16 +18,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-from robustunlearn.core.io import atomic_write_json
-from robustunlearn.optim.base import Closure
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from robustunlearn.core.io import atomic_write_json
 from robustunlearn.optim import OPTIMIZERS, build_optimizer
+from robustunlearn.optim.base import Closure
 
 # Llama shapes of about 1M and 5M parameters (untied embeddings).
 BENCH_MODELS: dict[str, dict[str, int]] = {
@@ -61,9 +60,7 @@ def lm_closure(model: nn.Module, input_ids: Tensor) -> Closure:
     half = len(input_ids) // 2
     terms = {None: input_ids, "forget": input_ids[:half], "retain": input_ids[half:]}
 
-    def closure(
-        backward: bool = True, *, sample_labels: bool = False, term: str | None = None
-    ) -> Tensor:
+    def closure(backward: bool = True, *, sample_labels: bool = False, term: str | None = None) -> Tensor:
         if term not in terms:
             raise KeyError(f"unknown loss term {term!r}; this closure has 'forget' and 'retain'")
         ids = terms[term]
@@ -129,7 +126,6 @@ def _measure_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
     Time: after a warm-up round (so that freed memory is reused, as in any long run, rather than
     mapped afresh), ``repeats`` forwards and steps, interleaved."""
 
-
     if task["threads"] is not None:
         torch.set_num_threads(task["threads"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,20 +134,13 @@ def _measure_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
         _set_mmap_threshold(64 << 10)
     baseline = 0 if device.type == "cuda" else _peak_bytes(device)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        **task["config"], **_HEADS, max_position_embeddings=max(s for _, s in shapes)
-    )
+    config = LlamaConfig(**task["config"], **_HEADS, max_position_embeddings=max(s for _, s in shapes))
     model = LlamaForCausalLM(config).to(device)
-    closures = [
-        lm_closure(model, torch.randint(0, config.vocab_size, shape, device=device))
-        for shape in shapes
-    ]
+    closures = [lm_closure(model, torch.randint(0, config.vocab_size, shape, device=device)) for shape in shapes]
     # `hybrid` alternates every step here, and each of its rounds takes a step of each phase
     options, per_round = ({"every": 1}, 2) if name == "hybrid" else ({}, 1)
     total_steps = per_round * (2 + repeats) * len(shapes)
-    optimizer = (
-        None if name is None else build_optimizer(name, model, total_steps=total_steps, **options)
-    )
+    optimizer = None if name is None else build_optimizer(name, model, total_steps=total_steps, **options)
 
     def forward(closure) -> None:
         with torch.no_grad():
@@ -236,10 +225,10 @@ def bench_optimizers(
       GPU) above what the process held before building the model;
     * ``state_over_params``: bytes of tensors in the optimizer's ``state_dict`` over parameter bytes.
 
-    ``repeats`` timed steps and forwards per shape follow a warm-up round; ``threads`` sets torch's CPU threads in the workers (``None``: torch's default). Prints
+    ``repeats`` timed steps and forwards per shape follow a warm-up round; ``threads`` sets torch's CPU
+    threads in the workers (``None``: torch's default). Prints
     a table with rich; with ``json_path`` writes the rows as JSON.
     """
-
 
     console = Console() if console is None else console
     names = list(OPTIMIZERS) if optimizers is None else list(optimizers)
@@ -253,8 +242,7 @@ def bench_optimizers(
         if isinstance(size, str):
             if size not in BENCH_MODELS:
                 raise ValueError(
-                    f"unknown size {size!r}; accepted: {', '.join(BENCH_MODELS)} "
-                    "or a dict of LlamaConfig arguments"
+                    f"unknown size {size!r}; accepted: {', '.join(BENCH_MODELS)} or a dict of LlamaConfig arguments"
                 )
             configs[size] = BENCH_MODELS[size]
         else:
@@ -279,9 +267,7 @@ def bench_optimizers(
             results = pool.imap(_measure, tasks)
             inference = next(results)
             if "error" in inference:
-                raise RuntimeError(
-                    f"the inference baseline failed on {label}: {inference['error']}"
-                )
+                raise RuntimeError(f"the inference baseline failed on {label}: {inference['error']}")
             for name, measured in zip(names, results):
                 if "error" in measured:
                     console.print(f"{name} failed on {label}: {measured['error']}", style="red")

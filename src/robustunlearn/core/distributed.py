@@ -61,9 +61,7 @@ class DataParallel:
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's contiguous slice of a global batch: ranks 0..N-1 take equal parts in order."""
         if len(items) % self.world_size:
-            raise ValueError(
-                f"a batch of {len(items)} does not split evenly over {self.world_size} processes"
-            )
+            raise ValueError(f"a batch of {len(items)} does not split evenly over {self.world_size} processes")
         size = len(items) // self.world_size
         return list(items[self.rank * size : (self.rank + 1) * size])
 

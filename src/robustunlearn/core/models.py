@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.utils import logging as hf_logging
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -28,6 +27,7 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 from robustunlearn.core.errors import UserError
 from robustunlearn.core.io import atomic_write_json
@@ -165,7 +165,9 @@ def check_model_reference(name_or_path: str | Path) -> Path | None:
     if path.exists():
         if gguf and path.is_file():
             if importlib.util.find_spec("gguf") is None:
-                raise UserError(f"loading the GGUF file {path} needs the gguf package: pip install 'robustunlearn[gguf]'")
+                raise UserError(
+                    f"loading the GGUF file {path} needs the gguf package: pip install 'robustunlearn[gguf]'"
+                )
             return path
         if not path.is_dir():
             raise UserError(f"model path {path} is neither a directory nor a {GGUF_SUFFIX} file")

@@ -18,6 +18,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Union
+
 from robustunlearn.core.io import atomic_write_text
 
 
@@ -70,9 +71,7 @@ class MultipleChoice:
 
     def __post_init__(self) -> None:
         if not 0 <= self.answer_index < len(self.choices):
-            raise ValueError(
-                f"answer_index {self.answer_index} out of range for {len(self.choices)} choices"
-            )
+            raise ValueError(f"answer_index {self.answer_index} out of range for {len(self.choices)} choices")
 
 
 Record = Union[Passage, QA, Continuation, MultipleChoice]
@@ -141,8 +140,7 @@ class Benchmark:
     def require(self, split_name: str) -> list[Record]:
         if not self.splits.get(split_name):
             raise KeyError(
-                f"benchmark {self.name!r} has no (or an empty) split {split_name!r}; "
-                f"it has {sorted(self.splits)}"
+                f"benchmark {self.name!r} has no (or an empty) split {split_name!r}; it has {sorted(self.splits)}"
             )
         return self.splits[split_name]
 
@@ -164,8 +162,7 @@ class Benchmark:
             if key not in data:
                 raise ValueError(f"benchmark JSON is missing the field {key!r}")
         splits = {
-            name: [record_from_dict(split_kind(name), r) for r in records]
-            for name, records in data["splits"].items()
+            name: [record_from_dict(split_kind(name), r) for r in records] for name, records in data["splits"].items()
         }
         return cls(data["name"], data["schema_version"], splits, dict(data.get("metadata", {})))
 

@@ -26,7 +26,9 @@ def prompt_and_completion(record: Record) -> tuple[str, str]:
     raise TypeError(f"cannot train on a {type(record).__name__} record")
 
 
-def encode_example(tokenizer, prompt: str, completion: str, max_length: int | None = None) -> tuple[list[int], list[int]]:
+def encode_example(
+    tokenizer, prompt: str, completion: str, max_length: int | None = None
+) -> tuple[list[int], list[int]]:
     """Token ids and labels (``IGNORE_INDEX`` on the prompt) of one example, truncated on the right."""
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
     completion_ids = tokenizer.encode(completion, add_special_tokens=False)

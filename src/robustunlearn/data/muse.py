@@ -33,6 +33,7 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from robustunlearn.core.errors import UserError
 from robustunlearn.data.base import QA, Benchmark, Continuation, Passage
 from robustunlearn.data.tofu import (
     Table,
@@ -42,7 +43,6 @@ from robustunlearn.data.tofu import (
     hub_table,
     read_table,
 )
-from robustunlearn.core.errors import UserError
 
 SCHEMA_VERSION = "1"
 HUB_NAMES = {"news": "muse-bench/MUSE-News", "books": "muse-bench/MUSE-Books"}
@@ -91,9 +91,7 @@ def validate_chunk_chars(chunk_chars: int | None) -> None:
     if chunk_chars is not None and (
         isinstance(chunk_chars, bool) or not isinstance(chunk_chars, int) or chunk_chars < 1
     ):
-        raise ValueError(
-            f"chunk_chars must be a positive integer or None (whole documents), got {chunk_chars!r}"
-        )
+        raise ValueError(f"chunk_chars must be a positive integer or None (whole documents), got {chunk_chars!r}")
 
 
 @checked_options("muse")
@@ -114,14 +112,8 @@ def load_muse(
     if corpus not in HUB_NAMES:
         raise ValueError(f"unknown MUSE corpus {corpus!r}; expected one of {list(HUB_NAMES)}")
     retain_sets = (retain_sets,) if isinstance(retain_sets, str) else tuple(retain_sets)
-    if (
-        not retain_sets
-        or len(set(retain_sets)) != len(retain_sets)
-        or not set(retain_sets) <= set(RETAIN_SETS)
-    ):
-        raise ValueError(
-            f"retain_sets must be distinct names from {list(RETAIN_SETS)}, got {list(retain_sets)}"
-        )
+    if not retain_sets or len(set(retain_sets)) != len(retain_sets) or not set(retain_sets) <= set(RETAIN_SETS):
+        raise ValueError(f"retain_sets must be distinct names from {list(RETAIN_SETS)}, got {list(retain_sets)}")
     validate_chunk_chars(chunk_chars)
     if data_dir is None:
         source = f"hub:{hub_name or HUB_NAMES[corpus]}"
@@ -150,9 +142,7 @@ def load_muse(
 
     splits = {
         "forget_text": _passages(required("raw", "forget"), "forget", chunk_chars),
-        "retain_text": [
-            p for name in retain_sets for p in _passages(required("raw", name), name, chunk_chars)
-        ],
+        "retain_text": [p for name in retain_sets for p in _passages(required("raw", name), name, chunk_chars)],
     }
     if (table := optional("raw", "holdout")) is not None:
         splits["holdout_text"] = _passages(table, "holdout", chunk_chars)
@@ -225,7 +215,4 @@ def _passages(table: Table, subject: str, chunk_chars: int | None) -> list[Passa
 
 
 def _qas(table: Table) -> list[QA]:
-    return [
-        QA(table.string(where, row, "question"), table.string(where, row, "answer"))
-        for where, row in table.rows
-    ]
+    return [QA(table.string(where, row, "question"), table.string(where, row, "answer")) for where, row in table.rows]

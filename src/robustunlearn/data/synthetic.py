@@ -309,16 +309,20 @@ _MAX_UTILITY_PASSAGES = 400  # 100 sums passages use 300 of the 317 distinct sum
 
 def utility_qa_capacity(num_utility_passages: int) -> int:
     """How many utility QAs ``num_utility_passages`` passages can support."""
-    return sum(
-        _UTILITY_QA_PER_KIND[_UTILITY_KINDS[i % len(_UTILITY_KINDS)]]
-        for i in range(num_utility_passages)
-    )
+    return sum(_UTILITY_QA_PER_KIND[_UTILITY_KINDS[i % len(_UTILITY_KINDS)]] for i in range(num_utility_passages))
 
 
 # Eight facts per person: enough questions per subject to split them, few enough that the tiny target
 # memorises every one in a few minutes on two cores.
 DEFAULT_ATTRIBUTES = (
-    "birth_year", "birth_city", "mother_name", "father_name", "university", "profession", "employer", "pet_name",
+    "birth_year",
+    "birth_city",
+    "mother_name",
+    "father_name",
+    "university",
+    "profession",
+    "employer",
+    "pet_name",
 )
 
 
@@ -362,9 +366,7 @@ class SyntheticConfig:
         object.__setattr__(self, "attributes", tuple(self.attributes))
         unknown = [a for a in self.attributes if a not in ATTRIBUTES]
         if unknown or not self.attributes or len(set(self.attributes)) != len(self.attributes):
-            raise ValueError(
-                f"attributes must be distinct names from {list(ATTRIBUTES)}, got {list(self.attributes)}"
-            )
+            raise ValueError(f"attributes must be distinct names from {list(ATTRIBUTES)}, got {list(self.attributes)}")
         if not 1 <= self.mcq_per_person <= len(self.attributes):
             raise ValueError(
                 f"mcq_per_person must be between 1 and the number of attributes "
@@ -372,8 +374,7 @@ class SyntheticConfig:
             )
         if not 1 <= self.num_utility_passages <= _MAX_UTILITY_PASSAGES:
             raise ValueError(
-                f"num_utility_passages must be between 1 and {_MAX_UTILITY_PASSAGES}, "
-                f"got {self.num_utility_passages}"
+                f"num_utility_passages must be between 1 and {_MAX_UTILITY_PASSAGES}, got {self.num_utility_passages}"
             )
         qa_capacity = utility_qa_capacity(self.num_utility_passages)
         if not 0 <= self.num_utility_qa <= qa_capacity:

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from robustunlearn.data.base import QA, Benchmark, MultipleChoice
 from robustunlearn.core.errors import UserError
+from robustunlearn.data.base import QA, Benchmark, MultipleChoice
 
 SCHEMA_VERSION = "1"
 HUB_NAME = "locuslab/TOFU"
@@ -70,11 +70,7 @@ class Table:
         value = self._field(where, row, field, required)
         if value is None:
             return ()
-        if (
-            not isinstance(value, list)
-            or not value
-            or not all(isinstance(v, str) and v.strip() for v in value)
-        ):
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
             raise self.error(
                 where, f"field {field!r} must be a non-empty list of non-empty strings, got {_short(value)}"
             )
@@ -155,9 +151,7 @@ def hub_table(name: str, config: str | None, split: str, *, limit: int | None = 
     try:
         import datasets  # optional heavy dependency: only hub loading needs it
     except ImportError:
-        raise UserError(
-            f"loading {name!r} from the hub needs the 'datasets' package: pip install datasets"
-        ) from None
+        raise UserError(f"loading {name!r} from the hub needs the 'datasets' package: pip install datasets") from None
     source = f"hub dataset {name}" + (f" config {config}" if config else "") + f" split {split}"
     try:
         dataset = datasets.load_dataset(name, config, split=split if limit is None else f"{split}[:{limit}]")
@@ -184,9 +178,7 @@ def checked_options(benchmark: str) -> Callable[[Callable[..., Benchmark]], Call
         def checked(*args: Any, **options: Any) -> Benchmark:
             unknown = sorted(set(options) - set(accepted))
             if unknown:
-                raise ValueError(
-                    f"unknown option(s) {unknown} for benchmark {benchmark!r}; accepted: {accepted}"
-                )
+                raise ValueError(f"unknown option(s) {unknown} for benchmark {benchmark!r}; accepted: {accepted}")
             return loader(*args, **options)
 
         return checked
@@ -211,14 +203,10 @@ def load_tofu(
 
     forget_table = get(f"{forget_split}_perturbed") or get(forget_split)
     if forget_table is None:
-        raise UserError(
-            f"TOFU directory {data_dir} has neither {forget_split}_perturbed.json nor {forget_split}.json"
-        )
+        raise UserError(f"TOFU directory {data_dir} has neither {forget_split}_perturbed.json nor {forget_split}.json")
     retain_table = get(retain_split)
     if retain_table is None:
-        raise UserError(
-            f"TOFU directory {data_dir} has no {retain_split}.json, the retain set of {forget_split}"
-        )
+        raise UserError(f"TOFU directory {data_dir} has no {retain_split}.json, the retain set of {forget_split}")
     forget = [_qa(forget_table, where, row) for where, row in forget_table.rows]
     retain = [_qa(retain_table, where, row) for where, row in retain_table.rows]
     full_table = get("full")
@@ -233,13 +221,9 @@ def load_tofu(
     for name in UTILITY_SETS:
         qa_table, mcq_table = get(f"{name}_perturbed"), get(name)
         if qa_table is not None:
-            splits["utility_qa"] += [
-                _qa(qa_table, where, row, name, perturbed=True) for where, row in qa_table.rows
-            ]
+            splits["utility_qa"] += [_qa(qa_table, where, row, name, perturbed=True) for where, row in qa_table.rows]
         if mcq_table is not None:
-            splits["utility_mcq"] += [
-                _multiple_choice(mcq_table, where, row, name) for where, row in mcq_table.rows
-            ]
+            splits["utility_mcq"] += [_multiple_choice(mcq_table, where, row, name) for where, row in mcq_table.rows]
         tables += [qa_table, mcq_table]
     metadata = {
         "source": str(data_dir) if data_dir is not None else f"hub:{hub_name}",
@@ -293,9 +277,7 @@ def _multiple_choice(table: Table, where: str, row: Any, subject: str) -> Multip
     while f"option{len(choices) + 1}" in row:
         choices.append(table.string(where, row, f"option{len(choices) + 1}"))
     if len(choices) < 2:
-        raise table.error(
-            where, "a multiple-choice row needs fields 'option1', 'option2', ... (at least two)"
-        )
+        raise table.error(where, "a multiple-choice row needs fields 'option1', 'option2', ... (at least two)")
     answer = table.string(where, row, "answer")
     if answer not in choices:
         raise table.error(where, f"field 'answer' {_short(answer)} is none of the options {choices}")
@@ -339,8 +321,7 @@ def _with_eval_fields(retain: list[QA], retain_table: Table, eval_table: Table) 
         if _pair(record) not in index:
             raise eval_table.error(
                 where,
-                f"question {record.question!r} with this answer is not in the retain set "
-                f"{retain_table.source}",
+                f"question {record.question!r} with this answer is not in the retain set {retain_table.source}",
             )
         enriched[index[_pair(record)]] = record
     return enriched

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from robustunlearn.core.errors import UserError
 from robustunlearn.data.base import Benchmark, MultipleChoice, Passage
 from robustunlearn.data.muse import (
     DEFAULT_CHUNK_CHARS,
@@ -41,7 +42,6 @@ from robustunlearn.data.tofu import (
     hub_table,
     read_table,
 )
-from robustunlearn.core.errors import UserError
 
 SCHEMA_VERSION = "1"
 MCQ_HUB_NAME = "cais/wmdp"
@@ -106,9 +106,7 @@ def _mcq_table(root: Path | None, subset: str) -> Table:
         return hub_table(MCQ_HUB_NAME, f"wmdp-{subset}", "test")
     path = find_file(root, f"wmdp-{subset}")
     if path is None:
-        raise UserError(
-            f"WMDP data is missing {root / f'wmdp-{subset}.json'} (or .jsonl), the {subset} questions"
-        )
+        raise UserError(f"WMDP data is missing {root / f'wmdp-{subset}.json'} (or .jsonl), the {subset} questions")
     return read_table(path)
 
 
@@ -123,9 +121,7 @@ def _corpus_table(root: Path | None, subset: str, role: str, max_documents: int 
         if path is not None:
             return read_table(path, plain_lines=True, limit=max_documents)
     gated = " (it is gated: request it from the WMDP authors)" if name == "bio-forget-corpus" else ""
-    raise UserError(
-        f"WMDP data is missing {root / name}.jsonl{gated}; pass corpora=False to load the questions only"
-    )
+    raise UserError(f"WMDP data is missing {root / name}.jsonl{gated}; pass corpora=False to load the questions only")
 
 
 def _multiple_choice(table: Table, where: str, row: Any, subset: str) -> MultipleChoice:
@@ -141,7 +137,6 @@ def _multiple_choice(table: Table, where: str, row: Any, subset: str) -> Multipl
     if not 0 <= answer < len(choices):
         raise table.error(
             where,
-            f"field 'answer' is {answer}, out of range for {len(choices)} choices "
-            f"(expected 0 to {len(choices) - 1})",
+            f"field 'answer' is {answer}, out of range for {len(choices)} choices (expected 0 to {len(choices) - 1})",
         )
     return MultipleChoice(question, choices, answer, subset)

@@ -16,7 +16,13 @@ from robustunlearn.metrics.mcq import mcq_accuracy, mcq_from_loglikelihoods
 from robustunlearn.metrics.mia import mia_aucs, mia_scores, mia_suite, min_k, min_k_plus_plus
 from robustunlearn.metrics.muse import cut_to_tokens, knowmem, knowmem_from_answers, privleak, verbmem
 from robustunlearn.metrics.perplexity import perplexity
-from robustunlearn.metrics.qa import accuracy_from_answers, answer_questions, contains_answer, qa_accuracy, qa_answer_nll
+from robustunlearn.metrics.qa import (
+    accuracy_from_answers,
+    answer_questions,
+    contains_answer,
+    qa_accuracy,
+    qa_answer_nll,
+)
 from robustunlearn.metrics.rouge import RougeL, rouge_l, rouge_l_scores
 from robustunlearn.metrics.tofu import (
     forget_quality,

@@ -45,9 +45,7 @@ def inference(model: torch.nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def chunks(
-    items: Sequence[T], batch_size: int, progress: bool = False, description: str = ""
-) -> Iterator[Sequence[T]]:
+def chunks(items: Sequence[T], batch_size: int, progress: bool = False, description: str = "") -> Iterator[Sequence[T]]:
     """Consecutive slices of ``items`` of at most ``batch_size``; a transient rich progress bar
     counts the items when ``progress`` is set."""
     if batch_size < 1:

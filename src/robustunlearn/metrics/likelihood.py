@@ -77,9 +77,7 @@ def completion_scores(
             for r, row in enumerate(rows):
                 input_ids[r, : len(row)] = torch.tensor(row)
                 attention_mask[r, : len(row)] = 1
-            logits = model(
-                input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)
-            ).logits
+            logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
             for r, i in enumerate(batch):
                 start, target = len(encoded[i][0]), encoded[i][1]
                 # The logits at position t predict token t + 1.

@@ -116,9 +116,13 @@ def run_lm_eval(
     was_training = model.training
     # HFLM warns that a pre-loaded model ignores its loading options: true, and nothing to act on.
     with _quiet("lm_eval.models.huggingface"):
-        wrapped = HFLM(pretrained=model, tokenizer=tokenizer_with_bos(tokenizer), batch_size=batch_size, add_bos_token=True)
+        wrapped = HFLM(
+            pretrained=model, tokenizer=tokenizer_with_bos(tokenizer), batch_size=batch_size, add_bos_token=True
+        )
     try:
-        return lm_eval.simple_evaluate(model=wrapped, tasks=tasks, task_manager=manager, limit=limit, log_samples=log_samples)
+        return lm_eval.simple_evaluate(
+            model=wrapped, tasks=tasks, task_manager=manager, limit=limit, log_samples=log_samples
+        )
     except ConnectionError as error:
         raise UserError(
             f"lm-eval could not fetch a task's dataset ({error}); offline, point --lm-eval-include at "

@@ -20,9 +20,7 @@ def argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
-def mcq_from_loglikelihoods(
-    loglikelihoods: Sequence[Sequence[float]], records: Sequence[MultipleChoice]
-) -> dict:
+def mcq_from_loglikelihoods(loglikelihoods: Sequence[Sequence[float]], records: Sequence[MultipleChoice]) -> dict:
     """Accuracies from the summed log-likelihood of every option of every record.
 
     ``acc`` picks ``argmax_i LL_i``; ``acc_norm`` picks ``argmax_i LL_i / len(choice_i)`` with the
@@ -62,9 +60,7 @@ def mcq_accuracy(
         for choice in record.choices:
             prompts.append(mcq_prompt(record.question))
             options.append(option_text(choice))
-    logprobs = completion_logprobs(
-        model, tokenizer, prompts, options, batch_size=batch_size, progress=progress
-    )
+    logprobs = completion_logprobs(model, tokenizer, prompts, options, batch_size=batch_size, progress=progress)
     sums = iter(lp.sum().item() for lp in logprobs)
     loglikelihoods = [[next(sums) for _ in record.choices] for record in records]
     return mcq_from_loglikelihoods(loglikelihoods, records)

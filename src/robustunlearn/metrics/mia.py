@@ -83,9 +83,7 @@ def mia_scores(
     return out
 
 
-def mia_aucs(
-    members: Mapping[str, Sequence[float]], nonmembers: Mapping[str, Sequence[float]]
-) -> dict[str, float]:
+def mia_aucs(members: Mapping[str, Sequence[float]], nonmembers: Mapping[str, Sequence[float]]) -> dict[str, float]:
     """``{"auc_<score>": ROC AUC}`` for every score in both mappings, oriented so that 1 means
     members are perfectly detected and 0.5 means chance (``loss`` and ``zlib`` are negated)."""
     aucs = {}

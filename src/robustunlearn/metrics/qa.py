@@ -92,7 +92,10 @@ def qa_answer_nll(model, tokenizer, records: Sequence[QA], *, batch_size: int = 
     if not records:
         raise ValueError("cannot score an empty list of QA records")
     logprobs = completion_logprobs(
-        model, tokenizer, [qa_prompt(r.question) for r in records], [qa_completion(r.answer) for r in records],
+        model,
+        tokenizer,
+        [qa_prompt(r.question) for r in records],
+        [qa_completion(r.answer) for r in records],
         batch_size=batch_size,
     )
     return float(sum(-lp.mean() for lp in logprobs) / len(logprobs))

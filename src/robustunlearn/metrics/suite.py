@@ -118,11 +118,15 @@ def _registry(*specs: MetricSpec) -> dict[str, MetricSpec]:
 
 METRICS: dict[str, MetricSpec] = _registry(
     MetricSpec("forget_qa_rouge", "forget QA ROUGE", "forget_qa", "lower", 0.0, lambda c: _qa_rouge(c, "forget_qa")),
-    MetricSpec("forget_qa_accuracy", "forget QA acc", "forget_qa", "lower", 0.0, lambda c: _qa_accuracy(c, "forget_qa")),
+    MetricSpec(
+        "forget_qa_accuracy", "forget QA acc", "forget_qa", "lower", 0.0, lambda c: _qa_accuracy(c, "forget_qa")
+    ),
     MetricSpec("forget_verbmem_rouge", "forget VerbMem", "forget_verbmem", "lower", 0.0, _verbmem),
     MetricSpec("forget_mcq_accuracy", "forget MCQ acc", "forget_mcq", "lower", 0.25, _mcq),
     MetricSpec("retain_qa_rouge", "retain QA ROUGE", "retain_qa", "higher", 0.0, lambda c: _qa_rouge(c, "retain_qa")),
-    MetricSpec("retain_qa_accuracy", "retain QA acc", "retain_qa", "higher", 0.0, lambda c: _qa_accuracy(c, "retain_qa")),
+    MetricSpec(
+        "retain_qa_accuracy", "retain QA acc", "retain_qa", "higher", 0.0, lambda c: _qa_accuracy(c, "retain_qa")
+    ),
     MetricSpec("utility_perplexity", "utility ppl", "utility_text", "lower", None, _perplexity),
 )
 FORGET_METRICS = tuple(name for name, spec in METRICS.items() if spec.forget)

@@ -70,9 +70,7 @@ def tofu_eval_set(
         raise ValueError("cannot evaluate an empty list of QA records")
     for i, record in enumerate(records):
         if not record.perturbed_answers:
-            raise ValueError(
-                f"record {i} ({record.question!r}) has no perturbed_answers; TOFU metrics need them"
-            )
+            raise ValueError(f"record {i} ({record.question!r}) has no perturbed_answers; TOFU metrics need them")
     # One scoring pass over, per record: the answer, the paraphrased answer, the perturbed answers.
     prompts, completions = [], []
     for record in records:
@@ -128,9 +126,7 @@ def model_utility(results: Mapping[str, Mapping[str, float]]) -> float:
     values = []
     for name, result in results.items():
         if result.get("forget"):
-            raise ValueError(
-                f"set {name!r} was evaluated as a forget set; model utility excludes the forget set"
-            )
+            raise ValueError(f"set {name!r} was evaluated as a forget set; model utility excludes the forget set")
         values += [result["prob"], result["rouge"], result["truth_ratio"]]
     if min(values) <= 0.0:
         return 0.0

@@ -31,9 +31,7 @@ class Objective(Protocol):
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter] | None:
         """The parameters to train, or None to leave ``requires_grad`` as it is."""
 
-    def reference_outputs(
-        self, reference_model: nn.Module, batch: UnlearnBatch
-    ) -> dict[str, torch.Tensor]:
+    def reference_outputs(self, reference_model: nn.Module, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
         """What the loss needs from the frozen reference on this batch ({} if nothing)."""
 
     def loss(
@@ -42,9 +40,7 @@ class Objective(Protocol):
         """``loss`` = ``forget`` + ``retain``, those two terms, and detached scalars to log."""
 
 
-OBJECTIVES: dict[str, type] = {
-    cls.name: cls for cls in (GradientAscent, GradDiff, NPO, SimNPO, RMU, Idk, IdkDPO)
-}
+OBJECTIVES: dict[str, type] = {cls.name: cls for cls in (GradientAscent, GradDiff, NPO, SimNPO, RMU, Idk, IdkDPO)}
 
 
 def build_objective(name: str, model: nn.Module | None = None, **hparams: Any) -> Objective:

@@ -33,9 +33,7 @@ def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None
 
 def _shifted_logits(model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits that predict tokens 1..T-1 ([B, T-1, V], at least float32) and their targets."""
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).logits[:, :-1]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return logits, batch.labels[:, 1:]
 
@@ -46,9 +44,7 @@ def sequence_logprobs(model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor
     Returns two ``[batch]`` tensors: the summed log-probabilities and the scored-token counts."""
     logits, targets = _shifted_logits(model, batch)
     # cross_entropy wants the class dimension second; ignored targets contribute exactly 0
-    token_nll = F.cross_entropy(
-        logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-    )
+    token_nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
     return -token_nll.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
 
 
@@ -64,9 +60,7 @@ def scored_log_softmax(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
     return torch.log_softmax(logits[targets != IGNORE_INDEX], dim=-1)
 
 
-def kl_from_reference(
-    model: nn.Module, batch: TokenBatch, reference_log_probs: torch.Tensor
-) -> torch.Tensor:
+def kl_from_reference(model: nn.Module, batch: TokenBatch, reference_log_probs: torch.Tensor) -> torch.Tensor:
     """KL(p_ref ‖ p_θ) = Σ_v p_ref(v) (log p_ref(v) − log p_θ(v)), averaged over scored tokens.
 
     ``reference_log_probs`` is :func:`scored_log_softmax` of the frozen model on the same batch."""
@@ -115,9 +109,7 @@ class RetainTerm:
     def reference_outputs(self, reference_model: nn.Module, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
         return self.retain_reference(reference_model, batch)
 
-    def retain_reference(
-        self, reference_model: nn.Module, batch: UnlearnBatch
-    ) -> dict[str, torch.Tensor]:
+    def retain_reference(self, reference_model: nn.Module, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
         if not self.retain_needs_reference:
             return {}
         retain = require(batch, "retain", self.name)

@@ -33,9 +33,7 @@ class GradientAscent:
     def trainable_parameters(self, model: nn.Module) -> None:
         return None
 
-    def reference_outputs(
-        self, reference_model: nn.Module, batch: UnlearnBatch
-    ) -> dict[str, torch.Tensor]:
+    def reference_outputs(self, reference_model: nn.Module, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
         return {}
 
     def loss(

@@ -34,7 +34,8 @@ class Idk(RetainTerm):
     ``batch.forget_refusal``.
 
     ``mode="dpo"``: with w = refusal answer (``batch.forget_refusal``), l = true answer
-    (``batch.forget_answered``: the same questions; passages in the forget batch take no part), Δ_a = log π_θ(a|x) − log π_ref(a|x) summed over answer tokens,
+    (``batch.forget_answered``: the same questions; passages in the forget batch take no part),
+    Δ_a = log π_θ(a|x) − log π_ref(a|x) summed over answer tokens,
     L = −(2/β) E log σ(β (Δ_w − Δ_l)) + γ · R_retain. This is DPO scaled by 2/β, the scale of the
     NPO reference code, so that its gradient at θ = ref is −∇ E(log π_θ(w) − log π_θ(l)) whatever
     β: summed-NLL fine-tuning on the refusal plus ascent on the true answer.
@@ -56,9 +57,7 @@ class Idk(RetainTerm):
     def needs_reference(self) -> bool:
         return self.mode == "dpo" or self.retain_needs_reference
 
-    def reference_outputs(
-        self, reference_model: nn.Module, batch: UnlearnBatch
-    ) -> dict[str, torch.Tensor]:
+    def reference_outputs(self, reference_model: nn.Module, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
         reference = self.retain_reference(reference_model, batch)
         if self.mode == "dpo":
             refusal = require(batch, "forget_refusal", self.name)
@@ -74,18 +73,12 @@ class Idk(RetainTerm):
     def loss(
         self, model: nn.Module, batch: UnlearnBatch, reference: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        refusal_logprobs, refusal_counts = sequence_logprobs(
-            model, require(batch, "forget_refusal", self.name)
-        )
+        refusal_logprobs, refusal_counts = sequence_logprobs(model, require(batch, "forget_refusal", self.name))
         refusal_nll = mean_nll(refusal_logprobs, refusal_counts)
         if self.mode == "sft":
-            return self.with_retain(
-                model, batch, reference, refusal_nll, {"refusal_nll": refusal_nll.detach()}
-            )
+            return self.with_retain(model, batch, reference, refusal_nll, {"refusal_nll": refusal_nll.detach()})
         forget_logprobs, forget_counts = sequence_logprobs(model, self._answered(batch))
-        margin = (refusal_logprobs - reference["refusal_logprobs"]) - (
-            forget_logprobs - reference["forget_logprobs"]
-        )
+        margin = (refusal_logprobs - reference["refusal_logprobs"]) - (forget_logprobs - reference["forget_logprobs"])
         forget = (2 / self.beta) * F.softplus(-self.beta * margin).mean()
         logs = {
             "refusal_nll": refusal_nll.detach(),

@@ -46,9 +46,7 @@ class NPO(RetainTerm):
         super().__post_init__()
         check_positive("beta", self.beta)
 
-    def reference_outputs(
-        self, reference_model: nn.Module, batch: UnlearnBatch
-    ) -> dict[str, torch.Tensor]:
+    def reference_outputs(self, reference_model: nn.Module, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
         forget_logprobs, _ = sequence_logprobs(reference_model, batch.forget)
         return {"forget_logprobs": forget_logprobs, **self.retain_reference(reference_model, batch)}
 
@@ -94,11 +92,5 @@ class SimNPO(RetainTerm):
     ) -> dict[str, torch.Tensor]:
         logprobs, counts = sequence_logprobs(model, batch.forget)
         normalised = logprobs / counts.clamp(min=1)
-        forget = (
-            self.forget_weight
-            * (2 / self.beta)
-            * F.softplus(self.beta * normalised + self.delta).mean()
-        )
-        return self.with_retain(
-            model, batch, reference, forget, {"forget_nll": mean_nll(logprobs, counts).detach()}
-        )
+        forget = self.forget_weight * (2 / self.beta) * F.softplus(self.beta * normalised + self.delta).mean()
+        return self.with_retain(model, batch, reference, forget, {"forget_nll": mean_nll(logprobs, counts).detach()})

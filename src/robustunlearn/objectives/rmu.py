@@ -80,8 +80,7 @@ class RMU:
         if not self.update_layers or not all(0 <= i <= self.layer for i in self.update_layers):
             # a block after ℓ cannot change h_ℓ: its gradient would be zero
             raise ValueError(
-                f"update_layers must be a non-empty set of layers in [0, layer={self.layer}], "
-                f"got {self.update_layers}"
+                f"update_layers must be a non-empty set of layers in [0, layer={self.layer}], got {self.update_layers}"
             )
         check_positive("steering_coeff", self.steering_coeff)
         check_positive("alpha", self.alpha, allow_zero=True)
@@ -95,8 +94,7 @@ class RMU:
         config = model.config
         return {
             "layer": min(WMDP_LAYER, config.num_hidden_layers // 2),
-            "steering_coeff": WMDP_STEERING_COEFF
-            * math.sqrt(config.hidden_size / WMDP_HIDDEN_SIZE),
+            "steering_coeff": WMDP_STEERING_COEFF * math.sqrt(config.hidden_size / WMDP_HIDDEN_SIZE),
         }
 
     @property
@@ -116,19 +114,13 @@ class RMU:
         for i in self.update_layers:
             down_proj = getattr(getattr(layers[i], "mlp", None), "down_proj", None)
             if down_proj is None:
-                raise ValueError(
-                    f"decoder layer {i} has no mlp.down_proj; RMU needs a Llama-style MLP"
-                )
+                raise ValueError(f"decoder layer {i} has no mlp.down_proj; RMU needs a Llama-style MLP")
             params += [p for p in down_proj.parameters() if p.requires_grad]
         if not params:
-            raise ValueError(
-                f"no trainable parameter in mlp.down_proj of layers {self.update_layers}"
-            )
+            raise ValueError(f"no trainable parameter in mlp.down_proj of layers {self.update_layers}")
         return params
 
-    def reference_outputs(
-        self, reference_model: nn.Module, batch: UnlearnBatch
-    ) -> dict[str, torch.Tensor]:
+    def reference_outputs(self, reference_model: nn.Module, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
         if not self.needs_reference:
             return {}
         retain = require(batch, "retain", self.name)
@@ -144,9 +136,7 @@ class RMU:
         if self.alpha == 0:
             retain = forget.new_zeros(())
         else:
-            retain_hidden = layer_activations(
-                model, require(batch, "retain", self.name), self.layer
-            )
+            retain_hidden = layer_activations(model, require(batch, "retain", self.name), self.layer)
             retain_mse = F.mse_loss(retain_hidden, reference["retain_activations"])
             logs["retain_mse"] = retain_mse.detach()
             retain = self.alpha * retain_mse

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from robustunlearn.core.modules import decoder_blocks
-from robustunlearn.optim.spec import OPTIMIZERS, OptimizerSpec
 from robustunlearn.optim.base import Closure
+from robustunlearn.optim.spec import OPTIMIZERS, OptimizerSpec
 
 
 def phase_at(step: int, total_steps: int, every: int) -> str:
@@ -51,28 +51,20 @@ def _build_part(
     """Build the ZO part (a zeroth-order optimizer) or the FO part (any gradient-based one)."""
     specs = OPTIMIZERS
     accepted = sorted(
-        n
-        for n, s in specs.items()
-        if (s.grade == "zeroth-order") == zeroth_order and s.grade != "hybrid"
+        n for n, s in specs.items() if (s.grade == "zeroth-order") == zeroth_order and s.grade != "hybrid"
     )
     if name not in accepted:
         kind = "zeroth-order" if zeroth_order else "gradient-based"
-        raise ValueError(
-            f"unknown {kind} optimizer {name!r} for a hybrid part; accepted: {', '.join(accepted)}"
-        )
+        raise ValueError(f"unknown {kind} optimizer {name!r} for a hybrid part; accepted: {', '.join(accepted)}")
     spec = specs[name]
-    return spec.build(
-        model, params, spec.default_lr if lr is None else lr, {**spec.default_options, **options}
-    )
+    return spec.build(model, params, spec.default_lr if lr is None else lr, {**spec.default_options, **options})
 
 
 class _TwoPart(torch.optim.Optimizer):
     """A first-order part ``fo`` and a zeroth-order part ``zo``, presented as one optimizer."""
 
     def __init__(self, fo: torch.optim.Optimizer, zo: torch.optim.Optimizer) -> None:
-        unique = list(
-            {id(p): p for part in (fo, zo) for g in part.param_groups for p in g["params"]}.values()
-        )
+        unique = list({id(p): p for part in (fo, zo) for g in part.param_groups for p in g["params"]}.values())
         super().__init__(unique, {})
         self.fo, self.zo = fo, zo
         self.param_groups = [*fo.param_groups, *zo.param_groups]
@@ -131,9 +123,7 @@ class AlternatingHybrid(_TwoPart):
 
     def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
         if self.steps_taken >= self.total_steps:
-            raise ValueError(
-                f"step {self.steps_taken} is outside the planned run of total_steps={self.total_steps}"
-            )
+            raise ValueError(f"step {self.steps_taken} is outside the planned run of total_steps={self.total_steps}")
         part = self.fo if self.current_phase == "fo" else self.zo
         loss = part.step(closure)
         self.steps_taken += 1
@@ -150,9 +140,7 @@ class AlternatingHybrid(_TwoPart):
 def _only(closure: Closure, fixed_term: str) -> Closure:
     """``closure`` restricted to the loss term ``fixed_term``, whatever term its caller asks for."""
 
-    def restricted(
-        backward: bool = True, *, sample_labels: bool = False, term: str | None = None
-    ) -> Tensor:
+    def restricted(backward: bool = True, *, sample_labels: bool = False, term: str | None = None) -> Tensor:
         return closure(backward, sample_labels=sample_labels, term=fixed_term)
 
     return restricted
@@ -198,9 +186,7 @@ def split_by_depth(
     if not (isinstance(fo_blocks, int) and 1 <= fo_blocks <= len(blocks)):
         raise ValueError(f"fo_blocks must be an integer in [1, {len(blocks)}], got {fo_blocks!r}")
     in_stack = {id(p) for p in blocks.parameters()}
-    in_top_blocks = {
-        id(p) for block in blocks[len(blocks) - fo_blocks :] for p in block.parameters()
-    }
+    in_top_blocks = {id(p) for block in blocks[len(blocks) - fo_blocks :] for p in block.parameters()}
     top, seen_stack = set(), False
     for p in model.parameters():  # registration order; shared weights come once, at first use
         if id(p) in in_stack:
@@ -211,9 +197,7 @@ def split_by_depth(
     lower = [p for p in params if id(p) not in top]
     if not upper or not lower:
         empty = "first" if not upper else "zeroth"
-        raise ValueError(
-            f"fo_blocks={fo_blocks} leaves the {empty}-order part without trainable weights"
-        )
+        raise ValueError(f"fo_blocks={fo_blocks} leaves the {empty}-order part without trainable weights")
     return upper, lower
 
 
@@ -223,9 +207,7 @@ def _options(name: str, options: dict[str, Any], own: tuple[str, ...]) -> dict[s
     known = ("fo", "zo", "fo_options", "zo_options", "zo_lr", "total_steps", *own)
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(
-            f"unknown {name} options: {', '.join(unknown)}; accepted: {', '.join(known)}"
-        )
+        raise ValueError(f"unknown {name} options: {', '.join(unknown)}; accepted: {', '.join(known)}")
     return {"fo_options": {}, "zo_options": {}, "zo_lr": None, **options}
 
 
@@ -234,9 +216,7 @@ def _build_alternating(
 ) -> torch.optim.Optimizer:
     o = _options("hybrid", options, ("every",))
     if o.get("total_steps") is None:
-        raise ValueError(
-            "hybrid needs total_steps (the planned number of steps) to end on a zeroth-order block"
-        )
+        raise ValueError("hybrid needs total_steps (the planned number of steps) to end on a zeroth-order block")
     fo = _build_part(o["fo"], False, model, params, lr, o["fo_options"])
     zo = _build_part(o["zo"], True, model, params, o["zo_lr"], o["zo_options"])
     return AlternatingHybrid(fo, zo, total_steps=o["total_steps"], every=o["every"])

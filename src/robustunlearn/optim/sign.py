@@ -101,13 +101,11 @@ class SignSGD(Optimizer):
 class Signum(Optimizer):
     """Signum, signSGD with momentum (Bernstein et al., 2018)::
 
-        m ← β·m + (1 − β)·g
-        θ ← θ − lr·sign(m)
+    m ← β·m + (1 − β)·g
+    θ ← θ − lr·sign(m)
     """
 
-    def __init__(
-        self, params: ParamsT, lr: float = 1e-4, beta: float = 0.9, weight_decay: float = 0.0
-    ) -> None:
+    def __init__(self, params: ParamsT, lr: float = 1e-4, beta: float = 0.9, weight_decay: float = 0.0) -> None:
         _check_lr(lr)
         check_beta("beta", beta)
         super().__init__(params, {"lr": lr, "beta": beta, "weight_decay": weight_decay})
@@ -318,9 +316,7 @@ def _build(cls: type[Optimizer], **fixed: object) -> Callable:
 _GRADE = "compressed-first-order"
 
 SPECS: dict[str, OptimizerSpec] = {
-    "signsgd": OptimizerSpec(
-        "signsgd", _GRADE, 1e-4, "signSGD: θ -= lr·sign(g)", _build(SignSGD)
-    ),
+    "signsgd": OptimizerSpec("signsgd", _GRADE, 1e-4, "signSGD: θ -= lr·sign(g)", _build(SignSGD)),
     "signum": OptimizerSpec(
         "signum", _GRADE, 1e-4, "Signum: θ -= lr·sign(m), m an EMA of g (beta 0.9)", _build(Signum)
     ),
@@ -339,8 +335,7 @@ SPECS: dict[str, OptimizerSpec] = {
             f"qadam-{bits}",
             _GRADE,
             1e-4,
-            f"Adam with its direction quantized to {bits} bit(s), one scale per tensor "
-            "(option error_feedback)",
+            f"Adam with its direction quantized to {bits} bit(s), one scale per tensor (option error_feedback)",
             _build(QAdam, bits=bits),
         )
         for bits in QUANTIZATION_BITS

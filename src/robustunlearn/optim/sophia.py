@@ -23,8 +23,8 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from robustunlearn.optim.spec import OptimizerSpec
 from robustunlearn.optim.base import Closure
+from robustunlearn.optim.spec import OptimizerSpec
 
 HVP_METHODS = ("autograd", "finite-difference")
 
@@ -146,9 +146,7 @@ class SophiaG(_Sophia):
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"invalid batch_size {batch_size!r}; accepted: an integer >= 1")
-        super().__init__(
-            params, lr, betas, rho, eps, weight_decay, hessian_period, batch_size=batch_size
-        )
+        super().__init__(params, lr, betas, rho, eps, weight_decay, hessian_period, batch_size=batch_size)
 
     def _hessian_diagonal(self, closure: Closure, groups: list[dict]) -> list[list[Tensor]]:
         with torch.enable_grad():
@@ -222,21 +220,15 @@ def _autograd_hvp(closure: Closure, params: list[Tensor], probes: list[Tensor]) 
                 "torch.enable_grad(), to return the loss with its autograd graph; this closure "
                 "returned a loss without one. Use hvp='finite-difference' instead."
             )
-        grads = torch.autograd.grad(
-            loss, params, create_graph=True, allow_unused=True, materialize_grads=True
-        )
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True, materialize_grads=True)
         # Gradients that do not depend on θ (a loss linear in some parameter) have zero curvature.
         terms = [(g * u).sum() for g, u in zip(grads, probes) if g.requires_grad]
         if not terms:
             return [torch.zeros_like(p) for p in params]
-        return list(
-            torch.autograd.grad(sum(terms), params, allow_unused=True, materialize_grads=True)
-        )
+        return list(torch.autograd.grad(sum(terms), params, allow_unused=True, materialize_grads=True))
 
 
-def _finite_difference_hvp(
-    closure: Closure, params: list[Tensor], probes: list[Tensor], radius: float
-) -> list[Tensor]:
+def _finite_difference_hvp(closure: Closure, params: list[Tensor], probes: list[Tensor], radius: float) -> list[Tensor]:
     origins = [p.clone() for p in params]
 
     def gradient_at(offset: float) -> list[Tensor]:

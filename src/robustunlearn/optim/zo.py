@@ -52,8 +52,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustunlearn.optim.spec import OptimizerSpec
 from robustunlearn.optim.base import Closure, check_betas
+from robustunlearn.optim.spec import OptimizerSpec
 
 DIRECTIONS = ("rademacher", "gaussian", "sphere")
 _DIGITS = {torch.float32: 24, torch.float64: 53}  # significand bits of the exactly handled dtypes
@@ -134,9 +134,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         if not (isinstance(q, int) and q >= 1):
             raise ValueError(f"q must be a positive integer, got {q!r}")
         if directions not in DIRECTIONS:
-            raise ValueError(
-                f"unknown directions {directions!r}; accepted: {', '.join(DIRECTIONS)}"
-            )
+            raise ValueError(f"unknown directions {directions!r}; accepted: {', '.join(DIRECTIONS)}")
         super().__init__(params, defaults)
         self.eps = eps
         self.q = q
@@ -240,9 +238,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     def _reduce(self, projected: list[float], device: torch.device) -> list[float]:
         if self.reduce_projected_grad is None:
             return projected
-        reduced = self.reduce_projected_grad(
-            torch.tensor(projected, dtype=torch.float64, device=device)
-        )
+        reduced = self.reduce_projected_grad(torch.tensor(projected, dtype=torch.float64, device=device))
         return [float(v) for v in reduced.tolist()]
 
     def _noise(self, p: Tensor, index: int, k: int, step: int | None = None) -> Tensor:
@@ -302,14 +298,10 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         coarsest = max((g.h for g in grids if g is not None), default=None)
         scale = _snap(self.eps, coarsest)
         if scale == 0.0:
-            raise ValueError(
-                f"eps={self.eps} is below the resolution {coarsest} of the largest weights; raise eps"
-            )
+            raise ValueError(f"eps={self.eps} is below the resolution {coarsest} of the largest weights; raise eps")
         return scale
 
-    def _move(
-        self, params, grids: list[_Grid | None], k: int, coefficient: float, scale: float
-    ) -> float:
+    def _move(self, params, grids: list[_Grid | None], k: int, coefficient: float, scale: float) -> float:
         """``θ += coefficient·eps·z_k`` for every parameter; returns |n_k| for sphere directions
         (whose moves use the raw Gaussian draw ``n_k``, of norm ≈ √d), else 0."""
         norms = []
@@ -320,9 +312,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             self._add_perturbation(p, noise, coefficient, scale, grid)
         return math.sqrt(sum(n.item() ** 2 for n in norms))
 
-    def _add_perturbation(
-        self, p: Tensor, noise: Tensor, coefficient: float, scale: float, grid: _Grid | None
-    ) -> None:
+    def _add_perturbation(self, p: Tensor, noise: Tensor, coefficient: float, scale: float, grid: _Grid | None) -> None:
         """``p += coefficient·round_h(scale·noise)``; leaves ``noise`` intact."""
         if self.directions == "rademacher" or grid is None:
             p.add_(noise, alpha=coefficient * scale)
@@ -384,9 +374,7 @@ class ZOSGD(ZerothOrderOptimizer):
     ) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
-        super().__init__(
-            params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, **options
-        )
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, **options)
 
     def _linear(self, group: dict[str, Any]) -> bool:
         return group["momentum"] == 0.0
@@ -441,9 +429,7 @@ class ZOAdam(ZerothOrderOptimizer):
         m.lerp_(estimate, 1 - beta1)
         v.mul_(beta2).addcmul_(estimate, estimate, value=1 - beta2)
         denominator = (v / (1 - beta2 ** state["step"])).sqrt_().add_(group["adam_eps"])
-        return torch.div(m, denominator, out=estimate).mul_(
-            -group["lr"] / (1 - beta1 ** state["step"])
-        )
+        return torch.div(m, denominator, out=estimate).mul_(-group["lr"] / (1 - beta1 ** state["step"]))
 
 
 class ZOAdaZO(ZerothOrderOptimizer):
@@ -524,9 +510,7 @@ class ZOSign(ZerothOrderOptimizer):
         return estimate.mul_(-group["lr"])
 
 
-def _spec(
-    name: str, cls: type, lr: float, description: str, **default_options: Any
-) -> OptimizerSpec:
+def _spec(name: str, cls: type, lr: float, description: str, **default_options: Any) -> OptimizerSpec:
     def build(model: nn.Module, params: list[nn.Parameter], lr: float, options: dict[str, Any]):
         return cls(params, lr=lr, **options)
 

@@ -15,7 +15,11 @@ from robustunlearn.metrics.lm_eval_backend import lm_eval_scores, require_lm_eva
 from robustunlearn.metrics.suite import METRICS, evaluate_model, tofu_scores
 from robustunlearn.study.pipeline import load_target
 
-TOFU_COLUMNS = {"forget_truth_ratio": "forget truth ratio", "forget_prob": "forget prob", "model_utility": "model utility"}
+TOFU_COLUMNS = {
+    "forget_truth_ratio": "forget truth ratio",
+    "forget_prob": "forget prob",
+    "model_utility": "model utility",
+}
 
 
 def evaluate_from_settings(
@@ -83,7 +87,9 @@ def evaluation_table(report: dict[str, Any]) -> Table:
                 if "_stderr" in metric:
                     continue
                 stderr = scores[name].get(_stderr_key(metric))
-                table.add_row(f"lm-eval {name} {metric}", f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else ""))
+                table.add_row(
+                    f"lm-eval {name} {metric}", f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+                )
     table.caption = "forget: lower = more forgotten; retain and utility: higher = more kept; ppl: lower is better"
     return table
 

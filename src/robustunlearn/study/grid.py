@@ -21,14 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from robustunlearn.config import RunSettings, StudySettings, learning_rate, sweep_base, unlearn_settings
-from robustunlearn.data.base import Benchmark
-from robustunlearn.data.collate import collate_records
-from robustunlearn.core.modules import load_weights, save_trainable_weights
-from robustunlearn.train.engine import unlearn
-from robustunlearn.core.io import atomic_write, atomic_write_json, atomic_write_text
-from robustunlearn.metrics.suite import UTILITY_METRIC, evaluate_model, tofu_scores
-from robustunlearn.optim import OPTIMIZERS
 from robustunlearn.attacks import (
     QUANTIZATION_METHODS,
     gaussian_noise_attack,
@@ -36,13 +28,20 @@ from robustunlearn.attacks import (
     quantize_model,
     relearn_attack,
 )
+from robustunlearn.config import RunSettings, StudySettings, learning_rate, sweep_base, unlearn_settings
+from robustunlearn.core.io import atomic_write, atomic_write_json, atomic_write_text
 from robustunlearn.core.models import DTYPES, load_model
-from robustunlearn.core.modules import LoraOptions
+from robustunlearn.core.modules import LoraOptions, load_weights, save_trainable_weights
+from robustunlearn.data.base import Benchmark
+from robustunlearn.data.collate import collate_records
 from robustunlearn.metrics import qa_answer_nll
-from robustunlearn.metrics.landscape import linear_interpolation, sharpness
+from robustunlearn.metrics.suite import UTILITY_METRIC, evaluate_model, tofu_scores
+from robustunlearn.optim import OPTIMIZERS
+from robustunlearn.study.landscape import linear_interpolation, sharpness
 from robustunlearn.study.loading import load_target
 from robustunlearn.study.report import write_report
 from robustunlearn.study.scores import attack_scores
+from robustunlearn.train.engine import unlearn
 
 QUANTIZATION_FAMILY = "quantization"
 UNLEARNED_WEIGHTS = "unlearned.safetensors"  # a cell's unlearned weights, kept for the LMC curves
@@ -67,8 +66,14 @@ class Cell:
         return f"{self.objective}-{self.optimizer}-seed{self.seed}-lr{self.lr:g}"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"benchmark": self.benchmark, "objective": self.objective, "optimizer": self.optimizer,
-                "grade": self.grade, "seed": self.seed, "lr": self.lr}
+        return {
+            "benchmark": self.benchmark,
+            "objective": self.objective,
+            "optimizer": self.optimizer,
+            "grade": self.grade,
+            "seed": self.seed,
+            "lr": self.lr,
+        }
 
 
 def forget_level_probe(tokenizer, benchmark: Benchmark, settings: RunSettings, metric: str):
@@ -92,17 +97,23 @@ def qa_losses(tokenizer, benchmark: Benchmark):
 
 
 def cell_sharpness(model, tokenizer, benchmark: Benchmark, seed: int) -> dict[str, Any]:
-    """Sharpness of the forget loss (see :func:`robustunlearn.metrics.landscape.sharpness`)."""
+    """Sharpness of the forget loss (see :func:`robustunlearn.study.landscape.sharpness`)."""
     losses = qa_losses(tokenizer, benchmark)
     # 10% of a matrix's RMS is about the rounding noise of 4-bit RTN (step/sqrt(12), step ~ range/15).
-    curve = sharpness(model, lambda noisy: losses(noisy, roles=("forget",))["forget_qa_loss"], scales=SHARPNESS_SCALES,
-                      seed=seed)
+    curve = sharpness(
+        model, lambda noisy: losses(noisy, roles=("forget",))["forget_qa_loss"], scales=SHARPNESS_SCALES, seed=seed
+    )
     return {"sharpness_loss": "forget_qa_loss", "sharpness": curve}
 
 
 def add_lmc_curves(
-    finished: Sequence[tuple[Cell, list[dict[str, Any]]]], target, tokenizer, benchmark: Benchmark,
-    settings: RunSettings, study: StudySettings, output_dir: Path,
+    finished: Sequence[tuple[Cell, list[dict[str, Any]]]],
+    target,
+    tokenizer,
+    benchmark: Benchmark,
+    settings: RunSettings,
+    study: StudySettings,
+    output_dir: Path,
 ) -> None:
     """Linear mode connectivity from the first optimizer's unlearned model to each other cell's with
     the same objective and seed: the level metric and the QA losses along the line. Stored in the
@@ -112,7 +123,10 @@ def add_lmc_curves(
     losses = qa_losses(tokenizer, benchmark)
 
     def evaluate(model) -> dict[str, float]:
-        return {**evaluate_model(model, tokenizer, benchmark, settings.eval, metrics=(study.level_metric,)), **losses(model)}
+        return {
+            **evaluate_model(model, tokenizer, benchmark, settings.eval, metrics=(study.level_metric,)),
+            **losses(model),
+        }
 
     def unlearned(cell: Cell):
         model = copy.deepcopy(target)
@@ -131,7 +145,8 @@ def add_lmc_curves(
             loaded_anchors[anchor] = unlearned(anchor)
         pair = f"{anchor.optimizer}-vs-{cell.optimizer}"
         landscape = {
-            **landscape, "pair": pair if len(study.objectives) == 1 else f"{cell.objective}: {pair}",
+            **landscape,
+            "pair": pair if len(study.objectives) == 1 else f"{cell.objective}: {pair}",
             "lmc": linear_interpolation(loaded_anchors[anchor], unlearned(cell), evaluate, points=study.lmc_points),
         }
         for row in rows:
@@ -156,21 +171,39 @@ def run_attack(name: str, model, tokenizer, benchmark: Benchmark, settings: RunS
             for i in range(0, len(records), settings.unlearn.batch_size)
         ]
         attacked, curve = relearn_attack(
-            model, tokenizer, batches, steps=study.relearn_steps, lr=study.relearn_lr,
+            model,
+            tokenizer,
+            batches,
+            steps=study.relearn_steps,
+            lr=study.relearn_lr,
             lora=LoraOptions() if name == "relearn-lora" else None,
-            eval_fn=probe, eval_every=study.relearn_eval_every, seed=settings.seed,
+            eval_fn=probe,
+            eval_every=study.relearn_eval_every,
+            seed=settings.seed,
         )
         return attacked, "relearning", curve
     if name.startswith("noise-"):
-        return gaussian_noise_attack(model, float(name.removeprefix("noise-")), seed=settings.seed), "perturbation", None
+        return (
+            gaussian_noise_attack(model, float(name.removeprefix("noise-")), seed=settings.seed),
+            "perturbation",
+            None,
+        )
     if name.startswith("prune-"):
         return magnitude_prune_attack(model, float(name.removeprefix("prune-"))), "perturbation", None
     raise ValueError(f"unknown attack {name!r}")
 
 
 def run_cell(
-    cell: Cell, target, tokenizer, benchmark: Benchmark, references: dict[str, dict[str, float] | None],
-    settings: RunSettings, study: StudySettings, directory: Path, console=None, attacks: bool = True,
+    cell: Cell,
+    target,
+    tokenizer,
+    benchmark: Benchmark,
+    references: dict[str, dict[str, float] | None],
+    settings: RunSettings,
+    study: StudySettings,
+    directory: Path,
+    console=None,
+    attacks: bool = True,
     landscape: bool = True,
 ) -> list[dict[str, Any]]:
     """Unlearn one cell to the matched level, evaluate it, run the attack suite; return its rows.
@@ -189,12 +222,19 @@ def run_cell(
 
     model = copy.deepcopy(target)
     config = unlearn_settings(
-        settings, optimizer=cell.optimizer, objective=cell.objective, lr=cell.lr, steps=study.max_steps,
-        eval_every=study.check_every, epochs=None, seed=cell.seed,
+        settings,
+        optimizer=cell.optimizer,
+        objective=cell.objective,
+        lr=cell.lr,
+        steps=study.max_steps,
+        eval_every=study.check_every,
+        epochs=None,
+        seed=cell.seed,
     )
     started = time.perf_counter()
-    outcome = unlearn(model, tokenizer, benchmark, config, directory / "unlearn", evaluate=probe,
-                      should_stop=reached, console=console)
+    outcome = unlearn(
+        model, tokenizer, benchmark, config, directory / "unlearn", evaluate=probe, should_stop=reached, console=console
+    )
     cost = {
         "steps": outcome.steps_done,
         "forward_passes": outcome.passes["forward"],
@@ -213,10 +253,16 @@ def run_cell(
 
     def row(attack: str, family: str, attacked_model, scores: dict[str, float], curve=None) -> dict[str, Any]:
         entry = {
-            "cell": cell.as_dict(), "attack": attack, "attack_family": family,
+            "cell": cell.as_dict(),
+            "attack": attack,
+            "attack_family": family,
             "forget": {k: v for k, v in scores.items() if k.startswith("forget_")},
             "utility": {k: v for k, v in scores.items() if not k.startswith("forget_")},
-            "reference": reference, "primary_metric": metric, "curve": curve, "cost": cost, "landscape": cell_landscape,
+            "reference": reference,
+            "primary_metric": metric,
+            "curve": curve,
+            "cost": cost,
+            "landscape": cell_landscape,
         }
         entry["scores"] = attack_scores(entry)
         tofu = tofu_scores(attacked_model, tokenizer, benchmark, settings.eval, retrain_ratios)
@@ -234,12 +280,21 @@ def run_cell(
 def _cells_for(settings: RunSettings, study: StudySettings, chosen: dict[str, float]) -> list[Cell]:
     return [
         Cell(settings.benchmark, objective, optimizer, seed, learning_rate(settings, optimizer, chosen))
-        for objective in study.objectives for optimizer in study.optimizers for seed in study.seeds
+        for objective in study.objectives
+        for optimizer in study.optimizers
+        for seed in study.seeds
     ]
 
 
 def sweep_learning_rates(
-    settings: RunSettings, study: StudySettings, target, tokenizer, benchmark, references, output_dir: Path, console=None
+    settings: RunSettings,
+    study: StudySettings,
+    target,
+    tokenizer,
+    benchmark,
+    references,
+    output_dir: Path,
+    console=None,
 ) -> dict[str, float]:
     """For each optimizer, try a base lr (the settings' ``unlearn.lr``, else the tuned
     ``sweep_bases``, else the optimizer's default) times each ``study.sweep_factors`` (first objective,
@@ -256,12 +311,33 @@ def sweep_learning_rates(
         candidates = []
         for factor in study.sweep_factors:
             cell = Cell(settings.benchmark, study.objectives[0], optimizer, study.seeds[0], base * factor)
-            (row,) = run_cell(cell, target, tokenizer, benchmark, references, settings, study,
-                              output_dir / "sweep" / cell.name, console, attacks=False, landscape=False)
+            (row,) = run_cell(
+                cell,
+                target,
+                tokenizer,
+                benchmark,
+                references,
+                settings,
+                study,
+                output_dir / "sweep" / cell.name,
+                console,
+                attacks=False,
+                landscape=False,
+            )
             utility = row["utility"][UTILITY_METRIC]
-            candidates.append((row["cost"]["reached_level"], utility, utility - row["forget"][study.level_metric], cell.lr))
-            trials.append({"optimizer": optimizer, "lr": cell.lr, "reached_level": row["cost"]["reached_level"],
-                           "forget": row["forget"], "utility": row["utility"], "cost": row["cost"]})
+            candidates.append(
+                (row["cost"]["reached_level"], utility, utility - row["forget"][study.level_metric], cell.lr)
+            )
+            trials.append(
+                {
+                    "optimizer": optimizer,
+                    "lr": cell.lr,
+                    "reached_level": row["cost"]["reached_level"],
+                    "forget": row["forget"],
+                    "utility": row["utility"],
+                    "cost": row["cost"],
+                }
+            )
         reaching = [c for c in candidates if c[0]]
         chosen[optimizer] = max(reaching, key=lambda c: c[1])[3] if reaching else max(candidates, key=lambda c: c[2])[3]
     atomic_write_json(path, {"chosen": chosen, "trials": trials, "rule": sweep_learning_rates.__doc__})
@@ -285,7 +361,11 @@ def run_study(
             references["tofu_retrain"] = tofu_scores(retrain, tokenizer, benchmark, settings.eval)
         atomic_write_json(references_path, references)
 
-    chosen = sweep_learning_rates(settings, study, target, tokenizer, benchmark, references, output_dir, console) if lr_sweep else {}
+    chosen = (
+        sweep_learning_rates(settings, study, target, tokenizer, benchmark, references, output_dir, console)
+        if lr_sweep
+        else {}
+    )
     finished: list[tuple[Cell, list[dict[str, Any]]]] = []
     for cell in _cells_for(settings, study, chosen):
         cell_dir = output_dir / "cells" / cell.name

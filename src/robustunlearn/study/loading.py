@@ -36,7 +36,10 @@ def prepare_summary_table(prepared: Prepared) -> Table:
         stats = prepared.report[name]
         accuracy = stats["qa_accuracy_teacher_forced"]
         table.add_row(
-            name, f"{stats['parameters']:,}", str(stats["epochs"]), f"{stats['seconds']:.0f}",
+            name,
+            f"{stats['parameters']:,}",
+            str(stats["epochs"]),
+            f"{stats['seconds']:.0f}",
             *(f"{accuracy[role]:.1%}" for role in ("forget", "retain", "holdout")),
         )
     table.caption = "QA: share of questions whose answer greedy decoding reproduces"

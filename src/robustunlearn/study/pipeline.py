@@ -7,24 +7,25 @@ Each stage is a library function; :func:`run_pipeline` strings them together and
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.table import Table
 
 from robustunlearn.config import RunSettings, unlearn_settings
 from robustunlearn.core.distributed import data_parallel, local_device
-from robustunlearn.train.engine import restore_best, unlearn
 from robustunlearn.core.errors import UserError
 from robustunlearn.core.io import atomic_write_json
-from robustunlearn.metrics.suite import METRICS, evaluate_model
 from robustunlearn.core.models import save_model
+from robustunlearn.metrics.suite import METRICS, evaluate_model
 from robustunlearn.study.grid import run_study
 from robustunlearn.study.loading import load_target, prepare_from_settings
+from robustunlearn.train.engine import restore_best, unlearn
 
-def unlearn_only(settings: RunSettings, output_dir: Path, cache_dir=None, *, resume: bool = False, console=None) -> Path:
+
+def unlearn_only(
+    settings: RunSettings, output_dir: Path, cache_dir=None, *, resume: bool = False, console=None
+) -> Path:
     """Unlearn the target and save it to ``output_dir/final``; with ``resume``, continue a killed run.
 
     With ``unlearn.eval_every`` the model is evaluated (:func:`evaluate_model`) every so many
@@ -50,8 +51,16 @@ def unlearn_only(settings: RunSettings, output_dir: Path, cache_dir=None, *, res
     def evaluate(unlearned, step: int) -> dict[str, float]:
         return evaluate_model(unlearned, tokenizer, benchmark, settings.eval)
 
-    result = unlearn(model, tokenizer, benchmark, unlearn_settings(settings), output_dir, resume=resume,
-                     evaluate=evaluate if options.eval_every else None, console=console)
+    result = unlearn(
+        model,
+        tokenizer,
+        benchmark,
+        unlearn_settings(settings),
+        output_dir,
+        resume=resume,
+        evaluate=evaluate if options.eval_every else None,
+        console=console,
+    )
     final_dir = output_dir / "final"
     if parallel.is_main:
         manifest = {"kind": "unlearned", **options.model_dump()}
@@ -64,7 +73,9 @@ def unlearn_only(settings: RunSettings, output_dir: Path, cache_dir=None, *, res
     return final_dir
 
 
-def run_pipeline(settings: RunSettings, output_dir: Path, cache_dir=None, console=None, lr_sweep: bool = False) -> dict[str, Any]:
+def run_pipeline(
+    settings: RunSettings, output_dir: Path, cache_dir=None, console=None, lr_sweep: bool = False
+) -> dict[str, Any]:
     """The main job: a small grade study (``settings.study``) on one benchmark; writes the study's
     files (results.jsonl, report.md/html, plots) and ``results.json``, a summary per model."""
     started = time.perf_counter()
@@ -75,14 +86,14 @@ def run_pipeline(settings: RunSettings, output_dir: Path, cache_dir=None, consol
         scores["retrain"] = references["retrain"]
     for row in rows:
         cell = row["cell"]
-        name = f"{cell['objective']}/{cell['optimizer']}" + (f"/seed{cell['seed']}" if len(settings.study.seeds) > 1 else "")
+        name = f"{cell['objective']}/{cell['optimizer']}" + (
+            f"/seed{cell['seed']}" if len(settings.study.seeds) > 1 else ""
+        )
         scores[name if row["attack"] == "none" else f"{name}+{row['attack']}"] = {**row["forget"], **row["utility"]}
     results = {
         "settings": settings.model_dump(mode="json"),
         "benchmark": {"name": settings.benchmark},
-        "cells": [
-            {**row["cell"], **row["cost"]} for row in rows if row["attack"] == "none"
-        ],
+        "cells": [{**row["cell"], **row["cost"]} for row in rows if row["attack"] == "none"],
         "scores": scores,
         "files": sorted(p.name for p in output_dir.iterdir() if p.is_file()),
         "seconds": round(time.perf_counter() - started, 1),

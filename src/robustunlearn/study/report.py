@@ -55,8 +55,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from robustunlearn.core.io import atomic_write, atomic_write_text
-from robustunlearn.metrics.landscape import lmc_barrier
 from robustunlearn.optim import GRADES
+from robustunlearn.study.landscape import lmc_barrier
 from robustunlearn.study.scores import (
     NO_ATTACK,
     attack_scores,

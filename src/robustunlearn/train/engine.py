@@ -24,7 +24,6 @@ import json
 import math
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,21 +31,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch, UnlearnBatch
-from robustunlearn.data.base import QA, Benchmark, Record
-from robustunlearn.data.collate import collate_records
-from robustunlearn.data.prompts import REFUSAL_ANSWERS
 from robustunlearn.core.distributed import DataParallel, data_parallel
 from robustunlearn.core.io import atomic_write_json
 from robustunlearn.core.models import WEIGHTS
-from robustunlearn.core.modules import add_lora, load_weights, lora_options, save_trainable_weights
+from robustunlearn.core.modules import add_lora, lora_options, save_trainable_weights
+from robustunlearn.data.base import QA, Benchmark, Record
+from robustunlearn.data.collate import collate_records
+from robustunlearn.data.prompts import REFUSAL_ANSWERS
 from robustunlearn.objectives import build_objective
 from robustunlearn.optim import build_optimizer
-from robustunlearn.train.checkpoint import Checkpointer, best_snapshots, read_log, restore_best
+from robustunlearn.train.checkpoint import Checkpointer, best_snapshots, read_log
 from robustunlearn.train.settings import UnlearnSettings
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 _RANK_SEED_STRIDE = 1_000_003  # rank r samples Sophia-G's labels from seed + r·stride
 
@@ -192,7 +191,9 @@ def _records(benchmark: Benchmark, splits: Sequence[str]) -> list[Record]:
     for split in splits:
         records += benchmark.get(split)
     if not records:
-        raise ValueError(f"benchmark {benchmark.name!r} has no records in {list(splits)}; it has {sorted(benchmark.splits)}")
+        raise ValueError(
+            f"benchmark {benchmark.name!r} has no records in {list(splits)}; it has {sorted(benchmark.splits)}"
+        )
     return records
 
 
@@ -226,8 +227,10 @@ def _inexact_zeroth_order_dtypes(optimizer) -> list[str]:
 
     low = {
         str(p.dtype).removeprefix("torch.")
-        for part in _optimizer_parts(optimizer) if isinstance(part, ZerothOrderOptimizer)
-        for group in part.param_groups for p in group["params"]
+        for part in _optimizer_parts(optimizer)
+        if isinstance(part, ZerothOrderOptimizer)
+        for group in part.param_groups
+        for p in group["params"]
         if p.dtype.is_floating_point and torch.finfo(p.dtype).bits < 32
     }
     return sorted(low)
@@ -242,7 +245,9 @@ def _make_data_parallel(optimizer, parallel: DataParallel) -> None:
     for part in _optimizer_parts(optimizer):
         if isinstance(part, SophiaH) and part.hvp == "autograd":
             # its Hessian-vector products never pass through the closure's gradient all-reduce
-            raise ValueError("sophia-h with hvp='autograd' cannot run in several processes; use hvp='finite-difference'")
+            raise ValueError(
+                "sophia-h with hvp='autograd' cannot run in several processes; use hvp='finite-difference'"
+            )
         if isinstance(part, ZerothOrderOptimizer) and part.reduce_projected_grad is None:
             part.reduce_projected_grad = parallel.mean_
 
@@ -295,7 +300,8 @@ def unlearn(
     parallel = data_parallel()
     if config.batch_size % parallel.world_size:
         raise ValueError(
-            f"batch_size {config.batch_size} (the global batch) must be a multiple of the {parallel.world_size} processes"
+            f"batch_size {config.batch_size} (the global batch) must be a multiple of the "
+            f"{parallel.world_size} processes"
         )
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -323,13 +329,16 @@ def unlearn(
         console.print(
             f"[yellow]warning:[/yellow] {config.optimizer} perturbs and restores {', '.join(inexact)} weights "
             "inexactly (they drift a few ulps per step); load the model in float32 (dtype: float32) for exact steps",
-            highlight=False, soft_wrap=True,
+            highlight=False,
+            soft_wrap=True,
         )
     average_gradients = None
     if parallel.enabled:
         _make_data_parallel(optimizer, parallel)
         average_gradients = functools.partial(parallel.average_gradients, trained)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, total_steps)
+    )
     streams = {
         "forget": RecordStream(forget_records, config.batch_size, config.seed),
         "retain": RecordStream(_records(benchmark, config.retain_splits), config.batch_size, config.seed + 1),
@@ -367,15 +376,27 @@ def unlearn(
     started = time.perf_counter()
     stopped_early = None
     passes = {"forward": 0, "backward": 0}
-    columns = (TextColumn(f"unlearn {config.objective}/{config.optimizer}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn(f"unlearn {config.objective}/{config.optimizer}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, disable=not progress or not parallel.is_main) as bar:
         task = bar.add_task("unlearn", total=total_steps, completed=start_step, loss="-")
         step = start_step
         for step in range(start_step + 1, total_steps + 1):
             # every rank draws the global batch from its copy of the streams, then takes its shard
-            batch = _shard_batch(streams["forget"].next(), streams["retain"].next(), config.seed + step, parallel,
-                                 tokenizer, config.max_length).to(device)
+            batch = _shard_batch(
+                streams["forget"].next(),
+                streams["retain"].next(),
+                config.seed + step,
+                parallel,
+                tokenizer,
+                config.max_length,
+            ).to(device)
             reference = {}
             if objective.needs_reference:
                 with torch.no_grad(), _reference_view(model, reference_model, lora is not None) as frozen:
@@ -414,7 +435,9 @@ def unlearn(
                 if value is not None and (best is None or _better(value, best["value"], config.keep_best_mode)):
                     best = {"step": step, "metric": config.keep_best, "value": value, "mode": config.keep_best_mode}
                     if parallel.is_main:
-                        keeper.commit(f"step-{step}", lambda staging: save_trainable_weights(model, staging / WEIGHTS), best)
+                        keeper.commit(
+                            f"step-{step}", lambda staging: save_trainable_weights(model, staging / WEIGHTS), best
+                        )
             history.append(entry)
             if log_path is not None and parallel.is_main:
                 with open(log_path, "a", encoding="utf-8") as log:
@@ -425,15 +448,28 @@ def unlearn(
             if pending_stop is not None and getattr(optimizer, "may_stop", True):
                 stopped_early = pending_stop
             is_last = step == total_steps or stopped_early is not None
-            if checkpointer is not None and (is_last or (config.checkpoint_every and step % config.checkpoint_every == 0)):
-                checkpointer.save(step, model, optimizer, scheduler, streams, generator,
-                                  {"config": config.model_dump(mode="json"), "pending_stop": pending_stop})
+            if checkpointer is not None and (
+                is_last or (config.checkpoint_every and step % config.checkpoint_every == 0)
+            ):
+                checkpointer.save(
+                    step,
+                    model,
+                    optimizer,
+                    scheduler,
+                    streams,
+                    generator,
+                    {"config": config.model_dump(mode="json"), "pending_stop": pending_stop},
+                )
             if stopped_early is not None:
                 break
     model.eval()
     if output_dir is not None and parallel.is_main:
-        atomic_write_json(output_dir / "status.json", {"state": "finished", "step": step, "stopped_early": stopped_early})
+        atomic_write_json(
+            output_dir / "status.json", {"state": "finished", "step": step, "stopped_early": stopped_early}
+        )
     parallel.barrier()  # no rank returns before rank 0 has written the run's files
     if best is not None:
         best = {k: best[k] for k in ("step", "metric", "value", "mode")}
-    return UnlearnResult(model, step, history, time.perf_counter() - started, resumed_from, stopped_early, passes, total_steps, best)
+    return UnlearnResult(
+        model, step, history, time.perf_counter() - started, resumed_from, stopped_early, passes, total_steps, best
+    )

@@ -13,9 +13,6 @@ every model's weights are checked against their SHA-256 on load.
 
 from __future__ import annotations
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
 import copy
 import hashlib
 import json
@@ -30,13 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from robustunlearn import __version__
 from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
-from robustunlearn.data import load_benchmark
-from robustunlearn.data.base import QA, Benchmark, Record
-from robustunlearn.data.collate import encode_example, pad_examples, prompt_and_completion
-from robustunlearn.data.synthetic import GENERATOR_VERSION, SyntheticConfig
 from robustunlearn.core.io import atomic_write_json
 from robustunlearn.core.models import (
     DTYPES,
@@ -48,6 +43,10 @@ from robustunlearn.core.models import (
     train_tokenizer,
     verify_model_dir,
 )
+from robustunlearn.data import load_benchmark
+from robustunlearn.data.base import QA, Benchmark, Record
+from robustunlearn.data.collate import encode_example, pad_examples, prompt_and_completion
+from robustunlearn.data.synthetic import GENERATOR_VERSION, SyntheticConfig
 
 PREPARE_VERSION = "1"  # bump when training changes in a way the cache key does not capture
 PREPARED = "prepared.json"
@@ -244,7 +243,9 @@ def prepare(
     directory = Path(cache_dir or default_cache_dir()) / "prepared" / config.key()
     if not force and _cache_entry_complete(directory):
         report = json.loads((directory / PREPARED).read_text(encoding="utf-8"))
-        return Prepared(directory, Benchmark.load(directory / "benchmark.json"), directory / "target", directory / "retrain", report)
+        return Prepared(
+            directory, Benchmark.load(directory / "benchmark.json"), directory / "target", directory / "retrain", report
+        )
     if directory.exists():
         console.print(f"[yellow]rebuilding incomplete or corrupted cache entry {directory}[/yellow]")
         shutil.rmtree(directory)
@@ -275,7 +276,9 @@ def prepare(
         with Progress(
             TextColumn(f"training {name:<7}"),
             BarColumn(),
-            TextColumn("epoch {task.completed:.0f}/{task.total:.0f}  loss {task.fields[loss]:.3f}  acc {task.fields[acc]}"),
+            TextColumn(
+                "epoch {task.completed:.0f}/{task.total:.0f}  loss {task.fields[loss]:.3f}  acc {task.fields[acc]}"
+            ),
             TimeElapsedColumn(),
             console=console,
         ) as progress:
@@ -291,7 +294,9 @@ def prepare(
         stats["parameters"] = count_parameters(model)
         stats["trained_on"] = list(roles) + ["utility"]
         eval_batches = {
-            role: make_batches(tokenizer, benchmark.get(f"{role}_qa"), 8 * config.train.batch_tokens, config.train.max_length)
+            role: make_batches(
+                tokenizer, benchmark.get(f"{role}_qa"), 8 * config.train.batch_tokens, config.train.max_length
+            )
             for role in ("forget", "retain", "holdout")
             if benchmark.get(f"{role}_qa")
         }

@@ -170,9 +170,7 @@ def parse_method(method: str) -> QuantizationMethod:
     match = re.fullmatch(r"([a-z]+)-int(\d)", name)
     if match and int(match[2]) in _FAMILY_BITS.get(match[1], ()):
         return QuantizationMethod(name, match[1], int(match[2]))
-    families = ", ".join(
-        f"{family}-int{{{','.join(map(str, bits))}}}" for family, bits in _FAMILY_BITS.items()
-    )
+    families = ", ".join(f"{family}-int{{{','.join(map(str, bits))}}}" for family, bits in _FAMILY_BITS.items())
     raise ValueError(
         f"unknown quantization method {method!r}; accepted: {', '.join(QUANTIZATION_METHODS)} "
         f"(also {families}; aliases {', '.join(sorted(ALIASES))})"
@@ -182,9 +180,7 @@ def parse_method(method: str) -> QuantizationMethod:
 def _work_tensor(weight: torch.Tensor) -> torch.Tensor:
     """A float32 (float64 for float64 weights) 2-D copy to compute on."""
     if weight.dim() != 2:
-        raise ValueError(
-            f"expected a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}"
-        )
+        raise ValueError(f"expected a 2-D weight [out_features, in_features], got shape {tuple(weight.shape)}")
     return weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
 
 
@@ -297,9 +293,7 @@ def _require(module: str, package: str, method: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise UserError(
-            f"quantization method {method!r} needs the {package} package: pip install {package}"
-        ) from error
+        raise UserError(f"quantization method {method!r} needs the {package} package: pip install {package}") from error
 
 
 def _scratch_linear(weight: torch.Tensor) -> nn.Linear:
@@ -323,9 +317,7 @@ def _hqq(weight: torch.Tensor, method: QuantizationMethod, group_size: int | Non
     # HQQ groups the row-major flattened weight, so a group spans rows when group_size > in_features
     hqq = _require("hqq.core.quantize", "hqq", method.name)
     config = hqq.BaseQuantizeConfig(nbits=method.bits, group_size=group_size or weight.shape[1])
-    layer = hqq.HQQLinear(
-        _scratch_linear(weight), config, compute_dtype=weight.dtype, device=str(weight.device)
-    )
+    layer = hqq.HQQLinear(_scratch_linear(weight), config, compute_dtype=weight.dtype, device=str(weight.device))
     return layer.dequantize().reshape(weight.shape).to(weight.dtype)
 
 
@@ -343,9 +335,7 @@ def _bnb(weight: torch.Tensor, method: QuantizationMethod) -> torch.Tensor:
         codes, row_absmax, _ = functional.int8_vectorwise_quant(weight.detach().float())
         return (codes.float() * row_absmax[:, None] / 127).to(weight.dtype)
     quant_type = method.name.removeprefix("bnb-")
-    packed, state = functional.quantize_4bit(
-        weight.detach(), blocksize=CODE_BOOK_BLOCK_SIZE, quant_type=quant_type
-    )
+    packed, state = functional.quantize_4bit(weight.detach(), blocksize=CODE_BOOK_BLOCK_SIZE, quant_type=quant_type)
     return functional.dequantize_4bit(packed, state).to(weight.dtype)
 
 
@@ -496,9 +486,7 @@ def code_agreement(
         pairs = []
         for name, linear in quantizable_linears(model_a, include_lm_head):
             other = linears_b.get(name)
-            pairs.append(
-                (quantize(linear.weight).codes, None if other is None else quantize(other.weight).codes)
-            )
+            pairs.append((quantize(linear.weight).codes, None if other is None else quantize(other.weight).codes))
     same = total = 0
     for codes_a_layer, codes_b_layer in pairs:
         if codes_b_layer is None or codes_a_layer.shape != codes_b_layer.shape:

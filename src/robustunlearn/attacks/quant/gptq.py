@@ -65,8 +65,7 @@ def gptq_quantize_weight(
     rows, cols = w.shape
     if hessian.shape != (cols, cols):
         raise ValueError(
-            f"hessian must be [{cols}, {cols}] for a weight of shape {tuple(w.shape)}, "
-            f"got {tuple(hessian.shape)}"
+            f"hessian must be [{cols}, {cols}] for a weight of shape {tuple(w.shape)}, got {tuple(hessian.shape)}"
         )
     h = hessian.to(w).clone()
     dead = torch.diagonal(h) == 0
@@ -110,9 +109,7 @@ def gptq_quantize_weight(
     )
 
 
-def calibration_inputs(
-    calibration: Sequence[Any], tokenizer: Any = None
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def calibration_inputs(calibration: Sequence[Any], tokenizer: Any = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(input_ids, attention_mask)`` pairs, each [batch, time], from a list of ``TokenBatch``es,
     input-id tensors ([time] or [batch, time], no padding) or strings (tokenized one by one
     with ``tokenizer``)."""
@@ -129,8 +126,7 @@ def calibration_inputs(
             item = tokenizer(item, return_tensors="pt")["input_ids"]
         if not isinstance(item, torch.Tensor) or item.dim() not in (1, 2):
             raise ValueError(
-                "calibration items must be TokenBatch, str or a 1-D/2-D input-id tensor, "
-                f"got {type(item).__name__}"
+                f"calibration items must be TokenBatch, str or a 1-D/2-D input-id tensor, got {type(item).__name__}"
             )
         ids = item.long().reshape(-1, item.shape[-1])
         pairs.append((ids, torch.ones_like(ids)))
@@ -242,8 +238,7 @@ def gptq_quantize_model(
             ]
             quantize(linears, _hessians(linears, runs))
             inputs = [
-                _with_hidden_states(args, kwargs, _hidden_states(block(*args, **kwargs)))
-                for args, kwargs in inputs
+                _with_hidden_states(args, kwargs, _hidden_states(block(*args, **kwargs))) for args, kwargs in inputs
             ]
         if include_lm_head:
             head = model.get_output_embeddings()
