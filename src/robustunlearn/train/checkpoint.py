@@ -1,11 +1,18 @@
 """Checkpoints of an unlearning run, each written in full under a temporary name and then renamed,
 so a run killed at any point resumes from its last complete checkpoint to the same final weights;
-and the snapshots ``keep_best`` keeps."""
+and the snapshots ``keep_best`` keeps.
+
+A run directory may come from someone else (a shared checkpoint, a downloaded run), so nothing in
+it is trusted: a pointer file may only name a ``step-N`` directory inside its root, every file of a
+snapshot must match the SHA-256 recorded when it was written, and ``state.pt`` is unpickled with
+``weights_only`` (tensors and plain Python values only, nothing that can run code)."""
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -15,42 +22,109 @@ from typing import Any
 import torch
 
 from robustunlearn.core.distributed import DataParallel
+from robustunlearn.core.errors import UserError
 from robustunlearn.core.io import atomic_write_json
-from robustunlearn.core.models import WEIGHTS
+from robustunlearn.core.models import WEIGHTS, file_sha256
 from robustunlearn.core.modules import load_weights, save_trainable_weights
+
+CHECKSUMS = "sha256.json"  # in each snapshot: the SHA-256 of each of its other files
+_SNAPSHOT_NAME = re.compile(r"step-\d+")
+_STAGING_NAME = re.compile(r"\.step-\d+-\w+")  # tempfile.mkdtemp(prefix=".step-N-")
+
+
+class CheckpointError(UserError, ValueError):
+    """A run directory's checkpoint files are unsafe, corrupted or unreadable: resuming from them
+    is refused with a one-line message naming the file."""
 
 
 class Snapshots:
-    """Directories ``root/<name>``, each written in full under a temporary name and then renamed,
-    and a pointer file (``root/<pointer>``, written atomically) naming the current one; only the
-    current one is kept (snapshots of 7B models are large)."""
+    """Directories ``root/step-N``, each written in full under a temporary name and then renamed,
+    with the SHA-256 of its files in ``step-N/sha256.json``, and a pointer file (``root/<pointer>``,
+    written atomically) naming the current one; only the current one is kept (snapshots of 7B
+    models are large)."""
 
     def __init__(self, root: Path, pointer: str):
         self.root, self.pointer = root, root / pointer
 
-    def current(self) -> tuple[Path, dict[str, Any]] | None:
+    def read_pointer(self) -> dict[str, Any] | None:
+        """The pointer's record, None without a pointer file; ``CheckpointError`` if it is not JSON
+        or names anything but a ``step-N`` directory inside the root (it would be deleted when the
+        next snapshot replaces it)."""
         if not self.pointer.is_file():
             return None
-        record = json.loads(self.pointer.read_text())
-        path = self.root / record["name"]
-        return (path, record) if path.is_dir() else None
+        try:
+            record = json.loads(self.pointer.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{self.pointer} is not valid JSON ({error}); delete it to start afresh") from None
+        if not isinstance(record, dict) or "name" not in record:
+            raise CheckpointError(f"{self.pointer} is not a snapshot pointer (a JSON object with a 'name')")
+        self._path(record["name"])
+        return record
+
+    def current(self) -> tuple[Path, dict[str, Any]] | None:
+        """The snapshot the pointer names and its record, None without a pointer file;
+        ``CheckpointError`` if the pointer is unsafe or names a snapshot that does not exist."""
+        record = self.read_pointer()
+        if record is None:
+            return None
+        path = self._path(record["name"])
+        if not path.is_dir():
+            raise CheckpointError(f"{self.pointer} names {path}, which does not exist")
+        return path, record
 
     def commit(self, name: str, write: Callable[[Path], None], record: dict[str, Any]) -> Path:
+        final = self._path(name)
+        previous = self.read_pointer()  # refused before anything is written if it is unsafe
         self.root.mkdir(parents=True, exist_ok=True)
-        for leftover in self.root.glob(".*-*"):  # staging of a writer killed mid-write (one writer at a time)
-            if leftover.is_dir():
+        for leftover in self.root.iterdir():  # staging of a writer killed mid-write (one writer at a time)
+            if _STAGING_NAME.fullmatch(leftover.name) and leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.root))
         write(staging)
-        final = self.root / name
-        if final.exists():
-            shutil.rmtree(final)
+        checksums = {file.name: file_sha256(file) for file in sorted(staging.iterdir())}
+        atomic_write_json(staging / CHECKSUMS, checksums)
+        if final.exists():  # a snapshot of this step from an earlier run: moved aside, then deleted
+            aside = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.root))
+            final.rename(aside / name)
+            shutil.rmtree(aside)
         staging.rename(final)
-        previous = self.current()
         atomic_write_json(self.pointer, {"name": name, **record})
-        if previous is not None and previous[0] != final:
-            shutil.rmtree(previous[0], ignore_errors=True)
+        if previous is not None and previous["name"] != name:
+            shutil.rmtree(self._path(previous["name"]), ignore_errors=True)
         return final
+
+    def verify(self, path: Path) -> None:
+        """Check every file of the snapshot ``path`` against its ``sha256.json``; ``CheckpointError``
+        naming the first file that is missing, unrecorded or different."""
+        checksums_path = path / CHECKSUMS
+        try:
+            checksums = json.loads(checksums_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {path} has no {CHECKSUMS}; its files cannot be verified") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{checksums_path} is not valid JSON ({error})") from None
+        if not isinstance(checksums, dict):
+            raise CheckpointError(f"{checksums_path} is not a JSON object of file names and SHA-256 digests")
+        present = {file.name for file in path.iterdir()} - {CHECKSUMS}
+        for name in sorted(present | set(checksums)):
+            file = path / name
+            if name not in checksums:
+                raise CheckpointError(f"checkpoint {file} is not recorded in {checksums_path}")
+            if name not in present or file.is_symlink() or not file.is_file():
+                raise CheckpointError(
+                    f"checkpoint {file} is missing or not a regular file (recorded in {checksums_path})"
+                )
+            if file_sha256(file) != checksums[name]:
+                raise CheckpointError(f"checkpoint {file} does not match its SHA-256 (corrupted)")
+
+    def _path(self, name: Any) -> Path:
+        """``root/name`` for a ``step-N`` name that stays inside the root (not a link out of it)."""
+        path = self.root / name if isinstance(name, str) and _SNAPSHOT_NAME.fullmatch(name) else None
+        if path is None or path.resolve().parent != self.root.resolve():
+            raise CheckpointError(
+                f"{self.pointer} names snapshot {name!r}, which is not a step-N directory inside {self.root}"
+            )
+        return path
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -80,8 +154,10 @@ class Checkpointer:
     def __init__(self, directory: Path, parallel: DataParallel | None = None):
         self.snapshots = Snapshots(directory / "checkpoints", "latest.json")
         self.parallel = parallel or DataParallel()
+        self.snapshots.read_pointer()  # an unsafe pointer fails the run now, not at its first checkpoint
 
     def latest(self) -> Path | None:
+        """The last complete checkpoint, None when the run has written none yet."""
         current = self.snapshots.current()
         return None if current is None else current[0]
 
@@ -100,9 +176,16 @@ class Checkpointer:
         self.snapshots.commit(f"step-{step}", write, {"step": step})
 
     def load(self, path: Path, model, optimizer, scheduler, streams: dict[str, Any], generator) -> dict:
-        state = torch.load(path / "state.pt", weights_only=False)
+        self.snapshots.verify(path)
+        try:
+            state = torch.load(path / "state.pt", weights_only=True)
+        except pickle.UnpicklingError:
+            raise CheckpointError(
+                f"checkpoint {path / 'state.pt'} holds objects other than tensors and plain Python values; "
+                "refusing to unpickle it (it could run code)"
+            ) from None
         if len(state["ranks"]) != self.parallel.world_size:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {path} was written by a run of {len(state['ranks'])} process(es); "
                 f"resume it with as many, not {self.parallel.world_size}"
             )
@@ -125,10 +208,12 @@ def best_snapshots(output_dir: str | Path) -> Snapshots:
 def restore_best(model, output_dir: str | Path) -> dict[str, Any]:
     """Load the weights ``keep_best`` kept into ``model`` (the model :func:`unlearn` returned:
     under LoRA the peft model, before merging) and return their record."""
-    current = best_snapshots(output_dir).current()
+    best = best_snapshots(output_dir)
+    current = best.current()
     if current is None:
         raise ValueError(f"{output_dir} holds no best weights (best/best.json); run with keep_best and eval_every")
     path, record = current
+    best.verify(path)
     load_weights(model, path / WEIGHTS)
     return record
 
@@ -143,5 +228,5 @@ def read_log(path: Path) -> list[dict[str, Any]]:
             entries.append(json.loads(line))
         except json.JSONDecodeError:
             if number < len(lines):
-                raise ValueError(f"{path} line {number} is not JSON") from None
+                raise CheckpointError(f"{path} line {number} is not JSON") from None
     return entries
