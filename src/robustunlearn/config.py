@@ -12,14 +12,17 @@ the base layer whenever a run uses them (synthetic benchmark, no ``--model`` or 
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from robustunlearn.attacks import QUANTIZATION_METHODS
+from robustunlearn.attacks import parse_attack
 from robustunlearn.core.errors import UserError
 from robustunlearn.core.models import TinyModelConfig
 from robustunlearn.core.settings import Strict, check_name
@@ -130,15 +133,8 @@ class StudySettings(Strict):
     @field_validator("attacks")
     @classmethod
     def _attacks(cls, values: tuple[str, ...]) -> tuple[str, ...]:
-        fixed = {"relearn", "relearn-lora", "benign-relearn"}
         for value in values:
-            prefix, _, number = value.partition("-")
-            if value in fixed or value in QUANTIZATION_METHODS:
-                continue
-            if prefix in ("noise", "prune") and number.replace(".", "", 1).isdigit():
-                continue
-            accepted = sorted(fixed) + ["noise-<scale>", "prune-<sparsity>"] + list(QUANTIZATION_METHODS)
-            raise ValueError(f"unknown attack {value!r}; accepted: {', '.join(accepted)}")
+            parse_attack(value)  # a bad name or strength fails here, before any cell trains
         return values
 
     @field_validator("level_metric")
@@ -257,18 +253,62 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML for recipes: a key given twice is an error, and ``1e-4`` is a float (YAML 1.1 reads it as a string)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"config file {path} is not valid YAML{where}") from None
+        problem = getattr(error, "problem", None)
+        reason = f": {problem}" if problem and "duplicate key" in problem else ""
+        raise UserError(f"config file {path} is not valid YAML{where}{reason}") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise UserError(f"config file {path} must hold a mapping of settings, not {type(loaded).__name__}")
     return loaded or {}
+
+
+def _non_finite(data: Any, where: str = "") -> str | None:
+    """The dotted path of the first NaN or infinite number in ``data``, if any."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return where or "config"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _check_shape(data: dict[str, Any]) -> None:
+    """Sections are mappings and numbers are finite, before the types are checked field by field."""
+    for name, field in RunSettings.model_fields.items():
+        if isinstance(field.default, BaseModel) and name in data and not isinstance(data[name], dict):
+            raise ValueError(f"{name}: must be a mapping of settings, not {type(data[name]).__name__}")
+    bad = _non_finite(data)
+    if bad is not None:
+        raise ValueError(f"{bad}: must be a finite number")
 
 
 def embedded_recipe() -> dict[str, Any]:
@@ -281,6 +321,9 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | No
     the YAML file at ``path``, then ``overrides`` (nested dicts; None values skipped)."""
     data = _read_yaml(Path(path)) if path is not None else {}
     overrides = _drop_none(overrides or {})
+    for name, value in data.items():
+        if isinstance(overrides.get(name), dict) and not isinstance(value, dict):
+            raise UserError(f"config file {path}: {name}: must be a mapping of settings, not {type(value).__name__}")
     data = _deep_merge(data, overrides)
     flags = overrides.get("unlearn", {})
     for given, replaced in (("steps", "epochs"), ("epochs", "steps")):
@@ -288,11 +331,15 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | No
             data["unlearn"].pop(replaced, None)
     if uses_embedded_model(data.get("benchmark", "synthetic"), data.get("model_path"), data.get("base_model")):
         data = _deep_merge(embedded_recipe(), data)
+    source = f"config file {path}: " if path is not None else ""
     try:
-        return RunSettings.model_validate(data)
+        _check_shape(data)
+        # Strict JSON-mode types: `steps: true` or `steps: "3"` are errors, not 1 and 3.
+        return RunSettings.model_validate_json(json.dumps(data, default=str), strict=True)
     except ValidationError as error:
-        source = f"config file {path}: " if path is not None else ""
         raise UserError(source + _first_error(error)) from None
+    except ValueError as error:
+        raise UserError(source + str(error)) from None
 
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:

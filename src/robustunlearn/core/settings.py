@@ -1,5 +1,5 @@
-"""The base of every settings model: strict (unknown keys are errors), frozen, and with names
-checked against a registry so an error lists the accepted values."""
+"""The base of every settings model: strict (unknown keys are errors, numbers are finite), frozen,
+and with names checked against a registry so an error lists the accepted values."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def check_name(kind: str, value: str, accepted: Iterable[str]) -> str:
