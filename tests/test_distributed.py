@@ -171,10 +171,10 @@ def test_each_rank_takes_its_contiguous_shard_of_the_global_batch(two_processes,
     seen: list[list[str]] = []
     monkeypatch.setattr(engine_module, "collate_records", engine_module.collate_records)
     record_batches(seen)
-    run(CASES["adamw"])
-    ranks = [torch.load(two_processes / f"adamw.rank{r}.pt")["batches"] for r in range(WORLD_SIZE)]
+    run(CASES["idk-dpo"])
+    ranks = [torch.load(two_processes / f"idk-dpo.rank{r}.pt")["batches"] for r in range(WORLD_SIZE)]
     # forget, retain, refusals and the refused questions with their true answers
-    assert len(seen) == len(ranks[0]) == len(ranks[1]) == 4 * CASES["adamw"].steps
+    assert len(seen) == len(ranks[0]) == len(ranks[1]) == 4 * CASES["idk-dpo"].steps
     for whole, first, second in zip(seen, *ranks):
         assert len(first) == len(second) == len(whole) // 2 and first + second == whole
 

@@ -17,10 +17,13 @@ from robustunlearn.config import load_settings, unlearn_settings
 from robustunlearn.core.errors import UserError
 from robustunlearn.core.models import TinyModelConfig, build_tiny_model, train_tokenizer
 from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
+from robustunlearn.objectives import IdkDPO
+from robustunlearn.optim import OPTIMIZERS, OptimizerSpec
+from robustunlearn.optim.base import OptimizerHooks
+from robustunlearn.train.checkpoint import restore_best
 from robustunlearn.train.engine import (
     NonFiniteLossError,
     RecordStream,
-    restore_best,
     unlearn,
 )
 from robustunlearn.train.settings import UnlearnSettings
@@ -383,7 +386,13 @@ def test_idk_dpo_pairs_refusals_with_their_questions_when_the_forget_batch_mixes
     questions, passages = benchmark.get("forget_qa")[:5], benchmark.get("forget_text")[:3]
     assert questions and passages
     batch = engine_module._shard_batch(
-        questions + passages, benchmark.get("retain_qa")[:8], 0, engine_module.data_parallel(), tokenizer, 256
+        questions + passages,
+        benchmark.get("retain_qa")[:8],
+        0,
+        engine_module.data_parallel(),
+        tokenizer,
+        256,
+        parts=IdkDPO.batch_parts,
     )
     assert len(batch.forget) == len(questions) + len(passages)
     assert len(batch.forget_refusal) == len(batch.forget_answered) == len(questions)
@@ -392,3 +401,87 @@ def test_idk_dpo_pairs_refusals_with_their_questions_when_the_forget_batch_mixes
     )
     result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, progress=False)
     assert result.steps_done == 4 and all(math.isfinite(h["reward_margin"]) for h in result.history)
+
+
+@pytest.mark.parametrize(
+    ("objective", "parts"),
+    [("ga", {"forget"}), ("npo", {"forget", "retain"}), ("idk", {"forget", "retain", "refusal"})],
+)
+def test_the_engine_builds_only_the_batch_parts_the_objective_reads(setup, monkeypatch, objective, parts):
+    benchmark, tokenizer = setup
+    real_build = engine_module.build_objective
+    batches = []
+
+    def recording_build(name, model=None, **hparams):
+        built = real_build(name, model=model, **hparams)
+        real_loss = built.loss
+        built.loss = lambda model, batch, reference: batches.append(batch) or real_loss(model, batch, reference)
+        return built
+
+    monkeypatch.setattr(engine_module, "build_objective", recording_build)
+    config = UnlearnSettings(objective=objective, optimizer="sgd", steps=2, batch_size=4)
+    unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, progress=False)
+    assert real_build(objective).batch_parts == parts and len(batches) == 2
+    for batch in batches:
+        assert batch.forget is not None and (batch.retain is not None) == ("retain" in parts)
+        assert (batch.forget_refusal is not None) == (batch.forget_answered is not None) == ("refusal" in parts)
+
+
+class HookedSGD(OptimizerHooks, torch.optim.SGD):
+    """SGD that answers every hook: it records what the engine tells it and asks to stop only
+    after its third step."""
+
+    wants_batch_tokens = True
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.batch_tokens, self.steps_taken = [], 0
+
+    def step(self, closure):
+        self.steps_taken += 1
+        return super().step(closure)
+
+    def set_batch_tokens(self, count):
+        self.batch_tokens.append(count)
+
+    def log_fields(self):
+        return {"hooked_step": self.steps_taken}
+
+    @property
+    def may_stop(self):
+        return self.steps_taken >= 3
+
+
+def test_the_engine_reaches_the_optimizer_through_its_hooks(setup, monkeypatch):
+    benchmark, tokenizer = setup
+    built = []
+
+    def build(model, params, lr, options):
+        built.append(HookedSGD(params, lr))
+        return built[-1]
+
+    monkeypatch.setitem(OPTIMIZERS, "hooked-sgd", OptimizerSpec("hooked-sgd", "first-order", 1e-3, "test", build))
+    config = UnlearnSettings(objective="ga", optimizer="hooked-sgd", steps=5, batch_size=2, eval_every=1)
+    result = unlearn(
+        fresh_model(tokenizer),
+        tokenizer,
+        benchmark,
+        config,
+        progress=False,
+        evaluate=lambda model, step: {},
+        should_stop=lambda metrics: "asked at once",
+    )
+    assert [h["hooked_step"] for h in result.history] == [1, 2, 3]  # the stop waited for may_stop
+    assert result.stopped_early == "asked at once" and list(result.history[0])[-2:] == ["hooked_step", "eval"]
+    assert len(built[0].batch_tokens) == 3 and all(isinstance(n, int) and n > 0 for n in built[0].batch_tokens)
+
+
+def test_the_engine_logs_sophias_unclipped_fraction_and_no_other_optimizers(setup):
+    benchmark, tokenizer = setup
+    for optimizer, logged in (("sophia-g", True), ("adamw", False)):
+        config = UnlearnSettings(objective="ga", optimizer=optimizer, steps=2, batch_size=2)
+        history = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, progress=False).history
+        if logged:
+            assert all(0.0 <= h["last_unclipped_fraction"] <= 1.0 for h in history)
+        else:
+            assert all("last_unclipped_fraction" not in h and "current_phase" not in h for h in history)

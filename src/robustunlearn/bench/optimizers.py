@@ -12,7 +12,6 @@ import resource
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from robustunlearn.core.io import atomic_write_json
 from robustunlearn.optim import OPTIMIZERS, build_optimizer
-from robustunlearn.optim.base import Closure
+from robustunlearn.optim.base import Closure, make_closure
 
 # Llama shapes of about 1M and 5M parameters (untied embeddings).
 BENCH_MODELS: dict[str, dict[str, int]] = {
@@ -56,30 +55,23 @@ _PRELOAD = [
 def lm_closure(model: nn.Module, input_ids: Tensor) -> Closure:
     """Closure (:mod:`robustunlearn.optim.base` protocol) of the next-token loss on
     ``input_ids``; its terms ``"forget"`` and ``"retain"`` are the loss on the first and the
-    second half of the batch, so the hybrids that split the objective can run too."""
+    second half of the batch, so the hybrids that split the objective can run too. With
+    ``sample_labels`` the labels at every position are drawn from the model's softmax (torch's
+    global generator)."""
     half = len(input_ids) // 2
-    terms = {None: input_ids, "forget": input_ids[:half], "retain": input_ids[half:]}
+    rows = {None: input_ids, "forget": input_ids[:half], "retain": input_ids[half:]}
 
-    def closure(backward: bool = True, *, sample_labels: bool = False, term: str | None = None) -> Tensor:
-        if term not in terms:
-            raise KeyError(f"unknown loss term {term!r}; this closure has 'forget' and 'retain'")
-        ids = terms[term]
-        with torch.enable_grad() if backward else nullcontext():
-            if backward:
-                model.zero_grad(set_to_none=True)
-            logits = model(input_ids=ids).logits
-            if sample_labels:
-                logits = logits.flatten(0, 1)
-                labels = torch.multinomial(logits.detach().float().softmax(-1), 1).squeeze(-1)
-                loss = F.cross_entropy(logits, labels)
-            else:
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-            if backward:
-                loss.backward()
-                return loss.detach()
-        return loss
+    def next_token_loss(term: str | None) -> Tensor:
+        ids = rows[term]
+        logits = model(input_ids=ids).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
-    return closure
+    def sampled_label_loss(term: str | None) -> Tensor:
+        logits = model(input_ids=rows[term]).logits.flatten(0, 1)
+        labels = torch.multinomial(logits.detach().float().softmax(-1), 1).squeeze(-1)
+        return F.cross_entropy(logits, labels)
+
+    return make_closure(model, next_token_loss, terms=("forget", "retain"), sampled_label_loss=sampled_label_loss)
 
 
 def _tensor_bytes(obj: Any) -> int:

@@ -1,10 +1,11 @@
 """Unlearning objectives: each turns (model, batch, frozen reference outputs) into a loss.
 
-Objectives know nothing about optimizers. The engine calls, per batch::
+Objectives know nothing about optimizers. The engine builds each batch with the parts the
+objective reads (``objective.batch_parts``), then calls, per batch::
 
     reference = objective.reference_outputs(reference_model, batch)  # once, under torch.no_grad()
     out = objective.loss(model, batch, reference)   # any number of times (a ZO step: several)
-    out["loss"] == out["forget"] + out["retain"]     # the terms a closure(term=...) evaluates
+    out["loss"] == out["forget"] + out["retain"]     # the LOSS_TERMS a closure(term=...) evaluates
 
 Formulas, defaults and sources: each class's docstring and docs/objectives.md.
 """
@@ -23,10 +24,16 @@ from robustunlearn.objectives.idk import Idk, IdkDPO
 from robustunlearn.objectives.npo import NPO, SimNPO
 from robustunlearn.objectives.rmu import RMU
 
+LOSS_TERMS = ("forget", "retain")  # the named terms of every objective's loss; "loss" is their sum
+
 
 class Objective(Protocol):
     name: str
     needs_reference: bool  # True: the engine must pass a frozen reference model's outputs
+    # The parts of an UnlearnBatch the objective reads: "forget" (batch.forget, always built),
+    # "retain" (batch.retain), "refusal" (batch.forget_refusal and batch.forget_answered, for idk).
+    # The engine builds only these; the others stay None.
+    batch_parts: frozenset[str]
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter] | None:
         """The parameters to train, or None to leave ``requires_grad`` as it is."""
@@ -65,6 +72,7 @@ __all__ = [
     "GradientAscent",
     "Idk",
     "IdkDPO",
+    "LOSS_TERMS",
     "NPO",
     "OBJECTIVES",
     "Objective",

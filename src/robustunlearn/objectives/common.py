@@ -86,6 +86,7 @@ class RetainTerm:
     """
 
     name: ClassVar[str]
+    batch_parts: ClassVar[frozenset[str]] = frozenset({"forget", "retain"})
     gamma: float = 1.0
     retain_loss: str = "nll"
 

@@ -45,6 +45,7 @@ class Idk(RetainTerm):
     """
 
     name: ClassVar[str] = "idk"
+    batch_parts: ClassVar[frozenset[str]] = frozenset({"forget", "retain", "refusal"})
     mode: str = "sft"
     beta: float = 0.1
 

@@ -1,13 +1,14 @@
-"""Optimizer grades, all shaped like ``torch.optim.Optimizer`` and driven through one closure
-protocol (:mod:`robustunlearn.optim.base`). ``OPTIMIZERS`` maps each CLI name to its spec
-(:mod:`robustunlearn.optim.spec`); importing this package registers every grade module's specs."""
+"""Optimizer grades, all shaped like ``torch.optim.Optimizer``, driven through one closure
+protocol and asked for more through one set of hooks (:mod:`robustunlearn.optim.base`).
+``OPTIMIZERS`` maps each CLI name to its spec (:mod:`robustunlearn.optim.spec`); importing this
+package registers every grade module's specs."""
 
 from __future__ import annotations
 
 import torch
 
 from robustunlearn.optim import hybrid, sign, smoothing, sophia, zo
-from robustunlearn.optim.base import Closure
+from robustunlearn.optim.base import Closure, OptimizerHooks, hooks, make_closure
 from robustunlearn.optim.spec import GRADES, OPTIMIZERS, OptimizerSpec, build_optimizer
 
 
@@ -25,4 +26,13 @@ OPTIMIZERS.update(
 for _module in (zo, sign, sophia, smoothing, hybrid):
     OPTIMIZERS.update(_module.SPECS)
 
-__all__ = ["Closure", "GRADES", "OPTIMIZERS", "OptimizerSpec", "build_optimizer"]
+__all__ = [
+    "Closure",
+    "GRADES",
+    "OPTIMIZERS",
+    "OptimizerHooks",
+    "OptimizerSpec",
+    "build_optimizer",
+    "hooks",
+    "make_closure",
+]

@@ -1,4 +1,5 @@
-"""The one closure protocol every optimizer grade in this package speaks.
+"""The closure protocol every optimizer grade in this package speaks, the one closure builder
+every caller uses, and the hooks a training loop may call on an optimizer.
 
 An optimizer's ``step(closure)`` receives a callable with this signature::
 
@@ -23,19 +24,124 @@ An optimizer's ``step(closure)`` receives a callable with this signature::
 Per-batch work that does not depend on the weights being optimized (a frozen reference
 model's outputs, tokenization) is done once per step by whoever builds the closure, not once
 per call: a ZO step calls its closure two or more times on the same batch.
+
+:func:`make_closure` builds such a closure from a loss function; callers supply only the loss.
+
+Hooks (:class:`OptimizerHooks`): what a training loop may ask of an optimizer beyond torch's
+interface: Sophia-G's batch size, values to log, whether the run may stop now, how to run in
+several processes, and precision warnings. Our optimizers that need one inherit the class and
+override it; :func:`hooks` gives every optimizer, torch's own included, an object to call them on.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable, Collection
+from contextlib import nullcontext
+from typing import Any, Protocol
 
 import torch
+from torch import Tensor, nn
+
+from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
 
 
 class Closure(Protocol):
     def __call__(
         self, backward: bool = True, *, sample_labels: bool = False, term: str | None = None
     ) -> torch.Tensor: ...
+
+
+def make_closure(
+    model: nn.Module,
+    loss: Callable[[str | None], Tensor],
+    *,
+    terms: Collection[str] = (),
+    sampled_label_loss: Callable[[str | None], Tensor] | None = None,
+    after_backward: Callable[[], None] | None = None,
+    passes: dict[str, int] | None = None,
+) -> Closure:
+    """The protocol's closure over ``model`` for the loss ``loss(term)``.
+
+    ``terms`` names the terms ``loss`` accepts besides ``None`` (the total); any other raises
+    ``KeyError``. ``sampled_label_loss(term)`` is the loss ``sample_labels=True`` asks for
+    (``None``: ``NotImplementedError``). ``after_backward`` runs after each backward (data
+    parallel: the gradient all-reduce). ``passes`` counts the ``"forward"`` and ``"backward"``
+    passes the closure runs."""
+
+    def closure(backward: bool = True, *, sample_labels: bool = False, term: str | None = None) -> Tensor:
+        if term is not None and term not in terms:
+            raise KeyError(f"the loss has no term {term!r}; it has {', '.join(sorted(terms)) or 'none'}")
+        if sample_labels and sampled_label_loss is None:
+            raise NotImplementedError("this loss cannot sample labels (closure(sample_labels=True))")
+        if passes is not None:
+            passes["forward"] += 1
+            passes["backward"] += int(backward)
+        if backward:
+            model.zero_grad(set_to_none=True)
+        # backward=False keeps the caller's grad mode: ZO calls under no_grad, sophia-h with a graph.
+        with torch.enable_grad() if backward else nullcontext():
+            value = sampled_label_loss(term) if sample_labels else loss(term)
+            if backward:
+                value.backward()
+                if after_backward is not None:
+                    after_backward()
+        # Without backward the graph (if the caller enabled grad) is kept: sophia-h differentiates twice.
+        return value.detach() if backward else value
+
+    return closure
+
+
+def sampled_label_loss(model: nn.Module, batch: TokenBatch, generator: torch.Generator) -> Tensor:
+    """Sophia-G's Gauss-Newton-Bartlett loss on ``batch``: at each of its B scored positions t,
+    a label ŷ_t ~ softmax(f(θ, x)_{t−1}) drawn with ``generator``, and
+    L̂ = (1/B)·Σ_t −log softmax(f(θ, x)_{t−1})[ŷ_t]."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    scored = batch.labels[:, 1:] != IGNORE_INDEX
+    picked = logits[scored]
+    with torch.no_grad():
+        sampled = torch.multinomial(torch.softmax(picked.float(), -1), 1, generator=generator).squeeze(-1)
+    return torch.nn.functional.cross_entropy(picked, sampled)
+
+
+class OptimizerHooks:
+    """What a training loop may ask of an optimizer beyond ``torch.optim.Optimizer``. Every hook
+    has a default that asks nothing of the optimizer; an optimizer overrides only those it needs.
+    Call them through :func:`hooks`."""
+
+    wants_batch_tokens: bool = False  # whether to call set_batch_tokens before each step
+
+    def set_batch_tokens(self, count: int) -> None:
+        """Before a step: ``count`` is the number of labels (scored tokens, over all ranks) that
+        this step's ``closure(sample_labels=True)`` averages its loss over (Sophia-G's B)."""
+
+    def log_fields(self) -> dict[str, Any]:
+        """After a step: values about the step just taken, for its log entry."""
+        return {}
+
+    @property
+    def may_stop(self) -> bool:
+        """Whether a run may end after the steps taken so far (an early stop waits until it may)."""
+        return True
+
+    def enable_data_parallel(self, mean: Callable[[Tensor], Tensor]) -> None:
+        """Before the first step, in a run of several processes whose closures each see their
+        shard of the batch and average gradients over ranks after backward: reduce over ranks
+        whatever else the steps compute from the closure, with ``mean`` (an in-place all-reduce
+        mean). Raises ``ValueError`` if the optimizer cannot keep the ranks identical."""
+
+    def precision_warnings(self) -> list[str]:
+        """Before the first step: why the weights' dtypes make the steps inexact, each phrase
+        completing a sentence that starts with the optimizer's name."""
+        return []
+
+
+_NO_HOOKS = OptimizerHooks()
+
+
+def hooks(optimizer: torch.optim.Optimizer) -> OptimizerHooks:
+    """``optimizer``'s hooks: the optimizer itself if it inherits :class:`OptimizerHooks`, else
+    (torch's own optimizers) the defaults."""
+    return optimizer if isinstance(optimizer, OptimizerHooks) else _NO_HOOKS
 
 
 def check_beta(name: str, beta: float) -> None:

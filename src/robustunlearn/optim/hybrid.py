@@ -15,18 +15,21 @@
 
 Each part keeps its own state (moments); ``state_dict`` holds both. ``lr`` is the FO learning
 rate, ``zo_lr`` the ZO one; ``param_groups`` lists the FO groups then the ZO groups (the same
-dicts the parts use), so an LR scheduler scales both.
+dicts the parts use), so an LR scheduler scales both. The hooks of
+:class:`~robustunlearn.optim.base.OptimizerHooks` reach the parts: Sophia-G's batch size, data
+parallelism and precision warnings; ``hybrid`` adds its own phase to the log and its stopping rule.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from robustunlearn.core.modules import decoder_blocks
-from robustunlearn.optim.base import Closure
+from robustunlearn.optim.base import Closure, OptimizerHooks, hooks
 from robustunlearn.optim.spec import OPTIMIZERS, OptimizerSpec
 
 
@@ -60,7 +63,7 @@ def _build_part(
     return spec.build(model, params, spec.default_lr if lr is None else lr, {**spec.default_options, **options})
 
 
-class _TwoPart(torch.optim.Optimizer):
+class _TwoPart(OptimizerHooks, torch.optim.Optimizer):
     """A first-order part ``fo`` and a zeroth-order part ``zo``, presented as one optimizer."""
 
     def __init__(self, fo: torch.optim.Optimizer, zo: torch.optim.Optimizer) -> None:
@@ -74,6 +77,21 @@ class _TwoPart(torch.optim.Optimizer):
         if hasattr(self, "fo"):
             raise NotImplementedError("add parameter groups to .fo or .zo, not to the hybrid")
         super().add_param_group(param_group)
+
+    @property
+    def wants_batch_tokens(self) -> bool:
+        return hooks(self.fo).wants_batch_tokens or hooks(self.zo).wants_batch_tokens
+
+    def set_batch_tokens(self, count: int) -> None:
+        hooks(self.fo).set_batch_tokens(count)
+        hooks(self.zo).set_batch_tokens(count)
+
+    def enable_data_parallel(self, mean: Callable[[Tensor], Tensor]) -> None:
+        hooks(self.fo).enable_data_parallel(mean)
+        hooks(self.zo).enable_data_parallel(mean)
+
+    def precision_warnings(self) -> list[str]:
+        return [*hooks(self.fo).precision_warnings(), *hooks(self.zo).precision_warnings()]
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +138,12 @@ class AlternatingHybrid(_TwoPart):
             return False
         last = phase_at(self.steps_taken - 1, self.total_steps, self.every)
         return last == "zo" and (self.steps_taken == self.total_steps or self.current_phase == "fo")
+
+    def log_fields(self) -> dict[str, Any]:
+        """``current_phase``: the phase the step just taken ran in."""
+        if self.steps_taken == 0:
+            return {}
+        return {"current_phase": phase_at(self.steps_taken - 1, self.total_steps, self.every)}
 
     def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
         if self.steps_taken >= self.total_steps:

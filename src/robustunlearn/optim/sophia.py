@@ -11,25 +11,27 @@ curvature is small or negative the ratio clips and the step is ``lr·sign(m)``. 
 this grade the most fragile under quantization and relearning.
 
 After each step ``last_unclipped_fraction`` holds the share of coordinates whose ratio stayed
-inside ``(−1, 1)`` (the paper's "win rate"), for the engine to log.
+inside ``(−1, 1)`` (the paper's "win rate"); the optimizers hand it to the engine's log through
+:meth:`~robustunlearn.optim.base.OptimizerHooks.log_fields`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from robustunlearn.optim.base import Closure
+from robustunlearn.optim.base import Closure, OptimizerHooks
 from robustunlearn.optim.spec import OptimizerSpec
 
 HVP_METHODS = ("autograd", "finite-difference")
 
 
-class _Sophia(Optimizer):
+class _Sophia(OptimizerHooks, Optimizer):
     """The Sophia update; subclasses supply ``ĥ`` through :meth:`_hessian_diagonal`."""
 
     def __init__(
@@ -67,6 +69,9 @@ class _Sophia(Optimizer):
     def _hessian_diagonal(self, closure: Closure, groups: list[dict]) -> list[list[Tensor]]:
         """One ``ĥ`` per parameter of each group in ``groups``, estimated at the current θ."""
         raise NotImplementedError
+
+    def log_fields(self) -> dict[str, Any]:
+        return {"last_unclipped_fraction": self.last_unclipped_fraction}
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
@@ -128,10 +133,13 @@ class SophiaG(_Sophia):
     ``∇L̂`` comes from ``closure(sample_labels=True)`` (labels drawn from the model's own
     predictive distribution, see :mod:`robustunlearn.optim.base`). ``batch_size`` is B, the number
     of sampled labels that loss averages, i.e. scored tokens for a causal LM; it lives in the
-    param groups so a trainer can set ``group["batch_size"]`` each step when it varies.
+    param groups, and a trainer whose B varies sets it before each step through the
+    :meth:`set_batch_tokens` hook.
     Defaults follow the paper (β = (0.965, 0.99), γ = ``rho`` = 0.04, ε = 1e-15, k = 10)
     except weight decay, 0 here as for the other optimizers of this package.
     """
+
+    wants_batch_tokens = True
 
     def __init__(
         self,
@@ -147,6 +155,10 @@ class SophiaG(_Sophia):
         if batch_size < 1:
             raise ValueError(f"invalid batch_size {batch_size!r}; accepted: an integer >= 1")
         super().__init__(params, lr, betas, rho, eps, weight_decay, hessian_period, batch_size=batch_size)
+
+    def set_batch_tokens(self, count: int) -> None:
+        for group in self.param_groups:
+            group["batch_size"] = count
 
     def _hessian_diagonal(self, closure: Closure, groups: list[dict]) -> list[list[Tensor]]:
         with torch.enable_grad():
@@ -199,6 +211,13 @@ class SophiaH(_Sophia):
         # One Hessian-vector product serves every group, so these are not per-group options.
         self.hvp = hvp
         self.hvp_radius = hvp_radius
+
+    def enable_data_parallel(self, mean: Callable[[Tensor], Tensor]) -> None:
+        if self.hvp == "autograd":
+            # its Hessian-vector products never pass through the closure's gradient all-reduce
+            raise ValueError(
+                "sophia-h with hvp='autograd' cannot run in several processes; use hvp='finite-difference'"
+            )
 
     def _hessian_diagonal(self, closure: Closure, groups: list[dict]) -> list[list[Tensor]]:
         params = [p for group in groups for p in group["params"]]

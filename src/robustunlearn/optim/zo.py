@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustunlearn.optim.base import Closure, check_betas
+from robustunlearn.optim.base import Closure, OptimizerHooks, check_betas
 from robustunlearn.optim.spec import OptimizerSpec
 
 DIRECTIONS = ("rademacher", "gaussian", "sphere")
@@ -94,7 +94,7 @@ class _Grid:
     span: float
 
 
-class ZerothOrderOptimizer(torch.optim.Optimizer):
+class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
     """Base class: the seeded perturb / evaluate / restore loop. Subclasses turn the estimate
     ``ĝ`` into an update (``_delta``); those whose update is ``−lr·ĝ`` say so (``_linear``).
 
@@ -109,6 +109,9 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
 
     After a step, ``projected_grads`` holds its ``q`` projected gradients and
     :meth:`direction` regenerates its directions; ``steps_taken`` counts steps (and seeds them).
+
+    In several processes (:meth:`enable_data_parallel`) the ranks share ``seed``, so they draw the
+    same directions, and average their projected gradients through ``reduce_projected_grad``.
     """
 
     def __init__(
@@ -221,6 +224,25 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         if self.directions == "sphere":
             z.mul_(math.sqrt(self._dim) / self._norms[k])
         return z
+
+    def enable_data_parallel(self, mean: Callable[[Tensor], Tensor]) -> None:
+        if self.reduce_projected_grad is None:
+            self.reduce_projected_grad = mean
+
+    def precision_warnings(self) -> list[str]:
+        # the perturb-and-restore round trip is exact in float32 and float64 only (module docstring)
+        low = {
+            str(p.dtype).removeprefix("torch.")
+            for group in self.param_groups
+            for p in group["params"]
+            if p.dtype.is_floating_point and torch.finfo(p.dtype).bits < 32
+        }
+        if not low:
+            return []
+        return [
+            f"perturbs and restores {', '.join(sorted(low))} weights inexactly (they drift a few ulps per step); "
+            "load the model in float32 (dtype: float32) for exact steps"
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

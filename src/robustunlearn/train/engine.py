@@ -1,11 +1,18 @@
 """The unlearning loop: one objective x one optimizer grade, read top to bottom.
 
-Each step draws a forget batch and a retain batch, computes the frozen reference model's outputs
-once (under ``no_grad``), builds the closure of :mod:`robustunlearn.optim.base` and lets the
-optimizer call it as its grade needs: backward for first-order, function values at perturbed
-weights for zeroth-order, sampled labels for Sophia-G. Steps are logged as JSON lines; checkpoints
+Each step draws a forget batch and a retain batch (with only the parts the objective reads,
+``Objective.batch_parts``), computes the frozen reference model's outputs once (under
+``no_grad``), builds the closure of :mod:`robustunlearn.optim.base` and lets the optimizer call it
+as its grade needs: backward for first-order, function values at perturbed weights for
+zeroth-order, sampled labels for Sophia-G. What else the loop asks of the optimizer (Sophia-G's
+batch size, values to log, whether it may stop, data parallelism) goes through its hooks
+(:class:`~robustunlearn.optim.base.OptimizerHooks`). Steps are logged as JSON lines; checkpoints
 (trainable weights, optimizer state, RNG states, data position) are written atomically so a
 killed run resumes to the same final weights.
+
+:func:`unlearn` reads top to bottom: set-up, resume, then per step :func:`_draw_batch`,
+:func:`_reference_outputs`, :func:`_optimizer_step` and what follows it (log entry, finiteness
+check, evaluation, stop, checkpoint).
 
 Options (:class:`UnlearnSettings`): a budget in ``steps`` or ``epochs``; LoRA adapters instead of
 full fine-tuning (``lora``), whose reference model is the same model with its adapter disabled;
@@ -34,7 +41,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch, UnlearnBatch
+from robustunlearn.core.batching import IGNORE_INDEX, UnlearnBatch
 from robustunlearn.core.distributed import DataParallel, data_parallel
 from robustunlearn.core.io import atomic_write_json
 from robustunlearn.core.models import WEIGHTS
@@ -42,9 +49,10 @@ from robustunlearn.core.modules import add_lora, lora_options, save_trainable_we
 from robustunlearn.data.base import QA, Benchmark, Record
 from robustunlearn.data.collate import collate_records
 from robustunlearn.data.prompts import REFUSAL_ANSWERS
-from robustunlearn.objectives import build_objective
+from robustunlearn.objectives import LOSS_TERMS, Objective, build_objective
 from robustunlearn.optim import build_optimizer
-from robustunlearn.train.checkpoint import Checkpointer, best_snapshots, read_log
+from robustunlearn.optim.base import hooks, make_closure, sampled_label_loss
+from robustunlearn.train.checkpoint import Checkpointer, Snapshots, best_snapshots, read_log
 from robustunlearn.train.settings import UnlearnSettings
 
 _RANK_SEED_STRIDE = 1_000_003  # rank r samples Sophia-G's labels from seed + r·stride
@@ -98,55 +106,6 @@ def refusal_records(records: Sequence[Record], seed: int) -> list[QA]:
     return [QA(question=r.question, answer=rng.choice(REFUSAL_ANSWERS), subject=r.subject) for r in questions]
 
 
-def sampled_label_loss(model, batch: TokenBatch, generator: torch.Generator) -> torch.Tensor:
-    """NLL of labels drawn from the model's own softmax at the scored positions (Sophia-G's GNB)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    scored = batch.labels[:, 1:] != IGNORE_INDEX
-    picked = logits[scored]
-    with torch.no_grad():
-        sampled = torch.multinomial(torch.softmax(picked.float(), -1), 1, generator=generator).squeeze(-1)
-    return torch.nn.functional.cross_entropy(picked, sampled)
-
-
-def make_closure(
-    model,
-    objective,
-    batch: UnlearnBatch,
-    reference: dict,
-    generator: torch.Generator,
-    record: dict,
-    passes: dict[str, int],
-    after_backward: Callable[[], None] | None = None,
-):
-    """The step's closure (protocol in :mod:`robustunlearn.optim.base`); ``record`` receives the
-    loss terms of its latest call, for logging; ``passes`` counts forward and backward passes;
-    ``after_backward`` runs after each backward (data parallel: the gradient all-reduce)."""
-
-    def closure(backward: bool = True, *, sample_labels: bool = False, term: str | None = None) -> torch.Tensor:
-        passes["forward"] += 1
-        passes["backward"] += int(backward)
-        if backward:
-            model.zero_grad(set_to_none=True)
-        # backward=False keeps the caller's grad mode: ZO calls under no_grad, sophia-h with a graph.
-        with torch.enable_grad() if backward else contextlib.nullcontext():
-            if sample_labels:
-                loss = sampled_label_loss(model, batch.forget, generator)
-            else:
-                terms = objective.loss(model, batch, reference)
-                if term is not None and term not in terms:
-                    raise KeyError(f"the objective has no loss term {term!r}; it has {sorted(terms)}")
-                loss = terms["loss" if term is None else term]
-                record.update({k: float(v.detach()) for k, v in terms.items() if v.numel() == 1})
-            if backward:
-                loss.backward()
-                if after_backward is not None:
-                    after_backward()
-        # Without backward the graph (if the caller enabled grad) is kept: sophia-h differentiates twice.
-        return loss.detach() if backward else loss
-
-    return closure
-
-
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -198,58 +157,29 @@ def _records(benchmark: Benchmark, splits: Sequence[str]) -> list[Record]:
 
 
 def _shard_batch(
-    forget: list[Record], retain: list[Record], refusal_seed: int, parallel: DataParallel, tokenizer, max_length: int
+    forget: list[Record],
+    retain: list[Record],
+    refusal_seed: int,
+    parallel: DataParallel,
+    tokenizer,
+    max_length: int,
+    *,
+    parts: frozenset[str],
 ) -> UnlearnBatch:
-    """This rank's shard of the global forget and retain batches, with the refusals (for ``idk``)
-    of its forget questions, drawn over the global batch as a single process draws them."""
-    refusals = refusal_records(forget, refusal_seed)
+    """This rank's shard of the global forget and retain batches, with the ``parts`` an objective
+    reads (``Objective.batch_parts``): for ``"refusal"`` the refusals of its forget questions, drawn
+    over the global batch as a single process draws them, and those questions with their answers."""
     mine = parallel.shard(forget)
-    before = sum(isinstance(r, QA) for r in forget[: parallel.shard_start(len(forget))])
-    questions = [r for r in mine if isinstance(r, QA)]
-    refusals = refusals[before : before + len(questions)]
-    return UnlearnBatch(
-        forget=collate_records(tokenizer, mine, max_length),
-        retain=collate_records(tokenizer, parallel.shard(retain), max_length),
-        forget_refusal=collate_records(tokenizer, refusals, max_length) if refusals else None,
-        forget_answered=collate_records(tokenizer, questions, max_length) if questions else None,
-    )
-
-
-def _optimizer_parts(optimizer) -> list:
-    """The optimizer and, for a hybrid, its first-order and zeroth-order parts."""
-    return [optimizer, *(getattr(optimizer, name) for name in ("fo", "zo") if hasattr(optimizer, name))]
-
-
-def _inexact_zeroth_order_dtypes(optimizer) -> list[str]:
-    """The dtypes below float32 among the weights zeroth-order parts of ``optimizer`` perturb:
-    their perturb-and-restore round trip is exact in float32 and float64 only (optim/zo.py)."""
-    from robustunlearn.optim.zo import ZerothOrderOptimizer
-
-    low = {
-        str(p.dtype).removeprefix("torch.")
-        for part in _optimizer_parts(optimizer)
-        if isinstance(part, ZerothOrderOptimizer)
-        for group in part.param_groups
-        for p in group["params"]
-        if p.dtype.is_floating_point and torch.finfo(p.dtype).bits < 32
-    }
-    return sorted(low)
-
-
-def _make_data_parallel(optimizer, parallel: DataParallel) -> None:
-    """Let zeroth-order parts average their projected gradients over ranks; refuse what would
-    let ranks drift apart."""
-    from robustunlearn.optim.sophia import SophiaH
-    from robustunlearn.optim.zo import ZerothOrderOptimizer
-
-    for part in _optimizer_parts(optimizer):
-        if isinstance(part, SophiaH) and part.hvp == "autograd":
-            # its Hessian-vector products never pass through the closure's gradient all-reduce
-            raise ValueError(
-                "sophia-h with hvp='autograd' cannot run in several processes; use hvp='finite-difference'"
-            )
-        if isinstance(part, ZerothOrderOptimizer) and part.reduce_projected_grad is None:
-            part.reduce_projected_grad = parallel.mean_
+    batch = UnlearnBatch(forget=collate_records(tokenizer, mine, max_length))
+    if "retain" in parts:
+        batch.retain = collate_records(tokenizer, parallel.shard(retain), max_length)
+    if "refusal" in parts:
+        before = sum(isinstance(r, QA) for r in forget[: parallel.shard_start(len(forget))])
+        questions = [r for r in mine if isinstance(r, QA)]
+        refusals = refusal_records(forget, refusal_seed)[before : before + len(questions)]
+        batch.forget_refusal = collate_records(tokenizer, refusals, max_length) if refusals else None
+        batch.forget_answered = collate_records(tokenizer, questions, max_length) if questions else None
+    return batch
 
 
 @contextlib.contextmanager
@@ -272,6 +202,44 @@ def _reference_view(model, reference_model, lora: bool) -> Iterator[Any]:
         model.train(training)
 
 
+@dataclass
+class _Run:
+    """One run: what set-up builds, then the state its steps advance."""
+
+    config: UnlearnSettings
+    model: Any
+    tokenizer: Any
+    objective: Objective
+    reference_model: Any  # the frozen copy, if the objective needs one and there is no LoRA adapter to disable
+    lora: bool
+    trained: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    streams: dict[str, RecordStream]
+    generator: torch.Generator  # Sophia-G's label sampler
+    total_steps: int
+    parallel: DataParallel
+    after_backward: Callable[[], None] | None  # data parallel: the gradient all-reduce
+    output_dir: Path | None
+    checkpointer: Checkpointer | None
+    keeper: Snapshots | None  # with keep_best: the best weights so far
+    console: Any
+    start_step: int = 0
+    resumed_from: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    pending_stop: str | None = None  # a reason to stop that waits until the optimizer may stop
+    passes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def log_path(self) -> Path | None:
+        return None if self.output_dir is None else self.output_dir / "log.jsonl"
+
+
 def unlearn(
     model,
     tokenizer,
@@ -290,13 +258,41 @@ def unlearn(
 
     ``evaluate(model, step)`` runs every ``config.eval_every`` steps (on rank 0); its metrics are
     logged and passed to ``should_stop``, which returns a reason to stop early (or None). An
-    optimizer whose ``may_stop`` is false (a ``hybrid`` before the end of a ZO block) defers that
-    stop to the next step where it is true."""
-
-    console = console or Console(stderr=True)
+    optimizer whose ``may_stop`` hook is false (a ``hybrid`` before the end of a ZO block) defers
+    that stop to the next step where it is true."""
     output_dir = Path(output_dir) if output_dir is not None else None
     if config.keep_best is not None and (evaluate is None or output_dir is None):
         raise ValueError(f"keep_best={config.keep_best!r} needs an evaluate callback and an output directory")
+    run = _set_up(model, tokenizer, benchmark, config, output_dir, console or Console(stderr=True))
+    if resume:
+        _resume(run)
+    _start(run)
+
+    started = time.perf_counter()
+    step, stopped_early = run.start_step, None
+    with _progress_bar(run, progress) as show:
+        for step in range(run.start_step + 1, run.total_steps + 1):
+            batch = _draw_batch(run, step)
+            reference = _reference_outputs(run, batch)
+            terms, reported_loss = _optimizer_step(run, batch, reference)
+            entry = _log_entry(run, step, terms, reported_loss)
+            _stop_if_not_finite(run, step, terms)
+            _evaluate(run, step, entry, evaluate)
+            _append_to_log(run, entry)
+            show(step, terms.get("loss", float("nan")))
+            stopped_early = _stop_reason(run, entry, should_stop)
+            _checkpoint_if_due(run, step, last=step == run.total_steps or stopped_early is not None)
+            if stopped_early is not None:
+                break
+    return _finish(run, step, stopped_early, started)
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+
+
+def _set_up(model, tokenizer, benchmark: Benchmark, config: UnlearnSettings, output_dir: Path | None, console) -> _Run:
+    """Seed, prepare the model, and build the optimizer, its schedule, the data streams and the
+    checkpointer."""
     parallel = data_parallel()
     if config.batch_size % parallel.world_size:
         raise ValueError(
@@ -305,7 +301,48 @@ def unlearn(
         )
     torch.manual_seed(config.seed)
     random.seed(config.seed)
+    model, objective, reference_model, lora = _prepare_model(model, config)
+    device = next(model.parameters()).device
+    forget_records = _records(benchmark, config.forget_splits)
+    total_steps = config.total_steps(len(forget_records))
+    optimizer = build_optimizer(config.optimizer, model, config.lr, total_steps=total_steps, **config.optimizer_options)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if parallel.is_main:
+        for warning in hooks(optimizer).precision_warnings():
+            console.print(f"[yellow]warning:[/yellow] {config.optimizer} {warning}", highlight=False, soft_wrap=True)
+    after_backward = None
+    if parallel.enabled:
+        hooks(optimizer).enable_data_parallel(parallel.mean_)
+        after_backward = functools.partial(parallel.average_gradients, trained)
+    schedule = lr_lambda(config.lr_schedule, config.warmup_steps, total_steps)
+    return _Run(
+        config=config,
+        model=model,
+        tokenizer=tokenizer,
+        objective=objective,
+        reference_model=reference_model,
+        lora=lora,
+        trained=trained,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        streams={
+            "forget": RecordStream(forget_records, config.batch_size, config.seed),
+            "retain": RecordStream(_records(benchmark, config.retain_splits), config.batch_size, config.seed + 1),
+        },
+        generator=torch.Generator(device=device).manual_seed(config.seed + _RANK_SEED_STRIDE * parallel.rank),
+        total_steps=total_steps,
+        parallel=parallel,
+        after_backward=after_backward,
+        output_dir=output_dir,
+        checkpointer=Checkpointer(output_dir, parallel) if output_dir is not None else None,
+        keeper=best_snapshots(output_dir) if config.keep_best is not None else None,
+        console=console,
+    )
 
+
+def _prepare_model(model, config: UnlearnSettings) -> tuple[Any, Objective, Any, bool]:
+    """The model to train (with LoRA adapters, if asked), the objective, which weights train, and
+    the frozen reference model (None under LoRA, whose reference is the disabled adapter)."""
     lora = lora_options(config.lora)
     if lora is not None:
         model = add_lora(model, lora)  # the base weights freeze, the adapters train
@@ -319,157 +356,187 @@ def unlearn(
     if objective.needs_reference and lora is None:
         reference_model = copy.deepcopy(model).eval().requires_grad_(False)
     model.train()
-    device = next(model.parameters()).device
-    forget_records = _records(benchmark, config.forget_splits)
-    total_steps = config.total_steps(len(forget_records))
-    optimizer = build_optimizer(config.optimizer, model, config.lr, total_steps=total_steps, **config.optimizer_options)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    inexact = _inexact_zeroth_order_dtypes(optimizer)
-    if inexact and parallel.is_main:
-        console.print(
-            f"[yellow]warning:[/yellow] {config.optimizer} perturbs and restores {', '.join(inexact)} weights "
-            "inexactly (they drift a few ulps per step); load the model in float32 (dtype: float32) for exact steps",
-            highlight=False,
-            soft_wrap=True,
-        )
-    average_gradients = None
-    if parallel.enabled:
-        _make_data_parallel(optimizer, parallel)
-        average_gradients = functools.partial(parallel.average_gradients, trained)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(config.lr_schedule, config.warmup_steps, total_steps)
-    )
-    streams = {
-        "forget": RecordStream(forget_records, config.batch_size, config.seed),
-        "retain": RecordStream(_records(benchmark, config.retain_splits), config.batch_size, config.seed + 1),
-    }
-    generator = torch.Generator(device=device).manual_seed(config.seed + _RANK_SEED_STRIDE * parallel.rank)
-    checkpointer = Checkpointer(output_dir, parallel) if output_dir is not None else None
-    keeper = best_snapshots(output_dir) if config.keep_best is not None else None
+    return model, objective, reference_model, lora is not None
 
-    start_step, resumed_from, history, best = 0, None, [], None
-    # A reason to stop that waits for a point where the optimizer may stop (a hybrid ends on ZO).
-    pending_stop = None
-    log_path = output_dir / "log.jsonl" if output_dir is not None else None
-    if resume:
-        if checkpointer is None:
-            raise ValueError("resume needs an output directory")
-        latest = checkpointer.latest()
-        if latest is not None:
-            progress_state = checkpointer.load(latest, model, optimizer, scheduler, streams, generator)
-            start_step = resumed_from = progress_state["step"]
-            pending_stop = progress_state.get("pending_stop")
-            if parallel.is_main:
-                console.print(f"resuming from step {start_step} ({latest})", highlight=False, soft_wrap=True)
-            if log_path is not None and log_path.exists():  # drop log lines of steps the checkpoint does not hold
-                history = [h for h in read_log(log_path) if h.get("step", 0) <= start_step]
-        kept = keeper.current() if keeper is not None else None
-        best = None if kept is None else kept[1]
-    parallel.broadcast_([p.detach() for p in trained])  # every rank starts from rank 0's weights
-    parallel.barrier()  # every rank has read the log before rank 0 rewrites it
-    if output_dir is not None and parallel.is_main:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("".join(json.dumps(h) + "\n" for h in history))
-        if keeper is not None and best is None:
-            shutil.rmtree(keeper.root, ignore_errors=True)  # a fresh run's best is its own
 
-    started = time.perf_counter()
-    stopped_early = None
-    passes = {"forward": 0, "backward": 0}
+def _resume(run: _Run) -> None:
+    """Load the latest checkpoint (if any), keep the log lines of the steps it holds, and the best
+    weights kept so far."""
+    if run.checkpointer is None:
+        raise ValueError("resume needs an output directory")
+    latest = run.checkpointer.latest()
+    if latest is not None:
+        state = run.checkpointer.load(latest, run.model, run.optimizer, run.scheduler, run.streams, run.generator)
+        run.start_step = run.resumed_from = state["step"]
+        run.pending_stop = state.get("pending_stop")
+        if run.parallel.is_main:
+            run.console.print(f"resuming from step {run.start_step} ({latest})", highlight=False, soft_wrap=True)
+        if run.log_path.exists():  # drop log lines of steps the checkpoint does not hold
+            run.history = [h for h in read_log(run.log_path) if h.get("step", 0) <= run.start_step]
+    kept = run.keeper.current() if run.keeper is not None else None
+    run.best = None if kept is None else kept[1]
+
+
+def _start(run: _Run) -> None:
+    """Every rank starts from rank 0's weights; rank 0 writes the log of the steps kept so far."""
+    run.parallel.broadcast_([p.detach() for p in run.trained])
+    run.parallel.barrier()  # every rank has read the log before rank 0 rewrites it
+    if run.output_dir is None or not run.parallel.is_main:
+        return
+    run.log_path.parent.mkdir(parents=True, exist_ok=True)
+    run.log_path.write_text("".join(json.dumps(h) + "\n" for h in run.history))
+    if run.keeper is not None and run.best is None:
+        shutil.rmtree(run.keeper.root, ignore_errors=True)  # a fresh run's best is its own
+
+
+@contextlib.contextmanager
+def _progress_bar(run: _Run, enabled: bool) -> Iterator[Callable[[int, float], None]]:
+    """A progress bar (rank 0 only); yields ``show(step, loss)``."""
     columns = (
-        TextColumn(f"unlearn {config.objective}/{config.optimizer}"),
+        TextColumn(f"unlearn {run.config.objective}/{run.config.optimizer}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, disable=not progress or not parallel.is_main) as bar:
-        task = bar.add_task("unlearn", total=total_steps, completed=start_step, loss="-")
-        step = start_step
-        for step in range(start_step + 1, total_steps + 1):
-            # every rank draws the global batch from its copy of the streams, then takes its shard
-            batch = _shard_batch(
-                streams["forget"].next(),
-                streams["retain"].next(),
-                config.seed + step,
-                parallel,
-                tokenizer,
-                config.max_length,
-            ).to(device)
-            reference = {}
-            if objective.needs_reference:
-                with torch.no_grad(), _reference_view(model, reference_model, lora is not None) as frozen:
-                    reference = objective.reference_outputs(frozen, batch)
-                passes["forward"] += 1
-            if any("batch_size" in group for group in optimizer.param_groups):
-                # Sophia-G's B: its sampled-label loss averages the scored forget tokens (of every rank)
-                scored = int(parallel.sum_((batch.forget.labels[:, 1:] != IGNORE_INDEX).sum()))
-                for group in optimizer.param_groups:
-                    if "batch_size" in group:
-                        group["batch_size"] = scored
-            # the phase this step runs in: a hybrid's current_phase names the phase of its next step
-            phase = optimizer.current_phase if hasattr(type(optimizer), "current_phase") else None
-            terms: dict[str, float] = {}
-            closure = make_closure(model, objective, batch, reference, generator, terms, passes, average_gradients)
-            returned = optimizer.step(closure)
-            scheduler.step()
-            terms = parallel.mean_values(terms, device)
-            entry = {"step": step, "lr": optimizer.param_groups[0]["lr"], **terms}
-            if returned is not None:  # the loss the optimizer reports (at θ; the last closure call may be perturbed)
-                entry["loss"] = parallel.mean_values({"loss": float(returned)}, device)["loss"]
-            if phase is not None:
-                entry["current_phase"] = phase
-            if hasattr(optimizer, "last_unclipped_fraction"):
-                entry["last_unclipped_fraction"] = optimizer.last_unclipped_fraction
-            bad = [k for k, v in terms.items() if isinstance(v, float) and not math.isfinite(v)]
-            if not terms or bad:
-                cause = f"{', '.join(bad)} = {[terms[k] for k in bad]}" if bad else "the closure was never called"
-                if output_dir is not None and parallel.is_main:
-                    atomic_write_json(output_dir / "status.json", {"state": "failed", "step": step, "cause": cause})
-                raise NonFiniteLossError(step, cause)
-            if evaluate is not None and config.eval_every and step % config.eval_every == 0:
-                entry["eval"] = parallel.broadcast_object(evaluate(model, step) if parallel.is_main else None)
-                model.train()
-                value = _best_value(entry["eval"], config.keep_best) if keeper is not None else None
-                if value is not None and (best is None or _better(value, best["value"], config.keep_best_mode)):
-                    best = {"step": step, "metric": config.keep_best, "value": value, "mode": config.keep_best_mode}
-                    if parallel.is_main:
-                        keeper.commit(
-                            f"step-{step}", lambda staging: save_trainable_weights(model, staging / WEIGHTS), best
-                        )
-            history.append(entry)
-            if log_path is not None and parallel.is_main:
-                with open(log_path, "a", encoding="utf-8") as log:
-                    log.write(json.dumps(entry) + "\n")
-            bar.update(task, completed=step, loss=f"{terms.get('loss', float('nan')):.4f}")
-            if should_stop is not None and "eval" in entry and pending_stop is None:
-                pending_stop = should_stop(entry["eval"])
-            if pending_stop is not None and getattr(optimizer, "may_stop", True):
-                stopped_early = pending_stop
-            is_last = step == total_steps or stopped_early is not None
-            if checkpointer is not None and (
-                is_last or (config.checkpoint_every and step % config.checkpoint_every == 0)
-            ):
-                checkpointer.save(
-                    step,
-                    model,
-                    optimizer,
-                    scheduler,
-                    streams,
-                    generator,
-                    {"config": config.model_dump(mode="json"), "pending_stop": pending_stop},
-                )
-            if stopped_early is not None:
-                break
-    model.eval()
-    if output_dir is not None and parallel.is_main:
-        atomic_write_json(
-            output_dir / "status.json", {"state": "finished", "step": step, "stopped_early": stopped_early}
+    with Progress(*columns, console=run.console, disable=not enabled or not run.parallel.is_main) as bar:
+        task = bar.add_task("unlearn", total=run.total_steps, completed=run.start_step, loss="-")
+        yield lambda step, loss: bar.update(task, completed=step, loss=f"{loss:.4f}")
+
+
+# -- one step -------------------------------------------------------------------------------------
+
+
+def _draw_batch(run: _Run, step: int) -> UnlearnBatch:
+    """Every rank draws the global batch from its copy of the streams, then takes its shard."""
+    forget, retain = run.streams["forget"].next(), run.streams["retain"].next()
+    config = run.config
+    shard = _shard_batch(
+        forget,
+        retain,
+        config.seed + step,
+        run.parallel,
+        run.tokenizer,
+        config.max_length,
+        parts=run.objective.batch_parts,
+    )
+    return shard.to(run.device)
+
+
+def _reference_outputs(run: _Run, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
+    """What the objective needs from the frozen reference model on ``batch``, computed once per step."""
+    if not run.objective.needs_reference:
+        return {}
+    with torch.no_grad(), _reference_view(run.model, run.reference_model, run.lora) as frozen:
+        reference = run.objective.reference_outputs(frozen, batch)
+    run.passes["forward"] += 1
+    return reference
+
+
+def _optimizer_step(run: _Run, batch: UnlearnBatch, reference: dict) -> tuple[dict[str, float], float | None]:
+    """One optimizer step and one scheduler step. Returns the loss terms of the closure's latest
+    call and the loss the optimizer reports (None if it reports none), averaged over ranks."""
+    optimizer_hooks = hooks(run.optimizer)
+    if optimizer_hooks.wants_batch_tokens:
+        # Sophia-G's B: its sampled-label loss averages the scored forget tokens (of every rank)
+        optimizer_hooks.set_batch_tokens(int(run.parallel.sum_((batch.forget.labels[:, 1:] != IGNORE_INDEX).sum())))
+    terms: dict[str, float] = {}
+
+    def objective_loss(term: str | None) -> torch.Tensor:
+        out = run.objective.loss(run.model, batch, reference)
+        terms.update({k: float(v.detach()) for k, v in out.items() if v.numel() == 1})
+        return out["loss" if term is None else term]
+
+    closure = make_closure(
+        run.model,
+        objective_loss,
+        terms=LOSS_TERMS,
+        sampled_label_loss=lambda term: sampled_label_loss(run.model, batch.forget, run.generator),
+        after_backward=run.after_backward,
+        passes=run.passes,
+    )
+    reported = run.optimizer.step(closure)
+    run.scheduler.step()
+    terms = run.parallel.mean_values(terms, run.device)
+    if reported is None:
+        return terms, None
+    return terms, run.parallel.mean_values({"loss": float(reported)}, run.device)["loss"]
+
+
+def _log_entry(run: _Run, step: int, terms: dict[str, float], reported_loss: float | None) -> dict[str, Any]:
+    """The step's log entry: its learning rate, loss terms and what the optimizer adds."""
+    entry = {"step": step, "lr": run.optimizer.param_groups[0]["lr"], **terms}
+    if reported_loss is not None:  # the loss at θ (the closure's latest call may have been at a perturbed θ)
+        entry["loss"] = reported_loss
+    return {**entry, **hooks(run.optimizer).log_fields()}
+
+
+def _stop_if_not_finite(run: _Run, step: int, terms: dict[str, float]) -> None:
+    """Raise :class:`NonFiniteLossError` (and mark the run failed) if a loss term is NaN or infinite."""
+    bad = [k for k, v in terms.items() if isinstance(v, float) and not math.isfinite(v)]
+    if terms and not bad:
+        return
+    cause = f"{', '.join(bad)} = {[terms[k] for k in bad]}" if bad else "the closure was never called"
+    if run.output_dir is not None and run.parallel.is_main:
+        atomic_write_json(run.output_dir / "status.json", {"state": "failed", "step": step, "cause": cause})
+    raise NonFiniteLossError(step, cause)
+
+
+def _evaluate(run: _Run, step: int, entry: dict[str, Any], evaluate: Callable | None) -> None:
+    """Every ``eval_every`` steps: ``entry["eval"]`` = rank 0's metrics, and with ``keep_best`` a
+    snapshot of the weights when they are the best so far."""
+    every = run.config.eval_every
+    if evaluate is None or not every or step % every:
+        return
+    entry["eval"] = run.parallel.broadcast_object(evaluate(run.model, step) if run.parallel.is_main else None)
+    run.model.train()
+    if run.keeper is None:
+        return
+    config = run.config
+    value = _best_value(entry["eval"], config.keep_best)
+    if run.best is not None and not _better(value, run.best["value"], config.keep_best_mode):
+        return
+    run.best = {"step": step, "metric": config.keep_best, "value": value, "mode": config.keep_best_mode}
+    if run.parallel.is_main:
+        run.keeper.commit(
+            f"step-{step}", lambda staging: save_trainable_weights(run.model, staging / WEIGHTS), run.best
         )
-    parallel.barrier()  # no rank returns before rank 0 has written the run's files
-    if best is not None:
-        best = {k: best[k] for k in ("step", "metric", "value", "mode")}
+
+
+def _append_to_log(run: _Run, entry: dict[str, Any]) -> None:
+    run.history.append(entry)
+    if run.log_path is not None and run.parallel.is_main:
+        with open(run.log_path, "a", encoding="utf-8") as log:
+            log.write(json.dumps(entry) + "\n")
+
+
+def _stop_reason(run: _Run, entry: dict[str, Any], should_stop: Callable | None) -> str | None:
+    """Why the run stops after this step, if it does: ``should_stop``'s answer to an evaluation,
+    held pending until the optimizer may stop."""
+    if should_stop is not None and "eval" in entry and run.pending_stop is None:
+        run.pending_stop = should_stop(entry["eval"])
+    if run.pending_stop is not None and hooks(run.optimizer).may_stop:
+        return run.pending_stop
+    return None
+
+
+def _checkpoint_if_due(run: _Run, step: int, last: bool) -> None:
+    every = run.config.checkpoint_every
+    if run.checkpointer is None or not (last or (every and step % every == 0)):
+        return
+    extra = {"config": run.config.model_dump(mode="json"), "pending_stop": run.pending_stop}
+    run.checkpointer.save(step, run.model, run.optimizer, run.scheduler, run.streams, run.generator, extra)
+
+
+def _finish(run: _Run, step: int, stopped_early: str | None, started: float) -> UnlearnResult:
+    run.model.eval()
+    if run.output_dir is not None and run.parallel.is_main:
+        status = {"state": "finished", "step": step, "stopped_early": stopped_early}
+        atomic_write_json(run.output_dir / "status.json", status)
+    run.parallel.barrier()  # no rank returns before rank 0 has written the run's files
+    best = None if run.best is None else {k: run.best[k] for k in ("step", "metric", "value", "mode")}
+    seconds = time.perf_counter() - started
     return UnlearnResult(
-        model, step, history, time.perf_counter() - started, resumed_from, stopped_early, passes, total_steps, best
+        run.model, step, run.history, seconds, run.resumed_from, stopped_early, run.passes, run.total_steps, best
     )
