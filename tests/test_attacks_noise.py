@@ -6,15 +6,31 @@ import pytest
 import torch
 
 from helpers import assert_bit_identical, snapshot, tiny_llama
-from robustunlearn.attacks import ATTACKS, gaussian_noise_attack, magnitude_prune_attack, quantizable_linears
+from robustunlearn.attacks import (
+    AttackContext,
+    gaussian_noise_attack,
+    magnitude_prune_attack,
+    parse_attack,
+    quantizable_linears,
+)
 
 
 def target_names(model: torch.nn.Module) -> set[str]:
     return {f"{name}.weight" for name, _ in quantizable_linears(model)}
 
 
-def test_attack_names():
-    assert set(ATTACKS) == {"quantize", "relearn", "benign-relearn", "noise", "prune"}
+def test_the_registry_runs_noise_and_pruning_as_the_functions():
+    model = tiny_llama().eval()
+    context = AttackContext(
+        None, None, seed=3, batch_size=1, relearn_samples=1, relearn_steps=1, relearn_lr=1e-3, relearn_eval_every=1
+    )
+    noise = parse_attack("noise-0.01")
+    noisy, curve = noise.run(model, context)
+    assert noise.family == "perturbation" and curve is None
+    assert_bit_identical(noisy, snapshot(gaussian_noise_attack(model, 0.01, seed=3)))
+    pruned, curve = parse_attack("prune-0.25").run(model, context)
+    assert curve is None
+    assert_bit_identical(pruned, snapshot(magnitude_prune_attack(model, 0.25)))
 
 
 def test_relative_noise_has_the_requested_std():

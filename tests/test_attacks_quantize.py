@@ -14,11 +14,13 @@ from robustunlearn.attacks import (
     FP4_CODE_BOOK,
     NF4_CODE_BOOK,
     QUANTIZATION_METHODS,
+    AttackContext,
     calibration_inputs,
     code_agreement,
     gaussian_noise_attack,
     gptq_quantize_model,
     gptq_quantize_weight,
+    parse_attack,
     parse_method,
     quantizable_linears,
     quantize_code_book,
@@ -28,6 +30,9 @@ from robustunlearn.attacks import (
 )
 from robustunlearn.core.batching import TokenBatch
 from robustunlearn.core.errors import UserError
+from robustunlearn.core.models import train_tokenizer
+from robustunlearn.data.base import Benchmark, Passage
+from robustunlearn.data.collate import collate_records
 
 
 def calibration(seed: int = 1, batches: int = 4) -> list[torch.Tensor]:
@@ -301,6 +306,30 @@ def test_method_names():
         parse_method("quanto-int3")
     with pytest.raises(ValueError, match="calibration"):
         quantize_model(tiny_llama().eval(), "gptq-int4")
+
+
+def test_the_registry_runs_quantization_as_quantize_model():
+    texts = [f"Person {i} was born in town {i % 7} and works as a baker." for i in range(20)]
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    benchmark = Benchmark("tiny", "1", {"retain_text": [Passage(text) for text in texts]})
+    model = tiny_llama(vocab_size=len(tokenizer)).eval()
+    context = AttackContext(
+        tokenizer,
+        benchmark,
+        seed=0,
+        batch_size=1,
+        relearn_samples=1,
+        relearn_steps=1,
+        relearn_lr=1e-3,
+        relearn_eval_every=1,
+    )
+    retain_batch = [collate_records(tokenizer, benchmark.get("retain_text")[:16]).input_ids]
+    for name, calibration in (("rtn-int4", None), ("nf4", None), ("gptq-int4", retain_batch)):
+        attack = parse_attack(name)
+        attacked, curve = attack.run(model, context)
+        expected, _ = quantize_model(model, name, calibration=calibration, tokenizer=tokenizer)
+        assert attack.family == "quantization" and curve is None
+        assert_bit_identical(attacked, snapshot(expected))
 
 
 # ---- library backends ------------------------------------------------------------------------

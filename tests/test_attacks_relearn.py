@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from helpers import assert_bit_identical, snapshot, tiny_llama
-from robustunlearn.attacks import LoraOptions, relearn_attack
+from robustunlearn.attacks import AttackContext, LoraOptions, parse_attack, relearn_attack
 from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
+from robustunlearn.core.models import train_tokenizer
+from robustunlearn.data.base import QA, Benchmark
+from robustunlearn.data.collate import collate_records
 
 
 def forget_batches() -> list[TokenBatch]:
@@ -103,3 +106,39 @@ def test_relearning_argument_errors():
         relearn_attack(model, None, forget_batches(), steps=1, optimizer="nope")
     with pytest.raises(ValueError, match="not in the model"):
         relearn_attack(model, None, forget_batches(), steps=1, lora=LoraOptions(target_modules=("c_attn",)))
+
+
+@pytest.mark.parametrize("name, split", [("relearn", "forget_qa"), ("benign-relearn", "retain_qa")])
+def test_the_registry_relearns_on_its_split_in_batches(name, split):
+    qa = {
+        role: [QA(f"Where does {role} person {i} live?", f" In town {i}.") for i in range(5)]
+        for role in ("forget", "retain")
+    }
+    benchmark = Benchmark("tiny", "1", {"forget_qa": qa["forget"], "retain_qa": qa["retain"]})
+    tokenizer = train_tokenizer([record.question + record.answer for records in qa.values() for record in records], 300)
+    model = tiny_llama(vocab_size=len(tokenizer)).eval()
+
+    def probe(evaluated: torch.nn.Module, step: int) -> dict:
+        return {"norm": float(evaluated.lm_head.weight.norm())}
+
+    context = AttackContext(
+        tokenizer,
+        benchmark,
+        seed=4,
+        batch_size=2,
+        relearn_samples=3,
+        relearn_steps=3,
+        relearn_lr=1e-2,
+        relearn_eval_every=2,
+        probe=probe,
+    )
+    attack = parse_attack(name)
+    relearned, curve = attack.run(model, context)
+    records = benchmark.require(split)[:3]
+    batches = [collate_records(tokenizer, records[:2]), collate_records(tokenizer, records[2:])]
+    expected, expected_curve = relearn_attack(
+        model, tokenizer, batches, steps=3, lr=1e-2, eval_fn=probe, eval_every=2, seed=4
+    )
+    assert attack.family == "relearning" and curve == expected_curve
+    assert [entry["step"] for entry in curve] == [0, 2, 3]
+    assert_bit_identical(relearned, snapshot(expected))

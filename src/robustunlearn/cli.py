@@ -1,13 +1,19 @@
 """The ``robustunlearn`` command line: parses, validates, calls the library.
 
-User errors (unknown names, missing paths, bad configs, unwritable outputs) print one line
-``error: ...`` and exit with code 2, without a traceback.
+User errors (unknown names, missing paths, bad configs, unwritable outputs, a directory another
+process is using) print one line ``error: ...`` and exit with code 2, without a traceback, and
+leave behind no directory the command created; a run whose loss became NaN or infinite prints one
+line naming the step and exits with code 3. ``--dry-run`` stops after the checks: it prints the
+validated settings as JSON and writes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,17 +22,22 @@ from rich.console import Console
 from rich.markup import escape
 from typer.exceptions import TyperException
 
+from robustunlearn.attacks import describe_attacks
 from robustunlearn.bench.generation import bench_generation
 from robustunlearn.bench.optimizers import bench_optimizers
-from robustunlearn.config import load_settings
+from robustunlearn.config import RunSettings, check_training_options, load_settings
 from robustunlearn.core.distributed import is_main_process, leave_process_group
 from robustunlearn.core.errors import UserError
-from robustunlearn.core.io import atomic_write_json
+from robustunlearn.core.io import atomic_write_json, missing_directories, remove_empty
+from robustunlearn.core.lock import directory_lock
 from robustunlearn.core.models import check_model_reference
 from robustunlearn.optim import OPTIMIZERS
 from robustunlearn.study.evaluation import evaluate_from_settings, evaluation_table
 from robustunlearn.study.loading import prepare_from_settings, prepare_summary_table
 from robustunlearn.study.pipeline import results_table, run_pipeline, unlearn_only
+from robustunlearn.train.checkpoint import run_state
+from robustunlearn.train.engine import NonFiniteLossError
+from robustunlearn.train.prepare import default_cache_dir
 
 app = typer.Typer(
     help="Robust LLM unlearning: optimizer grades, unlearning objectives, quantization and relearning attacks.",
@@ -49,6 +60,11 @@ BaseModelOption = typer.Option(
     None,
     "--base-model",
     help="Fine-tune this model (dir, .gguf file or hub name) into target and retrain instead of the tiny one.",
+)
+DryRunOption = typer.Option(
+    False,
+    "--dry-run",
+    help="Check the inputs, print the validated settings as JSON and stop: nothing runs or is written.",
 )
 
 
@@ -75,6 +91,21 @@ def _settings(config: Optional[Path], **flat: Any):
     return load_settings(config, nested)
 
 
+def _check_writable(path: Path, what: str = "output directory") -> None:
+    """``UserError`` unless ``path`` is a writable directory or can be created as one; creates nothing."""
+    existing = next(parent for parent in (path.absolute(), *path.absolute().parents) if parent.exists())
+    if not existing.is_dir():
+        raise UserError(f"{what} {path} is not writable: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} is not writable: permission denied on {existing}")
+
+
+def _check_cache_dir(cache_dir: Optional[Path], settings: RunSettings) -> None:
+    """The prepare cache is written when the run starts from the prepared target (no ``--model``)."""
+    if settings.model_path is None:
+        _check_writable(cache_dir or default_cache_dir(), "cache directory")
+
+
 def _writable_dir(path: Path) -> Path:
     """Create ``path`` if needed and prove it is writable, before any work starts."""
     try:
@@ -84,6 +115,25 @@ def _writable_dir(path: Path) -> Path:
     except OSError as error:
         raise UserError(f"output directory {path} is not writable: {error.strerror or error}") from None
     return path
+
+
+@contextlib.contextmanager
+def _output_dir(path: Path, *, lock: bool = True) -> Iterator[Path]:
+    """Create ``path`` and hold its lock (another process using it is an error) for the ``with``
+    block; after a user error, remove the directories this command created if they are empty."""
+    created = missing_directories(path)
+    try:
+        _writable_dir(path)
+        with directory_lock(path) if lock else contextlib.nullcontext():
+            yield path
+    except UserError:
+        remove_empty(created)
+        raise
+
+
+def _print_settings(settings: RunSettings) -> None:
+    """What ``--dry-run`` prints: the settings a run would use, after every check passed."""
+    typer.echo(settings.model_dump_json(indent=2))
 
 
 @app.command()
@@ -96,6 +146,7 @@ def prepare(
     forget_split: Optional[str] = ForgetSplitOption,
     base_model: Optional[str] = BaseModelOption,
     force: bool = typer.Option(False, "--force", help="Rebuild even if a complete cache entry exists."),
+    dry_run: bool = DryRunOption,
 ) -> None:
     """Load or generate the benchmark and train the target (forget + retain) and retrain (retain only) models
     (cached)."""
@@ -108,6 +159,10 @@ def prepare(
     )
     if base_model is not None:
         check_model_reference(base_model)
+    _check_writable(cache_dir or default_cache_dir(), "cache directory")
+    if dry_run:
+        _print_settings(settings)
+        return
     prepared = prepare_from_settings(settings, cache_dir, console=console, force=force)
     Console().print(prepare_summary_table(prepared))
     console.print(f"cached in {prepared.directory}")
@@ -141,8 +196,7 @@ SeedsOption = typer.Option(None, "--seeds", help="Seeds of the grid, comma-separ
 AttacksOption = typer.Option(
     None,
     "--attacks",
-    help="Attack suite, comma-separated: quantization methods, relearn, relearn-lora, benign-relearn, "
-    "noise-<scale>, prune-<sparsity> [default: rtn-int4,relearn].",
+    help=f"Attack suite, comma-separated [default: rtn-int4,relearn]. Attacks: {describe_attacks()}.",
 )
 StepsOption = typer.Option(None, "--steps", help="Each cell's unlearning step budget [default: 150].")
 LrOption = typer.Option(None, "--lr", help="Learning rate for every optimizer [default: each optimizer's tuned lr].")
@@ -173,6 +227,7 @@ def _study(
     data_dir=None,
     forget_split=None,
     base_model=None,
+    dry_run=False,
 ) -> None:
     settings = _settings(
         config,
@@ -188,10 +243,16 @@ def _study(
         study__attacks=_names(attacks),
         study__max_steps=steps,
     )
+    check_training_options(settings, settings.study.objectives, settings.study.optimizers)
     if model is not None:
         check_model_reference(model)
-    _writable_dir(output_dir)
-    results = run_pipeline(settings, output_dir, cache_dir, console=console, lr_sweep=lr_sweep)
+    _check_writable(output_dir)
+    _check_cache_dir(cache_dir, settings)
+    if dry_run:
+        _print_settings(settings)
+        return
+    with _output_dir(output_dir):
+        results = run_pipeline(settings, output_dir, cache_dir, console=console, lr_sweep=lr_sweep)
     # Eight columns of numbers need ~110 characters; pipes and CI logs default to 80 and would truncate.
     Console(width=max(Console().width, 120)).print(results_table(results))
     console.print(f"results, report and plots in {output_dir}")
@@ -210,11 +271,27 @@ def run(
     output_dir: Path = typer.Option(Path("runs/latest"), "--output-dir", help="Where results and the report go."),
     cache_dir: Optional[Path] = CacheOption,
     seed: Optional[int] = SeedOption,
+    dry_run: bool = DryRunOption,
 ) -> None:
     """The main job: prepare, then a small grade study (unlearn each optimizer to matched forgetting,
     attack with 4-bit quantization and relearning); prints a table, writes results.json,
     results.jsonl, report.md/html and plots."""
-    _study(config, benchmark, seed, model, objective, optimizer, None, attacks, steps, lr, output_dir, cache_dir, False)
+    _study(
+        config,
+        benchmark,
+        seed,
+        model,
+        objective,
+        optimizer,
+        None,
+        attacks,
+        steps,
+        lr,
+        output_dir,
+        cache_dir,
+        False,
+        dry_run=dry_run,
+    )
 
 
 @app.command()
@@ -237,6 +314,7 @@ def study(
     base_model: Optional[str] = BaseModelOption,
     cache_dir: Optional[Path] = CacheOption,
     seed: Optional[int] = SeedOption,
+    dry_run: bool = DryRunOption,
 ) -> None:
     """A grid of optimizers x objectives x seeds with the attack suite."""
     _study(
@@ -256,6 +334,7 @@ def study(
         data_dir,
         forget_split,
         base_model,
+        dry_run,
     )
 
 
@@ -310,14 +389,25 @@ def unlearn_command(
     data_dir: Optional[Path] = DataDirOption,
     forget_split: Optional[str] = ForgetSplitOption,
     output_dir: Path = typer.Option(..., "--output-dir", help="Run directory: log.jsonl, checkpoints/, final/."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --output-dir."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the last checkpoint in --output-dir (an error if there is none)."
+    ),
+    resume_if_exists: bool = typer.Option(
+        False, "--resume-if-exists", help="Continue from the last checkpoint if there is one, else start afresh."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start afresh even if --output-dir holds a run (its files are replaced)."
+    ),
     cache_dir: Optional[Path] = CacheOption,
     seed: Optional[int] = SeedOption,
+    dry_run: bool = DryRunOption,
 ) -> None:
     """Unlearn only: leaves the final model in OUTPUT_DIR/final/ (model.safetensors, config, tokenizer, manifest).
     Several processes (torchrun --nproc_per_node N -m robustunlearn.cli unlearn ...) run it data parallel."""
     if steps is not None and epochs is not None:
         raise UserError("give --steps or --epochs, not both")
+    if resume + resume_if_exists + overwrite > 1:
+        raise UserError("give one of --resume, --resume-if-exists and --overwrite")
     settings = _settings(
         config,
         benchmark=benchmark,
@@ -341,13 +431,45 @@ def unlearn_command(
     )
     if lora_alpha is not None and "rank" not in settings.unlearn.lora:
         raise UserError("--lora-alpha needs --lora-rank (or unlearn.lora.rank in the --config recipe)")
+    check_training_options(settings, [settings.unlearn.objective], [settings.unlearn.optimizer])
     if model is not None:
         check_model_reference(model)
-    _writable_dir(output_dir)
-    final_dir = unlearn_only(settings, output_dir, cache_dir, resume=resume, console=console)
+    _check_writable(output_dir)
+    _check_cache_dir(cache_dir, settings)
+    if dry_run:
+        _resumes(output_dir, resume=resume, resume_if_exists=resume_if_exists, overwrite=overwrite)
+        _print_settings(settings)
+        return
+    with _output_dir(output_dir, lock=is_main_process()):  # the other ranks of a launch share rank 0's directory
+        resumes = _resumes(output_dir, resume=resume, resume_if_exists=resume_if_exists, overwrite=overwrite)
+        final_dir = unlearn_only(settings, output_dir, cache_dir, resume=resumes, overwrite=overwrite, console=console)
     if is_main_process():
         console.print(f"final model in {final_dir}")
     leave_process_group()
+
+
+def _resumes(output_dir: Path, *, resume: bool, resume_if_exists: bool, overwrite: bool) -> bool:
+    """Whether ``unlearn`` resumes the run in ``output_dir``: with ``--resume`` (there must be a
+    checkpoint) or ``--resume-if-exists`` (if there is one). A run there that is not resumed is
+    replaced only with ``--overwrite``."""
+    if overwrite:
+        return False
+    state = run_state(output_dir)
+    if (resume or resume_if_exists) and state.checkpoint_step is not None:
+        return True
+    if resume:
+        missing = "does not exist" if not output_dir.exists() else "holds no checkpoint"
+        raise UserError(
+            f"--resume: {output_dir} {missing} to resume from; --resume-if-exists starts afresh when there is none"
+        )
+    if state.finished:
+        raise UserError(f"{output_dir} holds a finished run; pass --overwrite to replace it")
+    if state.checkpoint_step is not None:
+        raise UserError(
+            f"{output_dir} holds an unfinished run (checkpoint of step {state.checkpoint_step}): "
+            "pass --resume to continue it or --overwrite to start afresh"
+        )
+    return False
 
 
 @app.command("eval")
@@ -375,6 +497,7 @@ def eval_command(
     output: Optional[Path] = typer.Option(None, "--output", help="Also write the results to this JSON file."),
     cache_dir: Optional[Path] = CacheOption,
     seed: Optional[int] = SeedOption,
+    dry_run: bool = DryRunOption,
 ) -> None:
     """Evaluate a model: our forget and retain metrics on the benchmark, lm-eval-harness tasks with --lm-eval."""
     tasks = _names(lm_eval) or ()
@@ -394,7 +517,11 @@ def eval_command(
     if output is not None:
         if output.is_dir():
             raise UserError(f"--output {output} is a directory; give a file name")
-        _writable_dir(output.parent)
+        _check_writable(output.parent)
+    _check_cache_dir(cache_dir, settings)
+    if dry_run:
+        _print_settings(settings)
+        return
     report = evaluate_from_settings(
         settings, cache_dir, console=console, metrics=metrics, lm_eval_tasks=tasks, lm_eval_include=lm_eval_include
     )
@@ -443,6 +570,13 @@ def main() -> None:
         # escape: a message like "pip install 'robustunlearn[gguf]'" is not rich markup
         console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True, markup=True)
         sys.exit(2)
+    except NonFiniteLossError as error:
+        console.print(
+            f"[red]error:[/red] the run diverged: {escape(str(error))} (its last checkpoint is kept)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(3)
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except typer.Abort:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from robustunlearn.attacks.quant.core import quantizable_linears
+from robustunlearn.attacks.spec import PERTURBATION, AttackContext, AttackOutcome, AttackSpec, real_number
 
 PRUNE_SCOPES = ("per-layer", "global")
 
@@ -69,3 +70,25 @@ def magnitude_prune_attack(
     for weight, mask in zip(weights, prune.split([w.numel() for w in weights]), strict=True):
         weight.view(-1)[mask.to(weight.device)] = 0
     return pruned
+
+
+def _noise(model: nn.Module, scale: float, context: AttackContext) -> AttackOutcome:
+    return AttackOutcome(gaussian_noise_attack(model, scale, seed=context.seed), None)
+
+
+def _prune(model: nn.Module, sparsity: float, context: AttackContext) -> AttackOutcome:
+    return AttackOutcome(magnitude_prune_attack(model, sparsity), None)
+
+
+SPECS = (
+    AttackSpec(
+        "noise-", PERTURBATION, "Gaussian noise, scale x each weight matrix's RMS", _noise, real_number("scale", 0)
+    ),
+    AttackSpec(
+        "prune-",
+        PERTURBATION,
+        "zero that fraction of each weight matrix, smallest magnitudes first",
+        _prune,
+        real_number("sparsity", 0, 1),  # sparsity 1 would zero every weight: no model left to attack
+    ),
+)

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
+from robustunlearn.attacks.spec import RELEARNING, AttackContext, AttackOutcome, AttackSpec
 from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
 from robustunlearn.core.modules import LoraOptions, add_lora
+from robustunlearn.data.collate import collate_records
 from robustunlearn.optim import build_optimizer
+from robustunlearn.optim.base import make_closure
 
 
 def _token_batches(batches: Sequence[TokenBatch | str], tokenizer: Any) -> list[TokenBatch]:
@@ -42,6 +46,14 @@ def _token_batches(batches: Sequence[TokenBatch | str], tokenizer: Any) -> list[
     if all(bool((batch.labels == IGNORE_INDEX).all()) for batch in result):
         raise ValueError("no batch has a scored token (all labels are IGNORE_INDEX)")
     return result
+
+
+def _causal_lm_loss(model: nn.Module, batch: TokenBatch, losses: list[torch.Tensor], term: str | None) -> torch.Tensor:
+    """The causal-LM loss on ``batch``'s labels (the loss has no terms: ``term`` is None); its
+    value is appended to ``losses``."""
+    loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+    losses.append(loss.detach())
+    return loss
 
 
 def relearn_attack(
@@ -109,25 +121,9 @@ def relearn_attack(
         record(0)
         for step in range(1, steps + 1):
             batch = token_batches[(step - 1) % len(token_batches)].to(device)
-            step_loss: list[torch.Tensor] = []
-
-            def closure(backward: bool = True, *, sample_labels: bool = False, term: str | None = None) -> torch.Tensor:
-                if sample_labels:
-                    raise NotImplementedError("the relearning loss does not sample labels")
-                if term is not None:
-                    raise KeyError(f"the relearning loss has no term {term!r}")
-                if backward:
-                    attacked.zero_grad(set_to_none=True)
-                loss = attacked(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
-                ).loss
-                if backward:
-                    loss.backward()
-                step_loss.append(loss.detach())
-                return loss.detach()
-
-            optim.step(closure)
-            losses.append(float(step_loss[0]))
+            step_losses: list[torch.Tensor] = []  # one per closure call; the first is at the step's weights
+            optim.step(make_closure(attacked, partial(_causal_lm_loss, attacked, batch, step_losses)))
+            losses.append(float(step_losses[0]))
             if step == steps or (eval_every is not None and step % eval_every == 0):
                 record(step)
 
@@ -138,3 +134,43 @@ def relearn_attack(
         parameter.requires_grad_(requires_grad.get(name, True))
     attacked.eval()
     return attacked, curve
+
+
+def _relearn(
+    model: nn.Module, _: None, context: AttackContext, *, split: str, lora: LoraOptions | None
+) -> AttackOutcome:
+    """Relearning on the first ``relearn_samples`` QA pairs of ``split``, probed along the way."""
+    records = context.benchmark.require(f"{split}_qa")[: context.relearn_samples]
+    batches = [
+        collate_records(context.tokenizer, records[i : i + context.batch_size])
+        for i in range(0, len(records), context.batch_size)
+    ]
+    attacked, curve = relearn_attack(
+        model,
+        context.tokenizer,
+        batches,
+        steps=context.relearn_steps,
+        lr=context.relearn_lr,
+        lora=lora,
+        eval_fn=context.probe,
+        eval_every=context.relearn_eval_every,
+        seed=context.seed,
+    )
+    return AttackOutcome(attacked, curve)
+
+
+SPECS = (
+    AttackSpec("relearn", RELEARNING, "fine-tune on forget QA pairs", partial(_relearn, split="forget", lora=None)),
+    AttackSpec(
+        "relearn-lora",
+        RELEARNING,
+        "the same with LoRA adapters",
+        partial(_relearn, split="forget", lora=LoraOptions()),
+    ),
+    AttackSpec(
+        "benign-relearn",
+        RELEARNING,
+        "fine-tune on retain QA pairs",
+        partial(_relearn, split="retain", lora=None),
+    ),
+)

@@ -22,13 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustunlearn.attacks.quant.core import (
-    QuantizedTensor,
-    _check_bits,
-    _work_tensor,
-    group_params,
-    quantize_affine,
-)
+from robustunlearn.attacks.quant.core import QuantizedTensor, check_bits, group_params, quantize_affine, work_tensor
 from robustunlearn.core.batching import TokenBatch
 from robustunlearn.core.modules import decoder_blocks, run_until
 
@@ -56,12 +50,12 @@ def gptq_quantize_weight(
     first column is reached, so the block size is rounded to a multiple of the group size and a
     group never straddles two blocks. Columns that saw no input (H_jj = 0) get H_jj = 1: they
     are rounded without spreading error. Input columns are taken in order (no act-order)."""
-    _check_bits(bits)
+    check_bits(bits)
     if group_size is not None and group_size < 1:
         raise ValueError(f"group_size must be a positive integer or None, got {group_size}")
     if not 0 <= percdamp:
         raise ValueError(f"percdamp must be >= 0, got {percdamp}")
-    w = _work_tensor(weight).clone()
+    w = work_tensor(weight).clone()
     rows, cols = w.shape
     if hessian.shape != (cols, cols):
         raise ValueError(

@@ -1,0 +1,209 @@
+"""Quantizing a whole model (:func:`quantize_model`), the "same bucket" diagnostic
+(:func:`code_agreement`), and the quantization attacks of the registry (``SPECS``). See
+:mod:`robustunlearn.attacks.quant` for the methods."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustunlearn.attacks.quant.backends import backend_dequantizer, backend_name
+from robustunlearn.attacks.quant.core import (
+    FAMILY_BITS,
+    FIXED_METHODS,
+    QuantizationMethod,
+    parse_method,
+    quantizable_linears,
+)
+from robustunlearn.attacks.quant.gptq import gptq_quantize_model
+from robustunlearn.attacks.quant.rtn import TORCH_FAMILIES, tensor_quantizer
+from robustunlearn.attacks.spec import (
+    GPTQ_CALIBRATION_TEXTS,
+    QUANTIZATION,
+    AttackContext,
+    AttackOutcome,
+    AttackSpec,
+    Strength,
+)
+
+
+def _dequantizer(spec: QuantizationMethod, group_size: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    if spec.family in TORCH_FAMILIES:
+        quantize = tensor_quantizer(spec, group_size)
+        return lambda weight: quantize(weight).dequantized
+    return backend_dequantizer(spec, group_size)
+
+
+def quantize_model(
+    model: nn.Module,
+    method: str,
+    *,
+    group_size: int | None = 128,
+    calibration: Sequence[Any] | None = None,
+    tokenizer: Any = None,
+    include_lm_head: bool = False,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Quantize a copy of ``model`` with ``method`` (see the module docstring) and return it with
+    its weights dequantized, plus a report.
+
+    ``group_size`` applies to ``rtn-int{2..7}``, ``gptq-*`` and ``hqq-*`` (``None``: one group per
+    row); the other methods fix their own grouping. ``calibration`` (GPTQ only, required there):
+    ``TokenBatch``es, input-id tensors, or strings with ``tokenizer``; use retain text.
+
+    The report: ``method``, ``backend``, ``bits``, ``group_size``, ``layers`` (weights quantized),
+    ``quantized_params``, ``relative_error`` (‖W - Ŵ‖_F / ‖W‖_F over all of them), ``seconds``.
+    The input model is not modified."""
+    spec = parse_method(method)
+    if spec.family == "gptq" and not calibration:
+        raise ValueError(f"{spec.name!r} needs calibration data (retain text): pass calibration=...")
+    start = time.perf_counter()
+    quantized = copy.deepcopy(model)
+    if spec.family == "gptq":
+        gptq_quantize_model(
+            quantized,
+            calibration,
+            bits=spec.bits,
+            group_size=group_size,
+            tokenizer=tokenizer,
+            include_lm_head=include_lm_head,
+        )
+    else:
+        dequantize = _dequantizer(spec, group_size)
+        with torch.no_grad():
+            for _, linear in quantizable_linears(quantized, include_lm_head):
+                linear.weight.copy_(dequantize(linear.weight))
+
+    before = quantizable_linears(model, include_lm_head)
+    after = quantizable_linears(quantized, include_lm_head)
+    error = norm = 0.0
+    with torch.no_grad():
+        for (_, old), (_, new) in zip(before, after, strict=True):
+            error += float((new.weight.double() - old.weight.double()).pow(2).sum())
+            norm += float(old.weight.double().pow(2).sum())
+    grouped = spec.family in ("gptq", "hqq") or (spec.family == "rtn" and spec.bits < 8)
+    report = {
+        "method": spec.name,
+        "backend": backend_name(spec),
+        "bits": spec.bits,
+        "group_size": group_size if grouped else None,
+        "include_lm_head": include_lm_head,
+        "layers": len(after),
+        "quantized_params": sum(linear.weight.numel() for _, linear in after),
+        "relative_error": math.sqrt(error / norm) if norm > 0 else 0.0,
+        "seconds": time.perf_counter() - start,
+    }
+    if spec.family == "gptq":
+        report["calibration_batches"] = len(calibration)
+    return quantized, report
+
+
+def code_agreement(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    method: str,
+    *,
+    group_size: int | None = 128,
+    calibration: Sequence[Any] | None = None,
+    tokenizer: Any = None,
+    include_lm_head: bool = False,
+) -> float:
+    """The "same bucket" diagnostic: the fraction of quantized weights whose integer code is the
+    same in ``model_a`` and ``model_b`` (1.0: quantization cannot tell them apart; the fraction of
+    codes that unlearning changed is 1 minus this).
+
+    Each model is quantized on its own, with its own scales and zero points, as a user
+    quantizing either checkpoint would (so a code can also change because its group's range
+    did). Methods: ``rtn-*``, ``nf4``, ``fp4`` and ``gptq-*`` (each model then runs its own GPTQ
+    on ``calibration``); library backends do not expose comparable codes."""
+    spec = parse_method(method)
+    if spec.family == "gptq":
+        if not calibration:
+            raise ValueError(f"{spec.name!r} needs calibration data: pass calibration=...")
+
+        def gptq_codes(model: nn.Module) -> dict[str, torch.Tensor]:
+            return gptq_quantize_model(
+                copy.deepcopy(model),
+                calibration,
+                bits=spec.bits,
+                group_size=group_size,
+                tokenizer=tokenizer,
+                include_lm_head=include_lm_head,
+            )
+
+        codes_a, codes_b = gptq_codes(model_a), gptq_codes(model_b)
+        pairs = [(codes_a[name], codes_b.get(name)) for name in codes_a]
+    else:
+        if spec.family not in TORCH_FAMILIES:
+            raise ValueError(f"code_agreement supports rtn-*, nf4, fp4 and gptq-*, not {spec.name!r}")
+        quantize = tensor_quantizer(spec, group_size)
+        linears_b = dict(quantizable_linears(model_b, include_lm_head))
+        pairs = []
+        for name, linear in quantizable_linears(model_a, include_lm_head):
+            other = linears_b.get(name)
+            pairs.append((quantize(linear.weight).codes, None if other is None else quantize(other.weight).codes))
+    same = total = 0
+    for codes_a_layer, codes_b_layer in pairs:
+        if codes_b_layer is None or codes_a_layer.shape != codes_b_layer.shape:
+            raise ValueError("model_a and model_b must have the same architecture (quantized layers differ)")
+        same += int((codes_a_layer == codes_b_layer.to(codes_a_layer.device)).sum())
+        total += codes_a_layer.numel()
+    return same / total
+
+
+def _quantize(model: nn.Module, method: QuantizationMethod, context: AttackContext) -> AttackOutcome:
+    """The attack: ``method`` with its default grouping; GPTQ calibrates on the context's retain text."""
+    calibration = context.calibration if method.family == "gptq" else None
+    quantized, _ = quantize_model(model, method.name, calibration=calibration, tokenizer=context.tokenizer)
+    return AttackOutcome(quantized, None)
+
+
+def _quantize_fixed(model: nn.Module, _: None, context: AttackContext, *, method: QuantizationMethod) -> AttackOutcome:
+    """The attack of a method named without a strength (``nf4``, ``bnb-int8``, ...)."""
+    return _quantize(model, method, context)
+
+
+def _bits(family: str, accepted: Sequence[int]) -> Strength:
+    """The bit width of ``<family>-int<bits>``, parsed into its method."""
+
+    def method(text: str) -> QuantizationMethod:
+        if text not in [str(bits) for bits in accepted]:
+            raise ValueError(f"{family} has no {text}-bit method")
+        return parse_method(f"{family}-int{text}")
+
+    if list(accepted) == list(range(accepted[0], accepted[-1] + 1)):
+        rule = f"{accepted[0]} <= bits <= {accepted[-1]}"
+    else:
+        rule = f"bits in {{{','.join(map(str, accepted))}}}"
+    return Strength("bits", rule, method)
+
+
+_DESCRIPTIONS = {  # a family of "<family>-int<bits>" methods, or a fixed method -> its help text
+    "rtn": "round-to-nearest (int8: per row; below: per 128 columns)",
+    "gptq": f"GPTQ, per 128 columns, calibrated on {GPTQ_CALIBRATION_TEXTS} retain passages",
+    "quanto": "optimum-quanto",
+    "hqq": "HQQ, per 128 columns",
+    "nf4": "bitsandbytes' NF4 code book, emulated",
+    "fp4": "bitsandbytes' FP4 code book, emulated",
+    "torchao-int8": "torchao int8 weight-only",
+    "bnb-nf4": "bitsandbytes NF4",
+    "bnb-fp4": "bitsandbytes FP4",
+    "bnb-int8": "bitsandbytes LLM.int8 weights",
+}
+
+SPECS = (
+    *(
+        AttackSpec(f"{family}-int", QUANTIZATION, _DESCRIPTIONS[family], _quantize, _bits(family, bits))
+        for family, bits in FAMILY_BITS.items()
+    ),
+    *(
+        AttackSpec(name, QUANTIZATION, _DESCRIPTIONS[name], partial(_quantize_fixed, method=parse_method(name)))
+        for name in FIXED_METHODS
+    ),
+)

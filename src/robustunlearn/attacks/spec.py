@@ -1,0 +1,148 @@
+"""What an attack is to the study: an :class:`AttackSpec` gives its name, the family its rows
+belong to, the strength its name may carry (``noise-0.01``: scale 0.01), a line of help, and how
+to run it on a model with what the study provides (an :class:`AttackContext`).
+
+:mod:`robustunlearn.attacks.registry` collects the specs of the attack modules, parses names
+(:func:`~robustunlearn.attacks.registry.parse_attack`, which the config validates with before any
+training) and lists them for ``--help``.
+
+To add an attack:
+
+1. write it as a function in its module (it returns a new model and leaves its input untouched);
+2. next to it, add an ``AttackSpec`` to the module's ``SPECS`` tuple, e.g.::
+
+       def _noise(model, scale: float, context: AttackContext) -> AttackOutcome:
+           return AttackOutcome(gaussian_noise_attack(model, scale, seed=context.seed), None)
+
+       SPECS = (AttackSpec("noise-", PERTURBATION, "Gaussian weight noise", _noise, real_number("scale", 0)),)
+
+   A name without a strength is matched exactly; with one, the name is the prefix and the rest of
+   the attack name is the strength's text. What the attack needs from the study comes from the
+   context; a new need is a new :class:`AttackContext` field, filled in ``study/grid.py``;
+3. for a new module, add its ``SPECS`` to ``ATTACK_SPECS`` in :mod:`robustunlearn.attacks.registry`;
+4. test that the registry runs the attack as calling the function directly does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from robustunlearn.data.base import Benchmark
+from robustunlearn.data.collate import collate_records
+
+QUANTIZATION = "quantization"
+RELEARNING = "relearning"
+PERTURBATION = "perturbation"
+FAMILIES = (QUANTIZATION, RELEARNING, PERTURBATION)  # the report groups attack rows by these
+
+GPTQ_CALIBRATION_TEXTS = 16  # retain passages GPTQ calibrates on
+
+
+@dataclass(frozen=True)
+class AttackContext:
+    """What attacks need from the study.
+
+    ``batch_size`` and the ``relearn_*`` options are the relearning attacks' (forget or retain QA
+    pairs, batch size, steps, learning rate, steps between probes); ``probe(model, step)`` is the
+    forget-level evaluation recorded along a relearning curve; ``seed`` seeds relearning and noise."""
+
+    tokenizer: Any
+    benchmark: Benchmark
+    seed: int
+    batch_size: int
+    relearn_samples: int
+    relearn_steps: int
+    relearn_lr: float
+    relearn_eval_every: int
+    probe: Callable[[nn.Module, int], dict[str, Any]] | None = None
+
+    @cached_property
+    def calibration(self) -> list[torch.Tensor]:
+        """GPTQ's calibration data: the first GPTQ_CALIBRATION_TEXTS retain passages as one batch of
+        input ids (built on first use: benchmarks without retain text can run every other attack)."""
+        texts = self.benchmark.get("retain_text")[:GPTQ_CALIBRATION_TEXTS]
+        return [collate_records(self.tokenizer, texts).input_ids]
+
+
+class AttackOutcome(NamedTuple):
+    """The attacked model, and the attack's curve (relearning's, one dict per probe) or None."""
+
+    model: nn.Module
+    curve: list[dict[str, Any]] | None
+
+
+@dataclass(frozen=True)
+class Strength:
+    """The typed parameter an attack name carries after its prefix."""
+
+    label: str  # the form shows it as <label>: "noise-<scale>"
+    rule: str  # the values it accepts, in words: "scale >= 0"
+    parse: Callable[[str], Any]  # the text -> the value; ValueError outside ``rule``
+
+
+def real_number(label: str, low: float, high: float | None = None) -> Strength:
+    """A strength written as a number in [low, high) ([low, ∞) without ``high``)."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not low <= value < (math.inf if high is None else high):  # also rejects nan and inf
+            raise ValueError(f"{label} {text} is out of range")
+        return value
+
+    rule = f"{label} >= {low:g}" if high is None else f"{low:g} <= {label} < {high:g}"
+    return Strength(label, rule, parse)
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack, or a family of them with a strength (``noise-<scale>``).
+
+    ``run(model, strength, context)`` returns an :class:`AttackOutcome` and leaves ``model``
+    untouched; ``strength`` is the parsed :class:`Strength` value, or None for a spec without one."""
+
+    name: str  # the attack's name; with a strength, the prefix before it ("noise-")
+    family: str  # one of FAMILIES
+    description: str  # a few words for --help
+    run: Callable[[nn.Module, Any, AttackContext], AttackOutcome]
+    strength: Strength | None = None
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"attack {self.name!r}: family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+
+    @property
+    def form(self) -> str:
+        """How its names are written: ``relearn``, ``noise-<scale>``."""
+        return self.name if self.strength is None else f"{self.name}<{self.strength.label}>"
+
+    @property
+    def usage(self) -> str:
+        """The form with the strength's rule: ``noise-<scale> (scale >= 0)``."""
+        return self.form if self.strength is None else f"{self.form} ({self.strength.rule})"
+
+    def matches(self, name: str) -> bool:
+        """Whether ``name`` is written in this spec's form (its strength may still be invalid)."""
+        return name == self.name if self.strength is None else name.startswith(self.name)
+
+
+@dataclass(frozen=True)
+class ParsedAttack:
+    """An attack name resolved to its spec and its strength's value (None without one)."""
+
+    name: str
+    spec: AttackSpec
+    strength: Any
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    def run(self, model: nn.Module, context: AttackContext) -> AttackOutcome:
+        return self.spec.run(model, self.strength, context)
