@@ -5,61 +5,50 @@ from __future__ import annotations
 import base64
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from robustunlearn.study.report import read_results, write_report
+from robustunlearn.study.rows import Landscape, References, ResultRow, RowCell, UnlearningCost, write_results_jsonl
 
 TARGET = {"forget_qa_rouge": 0.8, "retain_qa_rouge": 0.9}
 RETRAIN = {"forget_qa_rouge": 0.15, "retain_qa_rouge": 0.88}
 FAMILIES = {"none": "none", "rtn-int4": "quantization", "relearn": "relearning"}
 
 
-def row(optimizer: str, grade: str, attack: str, forget: float, unlearned: float, *, seed: int = 0, landscape=None):
+def row(
+    optimizer: str, grade: str, attack: str, forget: float, unlearned: float, *, seed: int = 0, landscape=None
+) -> ResultRow:
     curve = None
     if attack == "relearn":
         curve = [{"step": 0, "forget_qa_rouge": unlearned}, {"step": 10, "forget_qa_rouge": forget}]
-    return {
-        "cell": {
-            "benchmark": "synthetic",
-            "objective": "npo",
-            "optimizer": optimizer,
-            "grade": grade,
-            "seed": seed,
-            "lr": 1e-4,
-        },
-        "attack": attack,
-        "attack_family": FAMILIES[attack],
-        "forget": {"forget_qa_rouge": forget, "forget_qa_accuracy": forget / 2},
-        "utility": {"retain_qa_rouge": 0.85 if attack == "none" else 0.8, "utility_perplexity": 12.0},
-        "reference": {
-            "target": TARGET,
-            "unlearned": {"forget_qa_rouge": unlearned, "retain_qa_rouge": 0.85},
-            "retrain": RETRAIN,
-        },
-        "primary_metric": "forget_qa_rouge",
-        "scores": {},
-        "curve": curve,
-        "cost": {
-            "steps": 40,
-            "forward_passes": 80,
-            "backward_passes": 40,
-            "seconds": 3.5,
-            "reached_level": True,
-            "target_level": 0.2,
-        },
-        "landscape": landscape,
-    }
+    return ResultRow(
+        cell=RowCell(benchmark="synthetic", objective="npo", optimizer=optimizer, grade=grade, seed=seed, lr=1e-4),
+        attack=attack,
+        attack_family=FAMILIES[attack],
+        forget={"forget_qa_rouge": forget, "forget_qa_accuracy": forget / 2},
+        utility={"retain_qa_rouge": 0.85 if attack == "none" else 0.8, "utility_perplexity": 12.0},
+        reference=References(
+            target=TARGET, unlearned={"forget_qa_rouge": unlearned, "retain_qa_rouge": 0.85}, retrain=RETRAIN
+        ),
+        primary_metric="forget_qa_rouge",
+        cost=UnlearningCost(
+            steps=40, forward_passes=80, backward_passes=40, seconds=3.5, reached_level=True, target_level=0.2
+        ),
+        curve=curve,
+        landscape=landscape,
+    )
 
 
-LMC = {
-    "pair": "adam-vs-zo-sgd",
-    "lmc": [{"alpha": a, "forget_qa_rouge": 0.2 + 0.4 * a * (1 - a), "retain_qa_rouge": 0.85} for a in (0.0, 0.5, 1.0)],
-    "sharpness_loss": "forget_qa_loss",
-    "sharpness": [{"scale": 0.01, "mean_loss_increase": 0.00123, "std": 0.0004}],
-}
+LMC = Landscape(
+    pair="adam-vs-zo-sgd",
+    lmc=[{"alpha": a, "forget_qa_rouge": 0.2 + 0.4 * a * (1 - a), "retain_qa_rouge": 0.85} for a in (0.0, 0.5, 1.0)],
+    sharpness_loss="forget_qa_loss",
+    sharpness=[{"scale": 0.01, "mean_loss_increase": 0.00123, "std": 0.0004}],
+)
 
 # Recovery ratios (F_attacked - F_unlearned) / (F_target - F_unlearned), target 0.8:
 #   adam (unlearned 0.2):   rtn-int4 0.5 -> 0.3/0.6 = 0.500, relearn 0.65 -> 0.45/0.6 = 0.750
@@ -74,8 +63,8 @@ ROWS = [
 ]
 
 
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+def write_jsonl(path: Path, rows: list[ResultRow]) -> Path:
+    write_results_jsonl(path, rows)
     return path
 
 
@@ -176,14 +165,16 @@ def test_means_over_seeds_and_skipped_plots(tmp_path):
     assert "Loss landscape" not in markdown
 
 
-ACCURACY_ROW = {
-    **ROWS[1],
-    "primary_metric": "forget_qa_accuracy",
-    "reference": {
-        "target": {**TARGET, "forget_qa_accuracy": 0.7},
-        "unlearned": {"forget_qa_accuracy": 0.1, "retain_qa_rouge": 0.85},
-    },
-}
+ACCURACY_ROW = replace(
+    ROWS[1],
+    primary_metric="forget_qa_accuracy",
+    reference=References(
+        target={**TARGET, "forget_qa_accuracy": 0.7},
+        unlearned={"forget_qa_accuracy": 0.1, "retain_qa_rouge": 0.85},
+        retrain=None,
+    ),
+)
+FIRST, SECOND = ROWS[0].to_json(), ROWS[1].to_json()
 
 
 @pytest.mark.parametrize(
@@ -191,15 +182,18 @@ ACCURACY_ROW = {
     [
         ("", "holds no result rows"),
         ("\n  \n", "holds no result rows"),
-        (json.dumps(ROWS[0]) + "\n{not json\n", r"results.jsonl:2: not valid JSON"),
+        (json.dumps(FIRST) + "\n{not json\n", r"results.jsonl:2: not valid JSON"),
         ("[1, 2]\n", r"results.jsonl:1: expected a JSON object"),
         (
-            json.dumps(ROWS[0]) + "\n\n" + json.dumps({k: v for k, v in ROWS[1].items() if k != "forget"}),
+            json.dumps(FIRST) + "\n\n" + json.dumps({k: v for k, v in SECOND.items() if k != "forget"}),
             r"results.jsonl:3: .*lacks forget",
         ),
-        (json.dumps({**ROWS[0], "cell": {"optimizer": "adam"}}), r"results.jsonl:1: .*cell.benchmark"),
-        (json.dumps({**ROWS[0], "primary_metric": "forget_mcq_accuracy"}), r"results.jsonl:1: .*'forget_mcq_accuracy'"),
-        (json.dumps(ROWS[0]) + "\n" + json.dumps(ACCURACY_ROW), r"results.jsonl:2: scored on 'forget_qa_accuracy'"),
+        (json.dumps({**FIRST, "cell": {"optimizer": "adam"}}), r"results.jsonl:1: .*cell.benchmark"),
+        (json.dumps({**FIRST, "primary_metric": "forget_mcq_accuracy"}), r"results.jsonl:1: .*'forget_mcq_accuracy'"),
+        (
+            json.dumps(FIRST) + "\n" + json.dumps(ACCURACY_ROW.to_json()),
+            r"results.jsonl:2: scored on 'forget_qa_accuracy'",
+        ),
     ],
 )
 def test_bad_input_names_the_line(tmp_path, content, message):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
+from robustunlearn.study.rows import References, ResultRow, RowCell, UnlearningCost
 from robustunlearn.study.scores import (
     attack_scores,
     recovery_ratio,
@@ -17,27 +20,27 @@ TARGET = {"forget_qa_rouge": 0.9, "retain_qa_rouge": 0.95, "utility_perplexity":
 UNLEARNED = {"forget_qa_rouge": 0.1, "retain_qa_rouge": 0.8, "utility_perplexity": 12.0}
 
 
+COST = UnlearningCost(
+    steps=100, forward_passes=200, backward_passes=100, seconds=10.0, reached_level=True, target_level=0.2
+)
+
+
 def row(
-    attack: str, forget: float, *, optimizer: str = "adam", seed: int = 0, utility: float = 0.7, curve=None, cost=None
-):
-    return {
-        "cell": {
-            "benchmark": "synthetic",
-            "objective": "npo",
-            "optimizer": optimizer,
-            "grade": "first-order",
-            "seed": seed,
-            "lr": 1e-3,
-        },
-        "attack": attack,
-        "attack_family": "none" if attack == "none" else "quantization",
-        "forget": {"forget_qa_rouge": forget, "forget_qa_accuracy": 0.0},
-        "utility": {"retain_qa_rouge": utility, "utility_perplexity": 15.0},
-        "reference": {"target": TARGET, "unlearned": UNLEARNED, "retrain": None},
-        "primary_metric": "forget_qa_rouge",
-        "curve": curve,
-        "cost": cost,
-    }
+    attack: str, forget: float, *, optimizer: str = "adam", seed: int = 0, utility: float = 0.7, curve=None, cost=COST
+) -> ResultRow:
+    return ResultRow(
+        cell=RowCell(
+            benchmark="synthetic", objective="npo", optimizer=optimizer, grade="first-order", seed=seed, lr=1e-3
+        ),
+        attack=attack,
+        attack_family="none" if attack == "none" else "quantization",
+        forget={"forget_qa_rouge": forget, "forget_qa_accuracy": 0.0},
+        utility={"retain_qa_rouge": utility, "utility_perplexity": 15.0},
+        reference=References(target=TARGET, unlearned=UNLEARNED, retrain=None),
+        primary_metric="forget_qa_rouge",
+        cost=cost,
+        curve=curve,
+    )
 
 
 def test_retained_fraction_and_recovery_ratio():
@@ -76,21 +79,19 @@ def test_attack_scores_of_one_row():
 
 
 def test_utility_drop_is_positive_when_perplexity_rises():
-    only_perplexity = row("nf4", 0.2)
-    only_perplexity["utility"] = {"utility_perplexity": 15.0}
+    only_perplexity = replace(row("nf4", 0.2), utility={"utility_perplexity": 15.0})
     scores = attack_scores(only_perplexity)
     assert scores["utility_metric"] == "utility_perplexity"
     assert scores["utility_drop"] == pytest.approx(3.0)  # 15 after vs 12 unlearned
 
 
 def test_attack_scores_names_what_is_missing():
-    broken = row("nf4", 0.2)
-    broken["primary_metric"] = "forget_mcq_accuracy"
+    broken = replace(row("nf4", 0.2), primary_metric="forget_mcq_accuracy")
     with pytest.raises(ValueError, match="forget_mcq_accuracy"):
         attack_scores(broken)
-    del broken["reference"]
+    without_reference = {key: value for key, value in broken.to_json().items() if key != "reference"}
     with pytest.raises(ValueError, match="reference"):
-        attack_scores(broken)
+        ResultRow.from_json(without_reference)  # a row without references cannot even be read
 
 
 def test_worst_case_skips_the_unattacked_row():
@@ -108,14 +109,14 @@ def test_worst_case_skips_the_unattacked_row():
 
 
 def test_summarise_cells_then_means_over_seeds():
-    cost = {"steps": 100, "seconds": 10.0, "reached_level": True}
+    longer = replace(COST, steps=200, reached_level=False)
     rows = [
-        row("none", 0.1, seed=0, cost=cost),
-        row("rtn-int4", 0.3, seed=0, cost=cost),
-        row("none", 0.1, seed=1, cost={**cost, "steps": 200, "reached_level": False}),
-        row("rtn-int4", 0.5, seed=1, cost={**cost, "steps": 200, "reached_level": False}),
-        row("none", 0.1, optimizer="zo-sgd", cost=cost),
-        row("rtn-int4", 0.2, optimizer="zo-sgd", cost=cost),
+        row("none", 0.1, seed=0),
+        row("rtn-int4", 0.3, seed=0),
+        row("none", 0.1, seed=1, cost=longer),
+        row("rtn-int4", 0.5, seed=1, cost=longer),
+        row("none", 0.1, optimizer="zo-sgd"),
+        row("rtn-int4", 0.2, optimizer="zo-sgd"),
     ]
     summaries = summarise(rows)
     assert [(s["kind"], s["optimizer"], s["seed"]) for s in summaries] == [
@@ -135,7 +136,11 @@ def test_summarise_cells_then_means_over_seeds():
     assert adam["attacks"]["rtn-int4"]["recovery_ratio"] == pytest.approx(0.375)
     assert adam["std"]["attacks"]["rtn-int4"]["recovery_ratio"] == pytest.approx(0.125 * 2**0.5)
     assert adam["worst"]["forget"] == pytest.approx(0.4)
-    assert adam["cost"] == {"steps": 150.0, "seconds": 10.0, "reached_level": 0.5}
+    assert {key: adam["cost"][key] for key in ("steps", "seconds", "reached_level")} == {
+        "steps": 150.0,
+        "seconds": 10.0,
+        "reached_level": 0.5,
+    }
     assert zo["attacks"]["rtn-int4"]["recovery_ratio"] == pytest.approx(0.125)
     assert zo["std"]["attacks"]["rtn-int4"]["recovery_ratio"] is None  # one seed
     with pytest.raises(ValueError, match="no result rows"):

@@ -11,6 +11,7 @@ import robustunlearn.study.grid as study_module
 from robustunlearn.config import learning_rate, load_settings, objective_options, optimizer_options
 from robustunlearn.optim import OPTIMIZERS
 from robustunlearn.study.grid import sweep_learning_rates
+from robustunlearn.study.rows import References, ResultRow, RowCell, UnlearningCost
 
 
 def fake_cell_results(outcomes):
@@ -20,12 +21,20 @@ def fake_cell_results(outcomes):
     def run_cell(cell, *args, **kwargs):
         calls.append((cell.optimizer, cell.lr, kwargs))
         reached, forget, utility = outcomes[(cell.optimizer, round(cell.lr, 12))]
+        metrics = {"forget_qa_rouge": forget, "retain_qa_rouge": utility}
         return [
-            {
-                "cost": {"reached_level": reached},
-                "forget": {"forget_qa_rouge": forget},
-                "utility": {"retain_qa_rouge": utility},
-            }
+            ResultRow(
+                cell=RowCell(**cell.as_dict()),
+                attack="none",
+                attack_family="none",
+                forget={"forget_qa_rouge": forget},
+                utility={"retain_qa_rouge": utility},
+                reference=References(target=metrics, unlearned=metrics, retrain=None),
+                primary_metric="forget_qa_rouge",
+                cost=UnlearningCost(
+                    steps=1, forward_passes=1, backward_passes=1, seconds=0.1, reached_level=reached, target_level=0.1
+                ),
+            )
         ]
 
     return run_cell, calls

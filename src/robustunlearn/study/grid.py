@@ -17,33 +17,35 @@ import copy
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from robustunlearn.attacks import (
-    QUANTIZATION_METHODS,
-    gaussian_noise_attack,
-    magnitude_prune_attack,
-    quantize_model,
-    relearn_attack,
-)
+from robustunlearn.attacks import AttackContext, parse_attack
 from robustunlearn.config import RunSettings, StudySettings, learning_rate, sweep_base, unlearn_settings
-from robustunlearn.core.io import atomic_write, atomic_write_json, atomic_write_text
+from robustunlearn.core.io import atomic_write, atomic_write_json
 from robustunlearn.core.models import DTYPES, load_model
-from robustunlearn.core.modules import LoraOptions, load_weights, save_trainable_weights
+from robustunlearn.core.modules import load_weights, save_trainable_weights
 from robustunlearn.data.base import Benchmark
-from robustunlearn.data.collate import collate_records
 from robustunlearn.metrics import qa_answer_nll
-from robustunlearn.metrics.suite import UTILITY_METRIC, evaluate_model, tofu_scores
+from robustunlearn.metrics.suite import METRICS, UTILITY_METRIC, evaluate_model, tofu_scores
 from robustunlearn.optim import OPTIMIZERS
 from robustunlearn.study.landscape import linear_interpolation, sharpness
 from robustunlearn.study.loading import load_target
 from robustunlearn.study.report import write_report
+from robustunlearn.study.rows import (
+    Landscape,
+    References,
+    ResultRow,
+    RowCell,
+    UnlearningCost,
+    read_cell_rows,
+    write_cell_rows,
+    write_results_jsonl,
+)
 from robustunlearn.study.scores import attack_scores
 from robustunlearn.train.engine import unlearn
 
-QUANTIZATION_FAMILY = "quantization"
 UNLEARNED_WEIGHTS = "unlearned.safetensors"  # a cell's unlearned weights, kept for the LMC curves
 LANDSCAPE_EXAMPLES = 128  # QA pairs per role the landscape losses average over
 SHARPNESS_SCALES = (0.01, 0.03, 0.1)  # Gaussian weight noise, as fractions of each matrix's RMS
@@ -107,7 +109,7 @@ def cell_sharpness(model, tokenizer, benchmark: Benchmark, seed: int) -> dict[st
 
 
 def add_lmc_curves(
-    finished: Sequence[tuple[Cell, list[dict[str, Any]]]],
+    finished: Sequence[tuple[Cell, list[ResultRow]]],
     target,
     tokenizer,
     benchmark: Benchmark,
@@ -136,61 +138,40 @@ def add_lmc_curves(
     loaded_anchors: dict[Cell, Any] = {}  # each anchor is one end of several curves: load it once
     for cell, rows in finished:
         anchor = anchors.get((cell.objective, cell.seed))
-        landscape = rows[0].get("landscape")
-        if anchor is None or anchor == cell or not isinstance(landscape, dict) or "lmc" in landscape:
+        landscape = rows[0].landscape
+        if anchor is None or anchor == cell or landscape is None or landscape.lmc is not None:
             continue
         if not all((output_dir / "cells" / c.name / UNLEARNED_WEIGHTS).is_file() for c in (anchor, cell)):
             continue  # a cell finished before weights were kept: no curve rather than a failed study
         if anchor not in loaded_anchors:
             loaded_anchors[anchor] = unlearned(anchor)
         pair = f"{anchor.optimizer}-vs-{cell.optimizer}"
-        landscape = {
-            **landscape,
-            "pair": pair if len(study.objectives) == 1 else f"{cell.objective}: {pair}",
-            "lmc": linear_interpolation(loaded_anchors[anchor], unlearned(cell), evaluate, points=study.lmc_points),
-        }
+        landscape = replace(
+            landscape,
+            pair=pair if len(study.objectives) == 1 else f"{cell.objective}: {pair}",
+            lmc=linear_interpolation(loaded_anchors[anchor], unlearned(cell), evaluate, points=study.lmc_points),
+        )
         for row in rows:
-            row["landscape"] = landscape
-        atomic_write_json(output_dir / "cells" / cell.name / "rows.json", rows)
+            row.landscape = landscape
+        write_cell_rows(output_dir / "cells" / cell.name / "rows.json", rows)
 
 
-def run_attack(name: str, model, tokenizer, benchmark: Benchmark, settings: RunSettings, study: StudySettings, probe):
-    """Apply one attack of the suite; returns (attacked model, family, curve or None)."""
-
-    if name in QUANTIZATION_METHODS:
-        calibration = None
-        if name.startswith("gptq"):
-            calibration = [collate_records(tokenizer, benchmark.get("retain_text")[:16]).input_ids]
-        attacked, _ = quantize_model(model, name, calibration=calibration, tokenizer=tokenizer)
-        return attacked, QUANTIZATION_FAMILY, None
-    if name in ("relearn", "relearn-lora", "benign-relearn"):
-        split = "retain" if name == "benign-relearn" else "forget"
-        records = benchmark.require(f"{split}_qa")[: study.relearn_samples]
-        batches = [
-            collate_records(tokenizer, records[i : i + settings.unlearn.batch_size])
-            for i in range(0, len(records), settings.unlearn.batch_size)
-        ]
-        attacked, curve = relearn_attack(
-            model,
-            tokenizer,
-            batches,
-            steps=study.relearn_steps,
-            lr=study.relearn_lr,
-            lora=LoraOptions() if name == "relearn-lora" else None,
-            eval_fn=probe,
-            eval_every=study.relearn_eval_every,
-            seed=settings.seed,
-        )
-        return attacked, "relearning", curve
-    if name.startswith("noise-"):
-        return (
-            gaussian_noise_attack(model, float(name.removeprefix("noise-")), seed=settings.seed),
-            "perturbation",
-            None,
-        )
-    if name.startswith("prune-"):
-        return magnitude_prune_attack(model, float(name.removeprefix("prune-"))), "perturbation", None
-    raise ValueError(f"unknown attack {name!r}")
+def attack_context(
+    tokenizer, benchmark: Benchmark, settings: RunSettings, study: StudySettings, probe
+) -> AttackContext:
+    """What the attack suite needs from the study: relearning batches of the unlearning's batch size,
+    the study's relearning options and ``probe`` along the relearning curves."""
+    return AttackContext(
+        tokenizer,
+        benchmark,
+        seed=settings.seed,
+        batch_size=settings.unlearn.batch_size,
+        relearn_samples=study.relearn_samples,
+        relearn_steps=study.relearn_steps,
+        relearn_lr=study.relearn_lr,
+        relearn_eval_every=study.relearn_eval_every,
+        probe=probe,
+    )
 
 
 def run_cell(
@@ -205,7 +186,7 @@ def run_cell(
     console=None,
     attacks: bool = True,
     landscape: bool = True,
-) -> list[dict[str, Any]]:
+) -> list[ResultRow]:
     """Unlearn one cell to the matched level, evaluate it, run the attack suite; return its rows.
     With ``landscape`` (and ``study.landscape``, not under LoRA) the rows carry the model's
     sharpness and its weights are kept in ``directory``/UNLEARNED_WEIGHTS for :func:`add_lmc_curves`."""
@@ -235,45 +216,46 @@ def run_cell(
     outcome = unlearn(
         model, tokenizer, benchmark, config, directory / "unlearn", evaluate=probe, should_stop=reached, console=console
     )
-    cost = {
-        "steps": outcome.steps_done,
-        "forward_passes": outcome.passes["forward"],
-        "backward_passes": outcome.passes["backward"],
-        "seconds": round(time.perf_counter() - started, 2),
-        "reached_level": outcome.stopped_early is not None,
-        "target_level": target_level,
-    }
+    cost = UnlearningCost(
+        steps=outcome.steps_done,
+        forward_passes=outcome.passes["forward"],
+        backward_passes=outcome.passes["backward"],
+        seconds=round(time.perf_counter() - started, 2),
+        reached_level=outcome.stopped_early is not None,
+        target_level=target_level,
+    )
     unlearned = evaluate_model(model, tokenizer, benchmark, settings.eval)
     cell_landscape = None
     if landscape and study.landscape and settings.unlearn.lora is None:
-        cell_landscape = cell_sharpness(model, tokenizer, benchmark, cell.seed)
+        cell_landscape = Landscape(**cell_sharpness(model, tokenizer, benchmark, cell.seed))
         atomic_write(directory / UNLEARNED_WEIGHTS, lambda path: save_trainable_weights(model, path))
-    reference = {"target": references["target"], "unlearned": unlearned, "retrain": retrain}
+    reference = References(target=references["target"], unlearned=unlearned, retrain=retrain)
     retrain_ratios = (references.get("tofu_retrain") or {}).get("forget_truth_ratios")
 
-    def row(attack: str, family: str, attacked_model, scores: dict[str, float], curve=None) -> dict[str, Any]:
-        entry = {
-            "cell": cell.as_dict(),
-            "attack": attack,
-            "attack_family": family,
-            "forget": {k: v for k, v in scores.items() if k.startswith("forget_")},
-            "utility": {k: v for k, v in scores.items() if not k.startswith("forget_")},
-            "reference": reference,
-            "primary_metric": metric,
-            "curve": curve,
-            "cost": cost,
-            "landscape": cell_landscape,
-        }
-        entry["scores"] = attack_scores(entry)
-        tofu = tofu_scores(attacked_model, tokenizer, benchmark, settings.eval, retrain_ratios)
-        if tofu is not None:
-            entry["tofu"] = tofu
+    def row(attack: str, family: str, attacked_model, metrics: dict[str, float], curve=None) -> ResultRow:
+        entry = ResultRow(
+            cell=RowCell(**cell.as_dict()),
+            attack=attack,
+            attack_family=family,
+            forget={k: v for k, v in metrics.items() if METRICS[k].forget},
+            utility={k: v for k, v in metrics.items() if not METRICS[k].forget},
+            reference=reference,
+            primary_metric=metric,
+            cost=cost,
+            curve=curve,
+            landscape=cell_landscape,
+        )
+        entry.scores = attack_scores(entry)
+        entry.tofu = tofu_scores(attacked_model, tokenizer, benchmark, settings.eval, retrain_ratios)
         return entry
 
     rows = [row("none", "none", model, unlearned)]
-    for attack in study.attacks if attacks else ():
-        attacked, family, curve = run_attack(attack, model, tokenizer, benchmark, settings, study, probe)
-        rows.append(row(attack, family, attacked, evaluate_model(attacked, tokenizer, benchmark, settings.eval), curve))
+    context = attack_context(tokenizer, benchmark, settings, study, probe)
+    for name in study.attacks if attacks else ():
+        attack = parse_attack(name)
+        attacked, curve = attack.run(model, context)
+        scores = evaluate_model(attacked, tokenizer, benchmark, settings.eval)
+        rows.append(row(name, attack.family, attacked, scores, curve))
     return rows
 
 
@@ -324,18 +306,16 @@ def sweep_learning_rates(
                 attacks=False,
                 landscape=False,
             )
-            utility = row["utility"][UTILITY_METRIC]
-            candidates.append(
-                (row["cost"]["reached_level"], utility, utility - row["forget"][study.level_metric], cell.lr)
-            )
+            utility = row.utility[UTILITY_METRIC]
+            candidates.append((row.cost.reached_level, utility, utility - row.forget[study.level_metric], cell.lr))
             trials.append(
                 {
                     "optimizer": optimizer,
                     "lr": cell.lr,
-                    "reached_level": row["cost"]["reached_level"],
-                    "forget": row["forget"],
-                    "utility": row["utility"],
-                    "cost": row["cost"],
+                    "reached_level": row.cost.reached_level,
+                    "forget": row.forget,
+                    "utility": row.utility,
+                    "cost": row.cost.to_json(),
                 }
             )
         reaching = [c for c in candidates if c[0]]
@@ -346,7 +326,7 @@ def sweep_learning_rates(
 
 def run_study(
     settings: RunSettings, study: StudySettings, output_dir: Path, cache_dir=None, console=None, lr_sweep: bool = False
-) -> list[dict[str, Any]]:
+) -> list[ResultRow]:
     """Run (or resume) the grid; write ``results.jsonl``, ``report.md``/``report.html`` and plots."""
 
     target, tokenizer, benchmark, prepared = load_target(settings, cache_dir, console)
@@ -366,28 +346,24 @@ def run_study(
         if lr_sweep
         else {}
     )
-    finished: list[tuple[Cell, list[dict[str, Any]]]] = []
+    finished: list[tuple[Cell, list[ResultRow]]] = []
     for cell in _cells_for(settings, study, chosen):
         cell_dir = output_dir / "cells" / cell.name
         done = cell_dir / "rows.json"
         if done.exists():
             if console is not None:
                 console.print(f"skipping finished cell {cell.name}")
-            finished.append((cell, json.loads(done.read_text())))
+            finished.append((cell, read_cell_rows(done)))
             continue
         cell_rows = run_cell(cell, target, tokenizer, benchmark, references, settings, study, cell_dir, console)
-        atomic_write_json(done, cell_rows)
+        write_cell_rows(done, cell_rows)
         finished.append((cell, cell_rows))
-        _write_results([row for _, cell_rows in finished for row in cell_rows], output_dir)
+        write_results_jsonl(output_dir / "results.jsonl", [row for _, cell_rows in finished for row in cell_rows])
     if study.landscape:
         if console is not None:
             console.print("loss landscape: linear mode connectivity between the unlearned models")
         add_lmc_curves(finished, target, tokenizer, benchmark, settings, study, output_dir)
     rows = [row for _, cell_rows in finished for row in cell_rows]
-    _write_results(rows, output_dir)
+    write_results_jsonl(output_dir / "results.jsonl", rows)
     write_report(output_dir / "results.jsonl", output_dir, title=f"robustunlearn study: {settings.benchmark}")
     return rows
-
-
-def _write_results(rows: Sequence[dict[str, Any]], output_dir: Path) -> None:
-    atomic_write_text(output_dir / "results.jsonl", "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))

@@ -16,17 +16,27 @@ from robustunlearn.config import RunSettings, unlearn_settings
 from robustunlearn.core.distributed import data_parallel, local_device
 from robustunlearn.core.errors import UserError
 from robustunlearn.core.io import atomic_write_json
+from robustunlearn.core.lock import LOCK_NAME
 from robustunlearn.core.models import save_model
 from robustunlearn.metrics.suite import METRICS, evaluate_model
 from robustunlearn.study.grid import run_study
 from robustunlearn.study.loading import load_target, prepare_from_settings
-from robustunlearn.train.engine import restore_best, unlearn
+from robustunlearn.study.rows import NO_ATTACK
+from robustunlearn.train.checkpoint import clear_run, restore_best
+from robustunlearn.train.engine import unlearn
 
 
 def unlearn_only(
-    settings: RunSettings, output_dir: Path, cache_dir=None, *, resume: bool = False, console=None
+    settings: RunSettings,
+    output_dir: Path,
+    cache_dir=None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    console=None,
 ) -> Path:
-    """Unlearn the target and save it to ``output_dir/final``; with ``resume``, continue a killed run.
+    """Unlearn the target and save it to ``output_dir/final``; with ``resume``, continue a killed run;
+    with ``overwrite``, first remove what an earlier run left there (:func:`clear_run`).
 
     With ``unlearn.eval_every`` the model is evaluated (:func:`evaluate_model`) every so many
     steps and the metrics are logged; with ``unlearn.keep_best`` the final model holds the weights
@@ -36,10 +46,12 @@ def unlearn_only(
     :func:`~robustunlearn.core.distributed.local_device` and the run is data parallel; rank 0 alone
     prepares the target (the others wait, then read its cache entry), evaluates and writes the files."""
     parallel = data_parallel()  # joins the launcher's process group, if any
-    if parallel.enabled and settings.model_path is None:
-        if parallel.is_main:
+    if parallel.is_main:
+        if overwrite and not resume:
+            clear_run(output_dir)
+        if parallel.enabled and settings.model_path is None:
             prepare_from_settings(settings, cache_dir, console=console)
-        parallel.barrier()
+    parallel.barrier()  # the others read the run directory and the cache entry once rank 0 is done with them
     model, tokenizer, benchmark, _ = load_target(settings, cache_dir, console, device=local_device())
     options = settings.unlearn
     if options.keep_best is not None and not benchmark.get(METRICS[options.keep_best].split):
@@ -80,22 +92,21 @@ def run_pipeline(
     files (results.jsonl, report.md/html, plots) and ``results.json``, a summary per model."""
     started = time.perf_counter()
     rows = run_study(settings, settings.study, output_dir, cache_dir, console, lr_sweep=lr_sweep)
-    references = rows[0]["reference"]
-    scores: dict[str, dict[str, float]] = {"target": references["target"]}
-    if references["retrain"] is not None:
-        scores["retrain"] = references["retrain"]
+    references = rows[0].reference
+    scores: dict[str, dict[str, float]] = {"target": references.target}
+    if references.retrain is not None:
+        scores["retrain"] = references.retrain
     for row in rows:
-        cell = row["cell"]
-        name = f"{cell['objective']}/{cell['optimizer']}" + (
-            f"/seed{cell['seed']}" if len(settings.study.seeds) > 1 else ""
+        name = f"{row.cell.objective}/{row.cell.optimizer}" + (
+            f"/seed{row.cell.seed}" if len(settings.study.seeds) > 1 else ""
         )
-        scores[name if row["attack"] == "none" else f"{name}+{row['attack']}"] = {**row["forget"], **row["utility"]}
+        scores[name if row.attack == NO_ATTACK else f"{name}+{row.attack}"] = {**row.forget, **row.utility}
     results = {
         "settings": settings.model_dump(mode="json"),
         "benchmark": {"name": settings.benchmark},
-        "cells": [{**row["cell"], **row["cost"]} for row in rows if row["attack"] == "none"],
+        "cells": [{**row.cell.to_json(), **row.cost.to_json()} for row in rows if row.attack == NO_ATTACK],
         "scores": scores,
-        "files": sorted(p.name for p in output_dir.iterdir() if p.is_file()),
+        "files": sorted(p.name for p in output_dir.iterdir() if p.is_file() and p.name != LOCK_NAME),
         "seconds": round(time.perf_counter() - started, 1),
     }
     atomic_write_json(output_dir / "results.json", results)

@@ -1,38 +1,5 @@
-"""The study report: markdown, self-contained HTML and PNG plots, built from ``results.jsonl``.
-
-``results.jsonl`` holds one JSON object per line, one per (cell, attack)::
-
-    {
-      "cell": {"benchmark": "synthetic", "objective": "npo", "optimizer": "adam",
-               "grade": "first-order", "seed": 0, "lr": 0.001},
-      "attack": "none" | "rtn-int4" | "nf4" | "gptq-int4" | "relearn" | "relearn-lora"
-                | "benign-relearn" | "noise-0.01" | "prune-0.3" | ...,
-      "attack_family": "none" | "quantization" | "relearning" | "perturbation",
-      "forget": {"forget_qa_rouge": 0.12, "forget_qa_accuracy": 0.05,
-                 "forget_verbmem_rouge": 0.2, "forget_mcq_accuracy": 0.3},
-      "utility": {"retain_qa_rouge": 0.9, "retain_qa_accuracy": 0.88, "utility_perplexity": 12.3},
-      "reference": {"target": {<forget and utility keys>}, "unlearned": {...}, "retrain": {...} | null},
-      "primary_metric": "forget_qa_rouge",
-      "scores": {...},
-      "curve": [{"step": 0, "forget_qa_rouge": 0.1, ...}, ...] | null,
-      "cost": {"steps": 120, "forward_passes": 240, "backward_passes": 120, "seconds": 31.2,
-               "reached_level": true, "target_level": 0.2},
-      "landscape": {"pair": "adam-vs-zo-adazo",
-                    "lmc": [{"alpha": 0.0, "forget_qa_rouge": ..., "forget_qa_loss": ...}, ...],
-                    "sharpness_loss": "forget_qa_loss",
-                    "sharpness": [{"scale": ..., "mean_loss_increase": ..., "std": ...}]} | null
-    }
-
-* ``forget`` / ``utility``: metrics of the attacked model (for ``"none"``: of the unlearned one);
-  ``reference``: of the original (target), unlearned and retrained models.
-* ``primary_metric``: the forget metric the scores use; the utility metric is
-  :func:`robustunlearn.study.scores.utility_metric` (``retain_qa_rouge`` when present).
-* ``scores``: :func:`robustunlearn.study.scores.attack_scores` of the row. The report recomputes
-  them from the other fields rather than trusting stored ones.
-* ``curve``: forget metrics by relearning step (relearning attacks only); ``cost``: of the
-  cell's unlearning run (every row of a cell carries the same); ``landscape``: optional, any
-  key of it may be absent: ``lmc`` runs from the model of ``pair``'s first optimizer (θ_a, α = 0)
-  to this cell's (θ_b, α = 1); ``sharpness`` is of this cell's model.
+"""The study report: markdown, self-contained HTML and PNG plots, built from ``results.jsonl``
+(its rows: :mod:`robustunlearn.study.rows`).
 
 :func:`write_report` writes ``report.md`` (plots as relative links to PNGs beside it),
 ``report.html`` (self-contained: the same PNGs embedded as base64 ``<img>``) and the PNGs.
@@ -47,6 +14,7 @@ import html
 import json
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,16 +25,9 @@ from matplotlib.figure import Figure
 from robustunlearn.core.io import atomic_write, atomic_write_text
 from robustunlearn.optim import GRADES
 from robustunlearn.study.landscape import lmc_barrier
-from robustunlearn.study.scores import (
-    NO_ATTACK,
-    attack_scores,
-    lower_is_better,
-    summarise,
-    utility_metric,
-)
+from robustunlearn.study.rows import NO_ATTACK, Landscape, ResultRow, RowCell, read_results_jsonl
+from robustunlearn.study.scores import attack_scores, lower_is_better, summarise, utility_metric
 
-REQUIRED_FIELDS = ("cell", "attack", "forget", "utility", "reference", "primary_metric")
-CELL_FIELDS = ("benchmark", "objective", "optimizer", "grade", "seed")
 FAMILY_ORDER = ("none", "quantization", "relearning", "perturbation")
 RELEARN_ATTACK = "relearn"
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
@@ -118,46 +79,22 @@ class Image:
 Block = Heading | Paragraph | Bullets | Table | Image
 
 
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``results.jsonl`` (blank lines skipped). A line that is not a JSON object,
-    lacks a field, cannot be scored, or is scored on other metrics than the first row raises
-    ``ValueError`` naming ``path:line``."""
-    path = Path(path)
-    rows = []
-    first_metrics: tuple[str, str] | None = None
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from error
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        missing = [field for field in REQUIRED_FIELDS if field not in row]
-        if not missing and not isinstance(row["cell"], dict):
-            raise ValueError(f"{where}: 'cell' must be an object, got {row['cell']!r}")
-        missing = missing or [f"cell.{field}" for field in CELL_FIELDS if field not in row["cell"]]
-        if missing:
-            raise ValueError(f"{where}: result row lacks {', '.join(missing)}")
-        try:
-            scores = attack_scores(row)
-        except (ValueError, TypeError, AttributeError) as error:
-            raise ValueError(f"{where}: {error}") from error
-        # The tables compare rows on one forget and one utility metric.
-        metrics = (row["primary_metric"], scores["utility_metric"])
-        if first_metrics is None:
-            first_metrics = metrics
-        elif metrics != first_metrics:
-            raise ValueError(
-                f"{where}: scored on {metrics[0]!r} and {metrics[1]!r}, the rows above on "
-                f"{first_metrics[0]!r} and {first_metrics[1]!r}"
-            )
-        rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} holds no result rows")
-    return rows
+def read_results(path: Path) -> list[ResultRow]:
+    """The rows of a ``results.jsonl`` (:func:`robustunlearn.study.rows.read_results_jsonl`). A line
+    that is not a valid row, cannot be scored, or is scored on other metrics than the first row
+    raises ``ValueError`` naming ``path:line``."""
+    return read_results_jsonl(path, check=_scored_like)
+
+
+def _scored_like(row: ResultRow, first: ResultRow) -> None:
+    """Raise ``ValueError`` unless ``row`` can be scored, on the forget and utility metrics of ``first``
+    (the tables compare rows on one of each)."""
+    metrics = (row.primary_metric, attack_scores(row)["utility_metric"])
+    expected = (first.primary_metric, utility_metric(first.utility))
+    if metrics != expected:
+        raise ValueError(
+            f"scored on {metrics[0]!r} and {metrics[1]!r}, the rows above on {expected[0]!r} and {expected[1]!r}"
+        )
 
 
 def write_report(results_jsonl: Path, output_dir: Path, title: str = "Robust unlearning study") -> dict[str, Path]:
@@ -195,14 +132,17 @@ def write_report(results_jsonl: Path, output_dir: Path, title: str = "Robust unl
 class _Study:
     """The rows with their summaries, and the names and orders the report uses."""
 
-    def __init__(self, rows: list[dict[str, Any]]):
+    def __init__(self, rows: list[ResultRow]):
         self.rows = rows
         summaries = summarise(rows)
         self.cells = [s for s in summaries if s["kind"] == "cell"]
         self.means = sorted((s for s in summaries if s["kind"] == "mean"), key=self._grid_order)
-        self.primary = rows[0]["primary_metric"]
-        self.utility = utility_metric(rows[0]["utility"])
-        families = {row["attack"]: row.get("attack_family", "") for row in rows}
+        self.primary = rows[0].primary_metric
+        self.utility = utility_metric(rows[0].utility)
+        # The mean over rows of the original (target) and retrained models' metrics; None when no row has them.
+        self.target = _mean_metrics([row.reference.target for row in rows])
+        self.retrain = _mean_metrics([row.reference.retrain for row in rows])
+        families = {row.attack: row.attack_family for row in rows}
         rank = {family: index for index, family in enumerate(FAMILY_ORDER)}
         first_seen = {attack: index for index, attack in enumerate(families)}
         self.attacks = sorted(families, key=lambda a: (a != NO_ATTACK, rank.get(families[a], len(rank)), first_seen[a]))
@@ -222,16 +162,17 @@ class _Study:
     def label(self, cell: dict[str, Any]) -> str:
         return " / ".join([str(cell["optimizer"])] + [f"{key} {cell.get(key)}" for key in self.varying])
 
-    def grid_rows(self, mean: dict[str, Any]) -> list[dict[str, Any]]:
-        return [row for row in self.rows if {k: v for k, v in row["cell"].items() if k != "seed"} == mean["cell"]]
+    def grid_rows(self, mean: dict[str, Any]) -> list[ResultRow]:
+        return [row for row in self.rows if row.cell.grid_point() == mean["cell"]]
 
-    def references(self, name: str) -> dict[str, float] | None:
-        """The mean over rows of one reference model's metrics (``None`` when no row has it)."""
-        found = [row["reference"].get(name) for row in self.rows if row["reference"].get(name)]
-        if not found:
-            return None
-        keys = dict.fromkeys(key for metrics in found for key in metrics)
-        return {key: statistics.fmean(float(m[key]) for m in found if key in m) for key in keys}
+
+def _mean_metrics(models: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """The mean of each metric over the models that have metrics (``None`` when none has)."""
+    found = [metrics for metrics in models if metrics]
+    if not found:
+        return None
+    keys = dict.fromkeys(key for metrics in found for key in metrics)
+    return {key: statistics.fmean(float(m[key]) for m in found if key in m) for key in keys}
 
 
 def _grade_rank(grade: str) -> int:
@@ -266,14 +207,6 @@ def _with_std(value: Any, std: Any) -> str:
     return _number(value) if value is None or std is None else f"{_number(value)} ± {_number(std)}"
 
 
-def _dig(tree: dict[str, Any] | None, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(tree, dict):
-            return None
-        tree = tree.get(key)
-    return tree
-
-
 def _point_columns(study: _Study) -> list[str]:
     return ["optimizer", "grade", *study.varying, "seeds"]
 
@@ -306,7 +239,7 @@ def _attack_table(study: _Study, attack: str) -> Table:
         _point_columns(study) + [title for _, title in fields],
         [
             _point_cells(study, mean)
-            + [_with_std(mean["attacks"][attack][key], _dig(mean["std"], "attacks", attack, key)) for key, _ in fields]
+            + [_with_std(mean["attacks"][attack][key], mean["std"]["attacks"][attack][key]) for key, _ in fields]
             for mean in means
         ],
     )
@@ -320,73 +253,73 @@ def _worst_table(study: _Study) -> Table:
         rows.append(
             _point_cells(study, mean)
             + [
-                _with_std(worst["forget"], _dig(mean["std"], "worst", "forget")),
+                _with_std(worst["forget"], mean["std"]["worst"]["forget"]),
                 worst["forget_attack"] or MISSING,
-                _with_std(worst["recovery_ratio"], _dig(mean["std"], "worst", "recovery_ratio")),
+                _with_std(worst["recovery_ratio"], mean["std"]["worst"]["recovery_ratio"]),
                 worst["recovery_attack"] or MISSING,
             ]
         )
     return Table(_point_columns(study) + columns, rows)
 
 
-def _cost_table(study: _Study) -> Table | None:
-    keys = list(dict.fromkeys(key for mean in study.means for key in (mean["cost"] or {})))
-    if not keys:
-        return None
+def _cost_table(study: _Study) -> Table:
+    keys = list(study.means[0]["cost"])
     rows = [
-        _point_cells(study, mean) + [_with_std(_dig(mean["cost"], key), _dig(mean["std"], "cost", key)) for key in keys]
+        _point_cells(study, mean) + [_with_std(mean["cost"][key], mean["std"]["cost"][key]) for key in keys]
         for mean in study.means
     ]
     titles = [key.replace("_", " ") + (" (share of seeds)" if key == "reached_level" else "") for key in keys]
     return Table(_point_columns(study) + titles, rows)
 
 
-def _landscapes(study: _Study, key: str) -> list[tuple[str, dict[str, Any]]]:
-    """``(label, landscape)`` of each distinct landscape the rows carry with a ``key`` part ("lmc" or
-    "sharpness"; each cell's rows repeat it). An LMC curve is labelled by its pair, sharpness by its cell."""
-    seen: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+def _landscapes(
+    study: _Study, part: Callable[[Landscape], list[dict[str, float]] | None], by_pair: bool = False
+) -> list[tuple[str, Landscape]]:
+    """``(label, landscape)`` of each distinct landscape the rows carry with a ``part`` (each cell's
+    rows repeat it), labelled by its pair (with ``by_pair``, where it has one), else by its cell."""
+    seen: dict[str, tuple[RowCell, Landscape]] = {}
     for row in study.rows:
-        landscape = row.get("landscape")
-        if isinstance(landscape, dict) and landscape.get(key):
-            seen.setdefault(json.dumps(landscape[key], sort_keys=True), (row["cell"], landscape))
+        if row.landscape is not None and part(row.landscape):
+            seen.setdefault(json.dumps(part(row.landscape), sort_keys=True), (row.cell, row.landscape))
     names = [
-        str(landscape.get("pair") if key == "lmc" and landscape.get("pair") else study.label(cell))
+        str(landscape.pair if by_pair and landscape.pair else study.label(cell.grid_point()))
         for cell, landscape in seen.values()
     ]
     return [
-        (name if names.count(name) == 1 else f"{name} (seed {cell['seed']})", landscape)
+        (name if names.count(name) == 1 else f"{name} (seed {cell.seed})", landscape)
         for name, (cell, landscape) in zip(names, seen.values())
     ]
 
 
-def _lmc_metrics(study: _Study, landscapes: list[tuple[str, dict[str, Any]]]) -> list[str]:
+def _lmc_curves(study: _Study) -> list[tuple[str, Landscape]]:
+    return _landscapes(study, lambda landscape: landscape.lmc, by_pair=True)
+
+
+def _sharpness_curves(study: _Study) -> list[tuple[str, Landscape]]:
+    return _landscapes(study, lambda landscape: landscape.sharpness)
+
+
+def _lmc_metrics(study: _Study, curves: list[tuple[str, Landscape]]) -> list[str]:
     """The study's forget and utility metrics first, then the curves' other keys; at most three."""
-    keys = list(
-        dict.fromkeys(k for _, ls in landscapes for point in ls.get("lmc") or [] for k in point if k != "alpha")
-    )
+    keys = list(dict.fromkeys(k for _, ls in curves for point in ls.lmc for k in point if k != "alpha"))
     preferred = [key for key in (study.primary, study.utility) if key in keys]
     return (preferred + [key for key in keys if key not in preferred])[:3]
 
 
-def _rise_is_worse(metric: str) -> bool:
-    """A rise is worse for a forget metric where higher means more knowledge (ROUGE: knowledge
-    resurfacing) and for a utility loss or perplexity; a fall is worse for a forget loss (its
-    dip is the knowledge coming back) and for utility ROUGE or accuracy."""
-    return metric.startswith("forget") != lower_is_better(metric)
-
-
 def _landscape_blocks(study: _Study, images: dict[str, Image]) -> list[Block]:
-    curves, sharp = _landscapes(study, "lmc"), _landscapes(study, "sharpness")
+    curves, sharp = _lmc_curves(study), _sharpness_curves(study)
     if not curves and not sharp:
         return []
     blocks: list[Block] = [Heading(2, "Loss landscape")]
     metrics = _lmc_metrics(study, curves)
+    # A rise is the worse direction where lower values are the better ones: forget ROUGE (knowledge
+    # resurfacing), a utility loss or perplexity; a dip for a forget loss and for utility ROUGE.
     barriers = [
-        [name, metric, _number(lmc_barrier(ls["lmc"], metric, higher_is_worse=_rise_is_worse(metric)))]
+        [name, metric, _number(lmc_barrier(ls.lmc, metric, higher_is_worse=lower_is_better(metric)))]
         for name, ls in curves
-        if len({point["alpha"] for point in ls["lmc"]}) >= 2
+        if len({point["alpha"] for point in ls.lmc}) >= 2
         for metric in metrics
-        if all(metric in point for point in ls["lmc"])
+        if all(metric in point for point in ls.lmc)
     ]
     if barriers:
         blocks += [
@@ -403,12 +336,12 @@ def _landscape_blocks(study: _Study, images: dict[str, Image]) -> list[Block]:
     sharpness = [
         [
             name,
-            str(ls.get("sharpness_loss", "loss")),
+            "loss" if ls.sharpness_loss is None else ls.sharpness_loss,
             _general(point.get("scale")),
             f"{_general(point.get('mean_loss_increase'))} ± {_general(point.get('std'))}",
         ]
         for name, ls in sharp
-        for point in ls["sharpness"]
+        for point in ls.sharpness
     ]
     if sharpness:
         blocks += [
@@ -424,16 +357,17 @@ def _landscape_blocks(study: _Study, images: dict[str, Image]) -> list[Block]:
 
 def _document(study: _Study, title: str, images: dict[str, Image]) -> list[Block]:
     settings = []
-    for key in dict.fromkeys(k for row in study.rows for k in row["cell"]):
-        values = list(dict.fromkeys(str(row["cell"].get(key)) for row in study.rows))
+    cells = [row.cell.to_json() for row in study.rows]
+    for key in cells[0]:
+        values = list(dict.fromkeys(str(cell[key]) for cell in cells))
         settings.append(f"{key}: {', '.join(values)}")
-    target, retrain = study.references("target"), study.references("retrain")
     settings += [
         f"attacks: {', '.join(study.attacks)}",
         f"forget metric: {study.primary} (lower = more forgotten); utility metric: {study.utility}",
         f"{len(study.rows)} rows, {len(study.cells)} cells, {len(study.means)} grid points",
     ]
-    for name, reference in (("target (original model)", target), ("retrain (never saw the forget set)", retrain)):
+    references = (("target (original model)", study.target), ("retrain (never saw the forget set)", study.retrain))
+    for name, reference in references:
         if reference:
             settings.append(
                 f"{name}: {study.primary} {_number(reference.get(study.primary))}, "
@@ -450,9 +384,7 @@ def _document(study: _Study, title: str, images: dict[str, Image]) -> list[Block
         )
         blocks += [Heading(2, heading), _attack_table(study, attack)]
     blocks += [Heading(2, "Worst case over the attacks"), _worst_table(study)]
-    cost = _cost_table(study)
-    if cost is not None:
-        blocks += [Heading(2, "Cost of unlearning"), cost]
+    blocks += [Heading(2, "Cost of unlearning"), _cost_table(study)]
     plots = [images[name] for name in ("relearning_curves", "recovery_by_grade") if name in images]
     if plots:
         blocks += [Heading(2, "Plots"), *plots]
@@ -533,8 +465,7 @@ def _style(index: int) -> dict[str, str]:
 
 
 def _reference_stars(study: _Study, axes: Any) -> None:
-    for name, colour in (("target", "black"), ("retrain", "grey")):
-        reference = study.references(name)
+    for name, reference, colour in (("target", study.target, "black"), ("retrain", study.retrain, "grey")):
         if reference and study.primary in reference and study.utility in reference:
             axes.scatter(
                 reference[study.primary],
@@ -591,19 +522,18 @@ def _mean_curve(curves: list[list[dict[str, float]]], metric: str) -> tuple[list
 
 
 def _plot_relearning(study: _Study) -> Figure | None:
-    with_curves = [a for a in study.attacks if any(r["attack"] == a and r.get("curve") for r in study.rows)]
+    with_curves = [a for a in study.attacks if any(r.attack == a and r.curve for r in study.rows)]
     attacks = sorted(with_curves, key=lambda attack: attack != RELEARN_ATTACK)
     if not attacks:
         return None
     figure, panels = _figure(len(attacks))
-    target, retrain = study.references("target"), study.references("retrain")
     for attack, axes in zip(attacks, panels):
         for index, mean in enumerate(study.means):
-            curves = [row["curve"] for row in study.grid_rows(mean) if row["attack"] == attack and row.get("curve")]
+            curves = [row.curve for row in study.grid_rows(mean) if row.attack == attack and row.curve]
             if curves:
                 steps, values = _mean_curve(curves, study.primary)
                 axes.plot(steps, values, markersize=4, label=study.label(mean["cell"]), **_style(index))
-        for name, reference, line in (("target", target, ":"), ("retrain", retrain, "--")):
+        for name, reference, line in (("target", study.target, ":"), ("retrain", study.retrain, "--")):
             if reference and study.primary in reference:
                 axes.axhline(
                     reference[study.primary], color="black" if name == "target" else "grey", linestyle=line, label=name
@@ -650,14 +580,14 @@ def _plot_recovery(study: _Study) -> Figure | None:
 
 
 def _plot_lmc(study: _Study) -> Figure | None:
-    landscapes = _landscapes(study, "lmc")
-    if not landscapes:
+    curves = _lmc_curves(study)
+    if not curves:
         return None
-    metrics = _lmc_metrics(study, landscapes)
+    metrics = _lmc_metrics(study, curves)
     figure, panels = _figure(len(metrics))
     for metric, axes in zip(metrics, panels):
-        for index, (name, landscape) in enumerate(landscapes):
-            points = sorted((p["alpha"], p[metric]) for p in landscape["lmc"] if metric in p)
+        for index, (name, landscape) in enumerate(curves):
+            points = sorted((p["alpha"], p[metric]) for p in landscape.lmc if metric in p)
             axes.plot([a for a, _ in points], [v for _, v in points], markersize=4, label=name, **_style(index))
         axes.set_xlabel("α  (θ = (1-α)·θ_a + α·θ_b)")
         axes.set_ylabel(metric)

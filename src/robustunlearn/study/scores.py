@@ -4,9 +4,9 @@ Notation, for the forget metric F (higher = more of the forget set is still know
 QA ROUGE-L): F_target of the original model, F_unlearned after unlearning, F_attacked after an
 attack (quantization, relearning, weight noise, ...) on the unlearned model.
 
-A *row* is one (cell, attack) record of ``results.jsonl``; its schema is documented in
-:mod:`robustunlearn.study.report`. :func:`attack_scores` fills its ``"scores"``, :func:`summarise`
-condenses many rows into one summary per cell and one mean over seeds per grid point.
+A *row* is one (cell, attack) record of ``results.jsonl``: a :class:`robustunlearn.study.rows.ResultRow`.
+:func:`attack_scores` fills its ``scores``, :func:`summarise` condenses many rows into one summary
+per cell and one mean over seeds per grid point.
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-NO_ATTACK = "none"
-PREFERRED_UTILITY_METRIC = "retain_qa_rouge"
+from robustunlearn.metrics.suite import METRICS, UTILITY_METRIC
+from robustunlearn.study.rows import NO_ATTACK, ResultRow, RowCell
+
+# Which values are better for the metrics the study measures beyond the registry: the landscape's
+# teacher-forced QA losses (a higher forget loss means more forgotten).
+STUDY_METRIC_DIRECTIONS = {"forget_qa_loss": "higher", "retain_qa_loss": "lower"}
 # The numeric fields of a cell summary whose spread over seeds a mean summary reports.
 MEAN_FIELDS = ("forget_target", "forget_unlearned", "utility_unlearned", "worst", "attacks", "cost")
 
@@ -69,24 +73,30 @@ def relearn_auc(curve: list[dict[str, float]], metric: str) -> float:
 
 
 def utility_metric(utility: dict[str, float]) -> str:
-    """The utility metric the scores use: ``retain_qa_rouge`` when measured, else the first key."""
+    """The utility metric the scores use: :data:`~robustunlearn.metrics.suite.UTILITY_METRIC` when
+    measured, else the first key."""
     if not utility:
         raise ValueError("no utility metric in the row")
-    return PREFERRED_UTILITY_METRIC if PREFERRED_UTILITY_METRIC in utility else next(iter(utility))
+    return UTILITY_METRIC if UTILITY_METRIC in utility else next(iter(utility))
 
 
 def lower_is_better(metric: str) -> bool:
-    """Perplexities and losses fall as the model gets better; ROUGE and accuracies rise."""
-    return metric.endswith(("perplexity", "loss"))
+    """Whether lower values of ``metric`` are the better ones: its registry direction
+    (:data:`~robustunlearn.metrics.suite.METRICS`), or :data:`STUDY_METRIC_DIRECTIONS`'."""
+    if metric in METRICS:
+        return METRICS[metric].direction == "lower"
+    if metric in STUDY_METRIC_DIRECTIONS:
+        return STUDY_METRIC_DIRECTIONS[metric] == "lower"
+    raise ValueError(f"metric {metric!r} has no known direction (not in the metric registry)")
 
 
-def _metric(metrics: dict[str, float] | None, key: str, where: str) -> float:
-    if not isinstance(metrics, dict) or key not in metrics:
+def _metric(metrics: dict[str, float], key: str, where: str) -> float:
+    if key not in metrics:
         raise ValueError(f"{where} has no {key!r} metric")
     return float(metrics[key])
 
 
-def attack_scores(row: dict[str, Any]) -> dict[str, Any]:
+def attack_scores(row: ResultRow) -> dict[str, Any]:
     """All scores of one (cell, attack) row, on the row's ``primary_metric`` F and utility metric U
     (:func:`utility_metric`):
 
@@ -97,20 +107,13 @@ def attack_scores(row: dict[str, Any]) -> dict[str, Any]:
       ``utility_drop`` = how much worse the attack made it: before - after, or after - before
       for lower-is-better metrics (perplexity).
     """
-    for key in ("attack", "forget", "utility", "reference", "primary_metric"):
-        if key not in row:
-            raise ValueError(f"result row has no {key!r} field")
-    reference = row["reference"]
-    if not isinstance(reference, dict):
-        raise ValueError(f"'reference' must be an object, got {reference!r}")
-    primary = row["primary_metric"]
-    f_attacked = _metric(row["forget"], primary, "'forget'")
-    f_unlearned = _metric(reference.get("unlearned"), primary, "'reference.unlearned'")
-    f_target = _metric(reference.get("target"), primary, "'reference.target'")
-    utility = utility_metric(row["utility"])
-    before = _metric(reference["unlearned"], utility, "'reference.unlearned'")
-    after = _metric(row["utility"], utility, "'utility'")
-    curve = row.get("curve")
+    primary = row.primary_metric
+    f_attacked = _metric(row.forget, primary, "'forget'")
+    f_unlearned = _metric(row.reference.unlearned, primary, "'reference.unlearned'")
+    f_target = _metric(row.reference.target, primary, "'reference.target'")
+    utility = utility_metric(row.utility)
+    before = _metric(row.reference.unlearned, utility, "'reference.unlearned'")
+    after = _metric(row.utility, utility, "'utility'")
     return {
         "utility_metric": utility,
         "forget": f_attacked,
@@ -118,7 +121,7 @@ def attack_scores(row: dict[str, Any]) -> dict[str, Any]:
         "forget_target": f_target,
         "retained_fraction": retained_fraction(f_attacked, f_target),
         "recovery_ratio": recovery_ratio(f_attacked, f_unlearned, f_target),
-        "relearn_auc": relearn_auc(curve, primary) if curve else None,
+        "relearn_auc": relearn_auc(row.curve, primary) if row.curve else None,
         "utility_before": before,
         "utility_after": after,
         "utility_drop": after - before if lower_is_better(utility) else before - after,
@@ -133,15 +136,15 @@ def _argmax(scored: list[tuple[str, float | None]]) -> tuple[float | None, str |
     return value, attack
 
 
-def worst_case(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def worst_case(rows: list[ResultRow]) -> dict[str, Any]:
     """The worst case over the attack suite of one cell (the ``"none"`` row is not an attack):
     the highest F_attacked (``forget``, by ``forget_attack``) and the highest recovery ratio
     (``recovery_ratio``, by ``recovery_attack``). Values and attacks are ``None`` when no attack
     gave one."""
-    cells = {_cell_key(row["cell"]) for row in rows}
+    cells = {row.cell for row in rows}
     if len(cells) > 1:
         raise ValueError(f"worst_case takes the rows of one cell, got {len(cells)} cells")
-    attacked = [(row["attack"], attack_scores(row)) for row in rows if row["attack"] != NO_ATTACK]
+    attacked = [(row.attack, attack_scores(row)) for row in rows if row.attack != NO_ATTACK]
     forget, forget_attack = _argmax([(attack, scores["forget"]) for attack, scores in attacked])
     recovery, recovery_attack = _argmax([(attack, scores["recovery_ratio"]) for attack, scores in attacked])
     return {
@@ -152,29 +155,25 @@ def worst_case(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _cell_key(cell: dict[str, Any], drop: tuple[str, ...] = ()) -> str:
-    return json.dumps({key: value for key, value in cell.items() if key not in drop}, sort_keys=True)
-
-
-def _summarise_cell(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    cell = rows[0]["cell"]
+def _summarise_cell(rows: list[ResultRow]) -> dict[str, Any]:
+    cell = rows[0].cell.to_json()
     scored = [(row, attack_scores(row)) for row in rows]
     first = scored[0][1]
     # Every row of a cell carries the cost of the same unlearning run; prefer the "none" row's.
-    costs = [row.get("cost") for row in rows if row["attack"] == NO_ATTACK] + [row.get("cost") for row in rows]
+    cost = next((row.cost for row in rows if row.attack == NO_ATTACK), rows[0].cost)
     return {
         "kind": "cell",
         "cell": cell,
-        **{key: cell.get(key) for key in ("benchmark", "objective", "optimizer", "grade", "seed")},
-        "seeds": [cell.get("seed")],
-        "primary_metric": rows[0]["primary_metric"],
+        **{key: cell[key] for key in ("benchmark", "objective", "optimizer", "grade", "seed")},
+        "seeds": [cell["seed"]],
+        "primary_metric": rows[0].primary_metric,
         "utility_metric": first["utility_metric"],
         "forget_target": first["forget_target"],
         "forget_unlearned": first["forget_unlearned"],
         "utility_unlearned": first["utility_before"],
         "worst": worst_case(rows),
         "attacks": {
-            row["attack"]: {
+            row.attack: {
                 key: scores[key]
                 for key in (
                     "forget",
@@ -187,7 +186,7 @@ def _summarise_cell(rows: list[dict[str, Any]]) -> dict[str, Any]:
             }
             for row, scores in scored
         },
-        "cost": next((cost for cost in costs if cost), None),
+        "cost": cost.to_json(),
     }
 
 
@@ -226,7 +225,7 @@ def _mean_over_seeds(group: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarise(rows: list[ResultRow]) -> list[dict[str, Any]]:
     """One summary per cell, then one mean over seeds per grid point (the cell without its seed),
     both in order of first appearance.
 
@@ -243,11 +242,13 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     (``cost.reached_level``); worst-case attack names that differ across seeds are joined with ", "."""
     if not rows:
         raise ValueError("no result rows to summarise")
-    by_cell: dict[str, list[dict[str, Any]]] = {}
+    by_cell: dict[RowCell, list[ResultRow]] = {}
     for row in rows:
-        by_cell.setdefault(_cell_key(row["cell"]), []).append(row)
-    cells = [_summarise_cell(cell_rows) for cell_rows in by_cell.values()]
-    by_point: dict[str, list[dict[str, Any]]] = {}
-    for summary in cells:
-        by_point.setdefault(_cell_key(summary["cell"], drop=("seed",)), []).append(summary)
+        by_cell.setdefault(row.cell, []).append(row)
+    cells: list[dict[str, Any]] = []
+    by_point: dict[str, list[dict[str, Any]]] = {}  # the cell summaries of each grid point
+    for cell, cell_rows in by_cell.items():
+        summary = _summarise_cell(cell_rows)
+        cells.append(summary)
+        by_point.setdefault(json.dumps(cell.grid_point(), sort_keys=True), []).append(summary)
     return cells + [_mean_over_seeds(group) for group in by_point.values()]

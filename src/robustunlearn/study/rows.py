@@ -1,0 +1,311 @@
+"""The grade study's result rows: one per (cell, attack), the schema of ``results.jsonl`` (one row a
+line) and of each finished cell's ``rows.json`` (a list of its rows).
+
+A row, field by field (:class:`ResultRow`)::
+
+    {
+      "cell": {"benchmark": "synthetic", "objective": "npo", "optimizer": "adam",
+               "grade": "first-order", "seed": 0, "lr": 0.001},
+      "attack": "none" | "rtn-int4" | "nf4" | "gptq-int4" | "relearn" | "relearn-lora"
+                | "benign-relearn" | "noise-0.01" | "prune-0.3" | ...,
+      "attack_family": "none" | "quantization" | "relearning" | "perturbation",
+      "forget": {"forget_qa_rouge": 0.12, "forget_qa_accuracy": 0.05,
+                 "forget_verbmem_rouge": 0.2, "forget_mcq_accuracy": 0.3},
+      "utility": {"retain_qa_rouge": 0.9, "retain_qa_accuracy": 0.88, "utility_perplexity": 12.3},
+      "reference": {"target": {<forget and utility keys>}, "unlearned": {...}, "retrain": {...} | null},
+      "primary_metric": "forget_qa_rouge",
+      "cost": {"steps": 120, "forward_passes": 240, "backward_passes": 120, "seconds": 31.2,
+               "reached_level": true, "target_level": 0.2},
+      "curve": [{"step": 0, "forget_qa_rouge": 0.1, ...}, ...] | null,
+      "landscape": {"pair": "adam-vs-zo-adazo",
+                    "lmc": [{"alpha": 0.0, "forget_qa_rouge": ..., "forget_qa_loss": ...}, ...],
+                    "sharpness_loss": "forget_qa_loss",
+                    "sharpness": [{"scale": ..., "mean_loss_increase": ..., "std": ...}]} | null,
+      "scores": {...},
+      "tofu": {...}  (only on rows whose benchmark has TOFU's evaluation sets)
+    }
+
+* ``cell`` (:class:`RowCell`): the grid cell: benchmark, objective, optimizer, its grade, seed and
+  learning rate. ``attack``: the attack applied to the cell's unlearned model, :data:`NO_ATTACK`
+  for the unlearned model itself; ``attack_family``: the attack's kind.
+* ``forget`` / ``utility``: metrics of the attacked model (for ``"none"``: of the unlearned one),
+  named as in :data:`robustunlearn.metrics.suite.METRICS`; ``reference`` (:class:`References`):
+  the same metrics of the original (target), unlearned and retrained models.
+* ``primary_metric``: the forget metric the scores use; the utility metric is
+  :func:`robustunlearn.study.scores.utility_metric` (``retain_qa_rouge`` when present).
+* ``cost`` (:class:`UnlearningCost`): of the cell's unlearning run (every row of a cell carries
+  the same).
+* ``curve``: forget metrics by relearning step (relearning attacks only).
+* ``landscape`` (:class:`Landscape`): optional, any key of it may be absent: ``lmc`` runs from the
+  model of ``pair``'s first optimizer (θ_a, α = 0) to this cell's (θ_b, α = 1); ``sharpness``
+  (of the loss ``sharpness_loss``) is of this cell's model.
+* ``scores``: :func:`robustunlearn.study.scores.attack_scores` of the row when it was written. The
+  report recomputes them from the other fields rather than trusting stored ones.
+* ``tofu``: :func:`robustunlearn.metrics.suite.tofu_scores` of the attacked model; the key is
+  absent where there are none.
+
+Every part writes its keys sorted, as the files store them (``sort_keys``), so a row read back
+lists its cell's and its cost's fields in the same order as one about to be written.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from robustunlearn.core.io import atomic_write_json, atomic_write_text
+
+NO_ATTACK = "none"  # the attack of the row that holds the unlearned model itself
+
+Metrics = dict[str, float]
+Points = list[dict[str, float]]  # a curve: one dict of numbers per point
+Parser = Callable[[Any, str], Any]  # (JSON value, its name in the row) -> the field's value; ValueError if invalid
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kind(description: str, accepts: Callable[[Any], bool]) -> Parser:
+    """A parser that takes a JSON value as it is when ``accepts`` it."""
+
+    def parse(value: Any, name: str) -> Any:
+        if not accepts(value):
+            raise ValueError(f"'{name}' must be {description}, got {json.dumps(value)[:80]}")
+        return value
+
+    return parse
+
+
+def _or_null(parse: Parser) -> Parser:
+    return lambda value, name: None if value is None else parse(value, name)
+
+
+_STRING = _kind("a string", lambda value: isinstance(value, str))
+_INTEGER = _kind("an integer", lambda value: isinstance(value, int) and not isinstance(value, bool))
+_NUMBER = _kind("a number", _is_number)
+_BOOLEAN = _kind("true or false", lambda value: isinstance(value, bool))
+_OBJECT = _kind("an object", lambda value: isinstance(value, dict))
+_METRIC_VALUES = _kind(
+    "an object of numbers", lambda value: isinstance(value, dict) and all(map(_is_number, value.values()))
+)
+_POINTS = _kind(
+    "a list of objects of numbers",
+    lambda value: (
+        isinstance(value, list)
+        and all(isinstance(point, dict) and all(map(_is_number, point.values())) for point in value)
+    ),
+)
+
+
+def _parse_fields(
+    cls: type, data: Any, parsers: dict[str, Parser], where: str = "", optional: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The values of ``cls``'s fields in the JSON object ``data`` (``where`` names it in the row, ``""``
+    for the row itself), each through its parser; ``ValueError`` when a field is missing (but
+    ``optional`` ones: ``None``), unknown or invalid."""
+    if not isinstance(data, dict):
+        if not where:
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        raise ValueError(f"'{where}' must be an object, got {json.dumps(data)[:80]}")
+    prefix = f"{where}." if where else ""
+    names = [spec.name for spec in fields(cls)]
+    missing = [prefix + name for name in names if name not in data and name not in optional]
+    if missing:
+        raise ValueError(f"result row lacks {', '.join(missing)}")
+    unknown = [prefix + key for key in data if key not in names]
+    if unknown:
+        raise ValueError(f"result row has unknown field(s) {', '.join(unknown)}")
+    return {name: None if name not in data else parsers[name](data[name], prefix + name) for name in names}
+
+
+def _sorted_fields(instance: Any, *, skip_none: bool = False) -> dict[str, Any]:
+    values = {spec.name: getattr(instance, spec.name) for spec in fields(instance)}
+    return {key: values[key] for key in sorted(values) if not (skip_none and values[key] is None)}
+
+
+@dataclass(frozen=True)
+class RowCell:
+    """The grid cell a row belongs to."""
+
+    benchmark: str
+    objective: str
+    optimizer: str
+    grade: str  # the optimizer's grade (robustunlearn.optim.GRADES)
+    seed: int
+    lr: float
+
+    def to_json(self) -> dict[str, Any]:
+        return _sorted_fields(self)
+
+    def grid_point(self) -> dict[str, Any]:
+        """The cell without its seed: the grid point whose seeds the report averages."""
+        return {key: value for key, value in self.to_json().items() if key != "seed"}
+
+    @classmethod
+    def from_json(cls, data: Any) -> RowCell:
+        text = {name: _STRING for name in ("benchmark", "objective", "optimizer", "grade")}
+        return cls(**_parse_fields(cls, data, {**text, "seed": _INTEGER, "lr": _NUMBER}, "cell"))
+
+
+@dataclass(frozen=True)
+class References:
+    """The metrics of the models a row's are compared with."""
+
+    target: Metrics  # the original model, before unlearning
+    unlearned: Metrics  # the cell's unlearned model, before any attack
+    retrain: Metrics | None  # a model never trained on the forget set (None where the benchmark has none)
+
+    def to_json(self) -> dict[str, Any]:
+        return _sorted_fields(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> References:
+        parsers = {"target": _METRIC_VALUES, "unlearned": _METRIC_VALUES, "retrain": _or_null(_METRIC_VALUES)}
+        return cls(**_parse_fields(cls, data, parsers, "reference"))
+
+
+@dataclass(frozen=True)
+class UnlearningCost:
+    """What a cell's unlearning run took (it stops once the forget metric reaches ``target_level``)."""
+
+    steps: int
+    forward_passes: int
+    backward_passes: int
+    seconds: float  # wall time
+    reached_level: bool
+    target_level: float | None  # the retrain model's level plus the tolerance (None: no retrain model)
+
+    def to_json(self) -> dict[str, Any]:
+        return _sorted_fields(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> UnlearningCost:
+        counts = {name: _INTEGER for name in ("steps", "forward_passes", "backward_passes")}
+        parsers = {**counts, "seconds": _NUMBER, "reached_level": _BOOLEAN, "target_level": _or_null(_NUMBER)}
+        return cls(**_parse_fields(cls, data, parsers, "cost"))
+
+
+@dataclass(frozen=True)
+class Landscape:
+    """The loss landscape around a cell's unlearned model; each part may be absent (``None``)."""
+
+    pair: str | None = None  # "<first optimizer>-vs-<this cell's>", prefixed "<objective>: " with several
+    lmc: Points | None = None  # {"alpha": α, <metric>: value, ...} along θ = (1-α)·θ_a + α·θ_b
+    sharpness_loss: str | None = None  # the loss the sharpness is measured on
+    sharpness: Points | None = None  # {"scale", "mean_loss_increase", "std"} per noise scale
+
+    def to_json(self) -> dict[str, Any]:
+        return _sorted_fields(self, skip_none=True)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Landscape:
+        parsers = {"pair": _STRING, "lmc": _POINTS, "sharpness_loss": _STRING, "sharpness": _POINTS}
+        return cls(**_parse_fields(cls, data, parsers, "landscape", optional=tuple(parsers)))
+
+
+@dataclass
+class ResultRow:
+    """One (cell, attack) row of the study (the module docstring shows one in JSON)."""
+
+    cell: RowCell
+    attack: str
+    attack_family: str
+    forget: Metrics
+    utility: Metrics
+    reference: References
+    primary_metric: str
+    cost: UnlearningCost
+    curve: Points | None = None
+    landscape: Landscape | None = None
+    scores: dict[str, Any] = field(default_factory=dict)
+    tofu: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = _sorted_fields(self)
+        data.update(
+            cell=self.cell.to_json(),
+            reference=self.reference.to_json(),
+            cost=self.cost.to_json(),
+            landscape=None if self.landscape is None else self.landscape.to_json(),
+        )
+        if self.tofu is None:
+            del data["tofu"]
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> ResultRow:
+        """The row a JSON object holds; ``ValueError`` naming the first field that is missing,
+        unknown or of the wrong kind."""
+        parsers = {
+            "cell": lambda value, _: RowCell.from_json(value),
+            "attack": _STRING,
+            "attack_family": _STRING,
+            "forget": _METRIC_VALUES,
+            "utility": _METRIC_VALUES,
+            "reference": lambda value, _: References.from_json(value),
+            "primary_metric": _STRING,
+            "cost": lambda value, _: UnlearningCost.from_json(value),
+            "curve": _or_null(_POINTS),
+            "landscape": _or_null(lambda value, _: Landscape.from_json(value)),
+            "scores": _OBJECT,
+            "tofu": _or_null(_OBJECT),
+        }
+        return cls(**_parse_fields(cls, data, parsers, optional=("tofu",)))
+
+
+def write_results_jsonl(path: Path, rows: Iterable[ResultRow]) -> None:
+    """Write ``results.jsonl`` atomically: one row a line, keys sorted."""
+    atomic_write_text(path, "".join(json.dumps(row.to_json(), sort_keys=True) + "\n" for row in rows))
+
+
+def read_results_jsonl(path: Path, check: Callable[[ResultRow, ResultRow], None] | None = None) -> list[ResultRow]:
+    """The rows of a ``results.jsonl`` (blank lines skipped), each passed with the file's first row to
+    ``check`` (which raises ``ValueError`` on a row it rejects). A line that is not a valid row, or
+    that ``check`` rejects, raises ``ValueError`` naming ``path:line``; so does a file without rows."""
+    path = Path(path)
+    rows: list[ResultRow] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from error
+        try:
+            row = ResultRow.from_json(data)
+            if check is not None:
+                check(row, rows[0] if rows else row)
+        except ValueError as error:
+            raise ValueError(f"{path}:{number}: {error}") from error
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no result rows")
+    return rows
+
+
+def write_cell_rows(path: Path, rows: Iterable[ResultRow]) -> None:
+    """Write a finished cell's ``rows.json`` atomically: a JSON list of its rows."""
+    atomic_write_json(path, [row.to_json() for row in rows])
+
+
+def read_cell_rows(path: Path) -> list[ResultRow]:
+    """The rows of a finished cell's ``rows.json``; ``ValueError`` naming the file and the row when
+    one is not a valid row."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from error
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of result rows, got {type(data).__name__}")
+    rows = []
+    for index, item in enumerate(data):
+        try:
+            rows.append(ResultRow.from_json(item))
+        except ValueError as error:
+            raise ValueError(f"{path}: row {index}: {error}") from error
+    return rows
