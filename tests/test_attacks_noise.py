@@ -25,11 +25,11 @@ def test_the_registry_runs_noise_and_pruning_as_the_functions():
         None, None, seed=3, batch_size=1, relearn_samples=1, relearn_steps=1, relearn_lr=1e-3, relearn_eval_every=1
     )
     noise = parse_attack("noise-0.01")
-    noisy, curve = noise.run(model, context)
-    assert noise.family == "perturbation" and curve is None
+    noisy, curve, config = noise.run(model, context)
+    assert noise.family == "perturbation" and curve is None and config["scale"] == 0.01 and config["seed"] == 3
     assert_bit_identical(noisy, snapshot(gaussian_noise_attack(model, 0.01, seed=3)))
-    pruned, curve = parse_attack("prune-0.25").run(model, context)
-    assert curve is None
+    pruned, curve, config = parse_attack("prune-0.25").run(model, context)
+    assert curve is None and config == {"sparsity": 0.25, "scope": "per-layer"}
     assert_bit_identical(pruned, snapshot(magnitude_prune_attack(model, 0.25)))
 
 

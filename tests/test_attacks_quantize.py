@@ -31,7 +31,7 @@ from robustunlearn.attacks import (
 from robustunlearn.core.batching import TokenBatch
 from robustunlearn.core.errors import UserError
 from robustunlearn.core.models import train_tokenizer
-from robustunlearn.data.base import Benchmark, Passage
+from robustunlearn.data.base import QA, Benchmark, Passage
 from robustunlearn.data.collate import collate_records
 
 
@@ -323,13 +323,32 @@ def test_the_registry_runs_quantization_as_quantize_model():
         relearn_lr=1e-3,
         relearn_eval_every=1,
     )
-    retain_batch = [collate_records(tokenizer, benchmark.get("retain_text")[:16]).input_ids]
-    for name, calibration in (("rtn-int4", None), ("nf4", None), ("gptq-int4", retain_batch)):
+    retain_batch = collate_records(tokenizer, benchmark.get("retain_text")[:16])
+    assert bool((retain_batch.attention_mask == 0).any())  # the texts differ in length: the batch has pads
+    for name, calibration in (("rtn-int4", None), ("nf4", None), ("gptq-int4", [retain_batch])):
         attack = parse_attack(name)
-        attacked, curve = attack.run(model, context)
-        expected, _ = quantize_model(model, name, calibration=calibration, tokenizer=tokenizer)
+        attacked, curve, config = attack.run(model, context)
+        expected, report = quantize_model(model, name, calibration=calibration, tokenizer=tokenizer)
         assert attack.family == "quantization" and curve is None
+        assert config == {k: v for k, v in report.items() if k != "seconds"}
+        assert config["full_precision"] == "embeddings, norms, biases, output head" and config["scheme"]
         assert_bit_identical(attacked, snapshot(expected))
+    # GPTQ calibrates with the attention mask: pad tokens stay out of its Hessians
+    padded, _ = quantize_model(model, "gptq-int4", calibration=[retain_batch.input_ids], tokenizer=tokenizer)
+    masked = parse_attack("gptq-int4").run(model, context).model
+    assert any(not torch.equal(a, b) for a, b in zip(masked.parameters(), padded.parameters()))
+
+
+def test_gptq_calibrates_on_retain_qa_where_a_benchmark_has_no_passages():
+    pairs = [QA(f"Where was person {i} born?", f"In town {i % 7}.", subject=f"p{i}") for i in range(20)]
+    tokenizer = train_tokenizer([q.question + " " + q.answer for q in pairs], vocab_size=300)
+    benchmark = Benchmark("tofu-like", "1", {"retain_qa": pairs})  # TOFU has no retain_text
+    model = tiny_llama(vocab_size=len(tokenizer)).eval()
+    context = AttackContext(tokenizer, benchmark, 0, 1, 1, 1, 1e-3, 1)
+    attacked, _, config = parse_attack("gptq-int4").run(model, context)
+    expected, _ = quantize_model(model, "gptq-int4", calibration=[collate_records(tokenizer, pairs[:16])])
+    assert config["calibration_batches"] == 1
+    assert_bit_identical(attacked, snapshot(expected))
 
 
 # ---- library backends ------------------------------------------------------------------------

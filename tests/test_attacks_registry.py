@@ -80,7 +80,9 @@ def test_each_name_belongs_to_one_spec():
 
 def test_a_spec_needs_a_known_family():
     with pytest.raises(ValueError, match="family"):
-        AttackSpec("erase", "erasure", "a made-up attack", lambda model, strength, context: AttackOutcome(model, None))
+        AttackSpec(
+            "erase", "erasure", "a made-up attack", lambda model, strength, context: AttackOutcome(model, None, {})
+        )
 
 
 @pytest.mark.parametrize("attack", ["prune-2", "noise-x", "rtn-int9"])

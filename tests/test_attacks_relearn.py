@@ -133,12 +133,13 @@ def test_the_registry_relearns_on_its_split_in_batches(name, split):
         probe=probe,
     )
     attack = parse_attack(name)
-    relearned, curve = attack.run(model, context)
+    relearned, curve, config = attack.run(model, context)
     records = benchmark.require(split)[:3]
     batches = [collate_records(tokenizer, records[:2]), collate_records(tokenizer, records[2:])]
     expected, expected_curve = relearn_attack(
         model, tokenizer, batches, steps=3, lr=1e-2, eval_fn=probe, eval_every=2, seed=4
     )
     assert attack.family == "relearning" and curve == expected_curve
+    assert (config["split"], config["records"], config["steps"], config["lr"]) == (split, 3, 3, 1e-2)
     assert [entry["step"] for entry in curve] == [0, 2, 3]
     assert_bit_identical(relearned, snapshot(expected))

@@ -73,11 +73,12 @@ def magnitude_prune_attack(
 
 
 def _noise(model: nn.Module, scale: float, context: AttackContext) -> AttackOutcome:
-    return AttackOutcome(gaussian_noise_attack(model, scale, seed=context.seed), None)
+    config = {"scale": scale, "relative_to": "each weight matrix's RMS", "seed": context.seed}
+    return AttackOutcome(gaussian_noise_attack(model, scale, seed=context.seed), None, config)
 
 
 def _prune(model: nn.Module, sparsity: float, context: AttackContext) -> AttackOutcome:
-    return AttackOutcome(magnitude_prune_attack(model, sparsity), None)
+    return AttackOutcome(magnitude_prune_attack(model, sparsity), None, {"sparsity": sparsity, "scope": "per-layer"})
 
 
 SPECS = (

@@ -2,7 +2,7 @@
 (:mod:`robustunlearn.attacks.spec` says what a spec is and how to add one).
 
     attack = parse_attack("noise-0.01")  # ValueError, listing the accepted forms, on a bad name
-    attacked, curve = attack.run(model, context)
+    attacked, curve, config = attack.run(model, context)
 """
 
 from __future__ import annotations

@@ -156,7 +156,16 @@ def _relearn(
         eval_every=context.relearn_eval_every,
         seed=context.seed,
     )
-    return AttackOutcome(attacked, curve)
+    config = {
+        "split": f"{split}_qa",
+        "records": len(records),
+        "batch_size": context.batch_size,
+        "steps": context.relearn_steps,
+        "lr": context.relearn_lr,
+        "optimizer": "adamw",
+        "lora": None if lora is None else {"rank": lora.rank, "alpha": lora.alpha},
+    }
+    return AttackOutcome(attacked, curve, config)
 
 
 SPECS = (

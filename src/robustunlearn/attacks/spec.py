@@ -12,7 +12,7 @@ To add an attack:
 2. next to it, add an ``AttackSpec`` to the module's ``SPECS`` tuple, e.g.::
 
        def _noise(model, scale: float, context: AttackContext) -> AttackOutcome:
-           return AttackOutcome(gaussian_noise_attack(model, scale, seed=context.seed), None)
+           return AttackOutcome(gaussian_noise_attack(model, scale, seed=context.seed), None, {"scale": scale})
 
        SPECS = (AttackSpec("noise-", PERTURBATION, "Gaussian weight noise", _noise, real_number("scale", 0)),)
 
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
 
-import torch
 from torch import nn
 
+from robustunlearn.core.batching import TokenBatch
 from robustunlearn.data.base import Benchmark
 from robustunlearn.data.collate import collate_records
 
@@ -42,7 +42,7 @@ RELEARNING = "relearning"
 PERTURBATION = "perturbation"
 FAMILIES = (QUANTIZATION, RELEARNING, PERTURBATION)  # the report groups attack rows by these
 
-GPTQ_CALIBRATION_TEXTS = 16  # retain passages GPTQ calibrates on
+GPTQ_CALIBRATION_TEXTS = 16  # retain passages (or retain QA pairs, without passages) GPTQ calibrates on
 
 
 @dataclass(frozen=True)
@@ -64,18 +64,22 @@ class AttackContext:
     probe: Callable[[nn.Module, int], dict[str, Any]] | None = None
 
     @cached_property
-    def calibration(self) -> list[torch.Tensor]:
-        """GPTQ's calibration data: the first GPTQ_CALIBRATION_TEXTS retain passages as one batch of
-        input ids (built on first use: benchmarks without retain text can run every other attack)."""
-        texts = self.benchmark.get("retain_text")[:GPTQ_CALIBRATION_TEXTS]
-        return [collate_records(self.tokenizer, texts).input_ids]
+    def calibration(self) -> list[TokenBatch]:
+        """GPTQ's calibration data: the first GPTQ_CALIBRATION_TEXTS retain passages, or retain QA
+        pairs where the benchmark has no passages (TOFU), as one padded batch with its attention
+        mask, so pad tokens stay out of the Hessians. Built on first use."""
+        records = self.benchmark.get("retain_text") or self.benchmark.require("retain_qa")
+        return [collate_records(self.tokenizer, records[:GPTQ_CALIBRATION_TEXTS])]
 
 
 class AttackOutcome(NamedTuple):
-    """The attacked model, and the attack's curve (relearning's, one dict per probe) or None."""
+    """The attacked model, the attack's curve (relearning's, one dict per probe) or None, and the
+    attack's exact configuration as the result rows record it (quantizers: bits, grouping, scheme,
+    backend, which modules stay in full precision; relearning: data, steps, lr, optimizer)."""
 
     model: nn.Module
     curve: list[dict[str, Any]] | None
+    config: dict[str, Any]
 
 
 @dataclass(frozen=True)

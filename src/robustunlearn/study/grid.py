@@ -232,7 +232,7 @@ def run_cell(
     reference = References(target=references["target"], unlearned=unlearned, retrain=retrain)
     retrain_ratios = (references.get("tofu_retrain") or {}).get("forget_truth_ratios")
 
-    def row(attack: str, family: str, attacked_model, metrics: dict[str, float], curve=None) -> ResultRow:
+    def row(attack: str, family: str, attacked_model, metrics: dict[str, float], outcome=None) -> ResultRow:
         entry = ResultRow(
             cell=RowCell(**cell.as_dict()),
             attack=attack,
@@ -242,8 +242,9 @@ def run_cell(
             reference=reference,
             primary_metric=metric,
             cost=cost,
-            curve=curve,
+            curve=None if outcome is None else outcome.curve,
             landscape=cell_landscape,
+            attack_config=None if outcome is None else outcome.config,
         )
         entry.scores = attack_scores(entry)
         entry.tofu = tofu_scores(attacked_model, tokenizer, benchmark, settings.eval, retrain_ratios)
@@ -253,9 +254,9 @@ def run_cell(
     context = attack_context(tokenizer, benchmark, settings, study, probe)
     for name in study.attacks if attacks else ():
         attack = parse_attack(name)
-        attacked, curve = attack.run(model, context)
-        scores = evaluate_model(attacked, tokenizer, benchmark, settings.eval)
-        rows.append(row(name, attack.family, attacked, scores, curve))
+        outcome = attack.run(model, context)
+        scores = evaluate_model(outcome.model, tokenizer, benchmark, settings.eval)
+        rows.append(row(name, attack.family, outcome.model, scores, outcome))
     return rows
 
 

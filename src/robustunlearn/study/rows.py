@@ -43,6 +43,10 @@ A row, field by field (:class:`ResultRow`)::
   report recomputes them from the other fields rather than trusting stored ones.
 * ``tofu``: :func:`robustunlearn.metrics.suite.tofu_scores` of the attacked model; the key is
   absent where there are none.
+* ``attack_config``: the attack's exact configuration (``AttackOutcome.config``): a quantizer's
+  method, backend, bits, group size, scheme (symmetric or not, grouped over what) and which modules
+  stay in full precision; relearning's data, steps, lr and optimizer; noise's scale. Absent on the
+  unattacked row.
 
 Every part writes its keys sorted, as the files store them (``sort_keys``), so a row read back
 lists its cell's and its cost's fields in the same order as one about to be written.
@@ -223,6 +227,7 @@ class ResultRow:
     landscape: Landscape | None = None
     scores: dict[str, Any] = field(default_factory=dict)
     tofu: dict[str, Any] | None = None
+    attack_config: dict[str, Any] | None = None  # the attack's exact configuration (AttackOutcome.config)
 
     def to_json(self) -> dict[str, Any]:
         data = _sorted_fields(self)
@@ -232,8 +237,9 @@ class ResultRow:
             cost=self.cost.to_json(),
             landscape=None if self.landscape is None else self.landscape.to_json(),
         )
-        if self.tofu is None:
-            del data["tofu"]
+        for optional in ("tofu", "attack_config"):
+            if data[optional] is None:
+                del data[optional]
         return data
 
     @classmethod
@@ -253,8 +259,9 @@ class ResultRow:
             "landscape": _or_null(lambda value, _: Landscape.from_json(value)),
             "scores": _OBJECT,
             "tofu": _or_null(_OBJECT),
+            "attack_config": _or_null(_OBJECT),
         }
-        return cls(**_parse_fields(cls, data, parsers, optional=("tofu",)))
+        return cls(**_parse_fields(cls, data, parsers, optional=("tofu", "attack_config")))
 
 
 def write_results_jsonl(path: Path, rows: Iterable[ResultRow]) -> None:

@@ -23,7 +23,7 @@ from robustunlearn.attacks.quant.core import (
     quantizable_linears,
 )
 from robustunlearn.attacks.quant.gptq import gptq_quantize_model
-from robustunlearn.attacks.quant.rtn import TORCH_FAMILIES, tensor_quantizer
+from robustunlearn.attacks.quant.rtn import CODE_BOOK_BLOCK_SIZE, TORCH_FAMILIES, tensor_quantizer
 from robustunlearn.attacks.spec import (
     GPTQ_CALIBRATION_TEXTS,
     QUANTIZATION,
@@ -39,6 +39,19 @@ def _dequantizer(spec: QuantizationMethod, group_size: int | None) -> Callable[[
         quantize = tensor_quantizer(spec, group_size)
         return lambda weight: quantize(weight).dequantized
     return backend_dequantizer(spec, group_size)
+
+
+def quantization_scheme(spec: QuantizationMethod) -> str:
+    """How ``spec`` maps a weight to codes, in words: symmetric or not, and over what it groups."""
+    if spec.family in ("nf4", "fp4") or spec.name in ("bnb-nf4", "bnb-fp4"):
+        return f"code book, absmax per block of {CODE_BOOK_BLOCK_SIZE} (row-major flattened weight)"
+    if spec.bits == 8 and spec.family in ("rtn", "bnb", "torchao"):
+        return "symmetric, one scale per output row"
+    if spec.family in ("rtn", "gptq"):
+        return "asymmetric min-max, scale and zero point per group of input columns"
+    if spec.family == "hqq":
+        return "asymmetric, scale and zero point per group of the row-major flattened weight (HQQ)"
+    return f"{spec.family}'s own (library default)"
 
 
 def quantize_model(
@@ -57,7 +70,8 @@ def quantize_model(
     row); the other methods fix their own grouping. ``calibration`` (GPTQ only, required there):
     ``TokenBatch``es, input-id tensors, or strings with ``tokenizer``; use retain text.
 
-    The report: ``method``, ``backend``, ``bits``, ``group_size``, ``layers`` (weights quantized),
+    The report: ``method``, ``backend``, ``bits``, ``group_size``, ``scheme`` (:func:`quantization_scheme`),
+    ``include_lm_head``, ``full_precision`` (what stays unquantized), ``layers`` (weights quantized),
     ``quantized_params``, ``relative_error`` (‖W - Ŵ‖_F / ‖W‖_F over all of them), ``seconds``.
     The input model is not modified."""
     spec = parse_method(method)
@@ -93,7 +107,9 @@ def quantize_model(
         "backend": backend_name(spec),
         "bits": spec.bits,
         "group_size": group_size if grouped else None,
+        "scheme": quantization_scheme(spec),
         "include_lm_head": include_lm_head,
+        "full_precision": "embeddings, norms, biases" + ("" if include_lm_head else ", output head"),
         "layers": len(after),
         "quantized_params": sum(linear.weight.numel() for _, linear in after),
         "relative_error": math.sqrt(error / norm) if norm > 0 else 0.0,
@@ -160,8 +176,8 @@ def code_agreement(
 def _quantize(model: nn.Module, method: QuantizationMethod, context: AttackContext) -> AttackOutcome:
     """The attack: ``method`` with its default grouping; GPTQ calibrates on the context's retain text."""
     calibration = context.calibration if method.family == "gptq" else None
-    quantized, _ = quantize_model(model, method.name, calibration=calibration, tokenizer=context.tokenizer)
-    return AttackOutcome(quantized, None)
+    quantized, report = quantize_model(model, method.name, calibration=calibration, tokenizer=context.tokenizer)
+    return AttackOutcome(quantized, None, {k: v for k, v in report.items() if k != "seconds"})
 
 
 def _quantize_fixed(model: nn.Module, _: None, context: AttackContext, *, method: QuantizationMethod) -> AttackOutcome:
