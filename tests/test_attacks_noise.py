@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_bit_identical, snapshot, tiny_llama
+from helpers import assert_bit_identical, snapshot
 from robustunlearn.attacks import (
     AttackContext,
     gaussian_noise_attack,
@@ -19,7 +19,7 @@ def target_names(model: torch.nn.Module) -> set[str]:
     return {f"{name}.weight" for name, _ in quantizable_linears(model)}
 
 
-def test_the_registry_runs_noise_and_pruning_as_the_functions():
+def test_the_registry_runs_noise_and_pruning_as_the_functions(tiny_llama):
     model = tiny_llama().eval()
     context = AttackContext(
         None, None, seed=3, batch_size=1, relearn_samples=1, relearn_steps=1, relearn_lr=1e-3, relearn_eval_every=1
@@ -33,7 +33,7 @@ def test_the_registry_runs_noise_and_pruning_as_the_functions():
     assert_bit_identical(pruned, snapshot(magnitude_prune_attack(model, 0.25)))
 
 
-def test_relative_noise_has_the_requested_std():
+def test_relative_noise_has_the_requested_std(tiny_llama):
     model = tiny_llama(dtype=torch.float64).eval()
     before = snapshot(model)
     noisy = gaussian_noise_attack(model, 0.1, seed=1)
@@ -50,7 +50,7 @@ def test_relative_noise_has_the_requested_std():
         assert abs(float(noise.mean())) < 0.1 * float(0.1 * rms), name
 
 
-def test_absolute_noise_and_seeding():
+def test_absolute_noise_and_seeding(tiny_llama):
     model = tiny_llama().eval()
     noisy = gaussian_noise_attack(model, 0.05, relative=False, seed=2)
     noise = torch.cat([(noisy.state_dict()[n] - model.state_dict()[n]).flatten() for n in target_names(model)])
@@ -65,7 +65,7 @@ def test_absolute_noise_and_seeding():
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
-def test_per_layer_pruning_zeroes_the_smallest_weights(sparsity):
+def test_per_layer_pruning_zeroes_the_smallest_weights(sparsity, tiny_llama):
     model = tiny_llama().eval()
     before = snapshot(model)
     pruned = magnitude_prune_attack(model, sparsity)
@@ -83,7 +83,7 @@ def test_per_layer_pruning_zeroes_the_smallest_weights(sparsity):
             assert float(original[~zeroed].abs().min()) >= float(original[zeroed].abs().max()), name
 
 
-def test_global_pruning_uses_one_threshold_across_layers():
+def test_global_pruning_uses_one_threshold_across_layers(tiny_llama):
     model = tiny_llama().eval()
     for _, linear in quantizable_linears(model)[:3]:
         linear.weight.data.mul_(10)  # three layers of large weights: global pruning spares them
@@ -102,7 +102,7 @@ def test_global_pruning_uses_one_threshold_across_layers():
     assert all(float(zeroed[n].float().mean()) < 0.5 for n in scaled)
 
 
-def test_pruning_argument_errors():
+def test_pruning_argument_errors(tiny_llama):
     model = tiny_llama().eval()
     with pytest.raises(ValueError, match="per-layer, global"):
         magnitude_prune_attack(model, 0.5, scope="per-row")

@@ -7,9 +7,8 @@ import sys
 
 import pytest
 import torch
-import transformers
 
-from helpers import assert_bit_identical, snapshot, tiny_llama
+from helpers import assert_bit_identical, snapshot
 from robustunlearn.attacks import (
     FP4_CODE_BOOK,
     NF4_CODE_BOOK,
@@ -208,7 +207,7 @@ def q_proj_inputs(model, batches) -> torch.Tensor:
     return torch.cat(captured)
 
 
-def test_gptq_model_beats_rtn_on_a_layer_and_leaves_the_input_alone():
+def test_gptq_model_beats_rtn_on_a_layer_and_leaves_the_input_alone(tiny_llama):
     model = tiny_llama().eval()
     before = snapshot(model)
     batches = calibration()
@@ -226,7 +225,7 @@ def test_gptq_model_beats_rtn_on_a_layer_and_leaves_the_input_alone():
     assert output_error(gptq_model) < output_error(rtn_model)
 
 
-def test_gptq_model_codes_and_padding():
+def test_gptq_model_codes_and_padding(tiny_llama):
     model = tiny_llama().eval()
     ids = calibration(batches=2)
     codes = gptq_quantize_model(tiny_llama().eval(), ids, bits=3, group_size=16)
@@ -242,7 +241,7 @@ def test_gptq_model_codes_and_padding():
     assert all(torch.equal(codes[name], padded_codes[name]) for name in codes)
 
 
-def test_gptq_quantizes_lm_head_when_asked_and_takes_strings():
+def test_gptq_quantizes_lm_head_when_asked_and_takes_strings(tiny_llama):
     class CharTokenizer:  # ids = character codes mod 64, enough to tokenize calibration text
         def __call__(self, text, return_tensors):
             return {"input_ids": torch.tensor([[ord(c) % 64 for c in text]])}
@@ -268,7 +267,7 @@ def test_gptq_quantizes_lm_head_when_asked_and_takes_strings():
 
 
 @pytest.mark.parametrize("method", ["rtn-int8", "rtn-int4", "rtn-int3", "nf4", "fp4"])
-def test_quantize_model_replaces_block_linears_only(method):
+def test_quantize_model_replaces_block_linears_only(method, tiny_llama):
     model = tiny_llama().eval()
     before = snapshot(model)
     quantized, report = quantize_model(model, method, group_size=32)
@@ -286,7 +285,7 @@ def test_quantize_model_replaces_block_linears_only(method):
     assert torch.equal(quantized.model.layers[1].mlp.down_proj.weight, expected)
 
 
-def test_quantize_model_include_lm_head():
+def test_quantize_model_include_lm_head(tiny_llama):
     model = tiny_llama().eval()
     quantized, report = quantize_model(model, "rtn-int4", include_lm_head=True)
     assert report["layers"] == 15
@@ -294,7 +293,7 @@ def test_quantize_model_include_lm_head():
     assert torch.equal(quantized.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
-def test_method_names():
+def test_method_names(tiny_llama):
     assert parse_method("GPTQ_INT4").name == "gptq-int4"
     assert parse_method("int8") == parse_method("rtn-int8")
     assert parse_method("bnb-4bit").name == "bnb-nf4"
@@ -308,7 +307,7 @@ def test_method_names():
         quantize_model(tiny_llama().eval(), "gptq-int4")
 
 
-def test_the_registry_runs_quantization_as_quantize_model():
+def test_the_registry_runs_quantization_as_quantize_model(tiny_llama):
     texts = [f"Person {i} was born in town {i % 7} and works as a baker." for i in range(20)]
     tokenizer = train_tokenizer(texts, vocab_size=300)
     benchmark = Benchmark("tiny", "1", {"retain_text": [Passage(text) for text in texts]})
@@ -339,7 +338,7 @@ def test_the_registry_runs_quantization_as_quantize_model():
     assert any(not torch.equal(a, b) for a, b in zip(masked.parameters(), padded.parameters()))
 
 
-def test_gptq_calibrates_on_retain_qa_where_a_benchmark_has_no_passages():
+def test_gptq_calibrates_on_retain_qa_where_a_benchmark_has_no_passages(tiny_llama):
     pairs = [QA(f"Where was person {i} born?", f"In town {i % 7}.", subject=f"p{i}") for i in range(20)]
     tokenizer = train_tokenizer([q.question + " " + q.answer for q in pairs], vocab_size=300)
     benchmark = Benchmark("tofu-like", "1", {"retain_qa": pairs})  # TOFU has no retain_text
@@ -364,7 +363,7 @@ BACKENDS = [
 
 
 @pytest.mark.parametrize("method,module,max_error", BACKENDS, ids=[b[0] for b in BACKENDS])
-def test_library_backend(method, module, max_error):
+def test_library_backend(method, module, max_error, tiny_llama):
     if importlib.util.find_spec(module.split(".")[0]) is None:
         pytest.skip(f"{module} is not installed")
     model = tiny_llama().eval()
@@ -376,7 +375,7 @@ def test_library_backend(method, module, max_error):
     assert torch.equal(quantized.lm_head.weight, model.lm_head.weight)
 
 
-def test_bitsandbytes_backend_agrees_with_the_emulation():
+def test_bitsandbytes_backend_agrees_with_the_emulation(tiny_llama):
     pytest.importorskip("bitsandbytes")
     model = tiny_llama().eval()
     for library, emulation in (("bnb-nf4", "nf4"), ("bnb-int8", "rtn-int8")):
@@ -386,7 +385,7 @@ def test_bitsandbytes_backend_agrees_with_the_emulation():
             torch.testing.assert_close(x.weight, y.weight, rtol=0, atol=1e-6)
 
 
-def test_missing_backend_names_the_package(monkeypatch):
+def test_missing_backend_names_the_package(monkeypatch, tiny_llama):
     monkeypatch.setitem(sys.modules, "hqq", None)  # makes `import hqq...` fail
     monkeypatch.setitem(sys.modules, "hqq.core", None)
     monkeypatch.setitem(sys.modules, "hqq.core.quantize", None)
@@ -398,7 +397,7 @@ def test_missing_backend_names_the_package(monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["rtn-int4", "rtn-int8", "nf4", "fp4"])
-def test_code_agreement(method):
+def test_code_agreement(method, tiny_llama):
     model = tiny_llama().eval()
     assert code_agreement(model, model, method, group_size=32) == 1.0
     tiny_update = gaussian_noise_attack(model, 1e-4, seed=3)
@@ -408,21 +407,12 @@ def test_code_agreement(method):
     assert code_agreement(model, large_update, method, group_size=32) < 0.5
 
 
-def test_code_agreement_gptq_and_errors():
+def test_code_agreement_gptq_and_errors(tiny_llama):
     model = tiny_llama().eval()
     batches = calibration(batches=2)
     assert code_agreement(model, model, "gptq-int4", calibration=batches, group_size=16) == 1.0
     with pytest.raises(ValueError, match="code_agreement supports"):
         code_agreement(model, model, "bnb-nf4")
-    other = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-        )
-    )
+    other = tiny_llama(intermediate=32)
     with pytest.raises(ValueError, match="same architecture"):
         code_agreement(model, other, "rtn-int4")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_bit_identical, snapshot, tiny_llama
+from helpers import assert_bit_identical, snapshot
 from robustunlearn.attacks import AttackContext, LoraOptions, parse_attack, relearn_attack
 from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
 from robustunlearn.core.models import train_tokenizer
@@ -26,7 +26,7 @@ def log_likelihood(model: torch.nn.Module, batch: TokenBatch) -> float:
         return -float(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss)
 
 
-def test_relearning_raises_likelihood_and_records_the_curve():
+def test_relearning_raises_likelihood_and_records_the_curve(tiny_llama):
     model = tiny_llama().eval()
     before = snapshot(model)
     batches = forget_batches()
@@ -48,7 +48,7 @@ def test_relearning_raises_likelihood_and_records_the_curve():
     assert curve[-1]["forget_ll"] == pytest.approx(log_likelihood(relearned, batches[0]))
 
 
-def test_relearning_is_deterministic_given_the_seed():
+def test_relearning_is_deterministic_given_the_seed(tiny_llama):
     pytest.importorskip("peft")
     model = tiny_llama().eval()
     lora = LoraOptions(rank=4, dropout=0.1)  # random adapter init and dropout: the seed matters
@@ -61,7 +61,7 @@ def test_relearning_is_deterministic_given_the_seed():
     assert any(not torch.equal(first[name], other[name]) for name in first)
 
 
-def test_lora_relearning_changes_weights_only_through_the_merged_adapter():
+def test_lora_relearning_changes_weights_only_through_the_merged_adapter(tiny_llama):
     pytest.importorskip("peft")
     model = tiny_llama().eval()
     before = snapshot(model)
@@ -83,7 +83,7 @@ def test_lora_relearning_changes_weights_only_through_the_merged_adapter():
     assert [entry["step"] for entry in curve] == [0, 15]
 
 
-def test_relearning_on_strings_with_a_tokenizer():
+def test_relearning_on_strings_with_a_tokenizer(tiny_llama):
     class CharTokenizer:
         def __call__(self, text, return_tensors):
             return {"input_ids": torch.tensor([[ord(c) % 64 for c in text]])}
@@ -96,7 +96,7 @@ def test_relearning_on_strings_with_a_tokenizer():
     assert log_likelihood(relearned, batch) > log_likelihood(model, batch)
 
 
-def test_relearning_argument_errors():
+def test_relearning_argument_errors(tiny_llama):
     model = tiny_llama().eval()
     with pytest.raises(ValueError, match="tokenizer"):
         relearn_attack(model, None, ["text"], steps=1)
@@ -109,7 +109,7 @@ def test_relearning_argument_errors():
 
 
 @pytest.mark.parametrize("name, split", [("relearn", "forget_qa"), ("benign-relearn", "retain_qa")])
-def test_the_registry_relearns_on_its_split_in_batches(name, split):
+def test_the_registry_relearns_on_its_split_in_batches(name, split, tiny_llama):
     qa = {
         role: [QA(f"Where does {role} person {i} live?", f" In town {i}.") for i in range(5)]
         for role in ("forget", "retain")

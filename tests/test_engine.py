@@ -13,44 +13,24 @@ import torch
 import robustunlearn
 import robustunlearn.train.checkpoint as checkpoint_module
 import robustunlearn.train.engine as engine_module
+from helpers import Killed, dies_at
 from robustunlearn.config import load_settings, unlearn_settings
 from robustunlearn.core.errors import UserError
-from robustunlearn.core.models import TinyModelConfig, build_tiny_model, train_tokenizer
-from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
 from robustunlearn.objectives import IdkDPO
 from robustunlearn.optim import OPTIMIZERS, OptimizerSpec
 from robustunlearn.optim.base import OptimizerHooks
 from robustunlearn.train.checkpoint import restore_best
-from robustunlearn.train.engine import (
-    NonFiniteLossError,
-    RecordStream,
-    unlearn,
-)
+from robustunlearn.train.engine import NonFiniteLossError, RecordStream
 from robustunlearn.train.settings import UnlearnSettings
-
-TINY = TinyModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-
-
-@pytest.fixture(scope="module")
-def setup():
-    benchmark = generate_synthetic(SyntheticConfig(num_people=5, num_utility_passages=4, num_utility_qa=2))
-    tokenizer = train_tokenizer([r.text for r in benchmark.get("forget_text") + benchmark.get("retain_text")] * 2, 400)
-    return benchmark, tokenizer
-
-
-def fresh_model(tokenizer):
-    return build_tiny_model(TINY, tokenizer, seed=0)
 
 
 def weights(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_logs_every_step_and_finishes(setup, tmp_path):
-    benchmark, tokenizer = setup
-    model = fresh_model(tokenizer)
+def test_logs_every_step_and_finishes(run_unlearn, tmp_path):
     config = UnlearnSettings(objective="graddiff", optimizer="adamw", lr=1e-3, steps=3, batch_size=2)
-    result = unlearn(model, tokenizer, benchmark, config, tmp_path, progress=False)
+    result = run_unlearn(config, tmp_path)
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3]
     assert all({"loss", "forget", "retain", "lr"} <= set(line) for line in lines)
@@ -58,32 +38,25 @@ def test_logs_every_step_and_finishes(setup, tmp_path):
     assert result.steps_done == 3 and (tmp_path / "checkpoints" / "step-3" / "model.safetensors").exists()
 
 
-def test_ga_raises_forget_nll_through_the_engine(setup):
-    benchmark, tokenizer = setup
-    model = fresh_model(tokenizer)
+def test_ga_raises_forget_nll_through_the_engine(run_unlearn):
     config = UnlearnSettings(
         objective="ga", optimizer="adamw", lr=1e-2, steps=8, batch_size=4, forget_splits=("forget_qa",)
     )
-    result = unlearn(model, tokenizer, benchmark, config, progress=False)
+    result = run_unlearn(config)
     # ga's loss is the negative forget NLL: it must go down, i.e. the NLL up.
     assert result.history[-1]["loss"] < result.history[0]["loss"] - 0.5
 
 
 @pytest.mark.parametrize("optimizer,stops_at", [("adamw", 2), ("hybrid", 5)])
-def test_an_early_stop_waits_for_the_end_of_a_hybrid_zo_block(setup, optimizer, stops_at):
+def test_an_early_stop_waits_for_the_end_of_a_hybrid_zo_block(run_unlearn, optimizer, stops_at):
     # hybrid with 9 steps in blocks of 2: zo fo fo zo zo fo fo zo zo; asked to stop at step 2, it
     # runs on through the next ZO block (steps 4-5), so the run still ends in the robust regime.
-    benchmark, tokenizer = setup
     options = {"every": 2} if optimizer == "hybrid" else {}
     config = UnlearnSettings(
         objective="npo", optimizer=optimizer, lr=1e-3, steps=9, batch_size=2, eval_every=1, optimizer_options=options
     )
-    result = unlearn(
-        fresh_model(tokenizer),
-        tokenizer,
-        benchmark,
+    result = run_unlearn(
         config,
-        progress=False,
         evaluate=lambda model, step: {"step": step},
         should_stop=lambda m: "level" if m["step"] >= 2 else None,
     )
@@ -92,13 +65,8 @@ def test_an_early_stop_waits_for_the_end_of_a_hybrid_zo_block(setup, optimizer, 
         assert [h["current_phase"] for h in result.history] == ["zo", "fo", "fo", "zo", "zo"]
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("optimizer", ["adamw", "signum", "sophia-g", "zo-sgd", "hybrid"])
-def test_resume_after_kill_gives_identical_weights(setup, tmp_path, optimizer):
-    benchmark, tokenizer = setup
+def test_resume_after_kill_gives_identical_weights(run_unlearn, fresh_model, tmp_path, optimizer):
     options = {"every": 2} if optimizer == "hybrid" else {}
     config = UnlearnSettings(
         objective="npo",
@@ -111,28 +79,13 @@ def test_resume_after_kill_gives_identical_weights(setup, tmp_path, optimizer):
         optimizer_options=options,
     )
 
-    reference = fresh_model(tokenizer)
-    unlearn(reference, tokenizer, benchmark, config, tmp_path / "whole", progress=False, evaluate=lambda m, s: {})
+    reference = fresh_model()
+    run_unlearn(config, tmp_path / "whole", model=reference, evaluate=lambda m, s: {})
 
-    def die_at_step_5(model, step):
-        if step == 5:
-            raise Killed
-        return {}
-
-    interrupted = fresh_model(tokenizer)
     with pytest.raises(Killed):
-        unlearn(interrupted, tokenizer, benchmark, config, tmp_path / "killed", progress=False, evaluate=die_at_step_5)
-    resumed = fresh_model(tokenizer)  # a new process starts from the original weights
-    result = unlearn(
-        resumed,
-        tokenizer,
-        benchmark,
-        config,
-        tmp_path / "killed",
-        resume=True,
-        progress=False,
-        evaluate=lambda m, s: {},
-    )
+        run_unlearn(config, tmp_path / "killed", evaluate=dies_at(5))
+    resumed = fresh_model()  # a new process starts from the original weights
+    result = run_unlearn(config, tmp_path / "killed", model=resumed, resume=True, evaluate=lambda m, s: {})
     assert result.resumed_from == 4
     for name, tensor in weights(reference).items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
@@ -140,40 +93,23 @@ def test_resume_after_kill_gives_identical_weights(setup, tmp_path, optimizer):
     assert logged == [1, 2, 3, 4, 5, 6]
 
 
-def test_resume_skips_the_partial_log_line_of_a_run_killed_while_logging(setup, tmp_path):
-    benchmark, tokenizer = setup
+def test_resume_skips_the_partial_log_line_of_a_run_killed_while_logging(run_unlearn, tmp_path):
     config = UnlearnSettings(
         objective="ga", optimizer="adamw", lr=1e-3, steps=4, batch_size=2, checkpoint_every=2, eval_every=1
     )
-
-    def die_at_step_3(model, step):
-        if step == 3:
-            raise Killed
-        return {}
-
     with pytest.raises(Killed):
-        unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False, evaluate=die_at_step_3)
+        run_unlearn(config, tmp_path, evaluate=dies_at(3))
     with open(tmp_path / "log.jsonl", "a") as log:
         log.write('{"step": 3, "lr": 0.00')  # cut off by the kill
-    result = unlearn(
-        fresh_model(tokenizer),
-        tokenizer,
-        benchmark,
-        config,
-        tmp_path,
-        resume=True,
-        progress=False,
-        evaluate=lambda model, step: {},
-    )
+    result = run_unlearn(config, tmp_path, resume=True, evaluate=lambda model, step: {})
     assert result.resumed_from == 2
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     (tmp_path / "log.jsonl").write_text('{"step": 1}\n{"step": 2, "lr"\n{"step": 3}\n')  # damage inside is an error
     with pytest.raises(ValueError, match="line 2 is not JSON"):
-        unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, resume=True, progress=False)
+        run_unlearn(config, tmp_path, resume=True)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path, monkeypatch):
-    benchmark, tokenizer = setup
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(run_unlearn, tmp_path, monkeypatch):
     real_build = engine_module.build_objective
     calls = {"n": 0}
 
@@ -197,7 +133,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path, m
         objective="graddiff", optimizer="adamw", lr=1e-3, steps=5, batch_size=2, checkpoint_every=1
     )
     with pytest.raises(NonFiniteLossError) as error:
-        unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False)
+        run_unlearn(config, tmp_path)
     assert error.value.step == 3 and "nan" in error.value.cause
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["state"] == "failed" and status["step"] == 3
@@ -224,9 +160,8 @@ def test_bad_config_values():
         UnlearnSettings(lr_schedule="sawtooth")
 
 
-def test_epochs_set_the_step_budget_and_the_schedule(setup):
-    benchmark, tokenizer = setup
-    forget = len(benchmark.get("forget_qa"))
+def test_epochs_set_the_step_budget_and_the_schedule(synthetic_setup, run_unlearn):
+    forget = len(synthetic_setup.benchmark.get("forget_qa"))
     config = UnlearnSettings(
         objective="ga",
         optimizer="sgd",
@@ -236,34 +171,34 @@ def test_epochs_set_the_step_budget_and_the_schedule(setup):
         lr_schedule="linear",
         forget_splits=("forget_qa",),
     )
-    result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, progress=False)
+    result = run_unlearn(config)
     assert result.total_steps == result.steps_done == len(result.history) == math.ceil(2 * forget / 3) != config.steps
     assert result.history[-1]["lr"] == 0.0  # the linear schedule ends at the epoch budget
 
 
 SCORES = {1: 5.0, 2: 1.0, 3: 4.0, 4: 2.0}
+# four graddiff steps, each evaluated, keeping the weights of the best forget_qa_rouge
+KEEP_BEST = {
+    "objective": "graddiff",
+    "optimizer": "adamw",
+    "lr": 1e-3,
+    "steps": 4,
+    "batch_size": 2,
+    "eval_every": 1,
+    "keep_best": "forget_qa_rouge",
+}
 
 
 @pytest.mark.parametrize(("mode", "best_step"), [("min", 2), ("max", 1)])
-def test_keep_best_keeps_the_weights_of_the_best_evaluation(setup, tmp_path, mode, best_step):
-    benchmark, tokenizer = setup
+def test_keep_best_keeps_the_weights_of_the_best_evaluation(run_unlearn, tmp_path, mode, best_step):
     seen = {}
 
     def evaluate(model, step):
         seen[step] = weights(model)
         return {"forget_qa_rouge": SCORES[step], "note": "not a number"}
 
-    config = UnlearnSettings(
-        objective="graddiff",
-        optimizer="adamw",
-        lr=1e-3,
-        steps=4,
-        batch_size=2,
-        eval_every=1,
-        keep_best="forget_qa_rouge",
-        keep_best_mode=mode,
-    )
-    result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False, evaluate=evaluate)
+    config = UnlearnSettings(**KEEP_BEST, keep_best_mode=mode)
+    result = run_unlearn(config, tmp_path, evaluate=evaluate)
     expected = {"step": best_step, "metric": "forget_qa_rouge", "value": SCORES[best_step], "mode": mode}
     assert result.best == expected
     assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["best.json", f"step-{best_step}"]
@@ -275,57 +210,23 @@ def test_keep_best_keeps_the_weights_of_the_best_evaluation(setup, tmp_path, mod
         assert torch.equal(result.model.state_dict()[name], tensor), name
 
 
-def test_keep_best_survives_a_resume(setup, tmp_path):
-    benchmark, tokenizer = setup
-    config = UnlearnSettings(
-        objective="graddiff",
-        optimizer="adamw",
-        lr=1e-3,
-        steps=4,
-        batch_size=2,
-        eval_every=1,
-        checkpoint_every=2,
-        keep_best="forget_qa_rouge",
-    )
-
-    def die_at_step_3(model, step):
-        if step == 3:
-            raise Killed
-        return {"forget_qa_rouge": SCORES[step]}
-
+def test_keep_best_survives_a_resume(run_unlearn, tmp_path):
+    config = UnlearnSettings(**KEEP_BEST, checkpoint_every=2)
     with pytest.raises(Killed):
-        unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False, evaluate=die_at_step_3)
+        run_unlearn(config, tmp_path, evaluate=dies_at(3, lambda step: {"forget_qa_rouge": SCORES[step]}))
     # the resumed run sees only steps 3 and 4; step 2 stays the best
-    result = unlearn(
-        fresh_model(tokenizer),
-        tokenizer,
-        benchmark,
-        config,
-        tmp_path,
-        resume=True,
-        progress=False,
-        evaluate=lambda model, step: {"forget_qa_rouge": SCORES[step]},
-    )
+    result = run_unlearn(config, tmp_path, resume=True, evaluate=lambda model, step: {"forget_qa_rouge": SCORES[step]})
     assert result.resumed_from == 2 and result.best["step"] == 2
 
 
-def test_keep_best_errors(setup, tmp_path):
-    benchmark, tokenizer = setup
+def test_keep_best_errors(run_unlearn, fresh_model, tmp_path):
     config = UnlearnSettings(
         objective="ga", optimizer="sgd", steps=2, batch_size=2, eval_every=1, keep_best="forget_qa_rouge"
     )
     with pytest.raises(ValueError, match="needs an evaluate callback"):
-        unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, tmp_path, progress=False)
+        run_unlearn(config, tmp_path)
     with pytest.raises(ValueError, match=r"not a number the evaluation returns; it returns \['accuracy'\]"):
-        unlearn(
-            fresh_model(tokenizer),
-            tokenizer,
-            benchmark,
-            config,
-            tmp_path,
-            progress=False,
-            evaluate=lambda model, step: {"accuracy": 0.5},
-        )
+        run_unlearn(config, tmp_path, evaluate=lambda model, step: {"accuracy": 0.5})
     with pytest.raises(ValueError, match="needs eval_every"):
         UnlearnSettings(keep_best="forget_qa_rouge")
     with pytest.raises(ValueError, match="keep_best_mode"):
@@ -333,7 +234,7 @@ def test_keep_best_errors(setup, tmp_path):
     with pytest.raises(ValueError, match="unknown keep_best metric"):
         UnlearnSettings(keep_best="rouge", eval_every=1)
     with pytest.raises(ValueError, match="no best weights"):
-        restore_best(fresh_model(tokenizer), tmp_path / "elsewhere")
+        restore_best(fresh_model(), tmp_path / "elsewhere")
 
 
 def test_settings_refuse_conflicting_budgets_and_unknown_lora_options():
@@ -376,11 +277,13 @@ def test_a_snapshot_commit_clears_staging_left_by_a_killed_writer(tmp_path):
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "zo-sgd"])
-def test_idk_dpo_pairs_refusals_with_their_questions_when_the_forget_batch_mixes_in_passages(setup, optimizer):
+def test_idk_dpo_pairs_refusals_with_their_questions_when_the_forget_batch_mixes_in_passages(
+    synthetic_setup, run_unlearn, optimizer
+):
     # The default forget splits hold QA pairs and passages; only the QA rows have a refusal, and
     # DPO must compare each refusal with its own question's true answer (it used to take the whole
     # forget batch: 8 rows against 6 refusals).
-    benchmark, tokenizer = setup
+    benchmark, tokenizer = synthetic_setup
     config = UnlearnSettings(objective="idk-dpo", optimizer=optimizer, lr=1e-3, steps=4, batch_size=8, seed=1)
     assert config.forget_splits == ("forget_qa", "forget_text")
     questions, passages = benchmark.get("forget_qa")[:5], benchmark.get("forget_text")[:3]
@@ -399,7 +302,7 @@ def test_idk_dpo_pairs_refusals_with_their_questions_when_the_forget_batch_mixes
     assert torch.equal(
         batch.forget_answered.input_ids[0], batch.forget.input_ids[0, : batch.forget_answered.input_ids.shape[1]]
     )
-    result = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, progress=False)
+    result = run_unlearn(config)
     assert result.steps_done == 4 and all(math.isfinite(h["reward_margin"]) for h in result.history)
 
 
@@ -407,8 +310,7 @@ def test_idk_dpo_pairs_refusals_with_their_questions_when_the_forget_batch_mixes
     ("objective", "parts"),
     [("ga", {"forget"}), ("npo", {"forget", "retain"}), ("idk", {"forget", "retain", "refusal"})],
 )
-def test_the_engine_builds_only_the_batch_parts_the_objective_reads(setup, monkeypatch, objective, parts):
-    benchmark, tokenizer = setup
+def test_the_engine_builds_only_the_batch_parts_the_objective_reads(run_unlearn, monkeypatch, objective, parts):
     real_build = engine_module.build_objective
     batches = []
 
@@ -420,7 +322,7 @@ def test_the_engine_builds_only_the_batch_parts_the_objective_reads(setup, monke
 
     monkeypatch.setattr(engine_module, "build_objective", recording_build)
     config = UnlearnSettings(objective=objective, optimizer="sgd", steps=2, batch_size=4)
-    unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, progress=False)
+    run_unlearn(config)
     assert real_build(objective).batch_parts == parts and len(batches) == 2
     for batch in batches:
         assert batch.forget is not None and (batch.retain is not None) == ("retain" in parts)
@@ -452,8 +354,7 @@ class HookedSGD(OptimizerHooks, torch.optim.SGD):
         return self.steps_taken >= 3
 
 
-def test_the_engine_reaches_the_optimizer_through_its_hooks(setup, monkeypatch):
-    benchmark, tokenizer = setup
+def test_the_engine_reaches_the_optimizer_through_its_hooks(run_unlearn, monkeypatch):
     built = []
 
     def build(model, params, lr, options):
@@ -462,25 +363,16 @@ def test_the_engine_reaches_the_optimizer_through_its_hooks(setup, monkeypatch):
 
     monkeypatch.setitem(OPTIMIZERS, "hooked-sgd", OptimizerSpec("hooked-sgd", "first-order", 1e-3, "test", build))
     config = UnlearnSettings(objective="ga", optimizer="hooked-sgd", steps=5, batch_size=2, eval_every=1)
-    result = unlearn(
-        fresh_model(tokenizer),
-        tokenizer,
-        benchmark,
-        config,
-        progress=False,
-        evaluate=lambda model, step: {},
-        should_stop=lambda metrics: "asked at once",
-    )
+    result = run_unlearn(config, evaluate=lambda model, step: {}, should_stop=lambda metrics: "asked at once")
     assert [h["hooked_step"] for h in result.history] == [1, 2, 3]  # the stop waited for may_stop
     assert result.stopped_early == "asked at once" and list(result.history[0])[-2:] == ["hooked_step", "eval"]
     assert len(built[0].batch_tokens) == 3 and all(isinstance(n, int) and n > 0 for n in built[0].batch_tokens)
 
 
-def test_the_engine_logs_sophias_unclipped_fraction_and_no_other_optimizers(setup):
-    benchmark, tokenizer = setup
+def test_the_engine_logs_sophias_unclipped_fraction_and_no_other_optimizers(run_unlearn):
     for optimizer, logged in (("sophia-g", True), ("adamw", False)):
         config = UnlearnSettings(objective="ga", optimizer=optimizer, steps=2, batch_size=2)
-        history = unlearn(fresh_model(tokenizer), tokenizer, benchmark, config, progress=False).history
+        history = run_unlearn(config).history
         if logged:
             assert all(0.0 <= h["last_unclipped_fraction"] <= 1.0 for h in history)
         else:

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
+from helpers import WMDP_TASK
 from robustunlearn.cli import main
 from robustunlearn.core.models import save_model
 from test_cli import assert_one_line_error, run_cli
-from test_lm_eval_backend import TASK, tiny_model_and_tokenizer, write_questions_and_task
 
 needs_lm_eval = pytest.mark.skipif(
     importlib.util.find_spec("lm_eval") is None,
@@ -30,31 +30,21 @@ def run_ok(monkeypatch, capsys, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_questions_and_task(tmp_path_factory.mktemp("wmdp"))
+def model_dir(mcq_model, tmp_path_factory):
+    return save_model(*mcq_model, tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return tiny_model_and_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny, tmp_path_factory):
-    return save_model(*tiny, tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def recipe(data_dir, tmp_path_factory):
+def recipe(wmdp_task_dir, tmp_path_factory):
     """benchmark: wmdp on the local questions only (no corpora)."""
     path = tmp_path_factory.mktemp("recipe") / "wmdp-bio.yaml"
-    options = {"data_dir": str(data_dir), "subsets": ["bio"], "corpora": False}
+    options = {"data_dir": str(wmdp_task_dir), "subsets": ["bio"], "corpora": False}
     path.write_text(json.dumps({"benchmark": "wmdp", "benchmark_options": options}), encoding="utf-8")
     return path
 
 
 @needs_lm_eval
-def test_eval_reports_our_metrics_and_lm_eval_alike(monkeypatch, capsys, model_dir, recipe, data_dir, tmp_path):
+def test_eval_reports_our_metrics_and_lm_eval_alike(monkeypatch, capsys, model_dir, recipe, wmdp_task_dir, tmp_path):
     output = tmp_path / "eval.json"
     printed = run_ok(
         monkeypatch,
@@ -65,26 +55,26 @@ def test_eval_reports_our_metrics_and_lm_eval_alike(monkeypatch, capsys, model_d
         "--model",
         str(model_dir),
         "--lm-eval",
-        TASK,
+        WMDP_TASK,
         "--lm-eval-include",
-        str(data_dir / "tasks"),
+        str(wmdp_task_dir / "tasks"),
         "--output",
         str(output),
     )
     report = json.loads(output.read_text(encoding="utf-8"))
     assert report["benchmark"] == "wmdp" and report["model"] == str(model_dir)
     ours = report["metrics"]["forget_mcq_accuracy"]
-    assert report["lm_eval"]["scores"][TASK]["acc"] == pytest.approx(ours)
-    assert report["lm_eval"]["n_samples"][TASK]["effective"] == 8
-    assert "forget MCQ acc" in printed and f"lm-eval {TASK} acc" in printed
+    assert report["lm_eval"]["scores"][WMDP_TASK]["acc"] == pytest.approx(ours)
+    assert report["lm_eval"]["n_samples"][WMDP_TASK]["effective"] == 8
+    assert "forget MCQ acc" in printed and f"lm-eval {WMDP_TASK} acc" in printed
 
 
 @needs_gguf
-def test_eval_loads_a_gguf_model(monkeypatch, capsys, tiny, model_dir, recipe, tmp_path):
+def test_eval_loads_a_gguf_model(monkeypatch, capsys, mcq_model, model_dir, recipe, tmp_path):
     from test_gguf import write_llama_gguf
 
     gguf_file = tmp_path / "tiny.gguf"
-    write_llama_gguf(*tiny, gguf_file)
+    write_llama_gguf(*mcq_model, gguf_file)
     scores = {}
     for name, model in (("dir", model_dir), ("gguf", gguf_file)):
         output = tmp_path / f"{name}.json"

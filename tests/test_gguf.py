@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import model_and_tokenizer
 from robustunlearn.core.errors import UserError
-from robustunlearn.core.models import (
-    TinyModelConfig,
-    build_tiny_model,
-    check_model_reference,
-    load_model,
-    save_model,
-    train_tokenizer,
-)
+from robustunlearn.core.models import check_model_reference, load_model, save_model
 
 gguf = pytest.importorskip("gguf", reason="loading GGUF files needs the gguf package (robustunlearn[gguf])")
 
@@ -86,12 +80,7 @@ def write_llama_gguf(model, tokenizer, path) -> None:
 
 @pytest.fixture(scope="module")
 def source():
-    tokenizer = train_tokenizer(TEXTS * 4, vocab_size=400)
-    config = TinyModelConfig(
-        vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
-    )
-    model = build_tiny_model(config, tokenizer, seed=3).eval()
-    return model, tokenizer
+    return model_and_tokenizer(TEXTS * 4, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import snapshot, tiny_llama
+from helpers import snapshot
 from robustunlearn.attacks import quantizable_linears
 from robustunlearn.study.landscape import linear_interpolation, lmc_barrier, sharpness
 
@@ -31,7 +31,7 @@ class Point(nn.Module):
         self.theta = nn.Parameter(torch.tensor(theta, dtype=torch.float64))
 
 
-def test_lmc_of_a_model_with_itself_is_flat():
+def test_lmc_of_a_model_with_itself_is_flat(tiny_llama):
     model = tiny_llama(0, dtype=torch.float64).eval()
     curve = linear_interpolation(model, model, lm_loss, points=5)
     assert [point["alpha"] for point in curve] == [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -39,7 +39,7 @@ def test_lmc_of_a_model_with_itself_is_flat():
     assert lmc_barrier(curve, "loss") == 0.0
 
 
-def test_lmc_endpoints_are_the_two_models_and_inputs_are_untouched():
+def test_lmc_endpoints_are_the_two_models_and_inputs_are_untouched(tiny_llama):
     model_a, model_b = tiny_llama(0, dtype=torch.float64).eval(), tiny_llama(1, dtype=torch.float64).eval()
     before_a, before_b = snapshot(model_a), snapshot(model_b)
     curve = linear_interpolation(model_a, model_b, lm_loss, points=3)
@@ -96,7 +96,7 @@ def weights_bowl(model: nn.Module):
     return loss, optimum
 
 
-def test_sharpness_at_the_minimum_of_a_quadratic():
+def test_sharpness_at_the_minimum_of_a_quadratic(tiny_llama):
     model = tiny_llama(0, dtype=torch.float64).eval()
     before = snapshot(model)
     loss, optimum = weights_bowl(model)
@@ -114,7 +114,7 @@ def test_sharpness_at_the_minimum_of_a_quadratic():
     assert_unchanged(model, before)
 
 
-def test_sharpness_is_seeded_and_absolute_noise_has_absolute_scale():
+def test_sharpness_is_seeded_and_absolute_noise_has_absolute_scale(tiny_llama):
     model = tiny_llama(0, dtype=torch.float64).eval()
     loss, optimum = weights_bowl(model)
     first = sharpness(model, loss, scales=(1e-2,), samples=2, seed=3)

@@ -10,27 +10,16 @@ import torch
 from safetensors.torch import load_file
 
 import robustunlearn.train.engine as engine_module
-from helpers import snapshot
-from robustunlearn.core.models import TinyModelConfig, build_tiny_model, train_tokenizer
-from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
+from helpers import Killed, dies_at, snapshot
 from robustunlearn.objectives import OBJECTIVES
 from robustunlearn.optim import OPTIMIZERS
-from robustunlearn.train.engine import unlearn
 from robustunlearn.train.settings import UnlearnSettings
 
 pytest.importorskip("peft")
 
-TINY = TinyModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 LORA = {"rank": 4, "alpha": 8.0}
 # options a two-block model needs: hybrid-depth must leave blocks to its zeroth-order part
 TINY_OPTIONS = {"hybrid-depth": {"fo_blocks": 1}}
-
-
-@pytest.fixture(scope="module")
-def setup():
-    benchmark = generate_synthetic(SyntheticConfig(num_people=5, num_utility_passages=4, num_utility_qa=2))
-    tokenizer = train_tokenizer([r.text for r in benchmark.get("forget_text") + benchmark.get("retain_text")] * 2, 400)
-    return benchmark, tokenizer
 
 
 def base_weights(peft_model) -> dict[str, torch.Tensor]:
@@ -56,12 +45,11 @@ def assert_only_adapters_moved(result, before: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "zo-sgd"])
-def test_lora_run_changes_only_adapter_weights_and_merges_to_a_plain_model(setup, optimizer):
-    benchmark, tokenizer = setup
-    model = build_tiny_model(TINY, tokenizer, seed=0)
+def test_lora_run_changes_only_adapter_weights_and_merges_to_a_plain_model(run_unlearn, optimizer, fresh_model):
+    model = fresh_model()
     before = snapshot(model)
     config = UnlearnSettings(objective="npo", optimizer=optimizer, lr=1e-2, steps=3, batch_size=2, lora=LORA)
-    result = unlearn(model, tokenizer, benchmark, config, progress=False)
+    result = run_unlearn(config, model=model)
     assert_only_adapters_moved(result, before)
 
     merged = result.model.merge_and_unload()
@@ -72,9 +60,8 @@ def test_lora_run_changes_only_adapter_weights_and_merges_to_a_plain_model(setup
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
 @pytest.mark.parametrize("optimizer", ["adamw", "zo-sgd"])
-def test_every_objective_runs_under_lora(setup, objective, optimizer):
-    benchmark, tokenizer = setup
-    model = build_tiny_model(TINY, tokenizer, seed=0)
+def test_every_objective_runs_under_lora(run_unlearn, objective, optimizer, fresh_model):
+    model = fresh_model()
     before = snapshot(model)
     config = UnlearnSettings(
         objective=objective,
@@ -85,15 +72,14 @@ def test_every_objective_runs_under_lora(setup, objective, optimizer):
         lora=LORA,
         forget_splits=("forget_qa",),
     )
-    result = unlearn(model, tokenizer, benchmark, config, progress=False)
+    result = run_unlearn(config, model=model)
     assert_only_adapters_moved(result, before)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
 
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-def test_every_optimizer_runs_under_lora(setup, optimizer):
-    benchmark, tokenizer = setup
-    model = build_tiny_model(TINY, tokenizer, seed=0)
+def test_every_optimizer_runs_under_lora(run_unlearn, optimizer, fresh_model):
+    model = fresh_model()
     before = snapshot(model)
     config = UnlearnSettings(
         objective="npo",
@@ -104,24 +90,22 @@ def test_every_optimizer_runs_under_lora(setup, optimizer):
         lora=LORA,
         optimizer_options=TINY_OPTIONS.get(optimizer, {}),
     )
-    result = unlearn(model, tokenizer, benchmark, config, progress=False)
+    result = run_unlearn(config, model=model)
     assert_only_adapters_moved(result, before)
 
 
-def test_rmu_under_lora_trains_only_the_down_proj_adapters_of_its_layers(setup):
-    benchmark, tokenizer = setup
-    model = build_tiny_model(TINY, tokenizer, seed=0)
+def test_rmu_under_lora_trains_only_the_down_proj_adapters_of_its_layers(run_unlearn, fresh_model):
+    model = fresh_model()
     config = UnlearnSettings(objective="rmu", optimizer="adamw", lr=1e-2, steps=2, batch_size=2, lora=LORA)
-    result = unlearn(model, tokenizer, benchmark, config, progress=False)
+    result = run_unlearn(config, model=model)
     trained = {n for n, p in result.model.named_parameters() if p.requires_grad}
     assert trained and all("mlp.down_proj.lora_" in n for n in trained)
     moved = [n for n, t in adapter_weights(result.model).items() if "lora_B" in n and t.abs().max() > 0]
     assert moved and all("mlp.down_proj" in n for n in moved)
 
 
-def test_npo_reference_under_lora_is_the_disabled_adapter_not_a_copy(setup, monkeypatch):
-    benchmark, tokenizer = setup
-    model = build_tiny_model(TINY, tokenizer, seed=0)
+def test_npo_reference_under_lora_is_the_disabled_adapter_not_a_copy(run_unlearn, monkeypatch, fresh_model):
+    model = fresh_model()
     frozen_base = copy.deepcopy(model).eval()
     seen = []
     real_build = engine_module.build_objective
@@ -143,7 +127,7 @@ def test_npo_reference_under_lora_is_the_disabled_adapter_not_a_copy(setup, monk
     real_deepcopy = copy.deepcopy
     monkeypatch.setattr(engine_module.copy, "deepcopy", lambda x, *a: deepcopy_calls.append(x) or real_deepcopy(x, *a))
     config = UnlearnSettings(objective="npo", optimizer="adamw", lr=1e-2, steps=3, batch_size=2, lora=LORA)
-    result = unlearn(model, tokenizer, benchmark, config, progress=False)
+    result = run_unlearn(config, model=model)
 
     assert not [x for x in deepcopy_calls if isinstance(x, torch.nn.Module)]  # no second copy of the model
     assert len(seen) == 3 and all(reference_model is result.model for reference_model, _, _ in seen)
@@ -155,12 +139,7 @@ def test_npo_reference_under_lora_is_the_disabled_adapter_not_a_copy(setup, monk
     assert result.history[0]["forget"] == pytest.approx(2 / 0.1 * torch.log(torch.tensor(2.0)).item(), rel=1e-5)
 
 
-class Killed(Exception):
-    pass
-
-
-def test_lora_checkpoints_hold_adapter_weights_only_and_resume_identically(setup, tmp_path):
-    benchmark, tokenizer = setup
+def test_lora_checkpoints_hold_adapter_weights_only_and_resume_identically(run_unlearn, tmp_path):
     config = UnlearnSettings(
         objective="npo",
         optimizer="zo-adam",
@@ -171,45 +150,14 @@ def test_lora_checkpoints_hold_adapter_weights_only_and_resume_identically(setup
         checkpoint_every=2,
         eval_every=1,
     )
-    whole = unlearn(
-        build_tiny_model(TINY, tokenizer, seed=0),
-        tokenizer,
-        benchmark,
-        config,
-        tmp_path / "whole",
-        progress=False,
-        evaluate=lambda m, s: {},
-    )
-
-    def die_at_step_3(model, step):
-        if step == 3:
-            raise Killed
-        return {}
-
+    whole = run_unlearn(config, tmp_path / "whole", evaluate=lambda m, s: {})
     with pytest.raises(Killed):
-        unlearn(
-            build_tiny_model(TINY, tokenizer, seed=0),
-            tokenizer,
-            benchmark,
-            config,
-            tmp_path / "killed",
-            progress=False,
-            evaluate=die_at_step_3,
-        )
+        run_unlearn(config, tmp_path / "killed", evaluate=dies_at(3))
     latest = json.loads((tmp_path / "killed" / "checkpoints" / "latest.json").read_text())
     saved = load_file(tmp_path / "killed" / "checkpoints" / latest["name"] / "model.safetensors")
     assert saved and all("lora_" in name for name in saved)
 
-    resumed = unlearn(
-        build_tiny_model(TINY, tokenizer, seed=0),
-        tokenizer,
-        benchmark,
-        config,
-        tmp_path / "killed",
-        resume=True,
-        progress=False,
-        evaluate=lambda m, s: {},
-    )
+    resumed = run_unlearn(config, tmp_path / "killed", resume=True, evaluate=lambda m, s: {})
     assert resumed.resumed_from == 2
     expected = snapshot(whole.model)
     for name, tensor in snapshot(resumed.model).items():

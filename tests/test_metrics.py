@@ -6,7 +6,6 @@ from scipy.stats import hmean, ks_2samp
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from helpers import tiny_llama
 from robustunlearn.bench.generation import bench_generation
 from robustunlearn.data.base import QA, Continuation, MultipleChoice, Passage
 from robustunlearn.data.prompts import qa_completion, qa_prompt
@@ -69,12 +68,12 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def random_model(tokenizer):
+def random_model(tokenizer, tiny_llama):
     return tiny_llama(1, vocab_size=len(tokenizer), max_positions=128, dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
-def trained_model(tokenizer):
+def trained_model(tokenizer, tiny_llama):
     """A tiny Llama that has memorised ALICE, BRUNO and LIGHTHOUSE (prompt unscored, eos scored)."""
     model = tiny_llama(0, vocab_size=len(tokenizer), max_positions=128)
     examples = [(qa_prompt(r.question), qa_completion(r.answer)) for r in (ALICE, BRUNO)] + [("", LIGHTHOUSE.text)]
@@ -350,7 +349,7 @@ def test_tofu_needs_perturbed_answers(trained_model, tokenizer):
 # --- perplexity -------------------------------------------------------------------------------
 
 
-def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tokenizer):
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tokenizer, tiny_llama):
     model = tiny_llama(vocab_size=len(tokenizer), max_positions=128, dtype=torch.float64)
     torch.nn.init.zeros_(model.lm_head.weight)  # logits 0 everywhere: uniform next-token distribution
     assert perplexity(model, tokenizer, [LIGHTHOUSE, UNSEEN_PASSAGE], batch_size=1) == pytest.approx(len(tokenizer))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import next_token_loss, tiny_llama
+from helpers import next_token_loss
 from robustunlearn.optim import build_optimizer
 from robustunlearn.optim.base import OptimizerHooks, hooks, make_closure
 
@@ -15,7 +15,8 @@ def ids(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(seed))
 
 
-def lm_closure(model, **options):
+def made_closure(model, **options):
+    """make_closure's closure over the next-token loss of ``ids()``."""
     return make_closure(model, lambda term: next_token_loss(model, ids())(), **options)
 
 
@@ -24,7 +25,7 @@ def mean_of_ranks(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
-def test_torch_optimizers_get_the_default_hooks(name):
+def test_torch_optimizers_get_the_default_hooks(name, tiny_llama):
     optimizer = build_optimizer(name, tiny_llama())
     assert not isinstance(optimizer, OptimizerHooks) and type(optimizer).__module__.startswith("torch.optim")
     default = hooks(optimizer)
@@ -35,29 +36,29 @@ def test_torch_optimizers_get_the_default_hooks(name):
     assert all("batch_size" not in group for group in optimizer.param_groups)
 
 
-def test_our_optimizers_are_their_own_hooks():
+def test_our_optimizers_are_their_own_hooks(tiny_llama):
     optimizer = build_optimizer("zo-sgd", tiny_llama())
     assert hooks(optimizer) is optimizer
 
 
-def test_sophia_g_takes_its_batch_size_and_logs_its_unclipped_fraction():
+def test_sophia_g_takes_its_batch_size_and_logs_its_unclipped_fraction(tiny_llama):
     model = tiny_llama()
     optimizer = build_optimizer("sophia-g", model, hessian_period=1)
     assert hooks(optimizer).wants_batch_tokens
     hooks(optimizer).set_batch_tokens(37)
     assert [group["batch_size"] for group in optimizer.param_groups] == [37]
-    optimizer.step(lm_closure(model, sampled_label_loss=lambda term: next_token_loss(model, ids(1))()))
+    optimizer.step(made_closure(model, sampled_label_loss=lambda term: next_token_loss(model, ids(1))()))
     fraction = optimizer.last_unclipped_fraction
     assert 0.0 <= fraction <= 1.0 and hooks(optimizer).log_fields() == {"last_unclipped_fraction": fraction}
 
 
-def test_sophia_h_refuses_data_parallel_with_autograd_products_only():
+def test_sophia_h_refuses_data_parallel_with_autograd_products_only(tiny_llama):
     with pytest.raises(ValueError, match="hvp='finite-difference'"):
         hooks(build_optimizer("sophia-h", tiny_llama())).enable_data_parallel(mean_of_ranks)
     hooks(build_optimizer("sophia-h", tiny_llama(), hvp="finite-difference")).enable_data_parallel(mean_of_ranks)
 
 
-def test_zeroth_order_reduces_its_projected_gradients_unless_given_a_reduction():
+def test_zeroth_order_reduces_its_projected_gradients_unless_given_a_reduction(tiny_llama):
     optimizer = build_optimizer("zo-sgd", tiny_llama())
     hooks(optimizer).enable_data_parallel(mean_of_ranks)
     assert optimizer.reduce_projected_grad is mean_of_ranks
@@ -66,13 +67,13 @@ def test_zeroth_order_reduces_its_projected_gradients_unless_given_a_reduction()
     assert own.reduce_projected_grad is torch.zeros_like
 
 
-def test_zeroth_order_warns_about_weights_below_float32():
+def test_zeroth_order_warns_about_weights_below_float32(tiny_llama):
     assert hooks(build_optimizer("zo-sgd", tiny_llama())).precision_warnings() == []
     (warning,) = hooks(build_optimizer("zo-sgd", tiny_llama(dtype=torch.bfloat16))).precision_warnings()
     assert warning.startswith("perturbs and restores bfloat16 weights inexactly") and "float32" in warning
 
 
-def test_hybrids_pass_the_hooks_to_their_parts():
+def test_hybrids_pass_the_hooks_to_their_parts(tiny_llama):
     model = tiny_llama(dtype=torch.float16)
     hybrid = build_optimizer("hybrid-objective", model, fo="sophia-g")
     assert hooks(hybrid).wants_batch_tokens
@@ -87,22 +88,22 @@ def test_hybrids_pass_the_hooks_to_their_parts():
         build_optimizer("hybrid", tiny_llama(), fo="sophia-h", total_steps=4).enable_data_parallel(mean_of_ranks)
 
 
-def test_the_hybrid_logs_the_phase_each_step_ran_in():
+def test_the_hybrid_logs_the_phase_each_step_ran_in(tiny_llama):
     model = tiny_llama()
     hybrid = build_optimizer("hybrid", model, total_steps=6, every=2)
     assert hybrid.log_fields() == {}  # no step taken yet
     logged, planned = [], []
     for _ in range(6):
         planned.append(hybrid.current_phase)  # read before the step: the phase it will run in
-        hybrid.step(lm_closure(model))
+        hybrid.step(made_closure(model))
         logged.append(hybrid.log_fields()["current_phase"])
     assert logged == planned == ["zo", "zo", "fo", "fo", "zo", "zo"]
 
 
-def test_the_closure_counts_passes_and_runs_after_backward_once_per_backward():
+def test_the_closure_counts_passes_and_runs_after_backward_once_per_backward(tiny_llama):
     model = tiny_llama()
     passes, reduced = {"forward": 0, "backward": 0}, []
-    closure = lm_closure(model, passes=passes, after_backward=lambda: reduced.append(model.lm_head.weight.grad))
+    closure = made_closure(model, passes=passes, after_backward=lambda: reduced.append(model.lm_head.weight.grad))
     loss = closure()
     assert loss.grad_fn is None and reduced and reduced[0] is not None
     with torch.no_grad():
@@ -110,9 +111,9 @@ def test_the_closure_counts_passes_and_runs_after_backward_once_per_backward():
     assert passes == {"forward": 2, "backward": 1} and len(reduced) == 1
 
 
-def test_the_closure_keeps_the_graph_only_without_backward_under_enable_grad():
+def test_the_closure_keeps_the_graph_only_without_backward_under_enable_grad(tiny_llama):
     model = tiny_llama()
-    closure = lm_closure(model)
+    closure = made_closure(model)
     with torch.enable_grad():
         assert closure(backward=False).grad_fn is not None  # what sophia-h differentiates twice
     with torch.no_grad():
@@ -120,7 +121,7 @@ def test_the_closure_keeps_the_graph_only_without_backward_under_enable_grad():
         assert closure().grad_fn is None and model.lm_head.weight.grad is not None  # backward enables grad
 
 
-def test_the_closure_refuses_unknown_terms_and_label_sampling_it_cannot_do():
+def test_the_closure_refuses_unknown_terms_and_label_sampling_it_cannot_do(tiny_llama):
     model = tiny_llama()
     passes = {"forward": 0, "backward": 0}
     seen = []

@@ -3,7 +3,6 @@ import itertools
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
 from robustunlearn.optim import OPTIMIZERS, build_optimizer
@@ -16,21 +15,6 @@ from robustunlearn.optim.hybrid import (
     split_by_depth,
 )
 from robustunlearn.optim.zo import ZerothOrderOptimizer
-
-
-def tiny_llama(layers=2, tie=False, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
-    return transformers.LlamaForCausalLM(config)
 
 
 def two_term_closure(model, calls=None, requires_grad_log=None):
@@ -96,7 +80,7 @@ def test_phase_at_layout_example():
         phase_at(50, 50, 20)
 
 
-def test_hybrid_runs_the_planned_phase_each_step_and_stops_after_the_plan():
+def test_hybrid_runs_the_planned_phase_each_step_and_stops_after_the_plan(tiny_llama):
     model = tiny_llama()
     opt = build_optimizer("hybrid", model, total_steps=7, every=2, zo_options={"seed": 0})
     assert isinstance(opt, AlternatingHybrid)
@@ -116,7 +100,7 @@ def test_hybrid_runs_the_planned_phase_each_step_and_stops_after_the_plan():
     assert len(ran) == 7 and opt.steps_taken == 7  # the refused step ran neither part
 
 
-def test_may_stop_only_after_a_finished_zo_block():
+def test_may_stop_only_after_a_finished_zo_block(tiny_llama):
     model = tiny_llama()
     opt = build_optimizer("hybrid", model, total_steps=7, every=2, zo_options={"seed": 0})
     closure = two_term_closure(model)
@@ -129,7 +113,7 @@ def test_may_stop_only_after_a_finished_zo_block():
 
 
 @pytest.mark.parametrize("total,every", [(7, 2), (6, 2), (1, 1), (3, 20)])
-def test_current_phase_after_the_last_step_is_the_last_phase(total, every):
+def test_current_phase_after_the_last_step_is_the_last_phase(total, every, tiny_llama):
     model = tiny_llama()
     opt = build_optimizer("hybrid", model, total_steps=total, every=every, zo_options={"seed": 0})
     closure = two_term_closure(model)
@@ -141,7 +125,7 @@ def test_current_phase_after_the_last_step_is_the_last_phase(total, every):
     assert opt.current_phase == "zo"  # a refused step changes nothing
 
 
-def test_each_phase_keeps_its_own_moments_and_state_dict_resumes_exactly():
+def test_each_phase_keeps_its_own_moments_and_state_dict_resumes_exactly(tiny_llama):
     model = tiny_llama()
     opt = build_optimizer("hybrid", model, total_steps=8, every=2, zo_options={"seed": 3})
     closure = two_term_closure(model)
@@ -168,7 +152,7 @@ def test_each_phase_keeps_its_own_moments_and_state_dict_resumes_exactly():
     assert all(torch.equal(a, b) for a, b in zip(straight, weights(resumed)))
 
 
-def test_lr_scheduler_scales_both_learning_rates():
+def test_lr_scheduler_scales_both_learning_rates(tiny_llama):
     model = tiny_llama()
     opt = build_optimizer("hybrid", model, lr=1e-3, zo_lr=1e-5, total_steps=4)
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-5]
@@ -181,7 +165,7 @@ def test_lr_scheduler_scales_both_learning_rates():
 # -- hybrid-objective ---------------------------------------------------------------------------
 
 
-def test_hybrid_objective_uses_zo_on_forget_and_fo_on_retain():
+def test_hybrid_objective_uses_zo_on_forget_and_fo_on_retain(tiny_llama):
     model = tiny_llama()
     calls = []
     opt = build_optimizer("hybrid-objective", model, total_steps=10, zo_options={"seed": 0})
@@ -194,7 +178,7 @@ def test_hybrid_objective_uses_zo_on_forget_and_fo_on_retain():
 # -- hybrid-depth --------------------------------------------------------------------------------
 
 
-def test_decoder_blocks_and_split_by_depth_on_llama():
+def test_decoder_blocks_and_split_by_depth_on_llama(tiny_llama):
     model = tiny_llama(layers=3)
     assert decoder_blocks(model) is model.model.layers
     params = list(model.parameters())
@@ -210,7 +194,7 @@ def test_decoder_blocks_and_split_by_depth_on_llama():
     assert id(model.model.embed_tokens.weight) in {id(p) for p in bottom}
 
 
-def test_split_by_depth_with_tied_embeddings_keeps_the_shared_weight_in_the_bottom():
+def test_split_by_depth_with_tied_embeddings_keeps_the_shared_weight_in_the_bottom(tiny_llama):
     model = tiny_llama(tie=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     top, bottom = split_by_depth(model, list(model.parameters()), fo_blocks=1)
@@ -223,7 +207,7 @@ def test_decoder_blocks_rejects_models_without_a_stack():
         decoder_blocks(nn.Sequential(nn.Linear(2, 2)))
 
 
-def test_hybrid_depth_backward_reaches_only_the_top():
+def test_hybrid_depth_backward_reaches_only_the_top(tiny_llama):
     model = tiny_llama(layers=3)
     log = []
     opt = build_optimizer("hybrid-depth", model, fo_blocks=1, zo_options={"seed": 0})
@@ -250,7 +234,7 @@ def test_hybrid_depth_backward_reaches_only_the_top():
 
 
 @pytest.mark.parametrize("name", ["hybrid", "hybrid-objective", "hybrid-depth"])
-def test_every_hybrid_decreases_a_tiny_lm_loss_and_is_registered(name):
+def test_every_hybrid_decreases_a_tiny_lm_loss_and_is_registered(name, tiny_llama):
     spec = OPTIMIZERS[name]
     assert spec.grade == "hybrid" and spec.description
     model = tiny_llama()
@@ -276,12 +260,12 @@ def test_every_hybrid_decreases_a_tiny_lm_loss_and_is_registered(name):
         ("hybrid-depth", {"fo_blocks": 3}, r"fo_blocks must be an integer in \[1, 2\]"),
     ],
 )
-def test_invalid_hybrid_options(name, options, match):
+def test_invalid_hybrid_options(name, options, match, tiny_llama):
     with pytest.raises(ValueError, match=match):
         build_optimizer(name, tiny_llama(), **options)
 
 
-def test_zo_parts_are_zeroth_order_optimizers():
+def test_zo_parts_are_zeroth_order_optimizers(tiny_llama):
     for name in ("hybrid", "hybrid-objective", "hybrid-depth"):
         opt = build_optimizer(name, tiny_llama(), total_steps=3)
         assert isinstance(opt.zo, ZerothOrderOptimizer)

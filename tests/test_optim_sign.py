@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from torch import nn
 
-from helpers import Quadratic, closure_for, next_token_loss, tiny_llama
+from helpers import closure_for, saved_and_loaded
 from robustunlearn.optim.sign import (
     SPECS,
     Lion,
@@ -48,20 +46,20 @@ def random_grads(steps: int = 6, shape=(5, 7), seed: int = 1) -> list[torch.Tens
     return [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(steps)]
 
 
-def test_specs_cover_the_issue():
+def test_specs_cover_the_issue(quadratic):
     expected = {"signsgd", "signum", "signadam", "lion", "qadam-1", "qadam-2", "qadam-4", "qadam-8"}
     assert set(SPECS) == expected | {"onebit-adam"}
     for name, spec in SPECS.items():
         assert spec.name == name and spec.grade == "compressed-first-order" and spec.default_lr > 0
-    model = Quadratic()
+    model = quadratic()
     optimizer = SPECS["qadam-2"].build(model, [model.theta], 1e-3, {"error_feedback": True})
     assert isinstance(optimizer, QAdam)
     assert optimizer.defaults["bits"] == 2 and optimizer.defaults["error_feedback"]
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_decreases_a_convex_quadratic(name):
-    model = Quadratic()
+def test_decreases_a_convex_quadratic(name, quadratic):
+    model = quadratic()
     options = {"warmup_steps": 5} if name == "onebit-adam" else {}
     optimizer = SPECS[name].build(model, [model.theta], 0.05, options)
     closure = closure_for(model, model.loss)
@@ -72,17 +70,16 @@ def test_decreases_a_convex_quadratic(name):
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_decreases_a_tiny_llama_loss(name):
+def test_decreases_a_tiny_llama_loss(name, tiny_llama, lm_closure):
     model = tiny_llama()
     input_ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
-    loss_fn = next_token_loss(model, input_ids)
     params = [p for p in model.parameters() if p.requires_grad]
     options = {"warmup_steps": 2} if name == "onebit-adam" else {}
     optimizer = SPECS[name].build(model, params, 1e-3, options)
-    closure = closure_for(model, loss_fn)
+    closure = lm_closure(model, input_ids)
     losses = [optimizer.step(closure).item() for _ in range(6)]
     with torch.no_grad():
-        final = loss_fn().item()
+        final = closure(backward=False).item()
     assert final < losses[0] - 0.05
 
 
@@ -172,8 +169,8 @@ def test_qadam_error_feedback_carries_what_quantization_dropped():
     assert "error" not in plain.state[plain.param_groups[0]["params"][0]]
 
 
-def test_onebit_adam_is_adam_during_warmup():
-    a, b = Quadratic(), Quadratic()
+def test_onebit_adam_is_adam_during_warmup(quadratic):
+    a, b = quadratic(), quadratic()
     onebit = OneBitAdam([a.theta], lr=0.05, warmup_steps=5)
     adam = torch.optim.Adam([b.theta], lr=0.05)
     for _ in range(5):
@@ -217,23 +214,20 @@ def test_lion_interpolates_with_beta1_and_tracks_with_beta2():
 
 
 @pytest.mark.parametrize("name", ["signum", "lion", "qadam-4", "onebit-adam"])
-def test_state_dict_resumes_the_identical_trajectory(name):
+def test_state_dict_resumes_the_identical_trajectory(name, quadratic):
     options = {"warmup_steps": 2} if name == "onebit-adam" else {}
-    straight = Quadratic()
+    straight = quadratic()
     optimizer = SPECS[name].build(straight, [straight.theta], 0.05, options)
     for _ in range(6):
         optimizer.step(closure_for(straight, straight.loss))
 
-    first = Quadratic()
+    first = quadratic()
     optimizer = SPECS[name].build(first, [first.theta], 0.05, options)
     for _ in range(3):
         optimizer.step(closure_for(first, first.loss))
-    buffer = io.BytesIO()
-    torch.save({"model": first.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer)
+    saved = saved_and_loaded({"model": first.state_dict(), "optimizer": optimizer.state_dict()})
 
-    resumed = Quadratic(seed=5)
+    resumed = quadratic(seed=5)
     resumed.load_state_dict(saved["model"])
     optimizer = SPECS[name].build(resumed, [resumed.theta], 0.05, options)
     optimizer.load_state_dict(saved["optimizer"])

@@ -2,47 +2,17 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from torch import nn
 
-from helpers import closure_for, next_token_loss, tiny_llama
+from helpers import closure_for, saved_and_loaded
 from robustunlearn.optim.smoothing import SAM, SPECS, RandomizedSmoothing
 
 
-class Quadratic(nn.Module):
-    """L(θ) = ½(θ − θ*)ᵀA(θ − θ*), A positive definite, so ∇L(x) = A(x − θ*)."""
-
-    def __init__(self, dim: int = 8, seed: int = 0) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
-        root = torch.eye(dim, dtype=torch.float64) + noise / dim**0.5
-        self.register_buffer("a", root.T @ root)
-        self.register_buffer("target", torch.randn(dim, generator=generator, dtype=torch.float64))
-        self.theta = nn.Parameter(torch.zeros(dim, dtype=torch.float64))
-
-    def gradient_at(self, x: torch.Tensor) -> torch.Tensor:
-        return self.a @ (x - self.target)
-
-    def loss(self) -> torch.Tensor:
-        d = self.theta - self.target
-        return 0.5 * d @ self.a @ d
-
-    def closure(self, backward: bool = True, *, sample_labels: bool = False, term: str | None = None):
-        loss = self.loss()
-        if not backward:
-            return loss
-        self.zero_grad(set_to_none=True)
-        loss.backward()
-        return loss.detach()
-
-
-def test_specs_and_base_choice():
+def test_specs_and_base_choice(quadratic):
     assert set(SPECS) == {"fo-rs", "sam"}
-    model = Quadratic()
+    model = quadratic()
     for name, spec in SPECS.items():
         assert spec.name == name and spec.grade == "smoothing" and spec.default_lr > 0
         assert isinstance(spec.build(model, [model.theta], 1e-3, {}).base_optimizer, torch.optim.Adam)
@@ -55,21 +25,21 @@ def test_specs_and_base_choice():
 
 @pytest.mark.parametrize("name", sorted(SPECS))
 @pytest.mark.parametrize("base, lr", [("adam", 0.05), ("sgd", 0.05)])
-def test_decreases_a_convex_quadratic(name, base, lr):
-    model = Quadratic()
+def test_decreases_a_convex_quadratic(name, base, lr, quadratic):
+    model = quadratic()
     optimizer = SPECS[name].build(model, [model.theta], lr, {"base": base})
     initial = model.loss().item()
     torch.manual_seed(0)  # fo-rs's noise
     for _ in range(60):
-        optimizer.step(model.closure)
+        optimizer.step(closure_for(model, model.loss))
     assert model.loss().item() < 0.1 * initial
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_decreases_a_tiny_llama_loss(name):
+def test_decreases_a_tiny_llama_loss(name, tiny_llama, lm_closure):
     model = tiny_llama()
     input_ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
-    closure = closure_for(model, next_token_loss(model, input_ids))
+    closure = lm_closure(model, input_ids)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = SPECS[name].build(model, params, 1e-3, {})
     first = closure(backward=False).item()
@@ -79,8 +49,8 @@ def test_decreases_a_tiny_llama_loss(name):
         assert closure(backward=False).item() < first - 0.05
 
 
-def test_sam_takes_the_gradient_at_the_ascended_point():
-    model = Quadratic()
+def test_sam_takes_the_gradient_at_the_ascended_point(quadratic):
+    model = quadratic()
     model.theta.data = torch.linspace(-1.0, 1.0, 8, dtype=torch.float64)
     theta = model.theta.detach().clone()
     g = model.gradient_at(theta)
@@ -88,14 +58,14 @@ def test_sam_takes_the_gradient_at_the_ascended_point():
     expected_gradient = model.gradient_at(ascended)
 
     optimizer = SAM([model.theta], lr=0.1, rho=0.3, base=torch.optim.SGD)
-    loss = optimizer.step(model.closure)
+    loss = optimizer.step(closure_for(model, model.loss))
     torch.testing.assert_close(model.theta.grad, expected_gradient, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(model.theta.detach(), theta - 0.1 * expected_gradient, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(loss, 0.5 * (theta - model.target) @ model.a @ (theta - model.target))
 
 
-def test_sam_with_adam_is_adam_fed_the_ascended_gradient():
-    model, twin = Quadratic(), Quadratic()
+def test_sam_with_adam_is_adam_fed_the_ascended_gradient(quadratic):
+    model, twin = quadratic(), quadratic()
     sam = SAM([model.theta], lr=0.05, rho=0.2)
     adam = torch.optim.Adam([twin.theta], lr=0.05)
     for _ in range(4):
@@ -103,12 +73,12 @@ def test_sam_with_adam_is_adam_fed_the_ascended_gradient():
         g = twin.gradient_at(theta)
         twin.theta.grad = twin.gradient_at(theta + 0.2 * g / g.norm())
         adam.step()
-        sam.step(model.closure)
+        sam.step(closure_for(model, model.loss))
         torch.testing.assert_close(model.theta, twin.theta, rtol=1e-12, atol=1e-14)
 
 
-def test_randomized_smoothing_takes_the_mean_gradient_at_gaussian_perturbations():
-    model = Quadratic()
+def test_randomized_smoothing_takes_the_mean_gradient_at_gaussian_perturbations(quadratic):
+    model = quadratic()
     model.theta.data = torch.linspace(-1.0, 1.0, 8, dtype=torch.float64)
     theta = model.theta.detach().clone()
     optimizer = RandomizedSmoothing([model.theta], lr=0.1, sigma=0.5, samples=3, base=torch.optim.SGD)
@@ -120,7 +90,7 @@ def test_randomized_smoothing_takes_the_mean_gradient_at_gaussian_perturbations(
     ).mean()
 
     torch.manual_seed(7)
-    loss = optimizer.step(model.closure)
+    loss = optimizer.step(closure_for(model, model.loss))
     torch.testing.assert_close(model.theta.grad, expected_gradient, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(model.theta.detach(), theta - 0.1 * expected_gradient, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(loss, expected_loss)
@@ -145,25 +115,22 @@ def test_randomized_smoothing_of_a_linear_loss_is_plain_sgd():
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_state_dict_carries_the_base_moments_and_resumes_the_trajectory(name):
+def test_state_dict_carries_the_base_moments_and_resumes_the_trajectory(name, quadratic):
     def run(model, optimizer, steps):
         for step in steps:
             torch.manual_seed(step)  # fo-rs draws its noise from the global RNG
-            optimizer.step(model.closure)
+            optimizer.step(closure_for(model, model.loss))
 
-    straight = Quadratic()
+    straight = quadratic()
     run(straight, SPECS[name].build(straight, [straight.theta], 0.05, {}), range(6))
 
-    first = Quadratic()
+    first = quadratic()
     optimizer = SPECS[name].build(first, [first.theta], 0.05, {})
     run(first, optimizer, range(3))
-    buffer = io.BytesIO()
-    torch.save({"model": first.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer)
+    saved = saved_and_loaded({"model": first.state_dict(), "optimizer": optimizer.state_dict()})
     assert set(saved["optimizer"]["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}  # Adam's
 
-    resumed = Quadratic(seed=5)
+    resumed = quadratic(seed=5)
     resumed.load_state_dict(saved["model"])
     optimizer = SPECS[name].build(resumed, [resumed.theta], 0.05, {})
     optimizer.load_state_dict(saved["optimizer"])

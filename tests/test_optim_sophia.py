@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaForCausalLM
 
-from helpers import Quadratic, closure_for, tiny_llama
+from helpers import Quadratic, closure_for, saved_and_loaded
 from robustunlearn.optim.sophia import SPECS, SophiaG, SophiaH
 
 
@@ -22,42 +19,12 @@ class SampledQuadratic(Quadratic):
     def closure(self, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)
 
-        def closure(backward: bool = True, *, sample_labels: bool = False, term: str | None = None):
-            if sample_labels:
-                r = self.residual()
-                sampled = r.detach() + torch.randn(r.shape, generator=generator, dtype=r.dtype)
-                loss = 0.5 * (r - sampled).square().sum()
-            else:
-                loss = self.loss()
-            if not backward:
-                return loss
-            self.zero_grad(set_to_none=True)
-            loss.backward()
-            return loss.detach()
+        def sampled_loss() -> torch.Tensor:
+            r = self.residual()
+            sampled = r.detach() + torch.randn(r.shape, generator=generator, dtype=r.dtype)
+            return 0.5 * (r - sampled).square().sum()
 
-        return closure
-
-
-def lm_closure(model: LlamaForCausalLM, input_ids: torch.Tensor, seed: int = 0):
-    """Next-token NLL; with ``sample_labels`` the targets are drawn from the model's own softmax."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def closure(backward: bool = True, *, sample_labels: bool = False, term: str | None = None):
-        logits = model(input_ids=input_ids).logits[:, :-1]
-        flat = logits.reshape(-1, logits.shape[-1])
-        if sample_labels:
-            probabilities = flat.detach().softmax(-1)
-            targets = torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
-        else:
-            targets = input_ids[:, 1:].reshape(-1)
-        loss = F.cross_entropy(flat, targets)
-        if not backward:
-            return loss
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        return loss.detach()
-
-    return closure
+        return closure_for(self, self.loss, sampled_loss_fn=sampled_loss)
 
 
 def rademacher_like(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -104,7 +71,7 @@ def test_decreases_a_convex_quadratic(name, options):
     "name, options",
     [("sophia-g", {}), ("sophia-h", {}), ("sophia-h", {"hvp": "finite-difference"})],
 )
-def test_decreases_a_tiny_llama_loss_with_sdpa_attention(name, options):
+def test_decreases_a_tiny_llama_loss_with_sdpa_attention(name, options, tiny_llama, lm_closure):
     model = tiny_llama(attention="sdpa")
     assert model.config._attn_implementation == "sdpa"
     input_ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(0))
@@ -247,7 +214,7 @@ def test_hutchinson_hvp_agrees_with_double_backward_on_a_float64_mlp(hvp, rtol):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # θ restored exactly
 
 
-def test_hutchinson_hvp_runs_on_a_tiny_llama_with_sdpa_attention():
+def test_hutchinson_hvp_runs_on_a_tiny_llama_with_sdpa_attention(tiny_llama, lm_closure):
     # The fused CPU SDPA kernel has no double backward: the plain reference fails ...
     model = tiny_llama(dtype=torch.float64, attention="sdpa")
     input_ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -275,7 +242,7 @@ def test_autograd_hvp_explains_a_closure_without_a_graph():
         SophiaH([model.theta]).step(detached)
 
 
-def test_state_dict_resumes_the_identical_trajectory_of_sophia_g():
+def test_state_dict_resumes_the_identical_trajectory_of_sophia_g(tiny_llama, lm_closure):
     input_ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
     options = {"hessian_period": 2, "batch_size": 18}
 
@@ -289,10 +256,7 @@ def test_state_dict_resumes_the_identical_trajectory_of_sophia_g():
     first = tiny_llama(dtype=torch.float64, attention="sdpa")
     optimizer = SPECS["sophia-g"].build(first, list(first.parameters()), 1e-3, options)
     run(first, optimizer, range(3))
-    buffer = io.BytesIO()
-    torch.save({"model": first.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer)
+    saved = saved_and_loaded({"model": first.state_dict(), "optimizer": optimizer.state_dict()})
 
     resumed = tiny_llama(dtype=torch.float64, attention="sdpa")
     resumed.load_state_dict(saved["model"])

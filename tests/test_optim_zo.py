@@ -4,42 +4,13 @@ import math
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
+from helpers import closure_for
 from robustunlearn.optim import OPTIMIZERS, build_optimizer
 from robustunlearn.optim.zo import DIRECTIONS, SPECS, ZOSGD, ZOAdam, ZOAdaZO, ZOSign
 
 ZO_NAMES = sorted(SPECS)
-
-
-def tiny_llama(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).to(dtype)
-
-
-def lm_closure(model, ids, calls=None):
-    def closure(backward=True, *, sample_labels=False, term=None):
-        if calls is not None:
-            calls.append((backward, term, torch.is_grad_enabled()))
-        if backward:
-            model.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        if backward:
-            loss.backward()
-            return loss.detach()
-        return loss
-
-    return closure
 
 
 def batch(seed=1, shape=(4, 16)):
@@ -80,13 +51,9 @@ class Quadratic(nn.Module):
     def gradient(self):
         return self.a @ self.x.detach() - self.b
 
-    def closure(self, backward=True, *, sample_labels=False, term=None):
-        if backward:
-            self.zero_grad(set_to_none=True)
-            loss = self()
-            loss.backward()
-            return loss.detach()
-        return self()
+    @property
+    def closure(self):
+        return closure_for(self, self)
 
 
 def weights(model):
@@ -131,10 +98,10 @@ def test_one_sided_projected_gradient_error_falls_like_eps():
     assert errors[1] < errors[0] / 5 and errors[2] < errors[1] / 5
 
 
-def test_sphere_directions_have_norm_sqrt_d():
-    model = tiny_llama(torch.float64)
+def test_sphere_directions_have_norm_sqrt_d(tiny_llama, lm_closure):
+    model = tiny_llama(dtype=torch.float64)
     opt = ZOSGD(model.parameters(), lr=0.0, directions="sphere", seed=1)
-    opt.step(lm_closure(model, batch()))
+    opt.step(lm_closure(model, batch(), model_loss=True))
     d = sum(p.numel() for p in model.parameters())
     norm = math.sqrt(sum(float(opt.direction(i).square().sum()) for i in range(len(list(model.parameters())))))
     assert norm == pytest.approx(math.sqrt(d), rel=1e-9)
@@ -168,9 +135,9 @@ def test_mean_of_gaussian_estimates_tends_to_gradient(samples):
     [{}, {"directions": "gaussian"}, {"directions": "sphere", "two_sided": False}, {"q": 3}],
     ids=["rademacher", "gaussian", "sphere-one-sided", "q3"],
 )
-def test_round_trip_restores_weights_bit_exactly(dtype, options):
-    model = tiny_llama(dtype)
-    closure = lm_closure(model, batch())
+def test_round_trip_restores_weights_bit_exactly(dtype, options, tiny_llama, lm_closure):
+    model = tiny_llama(dtype=dtype)
+    closure = lm_closure(model, batch(), model_loss=True)
     opt = ZOSGD(model.parameters(), lr=0.0, seed=5, **options)
     opt.step(closure)  # the first step rounds the weights onto their grids
     before = weights(model)
@@ -180,9 +147,9 @@ def test_round_trip_restores_weights_bit_exactly(dtype, options):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_plain_arithmetic_round_trip_is_not_exact(dtype):
+def test_plain_arithmetic_round_trip_is_not_exact(dtype, tiny_llama):
     """Control for the test above: MeZO's θ + εz − 2εz + εz on the same weights drifts."""
-    model = tiny_llama(dtype)
+    model = tiny_llama(dtype=dtype)
     generator = torch.Generator().manual_seed(0)
     drifted = 0
     for p in model.parameters():
@@ -193,10 +160,10 @@ def test_plain_arithmetic_round_trip_is_not_exact(dtype):
     assert drifted > 0
 
 
-def test_first_step_rounds_weights_by_at_most_half_a_grid_step():
-    model = tiny_llama(torch.float32)
+def test_first_step_rounds_weights_by_at_most_half_a_grid_step(tiny_llama, lm_closure):
+    model = tiny_llama(dtype=torch.float32)
     before = weights(model)
-    ZOSGD(model.parameters(), lr=0.0, seed=5).step(lm_closure(model, batch()))
+    ZOSGD(model.parameters(), lr=0.0, seed=5).step(lm_closure(model, batch(), model_loss=True))
     for old, new in zip(before, model.parameters()):
         bound = (float(old.abs().max()) + 1e-3) * 2.0**-23  # half of h = 2**(e - 24), 2**(e - 2) <= bound
         assert float((new.detach() - old).abs().max()) <= bound
@@ -216,21 +183,21 @@ def test_first_step_rounds_weights_by_at_most_half_a_grid_step():
         ("zo-sign-elementwise", {}),
     ],
 )
-def test_fused_restore_and_update_equals_unfused(dtype, name, options):
+def test_fused_restore_and_update_equals_unfused(dtype, name, options, tiny_llama, lm_closure):
     results = []
     for fuse in (True, False):
-        model = tiny_llama(dtype)
+        model = tiny_llama(dtype=dtype)
         opt = build_optimizer(name, model, lr=1e-3, seed=2, fuse=fuse, **options)
-        closure = lm_closure(model, batch())
+        closure = lm_closure(model, batch(), model_loss=True)
         for _ in range(3):
             opt.step(closure)
         results.append(weights(model))
     assert bitwise_equal(*results)
-    assert not bitwise_equal(results[0], weights(tiny_llama(dtype)))  # it did move
+    assert not bitwise_equal(results[0], weights(tiny_llama(dtype=dtype)))  # it did move
 
 
 @pytest.mark.parametrize("two_sided,fused,draws", [(True, True, 3), (True, False, 4), (False, True, 2)])
-def test_draws_per_step(two_sided, fused, draws):
+def test_draws_per_step(two_sided, fused, draws, tiny_llama, lm_closure):
     model = tiny_llama()
     opt = ZOSGD(model.parameters(), lr=1e-3, two_sided=two_sided, fuse=fused, seed=0)
     counts = {}
@@ -241,7 +208,7 @@ def test_draws_per_step(two_sided, fused, draws):
         return noise(p, index, k, step)
 
     opt._noise = counting
-    opt.step(lm_closure(model, batch()))
+    opt.step(lm_closure(model, batch(), model_loss=True))
     assert set(counts.values()) == {draws}
 
 
@@ -260,11 +227,11 @@ def test_rademacher_signs_are_fair_at_every_bit_position():
 
 
 @pytest.mark.parametrize("name", ["zo-sgd", "zo-adazo"])
-def test_same_seed_same_trajectory_and_default_generator_untouched(name):
+def test_same_seed_same_trajectory_and_default_generator_untouched(name, tiny_llama, lm_closure):
     runs = []
     for default_seed in (0, 1):
         model = tiny_llama()
-        closure = lm_closure(model, batch())
+        closure = lm_closure(model, batch(), model_loss=True)
         opt = build_optimizer(name, model, lr=1e-3, seed=42)
         torch.manual_seed(default_seed)
         state = torch.get_rng_state()
@@ -276,21 +243,21 @@ def test_same_seed_same_trajectory_and_default_generator_untouched(name):
     model = tiny_llama()
     opt = build_optimizer(name, model, lr=1e-3, seed=43)
     for _ in range(3):
-        opt.step(lm_closure(model, batch()))
+        opt.step(lm_closure(model, batch(), model_loss=True))
     assert not bitwise_equal(runs[0], weights(model))
 
 
 @pytest.mark.parametrize("name", ["zo-sgd", "zo-adam", "zo-adazo"])
-def test_state_dict_resume_gives_identical_trajectory(name):
+def test_state_dict_resume_gives_identical_trajectory(name, tiny_llama, lm_closure):
     closure_batch = batch()
     model = tiny_llama()
     opt = build_optimizer(name, model, lr=1e-3, seed=4)
     for _ in range(3):
-        opt.step(lm_closure(model, closure_batch))
+        opt.step(lm_closure(model, closure_batch, model_loss=True))
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
     saved_opt = copy.deepcopy(opt.state_dict())  # state_dict() shares the live tensors
     for _ in range(3):
-        opt.step(lm_closure(model, closure_batch))
+        opt.step(lm_closure(model, closure_batch, model_loss=True))
     straight = weights(model)
 
     resumed = tiny_llama(seed=123)
@@ -299,11 +266,11 @@ def test_state_dict_resume_gives_identical_trajectory(name):
     opt2.load_state_dict(saved_opt)
     assert opt2.steps_taken == 3
     for _ in range(3):
-        opt2.step(lm_closure(resumed, closure_batch))
+        opt2.step(lm_closure(resumed, closure_batch, model_loss=True))
     assert bitwise_equal(straight, weights(resumed))
 
 
-def test_reduce_projected_grad_sees_all_directions_and_drives_the_update():
+def test_reduce_projected_grad_sees_all_directions_and_drives_the_update(tiny_llama, lm_closure):
     seen = []
 
     def double(projected):
@@ -312,9 +279,9 @@ def test_reduce_projected_grad_sees_all_directions_and_drives_the_update():
 
     results = []
     for lr, hook in ((1e-3, double), (2e-3, None)):
-        model = tiny_llama(torch.float64)
+        model = tiny_llama(dtype=torch.float64)
         opt = ZOSGD(model.parameters(), lr=lr, q=3, seed=8, reduce_projected_grad=hook)
-        opt.step(lm_closure(model, batch()))
+        opt.step(lm_closure(model, batch(), model_loss=True))
         results.append(weights(model))
     assert seen[0].shape == (3,) and seen[0].dtype == torch.float64
     assert bitwise_equal(*results)
@@ -323,11 +290,11 @@ def test_reduce_projected_grad_sees_all_directions_and_drives_the_update():
 # -- behaviour ------------------------------------------------------------------------------------
 
 
-def test_zo_never_allocates_grad_and_calls_closure_without_backward_under_no_grad():
+def test_zo_never_allocates_grad_and_calls_closure_without_backward_under_no_grad(tiny_llama, lm_closure):
     model = tiny_llama()
     calls = []
     opt = ZOSGD(model.parameters(), lr=1e-3, term="forget", seed=0)
-    closure = lm_closure(model, batch(), calls)
+    closure = lm_closure(model, batch(), model_loss=True, calls=calls)
     for _ in range(2):
         opt.step(closure)
     assert all(p.grad is None for p in model.parameters())
@@ -354,9 +321,9 @@ def test_every_zo_optimizer_decreases_a_convex_quadratic(name):
 
 
 @pytest.mark.parametrize("name", ZO_NAMES)
-def test_every_zo_optimizer_decreases_a_tiny_lm_loss_at_its_default_lr(name):
+def test_every_zo_optimizer_decreases_a_tiny_lm_loss_at_its_default_lr(name, tiny_llama, lm_closure):
     model = tiny_llama()
-    closure = lm_closure(model, batch(shape=(8, 16)))
+    closure = lm_closure(model, batch(shape=(8, 16)), model_loss=True)
     with torch.no_grad():
         start = float(closure(backward=False))
     opt = build_optimizer(name, model, seed=0)
@@ -366,10 +333,10 @@ def test_every_zo_optimizer_decreases_a_tiny_lm_loss_at_its_default_lr(name):
         assert float(closure(backward=False)) < start - 0.01
 
 
-def test_weight_decay_shrinks_matrices_only():
-    model = tiny_llama(torch.float64)
+def test_weight_decay_shrinks_matrices_only(tiny_llama, lm_closure):
+    model = tiny_llama(dtype=torch.float64)
     opt = ZOSGD(model.parameters(), lr=0.1, weight_decay=0.5, seed=0, reduce_projected_grad=torch.zeros_like)
-    closure = lm_closure(model, batch())
+    closure = lm_closure(model, batch(), model_loss=True)
     opt.step(closure)  # rounds onto the grid
     before = weights(model)
     opt.step(closure)
@@ -395,9 +362,9 @@ def test_momentum_accumulates_the_estimates():
     torch.testing.assert_close(steps[1], 1e-2 * (0.9 * first + estimate), rtol=1e-9, atol=1e-14)
 
 
-def test_bfloat16_uses_plain_arithmetic_and_still_learns():
-    model = tiny_llama(torch.bfloat16)
-    closure = lm_closure(model, batch(shape=(8, 16)))
+def test_bfloat16_uses_plain_arithmetic_and_still_learns(tiny_llama, lm_closure):
+    model = tiny_llama(dtype=torch.bfloat16)
+    closure = lm_closure(model, batch(shape=(8, 16)), model_loss=True)
     with torch.no_grad():
         start = float(closure(backward=False))
     opt = ZOSGD(model.parameters(), lr=3e-3, eps=1e-2, seed=0)

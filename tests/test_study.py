@@ -8,6 +8,7 @@ import pytest
 
 import robustunlearn.config as config_module
 import robustunlearn.study.grid as study_module
+from helpers import synthetic_setup
 from robustunlearn.config import learning_rate, load_settings, objective_options, optimizer_options
 from robustunlearn.optim import OPTIMIZERS
 from robustunlearn.study.grid import sweep_learning_rates
@@ -103,12 +104,10 @@ def test_the_embedded_sweep_starts_from_its_recorded_bases_not_the_shipped_choic
 
 
 def test_tofu_metrics_run_on_tofu_by_default_and_elsewhere_only_when_asked():
-    from robustunlearn.core.models import TinyModelConfig, build_tiny_model, train_tokenizer
-    from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
+    from robustunlearn.core.models import TinyModelConfig, build_tiny_model
     from robustunlearn.metrics.suite import tofu_scores
 
-    benchmark = generate_synthetic(SyntheticConfig(num_people=4, num_utility_passages=2, num_utility_qa=2))
-    tokenizer = train_tokenizer([r.text for r in benchmark.get("forget_text") + benchmark.get("retain_text")], 300)
+    benchmark, tokenizer = synthetic_setup(4, 2, 2, vocab_size=300, repeats=1)
     model = build_tiny_model(
         TinyModelConfig(
             vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
