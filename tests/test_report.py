@@ -50,9 +50,9 @@ LMC = Landscape(
     sharpness=[{"scale": 0.01, "mean_loss_increase": 0.00123, "std": 0.0004}],
 )
 
-# Recovery ratios (F_attacked - F_unlearned) / (F_target - F_unlearned), target 0.8:
-#   adam (unlearned 0.2):   rtn-int4 0.5 -> 0.3/0.6 = 0.500, relearn 0.65 -> 0.45/0.6 = 0.750
-#   zo-sgd (unlearned 0.3): rtn-int4 0.35 -> 0.05/0.5 = 0.100, relearn 0.6 -> 0.3/0.5 = 0.600
+# Recovery ratios (F_attacked - F_unlearned) / (F_target - F_retrain), target 0.8, retrain 0.15:
+#   adam (unlearned 0.2):   rtn-int4 0.5 -> 0.3/0.65 = 0.462, relearn 0.65 -> 0.45/0.65 = 0.692
+#   zo-sgd (unlearned 0.3): rtn-int4 0.35 -> 0.05/0.65 = 0.077, relearn 0.6 -> 0.3/0.65 = 0.462
 ROWS = [
     row("adam", "first-order", "none", 0.2, 0.2, landscape=LMC),
     row("adam", "first-order", "rtn-int4", 0.5, 0.2, landscape=LMC),
@@ -110,17 +110,17 @@ def test_markdown_has_every_optimizer_attack_and_the_recovery_ratios(report):
         assert name in markdown
     quantized = column(markdown, "## Attack: rtn-int4", "recovery ratio")
     relearned = column(markdown, "## Attack: relearn", "recovery ratio")
-    assert table_row(markdown, "## Attack: rtn-int4", "adam")[quantized] == "0.500"
-    assert table_row(markdown, "## Attack: rtn-int4", "zo-sgd")[quantized] == "0.100"
-    assert table_row(markdown, "## Attack: relearn", "adam")[relearned] == "0.750"
-    assert table_row(markdown, "## Attack: relearn", "zo-sgd")[relearned] == "0.600"
+    assert table_row(markdown, "## Attack: rtn-int4", "adam")[quantized] == "0.462"
+    assert table_row(markdown, "## Attack: rtn-int4", "zo-sgd")[quantized] == "0.077"
+    assert table_row(markdown, "## Attack: relearn", "adam")[relearned] == "0.692"
+    assert table_row(markdown, "## Attack: relearn", "zo-sgd")[relearned] == "0.462"
     # relearn AUC of a two-point curve: the mean of its ends, (0.2 + 0.65) / 2
     auc = column(markdown, "## Attack: relearn", "relearn AUC")
     assert table_row(markdown, "## Attack: relearn", "adam")[auc] == "0.425"
     assert "relearn AUC" not in markdown.split("## Attack: rtn-int4")[1].split("\n#")[0]
     # worst case: relearning is the worst attack for both
     worst = table_row(markdown, "## Worst case", "adam")
-    assert worst[-4:] == ["0.650", "relearn", "0.750", "relearn"]
+    assert worst[-4:] == ["0.650", "relearn", "0.692", "relearn"]
     cost = table_row(markdown, "## Cost", "zo-sgd")
     assert "40" in cost and "80" in cost and "3.500" in cost
     # the LMC barrier of the forget metric: 0.4 · 0.5 · 0.5 above the chord at α = 1/2
@@ -140,7 +140,7 @@ def test_tables_order_grades_zeroth_order_first(report):
 def test_html_is_self_contained(report):
     page = report["html"].read_text()
     assert page.startswith("<!DOCTYPE html>") and "<table>" in page
-    for name in ("adam", "zo-sgd", "rtn-int4", "relearn", "0.750"):
+    for name in ("adam", "zo-sgd", "rtn-int4", "relearn", "0.692"):
         assert name in page
     embedded = page.split('src="data:image/png;base64,')[1:]
     assert len(embedded) == 4 and ".png" not in page.replace("base64", "")
@@ -151,17 +151,17 @@ def test_html_is_self_contained(report):
 def test_means_over_seeds_and_skipped_plots(tmp_path):
     rows = [
         row("adam", "first-order", "none", 0.2, 0.2, seed=0),
-        row("adam", "first-order", "rtn-int4", 0.5, 0.2, seed=0),  # R = 0.5
+        row("adam", "first-order", "rtn-int4", 0.5, 0.2, seed=0),  # R = 0.3 / 0.65
         row("adam", "first-order", "none", 0.2, 0.2, seed=1),
-        row("adam", "first-order", "rtn-int4", 0.38, 0.2, seed=1),  # R = 0.3
+        row("adam", "first-order", "rtn-int4", 0.38, 0.2, seed=1),  # R = 0.18 / 0.65
     ]
     written = write_report(write_jsonl(tmp_path / "results.jsonl", rows), tmp_path / "out")
     assert set(written) == {"markdown", "html", "forget_vs_utility", "recovery_by_grade"}
     markdown = written["markdown"].read_text()
     cells = table_row(markdown, "## Attack: rtn-int4", "adam")
     assert cells[column(markdown, "## Attack: rtn-int4", "seeds")] == "2"
-    # mean 0.4, sample std |0.5 - 0.3| / sqrt 2
-    assert cells[column(markdown, "## Attack: rtn-int4", "recovery ratio")] == "0.400 ± 0.141"
+    # mean 0.24 / 0.65, and the bootstrap interval over two seeds: the range of their values
+    assert cells[column(markdown, "## Attack: rtn-int4", "recovery ratio")] == "0.369 [0.277, 0.462]"
     assert "Loss landscape" not in markdown
 
 

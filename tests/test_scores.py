@@ -46,11 +46,12 @@ def row(
 def test_retained_fraction_and_recovery_ratio():
     assert retained_fraction(0.3, 0.6) == pytest.approx(0.5)
     assert retained_fraction(0.3, 0.0) is None
-    assert recovery_ratio(0.5, 0.1, 0.9) == pytest.approx(0.5)
-    assert recovery_ratio(0.1, 0.1, 0.9) == 0.0
-    assert recovery_ratio(0.9, 0.1, 0.9) == pytest.approx(1.0)
-    assert recovery_ratio(0.05, 0.1, 0.9) == pytest.approx(-0.0625)  # the attack removed more
-    assert recovery_ratio(0.5, 0.4, 0.4) is None  # unlearning removed nothing
+    # floor 0.1: the unlearned model reached it, so F_target - F_floor = F_target - F_unlearned = 0.8
+    assert recovery_ratio(0.5, 0.1, 0.9, 0.1).ratio == pytest.approx(0.5)
+    assert recovery_ratio(0.1, 0.1, 0.9, 0.1).ratio == 0.0
+    assert recovery_ratio(0.9, 0.1, 0.9, 0.1).ratio == pytest.approx(1.0)
+    assert recovery_ratio(0.05, 0.1, 0.9, 0.1).ratio == pytest.approx(-0.0625)  # the attack removed more
+    assert recovery_ratio(0.5, 0.4, 0.4, 0.0).ratio is None  # unlearning removed nothing
 
 
 def test_relearn_auc_is_the_trapezoid_mean_level():
@@ -71,7 +72,7 @@ def test_attack_scores_of_one_row():
     assert scores["forget"] == 0.5
     assert scores["forget_unlearned"] == 0.1 and scores["forget_target"] == 0.9
     assert scores["retained_fraction"] == pytest.approx(0.5 / 0.9)
-    assert scores["recovery_ratio"] == pytest.approx(0.5)
+    assert scores["recovery_ratio"] == pytest.approx(0.4 / 0.9)  # no retrain: the floor is chance, 0
     assert scores["relearn_auc"] == pytest.approx(0.3)
     assert scores["utility_before"] == 0.8 and scores["utility_after"] == 0.7
     assert scores["utility_drop"] == pytest.approx(0.1)
@@ -100,7 +101,7 @@ def test_worst_case_skips_the_unattacked_row():
     assert worst == {
         "forget": 0.5,
         "forget_attack": "relearn",
-        "recovery_ratio": pytest.approx(0.5),
+        "recovery_ratio": pytest.approx(0.4 / 0.9),
         "recovery_attack": "relearn",
     }
     assert worst_case([row("none", 0.1)])["recovery_attack"] is None
@@ -127,21 +128,22 @@ def test_summarise_cells_then_means_over_seeds():
         ("mean", "zo-sgd", None),
     ]
     adam_0, adam_1, _, adam, zo = summaries
-    assert adam_0["attacks"]["rtn-int4"]["recovery_ratio"] == pytest.approx(0.25)
-    assert adam_1["attacks"]["rtn-int4"]["recovery_ratio"] == pytest.approx(0.5)
+    # R = (F_attacked - 0.1) / (0.9 - 0): no retrain reference, the floor is forget QA ROUGE's chance, 0
+    assert adam_0["attacks"]["rtn-int4"]["recovery_ratio"] == pytest.approx(0.2 / 0.9)
+    assert adam_1["attacks"]["rtn-int4"]["recovery_ratio"] == pytest.approx(0.4 / 0.9)
     assert adam_0["forget_unlearned"] == 0.1 and adam_0["utility_unlearned"] == 0.8
     assert adam_0["worst"]["recovery_attack"] == "rtn-int4"
     assert adam_1["cost"]["steps"] == 200
     assert adam["seeds"] == [0, 1] and "seed" not in adam["cell"]
-    assert adam["attacks"]["rtn-int4"]["recovery_ratio"] == pytest.approx(0.375)
-    assert adam["std"]["attacks"]["rtn-int4"]["recovery_ratio"] == pytest.approx(0.125 * 2**0.5)
+    assert adam["attacks"]["rtn-int4"]["recovery_ratio"] == pytest.approx(0.3 / 0.9)
+    assert adam["std"]["attacks"]["rtn-int4"]["recovery_ratio"] == pytest.approx(0.2 / 0.9 / 2**0.5)
     assert adam["worst"]["forget"] == pytest.approx(0.4)
     assert {key: adam["cost"][key] for key in ("steps", "seconds", "reached_level")} == {
         "steps": 150.0,
         "seconds": 10.0,
         "reached_level": 0.5,
     }
-    assert zo["attacks"]["rtn-int4"]["recovery_ratio"] == pytest.approx(0.125)
+    assert zo["attacks"]["rtn-int4"]["recovery_ratio"] == pytest.approx(0.1 / 0.9)
     assert zo["std"]["attacks"]["rtn-int4"]["recovery_ratio"] is None  # one seed
     with pytest.raises(ValueError, match="no result rows"):
         summarise([])

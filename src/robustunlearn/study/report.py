@@ -3,8 +3,9 @@
 
 :func:`write_report` writes ``report.md`` (plots as relative links to PNGs beside it),
 ``report.html`` (self-contained: the same PNGs embedded as base64 ``<img>``) and the PNGs.
-Tables show, per grid point (a cell without its seed), the mean over seeds ("± std" with two
-or more seeds).
+The report opens with the claims table (:mod:`robustunlearn.study.claims`); its other tables show,
+per grid point (a cell without its seed), the mean over seeds and, with two or more seeds, its 95%
+percentile bootstrap interval "[low, high]" (:mod:`robustunlearn.study.stats`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,26 @@ from matplotlib.figure import Figure
 
 from robustunlearn.core.io import atomic_write, atomic_write_text
 from robustunlearn.optim import GRADES
+from robustunlearn.study.claims import (
+    DEFAULT_REFERENCE_OPTIMIZER,
+    MEASURES,
+    ROBUSTNESS_MEASURE,
+    ClaimResult,
+    Measured,
+    evaluate_claims,
+    paired_differences,
+)
 from robustunlearn.study.landscape import lmc_barrier
 from robustunlearn.study.rows import NO_ATTACK, Landscape, ResultRow, RowCell, read_results_jsonl
-from robustunlearn.study.scores import attack_scores, lower_is_better, summarise, utility_metric
+from robustunlearn.study.scores import MIN_REMOVED_SHARE, attack_scores, lower_is_better, summarise, utility_metric
+from robustunlearn.study.stats import (
+    BOOTSTRAP_RESAMPLES,
+    CONFIDENCE,
+    CONTRADICTED,
+    SUPPORTED,
+    Interval,
+    bootstrap_interval,
+)
 
 FAMILY_ORDER = ("none", "quantization", "relearning", "perturbation")
 RELEARN_ATTACK = "relearn"
@@ -37,14 +55,29 @@ HOW_TO_READ = (
     "Each cell unlearns the target model with one optimizer and objective from one seed, then "
     "every attack starts again from that unlearned model. Forget metrics measure what the model "
     "still knows of the forget set (lower = more forgotten); utility measures what it kept of "
-    "the rest. The retained fraction is F_attacked / F_target (share of the original knowledge "
-    "present after the attack); the recovery ratio is (F_attacked - F_unlearned) / "
-    "(F_target - F_unlearned): 0 = the attack brought nothing back, 1 = back to the original "
-    "model, negative = the attack removed more; it is empty where unlearning removed nothing. "
-    "The relearn AUC is the mean forget level over the relearning curve. The utility drop is "
-    "how much worse utility got under the attack (after minus before for perplexity). The worst "
-    "case is the highest value over the attacks of each seed, then averaged. Numbers are means "
-    "over seeds, ± the sample standard deviation when there are two or more seeds."
+    "the rest. The retained fraction is (F_attacked - c) / (F_target - c), c the metric's chance "
+    "level (0.25 for 4-option multiple choice): the share of the original knowledge above chance "
+    "present after the attack. The change is F_attacked - F_unlearned. The recovery ratio is that "
+    "change over F_target - F_floor, what the matched forgetting level removes (F_floor: the retrain "
+    "model's value, else chance), the same denominator for every cell: 0 = the attack brought nothing "
+    "back, 1 = as much as separates the original model from the floor, negative = the attack removed "
+    "more. It is empty, with the reason below the table, where unlearning removed less than "
+    f"{MIN_REMOVED_SHARE:.0%} of F_target - F_floor. The relearn AUC is the mean forget level over the "
+    "relearning curve. The utility drop is how much worse utility got under the attack (after minus "
+    "before for perplexity). The worst case is the highest value over the attacks of each seed, then "
+    f"averaged. Numbers are means over seeds with, in brackets, a {CONFIDENCE:.0%} percentile bootstrap "
+    f"interval over the seeds ({BOOTSTRAP_RESAMPLES} resamples, seeded) when there are two or more; "
+    "with few seeds these intervals are narrow (with two, the range of the two values)."
+)
+CLAIMS_HOW_TO_READ = (
+    "Each claim of the paper, measured on this study: per seed, the difference named in 'comparison' "
+    "(paired by benchmark, objective and seed; pooled over the attacks of the family; against a group, "
+    f"the difference least favourable to the claim), its mean over seeds and {CONFIDENCE:.0%} percentile "
+    "bootstrap interval. Supported: the interval excludes 0 on the claimed side; contradicted: on the "
+    "other; inconclusive: it spans 0, or one seed gives no interval; not measured: an optimizer, "
+    "attack or landscape the claim needs is missing. 'At least' claims are tested one-sided, so a tie "
+    "reads inconclusive. The utility caveat marks a comparison whose more robust side has an unlearned "
+    "model of lower utility, beyond the interval: damaged models relearn slowly."
 )
 
 
@@ -97,15 +130,22 @@ def _scored_like(row: ResultRow, first: ResultRow) -> None:
         )
 
 
-def write_report(results_jsonl: Path, output_dir: Path, title: str = "Robust unlearning study") -> dict[str, Path]:
+def write_report(
+    results_jsonl: Path,
+    output_dir: Path,
+    title: str = "Robust unlearning study",
+    reference_optimizer: str = DEFAULT_REFERENCE_OPTIMIZER,
+) -> dict[str, Path]:
     """Read ``results_jsonl``, write ``report.md``, ``report.html`` and the PNG plots into
     ``output_dir`` (each file atomically), and return their paths by name: ``markdown``,
     ``html``, and each plot drawn: ``forget_vs_utility``, ``relearning_curves`` (when a
     relearning row has a curve), ``recovery_by_grade`` (when an attack has a recovery ratio),
-    ``lmc`` (when a row carries a landscape with an LMC curve)."""
+    ``lmc`` (when a row carries a landscape with an LMC curve). The report opens with the claims
+    table (:func:`robustunlearn.study.claims.evaluate_claims`); claims and paired differences are
+    measured against ``reference_optimizer``."""
     output_dir = Path(output_dir)
     rows = read_results(results_jsonl)
-    study = _Study(rows)
+    study = _Study(rows, reference_optimizer)
     plots: dict[str, tuple[Path, str]] = {}
     for name, caption, draw in (
         (
@@ -114,7 +154,11 @@ def write_report(results_jsonl: Path, output_dir: Path, title: str = "Robust unl
             _plot_forget_utility,
         ),
         ("relearning_curves", "Forget metric during relearning (mean over seeds)", _plot_relearning),
-        ("recovery_by_grade", "Recovery ratio by optimizer grade and attack (mean ± std over cells)", _plot_recovery),
+        (
+            "recovery_by_grade",
+            f"Recovery ratio by optimizer grade and attack (mean and {CONFIDENCE:.0%} bootstrap interval over cells)",
+            _plot_recovery,
+        ),
         ("lmc", "Linear mode connectivity between unlearned models", _plot_lmc),
     ):
         figure = draw(study)
@@ -132,8 +176,12 @@ def write_report(results_jsonl: Path, output_dir: Path, title: str = "Robust unl
 class _Study:
     """The rows with their summaries, and the names and orders the report uses."""
 
-    def __init__(self, rows: list[ResultRow]):
+    def __init__(self, rows: list[ResultRow], reference_optimizer: str):
         self.rows = rows
+        self.reference = reference_optimizer
+        self.claims = evaluate_claims(rows, reference_optimizer=reference_optimizer)
+        self.paired = paired_differences(rows, reference_optimizer)
+        self.grades = {row.cell.optimizer: row.cell.grade for row in rows}
         summaries = summarise(rows)
         self.cells = [s for s in summaries if s["kind"] == "cell"]
         self.means = sorted((s for s in summaries if s["kind"] == "mean"), key=self._grid_order)
@@ -203,8 +251,16 @@ def _general(value: float | None) -> str:
     return MISSING if value is None else f"{value:.3g}"
 
 
-def _with_std(value: Any, std: Any) -> str:
-    return _number(value) if value is None or std is None else f"{_number(value)} ± {_number(std)}"
+def _with_interval(value: Any, interval: list[float] | None) -> str:
+    """``value [low, high]``, or the value alone without an interval."""
+    if value is None or interval is None:
+        return _number(value)
+    low, high = interval
+    return f"{_number(value)} [{_number(low)}, {_number(high)}]"
+
+
+def _interval_text(interval: Interval | None) -> str:
+    return MISSING if interval is None else _with_interval(interval.mean, interval.as_list())
 
 
 def _point_columns(study: _Study) -> list[str]:
@@ -221,9 +277,13 @@ def _point_cells(study: _Study, mean: dict[str, Any]) -> list[str]:
     ]
 
 
+UNATTACKED_FIELDS = ("forget", "retained_fraction", "utility_after")  # the unlearned model's own row
+
+
 def _attack_table(study: _Study, attack: str) -> Table:
     fields = [
         ("forget", f"{study.primary} after attack"),
+        ("forget_change", "change from unlearned"),
         ("retained_fraction", "retained fraction"),
         ("recovery_ratio", "recovery ratio"),
         ("relearn_auc", "relearn AUC"),
@@ -232,30 +292,40 @@ def _attack_table(study: _Study, attack: str) -> Table:
     ]
     means = [mean for mean in study.means if attack in mean["attacks"]]
     if attack == NO_ATTACK:  # the unlearned model itself: nothing to recover or drop
-        fields = [fields[0], fields[1], fields[4]]
+        fields = [field for field in fields if field[0] in UNATTACKED_FIELDS]
     if all(mean["attacks"][attack]["relearn_auc"] is None for mean in means):
         fields = [field for field in fields if field[0] != "relearn_auc"]
     return Table(
         _point_columns(study) + [title for _, title in fields],
         [
             _point_cells(study, mean)
-            + [_with_std(mean["attacks"][attack][key], mean["std"]["attacks"][attack][key]) for key, _ in fields]
+            + [_with_interval(mean["attacks"][attack][key], mean["ci"]["attacks"][attack][key]) for key, _ in fields]
             for mean in means
         ],
     )
+
+
+def _recovery_notes(study: _Study, attack: str) -> list[Block]:
+    """Why a cell has no recovery ratio under ``attack``, one bullet per cell."""
+    notes = [
+        f"{study.label(cell['cell'])}, seed {cell['seed']}: {cell['attacks'][attack]['recovery_ratio_note']}"
+        for cell in study.cells
+        if attack in cell["attacks"] and cell["attacks"][attack]["recovery_ratio_note"]
+    ]
+    return [Paragraph("No recovery ratio for:"), Bullets(notes)] if notes else []
 
 
 def _worst_table(study: _Study) -> Table:
     columns = [f"worst {study.primary}", "by attack", "worst recovery ratio", "by attack"]
     rows = []
     for mean in study.means:
-        worst = mean["worst"]
+        worst, interval = mean["worst"], mean["ci"]["worst"]
         rows.append(
             _point_cells(study, mean)
             + [
-                _with_std(worst["forget"], mean["std"]["worst"]["forget"]),
+                _with_interval(worst["forget"], interval["forget"]),
                 worst["forget_attack"] or MISSING,
-                _with_std(worst["recovery_ratio"], mean["std"]["worst"]["recovery_ratio"]),
+                _with_interval(worst["recovery_ratio"], interval["recovery_ratio"]),
                 worst["recovery_attack"] or MISSING,
             ]
         )
@@ -265,7 +335,7 @@ def _worst_table(study: _Study) -> Table:
 def _cost_table(study: _Study) -> Table:
     keys = list(study.means[0]["cost"])
     rows = [
-        _point_cells(study, mean) + [_with_std(mean["cost"][key], mean["std"]["cost"][key]) for key in keys]
+        _point_cells(study, mean) + [_with_interval(mean["cost"][key], mean["ci"]["cost"][key]) for key in keys]
         for mean in study.means
     ]
     titles = [key.replace("_", " ") + (" (share of seeds)" if key == "reached_level" else "") for key in keys]
@@ -355,7 +425,84 @@ def _landscape_blocks(study: _Study, images: dict[str, Image]) -> list[Block]:
     return blocks
 
 
-def _document(study: _Study, title: str, images: dict[str, Image]) -> list[Block]:
+def _comparison_text(entry: Measured) -> str:
+    """What a comparison measures, e.g. "recovery ratio under quantization: zo-sgd - adam < 0"."""
+    comparison, spec = entry.comparison, MEASURES[entry.comparison.measure]
+    attacks = comparison.attack or comparison.attack_family
+    where = f" under {attacks}" if attacks else (" over every attack" if spec.per_attack else "")
+    sign = {"lower": " < 0", "higher": " > 0"}.get(str(entry.expected), "")
+    difference = entry.subject if comparison.versus == "zero" else f"{entry.subject} − {entry.versus}"
+    text = f"{spec.title}{where}: {difference}{sign}"
+    return text if entry.note is None else f"{text} ({entry.note})"
+
+
+def _caveat_text(entry: Measured) -> str | None:
+    caveat = entry.utility_caveat
+    if caveat is None:
+        return None
+    return f"utility of {caveat.more_robust} − {caveat.other}: {_interval_text(caveat.difference)}"
+
+
+def _claims_table(claims: list[ClaimResult]) -> Table:
+    """One row per claim; a claim of several comparisons lists them, "; "-separated, each with its verdict."""
+    rows = []
+    for number, result in enumerate(claims, start=1):
+        parts = result.measured
+        differences = [
+            _interval_text(entry.difference) + (f": {entry.verdict}" if len(parts) > 1 else "") for entry in parts
+        ]
+        caveats = [text for text in map(_caveat_text, parts) if text]
+        rows.append(
+            [
+                str(number),
+                result.claim.text,
+                "; ".join(map(_comparison_text, parts)),
+                "; ".join(differences),
+                "; ".join(str(entry.difference.seeds) if entry.difference else MISSING for entry in parts),
+                result.verdict,
+                "; ".join(caveats) or MISSING,
+            ]
+        )
+    columns = ["#", "claim", "comparison", f"difference [{CONFIDENCE:.0%} CI]", "seeds", "verdict", "utility caveat"]
+    return Table(columns, rows)
+
+
+def _paired_blocks(study: _Study) -> list[Block]:
+    """Each optimizer's robustness score minus the reference optimizer's, per attack."""
+    heading, reference = Heading(2, f"Paired differences against {study.reference}"), study.reference
+    if reference not in study.grades:
+        return [heading, Paragraph(f"The reference optimizer {reference} is not in this study.")]
+    if not study.paired:
+        return []
+    title = MEASURES[ROBUSTNESS_MEASURE].title
+    readings = {SUPPORTED: f"recovers less than {reference}", CONTRADICTED: f"recovers more than {reference}"}
+    entries = sorted(
+        study.paired,
+        key=lambda e: (_grade_rank(study.grades[e.subject]), e.subject, study.attacks.index(str(e.comparison.attack))),
+    )
+    rows = [
+        [
+            entry.subject,
+            study.grades[entry.subject],
+            str(entry.comparison.attack),
+            str(entry.difference.seeds) if entry.difference else MISSING,
+            _interval_text(entry.difference),
+            readings.get(entry.verdict, entry.verdict) + (f" ({entry.note})" if entry.note else ""),
+            _caveat_text(entry) or MISSING,
+        ]
+        for entry in entries
+    ]
+    explanation = (
+        f"Per seed, each optimizer's {title} minus {reference}'s on the same benchmark, objective, seed and "
+        f"attack; mean over seeds and {CONFIDENCE:.0%} percentile bootstrap interval. Negative: the optimizer "
+        f"recovers less than {reference}."
+    )
+    difference = f"{title} − {reference}'s [{CONFIDENCE:.0%} CI]"
+    columns = ["optimizer", "grade", "attack", "seeds", difference, "reading", "utility caveat"]
+    return [heading, Paragraph(explanation), Table(columns, rows)]
+
+
+def _settings(study: _Study) -> list[str]:
     settings = []
     cells = [row.cell.to_json() for row in study.rows]
     for key in cells[0]:
@@ -365,6 +512,7 @@ def _document(study: _Study, title: str, images: dict[str, Image]) -> list[Block
         f"attacks: {', '.join(study.attacks)}",
         f"forget metric: {study.primary} (lower = more forgotten); utility metric: {study.utility}",
         f"{len(study.rows)} rows, {len(study.cells)} cells, {len(study.means)} grid points",
+        f"reference optimizer of the claims and paired differences: {study.reference}",
     ]
     references = (("target (original model)", study.target), ("retrain (never saw the forget set)", study.retrain))
     for name, reference in references:
@@ -373,17 +521,29 @@ def _document(study: _Study, title: str, images: dict[str, Image]) -> list[Block
                 f"{name}: {study.primary} {_number(reference.get(study.primary))}, "
                 f"{study.utility} {_number(reference.get(study.utility))}"
             )
-    blocks: list[Block] = [Heading(1, title), Bullets(settings), Heading(2, "How to read this"), Paragraph(HOW_TO_READ)]
+    return settings
+
+
+def _document(study: _Study, title: str, images: dict[str, Image]) -> list[Block]:
+    blocks: list[Block] = [
+        Heading(1, title),
+        Heading(2, "Claims"),
+        Paragraph(CLAIMS_HOW_TO_READ),
+        _claims_table(study.claims),
+        Heading(2, "Setup"),
+        Bullets(_settings(study)),
+        Heading(2, "How to read this"),
+        Paragraph(HOW_TO_READ),
+    ]
     if "forget_vs_utility" in images:
         blocks.append(images["forget_vs_utility"])
     for attack in study.attacks:
-        heading = (
-            "No attack (the unlearned model)"
-            if attack == NO_ATTACK
-            else f"Attack: {attack} ({study.families[attack] or 'unknown family'})"
-        )
-        blocks += [Heading(2, heading), _attack_table(study, attack)]
-    blocks += [Heading(2, "Worst case over the attacks"), _worst_table(study)]
+        if attack == NO_ATTACK:
+            blocks += [Heading(2, "No attack (the unlearned model)"), _attack_table(study, attack)]
+        else:
+            heading = Heading(2, f"Attack: {attack} ({study.families[attack] or 'unknown family'})")
+            blocks += [heading, _attack_table(study, attack), *_recovery_notes(study, attack)]
+    blocks += [Heading(2, "Worst case over the attacks"), _worst_table(study), *_paired_blocks(study)]
     blocks += [Heading(2, "Cost of unlearning"), _cost_table(study)]
     plots = [images[name] for name in ("relearning_curves", "recovery_by_grade") if name in images]
     if plots:
@@ -565,16 +725,17 @@ def _plot_recovery(study: _Study) -> Figure | None:
     width = 0.8 / len(attacks)
     for index, attack in enumerate(attacks):
         positions = [g + (index - (len(attacks) - 1) / 2) * width for g in range(len(grades))]
-        values = [ratios[grade, attack] for grade in grades]
         # NaN draws no bar (no cell of that grade met the attack) and no error bar (one cell)
-        heights = [statistics.fmean(v) if v else math.nan for v in values]
-        errors = [statistics.stdev(v) if len(v) > 1 else math.nan for v in values]
-        axes.bar(positions, heights, width, yerr=errors, capsize=2, label=attack, color=f"C{index % 10}")
+        intervals = [bootstrap_interval(ratios[grade, attack]) if ratios[grade, attack] else None for grade in grades]
+        heights = [math.nan if interval is None else interval.mean for interval in intervals]
+        below = [math.nan if i is None or i.low is None else i.mean - i.low for i in intervals]
+        above = [math.nan if i is None or i.high is None else i.high - i.mean for i in intervals]
+        axes.bar(positions, heights, width, yerr=[below, above], capsize=2, label=attack, color=f"C{index % 10}")
     axes.axhline(0, color="black", linewidth=0.8)
     axes.axhline(1, color="grey", linestyle=":", linewidth=0.8)
     axes.set_xticks(range(len(grades)), grades, rotation=15, fontsize=8)
     axes.set_ylabel(f"recovery ratio of {study.primary}")
-    axes.set_title("0 = nothing recovered, 1 = back to the original model", fontsize=9)
+    axes.set_title("0 = nothing recovered, 1 = as much as separates the original model from the floor", fontsize=9)
     axes.legend(fontsize=7)
     return figure
 

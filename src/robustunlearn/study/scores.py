@@ -2,7 +2,8 @@
 
 Notation, for the forget metric F (higher = more of the forget set is still known, e.g. forget
 QA ROUGE-L): F_target of the original model, F_unlearned after unlearning, F_attacked after an
-attack (quantization, relearning, weight noise, ...) on the unlearned model.
+attack (quantization, relearning, weight noise, ...) on the unlearned model, F_floor what a model
+that never learned the forget set scores (the retrain reference, else the metric's chance level).
 
 A *row* is one (cell, attack) record of ``results.jsonl``: a :class:`robustunlearn.study.rows.ResultRow`.
 :func:`attack_scores` fills its ``scores``, :func:`summarise` condenses many rows into one summary
@@ -15,40 +16,93 @@ import itertools
 import json
 import statistics
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from robustunlearn.metrics.suite import METRICS, UTILITY_METRIC
 from robustunlearn.study.rows import NO_ATTACK, ResultRow, RowCell
+from robustunlearn.study.stats import bootstrap_interval
 
 # Which values are better for the metrics the study measures beyond the registry: the landscape's
 # teacher-forced QA losses (a higher forget loss means more forgotten).
 STUDY_METRIC_DIRECTIONS = {"forget_qa_loss": "higher", "retain_qa_loss": "lower"}
 # The numeric fields of a cell summary whose spread over seeds a mean summary reports.
 MEAN_FIELDS = ("forget_target", "forget_unlearned", "utility_unlearned", "worst", "attacks", "cost")
+# The recovery ratio needs unlearning to have removed at least this share of what separates the
+# original model from the floor (the retrain reference, else chance): F_target - F_floor.
+MIN_REMOVED_SHARE = 0.2
+# The per-attack scores a cell summary keeps.
+ATTACK_FIELDS = (
+    "forget",
+    "forget_change",
+    "retained_fraction",
+    "recovery_ratio",
+    "recovery_ratio_note",
+    "relearn_auc",
+    "utility_after",
+    "utility_drop",
+)
 
 
-def retained_fraction(f_attacked: float, f_target: float, *, tolerance: float = 1e-9) -> float | None:
-    """Knowledge kept relative to the original model: ``F_attacked / F_target``.
+def retained_fraction(
+    f_attacked: float, f_target: float, f_chance: float = 0.0, *, tolerance: float = 1e-9
+) -> float | None:
+    """Knowledge kept relative to the original model, above the metric's chance level c::
 
-    0 = nothing left, 1 = as much as the original model. ``None`` when ``|F_target| <= tolerance``
-    (the original model knew nothing, so there is nothing to keep)."""
-    if abs(f_target) <= tolerance:
+        (F_attacked - c) / (F_target - c)
+
+    0 = nothing left (at chance: a 4-option multiple-choice model at 0.25 knows nothing), 1 = as
+    much as the original model. ``None`` when ``|F_target - c| <= tolerance`` (the original model
+    was at chance, so there is nothing to keep)."""
+    if abs(f_target - f_chance) <= tolerance:
         return None
-    return f_attacked / f_target
+    return (f_attacked - f_chance) / (f_target - f_chance)
 
 
-def recovery_ratio(f_attacked: float, f_unlearned: float, f_target: float, *, tolerance: float = 1e-9) -> float | None:
-    """How much of what unlearning removed the attack brings back::
+class Recovery(NamedTuple):
+    """A recovery ratio, or ``None`` with the reason (``note``) why there is none."""
 
-        R = (F_attacked - F_unlearned) / (F_target - F_unlearned)
+    ratio: float | None
+    note: str | None = None
 
-    0 = the attack recovered nothing, 1 = back to the original model; negative when the attack
-    removed even more, above 1 when it overshoots the original. ``None`` when
-    ``|F_target - F_unlearned| <= tolerance``: unlearning removed nothing, so there is no ratio."""
-    removed = f_target - f_unlearned
-    if abs(removed) <= tolerance:
-        return None
-    return (f_attacked - f_unlearned) / removed
+
+def recovery_ratio(
+    f_attacked: float,
+    f_unlearned: float,
+    f_target: float,
+    f_floor: float | None,
+    *,
+    min_removed_share: float = MIN_REMOVED_SHARE,
+    tolerance: float = 1e-9,
+) -> Recovery:
+    """How much the attack brought back, in units of what the matched forgetting level removes::
+
+        R = (F_attacked - F_unlearned) / (F_target - F_floor)
+
+    F_floor is the retrain reference's value (the level every cell unlearns towards), else the
+    metric's chance level (:func:`forget_floor`). The denominator is a property of the benchmark,
+    the same for every cell, so R cannot blow up in a cell that stopped short of the level, and
+    ratios compare like the absolute changes F_attacked - F_unlearned they scale. 0 = the attack
+    recovered nothing, 1 = it recovered as much as separates the original model from the floor;
+    negative when the attack removed even more.
+
+    ``None`` with a ``note`` when there is no floor, when ``|F_target - F_floor| <= tolerance``
+    (the original model is at the floor: nothing to forget), or when unlearning removed less than
+    ``min_removed_share`` of it, ``(F_target - F_unlearned) / (F_target - F_floor) <
+    min_removed_share`` (what an attack brings back from a model that forgot little is no
+    measure of robustness)."""
+    if f_floor is None:
+        return Recovery(None, "no floor: no retrain reference and no chance level for the metric")
+    span = f_target - f_floor
+    if abs(span) <= tolerance:
+        return Recovery(None, f"the original model is at the floor ({f_floor:.3g}): nothing to forget")
+    removed_share = (f_target - f_unlearned) / span
+    if removed_share < min_removed_share:
+        return Recovery(
+            None,
+            f"unlearning removed {removed_share:.0%} of the original model's distance to the floor, "
+            f"less than {min_removed_share:.0%}",
+        )
+    return Recovery((f_attacked - f_unlearned) / span)
 
 
 def relearn_auc(curve: list[dict[str, float]], metric: str) -> float:
@@ -96,12 +150,33 @@ def _metric(metrics: dict[str, float], key: str, where: str) -> float:
     return float(metrics[key])
 
 
+def chance_level(metric: str) -> float | None:
+    """What a model that knows nothing scores on ``metric``: its registry ``chance``
+    (:data:`~robustunlearn.metrics.suite.METRICS`; 0.25 for 4-option multiple choice); ``None``
+    for a metric without one or outside the registry."""
+    return METRICS[metric].chance if metric in METRICS else None
+
+
+def forget_floor(row: ResultRow) -> tuple[float | None, str]:
+    """F_floor of the row's ``primary_metric`` and where it comes from: the retrain reference's
+    value (``"retrain"``), else the metric's :func:`chance_level` (``"chance"``; ``None`` without one)."""
+    retrain = row.reference.retrain
+    if retrain and row.primary_metric in retrain:
+        return float(retrain[row.primary_metric]), "retrain"
+    return chance_level(row.primary_metric), "chance"
+
+
 def attack_scores(row: ResultRow) -> dict[str, Any]:
     """All scores of one (cell, attack) row, on the row's ``primary_metric`` F and utility metric U
     (:func:`utility_metric`):
 
-    * ``forget`` = F_attacked, ``forget_unlearned``, ``forget_target``;
-    * ``retained_fraction`` (:func:`retained_fraction`), ``recovery_ratio`` (:func:`recovery_ratio`);
+    * ``forget`` = F_attacked, ``forget_unlearned``, ``forget_target``, ``forget_floor`` (and
+      ``floor_source``: :func:`forget_floor`);
+    * ``forget_change`` = F_attacked - F_unlearned, the absolute change the attack made;
+    * ``retained_fraction`` (:func:`retained_fraction`, above the metric's chance level; ``None``
+      for a metric without one);
+    * ``recovery_ratio`` (:func:`recovery_ratio`) and ``recovery_ratio_note``: why it is ``None``
+      (``None`` when there is a ratio);
     * ``relearn_auc`` (:func:`relearn_auc` of the row's ``curve``; ``None`` without a curve);
     * ``utility_before`` = U of the unlearned model, ``utility_after`` = U of the attacked model,
       ``utility_drop`` = how much worse the attack made it: before - after, or after - before
@@ -111,6 +186,9 @@ def attack_scores(row: ResultRow) -> dict[str, Any]:
     f_attacked = _metric(row.forget, primary, "'forget'")
     f_unlearned = _metric(row.reference.unlearned, primary, "'reference.unlearned'")
     f_target = _metric(row.reference.target, primary, "'reference.target'")
+    f_floor, floor_source = forget_floor(row)
+    chance = chance_level(primary)
+    recovery = recovery_ratio(f_attacked, f_unlearned, f_target, f_floor)
     utility = utility_metric(row.utility)
     before = _metric(row.reference.unlearned, utility, "'reference.unlearned'")
     after = _metric(row.utility, utility, "'utility'")
@@ -119,8 +197,12 @@ def attack_scores(row: ResultRow) -> dict[str, Any]:
         "forget": f_attacked,
         "forget_unlearned": f_unlearned,
         "forget_target": f_target,
-        "retained_fraction": retained_fraction(f_attacked, f_target),
-        "recovery_ratio": recovery_ratio(f_attacked, f_unlearned, f_target),
+        "forget_floor": f_floor,
+        "floor_source": floor_source,
+        "forget_change": f_attacked - f_unlearned,
+        "retained_fraction": None if chance is None else retained_fraction(f_attacked, f_target, chance),
+        "recovery_ratio": recovery.ratio,
+        "recovery_ratio_note": recovery.note,
         "relearn_auc": relearn_auc(row.curve, primary) if row.curve else None,
         "utility_before": before,
         "utility_after": after,
@@ -172,20 +254,7 @@ def _summarise_cell(rows: list[ResultRow]) -> dict[str, Any]:
         "forget_unlearned": first["forget_unlearned"],
         "utility_unlearned": first["utility_before"],
         "worst": worst_case(rows),
-        "attacks": {
-            row.attack: {
-                key: scores[key]
-                for key in (
-                    "forget",
-                    "retained_fraction",
-                    "recovery_ratio",
-                    "relearn_auc",
-                    "utility_after",
-                    "utility_drop",
-                )
-            }
-            for row, scores in scored
-        },
+        "attacks": {row.attack: {key: scores[key] for key in ATTACK_FIELDS} for row, scores in scored},
         "cost": cost.to_json(),
     }
 
@@ -209,6 +278,10 @@ def _std(values: list[float]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
 
 
+def _interval(values: list[float]) -> list[float] | None:
+    return bootstrap_interval(values).as_list()
+
+
 def _mean_over_seeds(group: list[dict[str, Any]]) -> dict[str, Any]:
     fields = [
         {key: value for key, value in summary.items() if key not in ("kind", "cell", "seed", "seeds")}
@@ -222,6 +295,7 @@ def _mean_over_seeds(group: list[dict[str, Any]]) -> dict[str, Any]:
         "seed": None,
         "seeds": [summary["seed"] for summary in group],
         "std": _reduce(numeric, _std, join_text=False),
+        "ci": _reduce(numeric, _interval, join_text=False),
     }
 
 
@@ -232,14 +306,15 @@ def summarise(rows: list[ResultRow]) -> list[dict[str, Any]]:
     A cell summary (``"kind": "cell"``) holds ``benchmark, objective, optimizer, grade, seed``,
     the full ``cell``, ``primary_metric``, ``utility_metric``, ``forget_target``,
     ``forget_unlearned``, ``utility_unlearned``, ``worst`` (:func:`worst_case`), ``attacks`` (per
-    attack: ``forget``, ``retained_fraction``, ``recovery_ratio``, ``relearn_auc``,
-    ``utility_after``, ``utility_drop``) and the unlearning ``cost``.
+    attack: the :data:`ATTACK_FIELDS` of :func:`attack_scores`) and the unlearning ``cost``.
 
     A mean summary (``"kind": "mean"``) has the same fields with every number replaced by its
     mean over the seeds that have it (``None`` where none has), ``seed=None``, ``seeds`` listing
     the seeds, and ``std``: the :data:`MEAN_FIELDS` again as sample standard deviations (``None``
-    with one seed). A bool becomes the fraction of seeds where it holds
-    (``cost.reached_level``); worst-case attack names that differ across seeds are joined with ", "."""
+    with one seed), and ``ci``: the same fields as ``[low, high]`` 95% percentile bootstrap intervals
+    over the seeds (:func:`robustunlearn.study.stats.bootstrap_interval`; ``None`` with one seed).
+    A bool becomes the fraction of seeds where it holds (``cost.reached_level``); texts that differ
+    across seeds (worst-case attack names, recovery-ratio notes) are joined with ", "."""
     if not rows:
         raise ValueError("no result rows to summarise")
     by_cell: dict[RowCell, list[ResultRow]] = {}
