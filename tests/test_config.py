@@ -67,3 +67,12 @@ def test_the_engine_settings_carry_the_run_seed_and_the_tuned_choices():
     settings = load_settings(None, {"seed": 4, "unlearn": {"optimizer": "adam"}})
     engine = unlearn_settings(settings, steps=9)
     assert (engine.seed, engine.steps, engine.lr) == (4, 9, embedded_recipe()["tuned"]["learning_rates"]["adam"])
+
+
+def test_the_reference_optimizer_is_adam_when_the_grid_has_it_else_the_first():
+    assert load_settings().study.reference == "adam"
+    assert load_settings(None, {"study": {"optimizers": ("signum", "zo-sgd")}}).study.reference == "signum"
+    chosen = load_settings(None, {"study": {"optimizers": ("adam", "zo-sgd"), "reference_optimizer": "zo-sgd"}})
+    assert chosen.study.reference == "zo-sgd"
+    with pytest.raises(UserError, match="reference_optimizer 'lion' is not in the grid"):
+        load_settings(None, {"study": {"reference_optimizer": "lion"}})

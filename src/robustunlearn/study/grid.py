@@ -117,11 +117,11 @@ def add_lmc_curves(
     study: StudySettings,
     output_dir: Path,
 ) -> None:
-    """Linear mode connectivity from the first optimizer's unlearned model to each other cell's with
+    """Linear mode connectivity from the reference optimizer's unlearned model to each other cell's with
     the same objective and seed: the level metric and the QA losses along the line. Stored in the
     cell's rows (``landscape.pair``, ``landscape.lmc``) and its ``rows.json``; cells that have one skip."""
 
-    anchors = {(cell.objective, cell.seed): cell for cell, _ in finished if cell.optimizer == study.optimizers[0]}
+    anchors = {(cell.objective, cell.seed): cell for cell, _ in finished if cell.optimizer == study.reference}
     losses = qa_losses(tokenizer, benchmark)
 
     def evaluate(model) -> dict[str, float]:
@@ -366,5 +366,10 @@ def run_study(
         add_lmc_curves(finished, target, tokenizer, benchmark, settings, study, output_dir)
     rows = [row for _, cell_rows in finished for row in cell_rows]
     write_results_jsonl(output_dir / "results.jsonl", rows)
-    write_report(output_dir / "results.jsonl", output_dir, title=f"robustunlearn study: {settings.benchmark}")
+    write_report(
+        output_dir / "results.jsonl",
+        output_dir,
+        title=f"robustunlearn study: {settings.benchmark}",
+        reference_optimizer=study.reference,
+    )
     return rows

@@ -37,8 +37,8 @@ A row, field by field (:class:`ResultRow`)::
   the same).
 * ``curve``: forget metrics by relearning step (relearning attacks only).
 * ``landscape`` (:class:`Landscape`): optional, any key of it may be absent: ``lmc`` runs from the
-  model of ``pair``'s first optimizer (θ_a, α = 0) to this cell's (θ_b, α = 1); ``sharpness``
-  (of the loss ``sharpness_loss``) is of this cell's model.
+  model of ``pair``'s first optimizer, the study's reference (θ_a, α = 0), to this cell's (θ_b, α = 1);
+  ``sharpness`` (of the loss ``sharpness_loss``) is of this cell's model.
 * ``scores``: :func:`robustunlearn.study.scores.attack_scores` of the row when it was written. The
   report recomputes them from the other fields rather than trusting stored ones.
 * ``tofu``: :func:`robustunlearn.metrics.suite.tofu_scores` of the attacked model; the key is
