@@ -98,7 +98,7 @@ def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 def capture_settings(monkeypatch, capsys, *args: str):
     captured = {}
 
-    def fake_unlearn_only(settings, output_dir, cache_dir=None, *, resume=False, console=None):
+    def fake_unlearn_only(settings, output_dir, cache_dir=None, *, resume=False, overwrite=False, console=None):
         captured.update(settings=settings, resume=resume)
         return output_dir / "final"
 

@@ -131,6 +131,14 @@ def _output_dir(path: Path, *, lock: bool = True) -> Iterator[Path]:
         raise
 
 
+def _check_models(*references: Optional[str]) -> None:
+    """The models a command loads (``model_path``, ``base_model``: from a flag or the recipe) exist
+    (a path) or can be fetched (a hub name)."""
+    for reference in references:
+        if reference is not None:
+            check_model_reference(reference)
+
+
 def _print_settings(settings: RunSettings) -> None:
     """What ``--dry-run`` prints: the settings a run would use, after every check passed."""
     typer.echo(settings.model_dump_json(indent=2))
@@ -157,8 +165,7 @@ def prepare(
         base_model=base_model,
         benchmark_options=_benchmark_options(data_dir, forget_split),
     )
-    if base_model is not None:
-        check_model_reference(base_model)
+    _check_models(settings.base_model)
     _check_writable(cache_dir or default_cache_dir(), "cache directory")
     if dry_run:
         _print_settings(settings)
@@ -244,8 +251,7 @@ def _study(
         study__max_steps=steps,
     )
     check_training_options(settings, settings.study.objectives, settings.study.optimizers)
-    if model is not None:
-        check_model_reference(model)
+    _check_models(settings.model_path, settings.base_model)
     _check_writable(output_dir)
     _check_cache_dir(cache_dir, settings)
     if dry_run:
@@ -432,16 +438,16 @@ def unlearn_command(
     if lora_alpha is not None and "rank" not in settings.unlearn.lora:
         raise UserError("--lora-alpha needs --lora-rank (or unlearn.lora.rank in the --config recipe)")
     check_training_options(settings, [settings.unlearn.objective], [settings.unlearn.optimizer])
-    if model is not None:
-        check_model_reference(model)
+    _check_models(settings.model_path, settings.base_model)
     _check_writable(output_dir)
     _check_cache_dir(cache_dir, settings)
+    rules = {"resume": resume, "resume_if_exists": resume_if_exists, "overwrite": overwrite}
+    _resumes(output_dir, **rules)  # before the directory is created: --resume needs it to exist
     if dry_run:
-        _resumes(output_dir, resume=resume, resume_if_exists=resume_if_exists, overwrite=overwrite)
         _print_settings(settings)
         return
     with _output_dir(output_dir, lock=is_main_process()):  # the other ranks of a launch share rank 0's directory
-        resumes = _resumes(output_dir, resume=resume, resume_if_exists=resume_if_exists, overwrite=overwrite)
+        resumes = _resumes(output_dir, **rules)  # again under the lock: another run may have changed the directory
         final_dir = unlearn_only(settings, output_dir, cache_dir, resume=resumes, overwrite=overwrite, console=console)
     if is_main_process():
         console.print(f"final model in {final_dir}")
@@ -512,8 +518,7 @@ def eval_command(
         model_path=model,
         benchmark_options=_benchmark_options(data_dir, forget_split),
     )
-    if model is not None:
-        check_model_reference(model)
+    _check_models(settings.model_path, settings.base_model)
     if output is not None:
         if output.is_dir():
             raise UserError(f"--output {output} is a directory; give a file name")
@@ -562,20 +567,23 @@ def bench_generation_command(
     bench_generation(n_prompts=prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
 
+def _print_error(message: str) -> None:
+    """``error: message`` on one line: a line break (in a name the user gave) is shown as ``\\n``;
+    escaped, as a message like "pip install 'robustunlearn[gguf]'" is not rich markup."""
+    one_line = message.replace("\n", "\\n")
+    console.print(f"[red]error:[/red] {escape(one_line)}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
-    """Console-script entry point: one-line errors with exit code 2 for user mistakes."""
+    """Console-script entry point: one-line errors with exit code 2 for user mistakes and 3 for a
+    diverged run."""
     try:
         app(standalone_mode=False)
     except UserError as error:
-        # escape: a message like "pip install 'robustunlearn[gguf]'" is not rich markup
-        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True, markup=True)
+        _print_error(str(error))
         sys.exit(2)
     except NonFiniteLossError as error:
-        console.print(
-            f"[red]error:[/red] the run diverged: {escape(str(error))} (its last checkpoint is kept)",
-            highlight=False,
-            soft_wrap=True,
-        )
+        _print_error(f"the run diverged: {error} (its last checkpoint is kept)")
         sys.exit(3)
     except typer.Exit as done:
         sys.exit(done.exit_code)
@@ -585,8 +593,7 @@ def main() -> None:
     except TyperException as error:  # typer's usage errors (bad flag, bad value, no arguments)
         if type(error).__name__ == "NoArgsIsHelpError":
             sys.exit(0)
-        message = error.format_message() if hasattr(error, "format_message") else str(error)
-        console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        _print_error(error.format_message() if hasattr(error, "format_message") else str(error))
         sys.exit(getattr(error, "exit_code", 2))
 
 

@@ -12,24 +12,26 @@ the base layer whenever a run uses them (synthetic benchmark, no ``--model`` or 
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from robustunlearn.attacks import parse_attack
 from robustunlearn.core.errors import UserError
 from robustunlearn.core.models import TinyModelConfig
 from robustunlearn.core.settings import Strict, check_name
-from robustunlearn.data import BENCHMARKS
+from robustunlearn.data import BENCHMARKS, check_benchmark_options
 from robustunlearn.data.synthetic import SyntheticConfig
 from robustunlearn.metrics.suite import FORGET_METRICS, EvalSettings
-from robustunlearn.objectives import OBJECTIVES
+from robustunlearn.objectives import OBJECTIVES, build_objective
 from robustunlearn.optim import OPTIMIZERS
 from robustunlearn.train.prepare import TrainConfig
 from robustunlearn.train.settings import UnlearnSettings
@@ -110,10 +112,29 @@ class StudySettings(Strict):
     relearn_lr: float = Field(1e-4, gt=0)
     relearn_eval_every: int = Field(5, ge=1)
     sweep_factors: tuple[float, ...] = (0.3, 1.0, 3.0)  # --lr-sweep tries base lr x each
-    # Loss landscape per cell: sharpness of the forget loss, and linear mode connectivity from the first
+    # Loss landscape per cell: sharpness of the forget loss, and linear mode connectivity from the reference
     # optimizer's model to each other one's (same objective and seed). Keeps each cell's weights on disk.
     landscape: bool = True
     lmc_points: int = Field(6, ge=2)  # points on each interpolation path, endpoints included
+    # The optimizer every other one is compared with (paired differences, claims, LMC anchors);
+    # None: adam when the grid has it, else the grid's first optimizer.
+    reference_optimizer: str | None = None
+
+    @model_validator(mode="after")
+    def _reference_in_grid(self) -> StudySettings:
+        if self.reference_optimizer is not None and self.reference_optimizer not in self.optimizers:
+            raise ValueError(
+                f"reference_optimizer {self.reference_optimizer!r} is not in the grid; "
+                f"its optimizers are {', '.join(self.optimizers)}"
+            )
+        return self
+
+    @property
+    def reference(self) -> str:
+        """The reference optimizer of this grid."""
+        if self.reference_optimizer is not None:
+            return self.reference_optimizer
+        return "adam" if "adam" in self.optimizers else self.optimizers[0]
 
     @field_validator("objectives")
     @classmethod
@@ -177,6 +198,22 @@ class RunSettings(Strict):
     def _benchmark(cls, value: str) -> str:
         return check_name("benchmark", value, BENCHMARKS)
 
+    @field_validator("benchmark_options")
+    @classmethod
+    def _benchmark_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        benchmark = info.data.get("benchmark")
+        if benchmark == "synthetic" and options:
+            raise ValueError(
+                f"the synthetic benchmark takes none, got {', '.join(sorted(options))} (--data-dir and --forget-split "
+                "are for tofu, muse and wmdp; the synthetic benchmark's settings are the data section)"
+            )
+        if benchmark is not None:
+            try:
+                check_benchmark_options(benchmark, options)
+            except TypeError as error:
+                raise ValueError(f"bad option for benchmark {benchmark!r}: {error}") from None
+        return options
+
     @model_validator(mode="after")
     def _one_seed(self) -> RunSettings:
         if "seed" in self.unlearn.model_fields_set:
@@ -218,6 +255,50 @@ def objective_options(settings: RunSettings, objective: str) -> dict[str, Any]:
 def optimizer_options(settings: RunSettings, optimizer: str) -> dict[str, Any]:
     """The tuned options of ``optimizer`` (if any), overridden by ``unlearn.optimizer_options``."""
     return {**settings.tuned.optimizer_options.get(optimizer, {}), **settings.unlearn.optimizer_options}
+
+
+def optimizer_option_names(optimizer: str) -> list[str] | None:
+    """The options ``optimizer`` takes: the keyword parameters of the class its spec builds (and of
+    the base classes its ``**options`` reach), less ``params``, ``lr`` and those the spec fixes.
+    None when the spec's build is not such a constructor call: the hybrids, which check their own
+    options when they are built."""
+    closure = inspect.getclosurevars(OPTIMIZERS[optimizer].build).nonlocals
+    built, fixed = closure.get("cls"), set(closure.get("fixed") or ())
+    if not isinstance(built, type):
+        return None
+    names: list[str] = []
+    for klass in built.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        not_options = {"self", "params", "defaults", "lr", *fixed, *names}
+        names += [p.name for p in parameters if p.kind in keywords and p.name not in not_options]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            break
+    return names
+
+
+def check_training_options(settings: RunSettings, objectives: Iterable[str], optimizers: Iterable[str]) -> None:
+    """``UserError`` if the objective or optimizer options a run would use (tuned, then the recipe's
+    ``unlearn.objective_options`` and ``unlearn.optimizer_options``) hold an unknown option, or for
+    an objective a bad value, naming it and the accepted options; checked before anything runs."""
+    for objective in objectives:
+        options = objective_options(settings, objective)
+        try:
+            build_objective(objective, **options)
+        except ValueError as error:
+            raise UserError(f"unlearn.objective_options: {error}") from None
+        except TypeError as error:
+            raise UserError(f"unlearn.objective_options {options} for objective {objective!r}: {error}") from None
+    for optimizer in optimizers:
+        accepted = optimizer_option_names(optimizer)
+        unknown = sorted(set(optimizer_options(settings, optimizer)) - set(accepted or ()))
+        if accepted is not None and unknown:
+            raise UserError(
+                f"unlearn.optimizer_options: unknown option(s) {', '.join(unknown)} for optimizer {optimizer!r}; "
+                f"accepted: {', '.join(accepted) or 'none'}"
+            )
 
 
 def unlearn_settings(settings: RunSettings, **changes: Any) -> UnlearnSettings:

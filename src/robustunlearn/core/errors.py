@@ -3,3 +3,9 @@
 
 class UserError(Exception):
     """Bad input from the user (an unknown name, a missing path, a malformed config)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its repr when the message is empty), for one-line errors."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else repr(error)

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written file, a killed writer leaves the old one."""
+"""Atomic file writes: a reader never sees a half-written file, a killed writer leaves the old one;
+and undoing the directories a failed command created."""
 
 from __future__ import annotations
 
@@ -31,3 +32,26 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def missing_directories(path: Path) -> list[Path]:
+    """``path`` and those of its ancestors that do not exist yet, deepest first: what creating
+    ``path`` would create."""
+    missing = []
+    for directory in (Path(path).absolute(), *Path(path).absolute().parents):
+        if directory.exists() or directory.is_symlink():
+            break
+        missing.append(directory)
+    return missing
+
+
+def remove_empty(directories: list[Path]) -> None:
+    """Remove each of ``directories`` (deepest first) that exists and is empty; stop at the first
+    that is not, whose ancestors are then not empty either."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty (or not ours to remove): keep it and what holds it
+            return

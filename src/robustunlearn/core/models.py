@@ -1,8 +1,8 @@
 """Load and save causal LMs and tokenizers; build the embedded tiny Llama and its BPE tokenizer.
 
 Saved models are Hugging Face directories: ``model.safetensors`` + ``config.json`` + tokenizer
-files + ``manifest.json`` (what the model is, and the SHA-256 of its weights, so a corrupted
-or half-written directory is detected instead of silently loaded).
+files + ``manifest.json`` (what the model is, and the SHA-256 of its weights and of every other
+file, so a corrupted or half-written directory is detected instead of silently loaded).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -18,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import model_info, try_to_load_from_cache
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -29,13 +34,14 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from robustunlearn.core.errors import UserError
+from robustunlearn.core.errors import UserError, first_line
 from robustunlearn.core.io import atomic_write_json
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 GGUF_SUFFIX = ".gguf"
+HUB_TIMEOUT_SECONDS = 10  # one request to ask the hub whether a model exists, instead of a minute of retries
 
 
 @dataclass(frozen=True)
@@ -127,12 +133,14 @@ def save_model(model, tokenizer, directory: str | Path, manifest: dict[str, Any]
         tokenizer.save_pretrained(staging)
         if not (staging / WEIGHTS).exists():
             raise RuntimeError(f"save_pretrained wrote no {WEIGHTS} in {staging}")
+        others = sorted(path.name for path in staging.iterdir() if path.is_file() and path.name != WEIGHTS)
         atomic_write_json(
             staging / MANIFEST,
             {
                 **(manifest or {}),
                 "parameters": count_parameters(model),
                 "weights_sha256": file_sha256(staging / WEIGHTS),
+                "files_sha256": {name: file_sha256(staging / name) for name in others},
             },
         )
         if directory.exists():
@@ -145,21 +153,37 @@ def save_model(model, tokenizer, directory: str | Path, manifest: dict[str, Any]
 
 
 def verify_model_dir(directory: str | Path) -> dict[str, Any]:
-    """Return the manifest of a saved model directory; raise ``ValueError`` if it is incomplete or corrupted."""
+    """Return the manifest of a saved model directory; raise ``ValueError`` naming the file if it is
+    incomplete or corrupted (the weights and, in manifests that record them, every other file are
+    checked against their SHA-256)."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file() or not (directory / WEIGHTS).is_file():
         raise ValueError(f"{directory} is not a complete saved model (missing {MANIFEST} or {WEIGHTS})")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if manifest.get("weights_sha256") != file_sha256(directory / WEIGHTS):
-        raise ValueError(f"{directory / WEIGHTS} does not match the SHA-256 in its manifest (corrupted)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{manifest_path} is not valid JSON ({error})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{manifest_path} is not a JSON object")
+    others = manifest.get("files_sha256") or {}  # manifests written before it record the weights only
+    if not isinstance(others, dict):
+        raise ValueError(f"{manifest_path}: files_sha256 is not a JSON object")
+    recorded = {WEIGHTS: manifest.get("weights_sha256"), **others}
+    for name, digest in recorded.items():
+        path = directory / name
+        if Path(name).name != name or not path.is_file() or path.is_symlink():
+            raise ValueError(f"{path}, recorded in {manifest_path}, is missing or not a regular file")
+        if file_sha256(path) != digest:
+            raise ValueError(f"{path} does not match the SHA-256 in its manifest (corrupted)")
     return manifest
 
 
 def check_model_reference(name_or_path: str | Path) -> Path | None:
     """The local directory or GGUF file ``name_or_path`` names, or None for a hub name; ``UserError``
     when it looks like a path (starts with ``.``, ``/`` or ``~``, has more than one ``/``, or ends
-    in ``.gguf``) that is not there, or names a GGUF file without the ``gguf`` package installed."""
+    in ``.gguf``) that is not there, names a directory without ``config.json`` or a GGUF file
+    without the ``gguf`` package installed, or is a hub name that cannot load (:func:`check_hub_model`)."""
     path = Path(name_or_path).expanduser()
     gguf = path.suffix.lower() == GGUF_SUFFIX
     if path.exists():
@@ -171,10 +195,53 @@ def check_model_reference(name_or_path: str | Path) -> Path | None:
             return path
         if not path.is_dir():
             raise UserError(f"model path {path} is neither a directory nor a {GGUF_SUFFIX} file")
+        if not (path / "config.json").is_file():
+            raise UserError(f"model directory {path} has no config.json: it is not a Hugging Face model directory")
         return path
     if gguf or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
         raise UserError(f"model path {name_or_path} does not exist")
+    check_hub_model(str(name_or_path))
     return None
+
+
+def _hub_offline() -> bool:
+    """Whether Hugging Face downloads are off: huggingface_hub reads the variables at import, a test
+    or a wrapper may set them later."""
+    flags = (os.environ.get(name, "").upper() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(hub_constants.HF_HUB_OFFLINE) or any(flag in ("1", "ON", "YES", "TRUE") for flag in flags)
+
+
+def check_hub_model(name: str) -> None:
+    """``UserError`` in seconds when the hub name ``name`` cannot load: it is not a valid name, or
+    it is not in the local Hugging Face cache and downloads are off (``HF_HUB_OFFLINE``), the hub
+    cannot be reached or does not have it. (transformers would retry for about a minute first.)"""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise UserError(f"model {name!r} is neither a local path nor a valid Hugging Face hub name") from None
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # cached: it loads without the network
+    if _hub_offline():
+        raise UserError(
+            f"model {name!r} is not a local path and not in the Hugging Face cache, and HF_HUB_OFFLINE is set: "
+            "download it with the network on, or give a local directory"
+        )
+    try:
+        model_info(name, timeout=HUB_TIMEOUT_SECONDS)
+    except GatedRepoError:
+        return  # it exists; loading it needs access (HF_TOKEN), which transformers reports itself
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"model {name!r} is neither a local path nor a model on the Hugging Face hub "
+            "(nor a private one that HF_TOKEN can read)"
+        ) from None
+    except HfHubHTTPError as error:
+        raise UserError(f"the Hugging Face hub refused model {name!r}: {first_line(error)}") from None
+    except Exception as error:  # the HTTP client's own connection and timeout errors: no hub to ask
+        raise UserError(
+            f"cannot reach the Hugging Face hub to load model {name!r} ({first_line(error)}); "
+            "check the network, set HF_HUB_OFFLINE=1 to use the local cache only, or give a local directory"
+        ) from None
 
 
 def _pretrained_source(name_or_path: str | Path, path: Path | None) -> tuple[str, dict[str, Any]]:
@@ -186,14 +253,15 @@ def _pretrained_source(name_or_path: str | Path, path: Path | None) -> tuple[str
     return str(name_or_path), {}
 
 
-def _load_errors(extra: dict[str, Any]) -> tuple[type[Exception], ...]:
-    """What a failed load raises: a missing file, and for a GGUF a malformed file or an
-    architecture transformers cannot read."""
-    return (OSError, ValueError) if "gguf_file" in extra else (OSError,)
+def _load_errors(path: Path | None) -> tuple[type[Exception], ...]:
+    """What a failed load raises: from the hub, a missing file; from a local directory or GGUF
+    file, anything: a truncated or garbage file fails in its parser (safetensors, tokenizers, json,
+    gguf), each with exceptions of its own."""
+    return (Exception,) if path is not None else (OSError,)
 
 
 def _cannot_load(name_or_path: str | Path, error: Exception) -> UserError:
-    return UserError(f"cannot load model {str(name_or_path)!r}: {str(error).splitlines()[0]}")
+    return UserError(f"cannot load model {str(name_or_path)!r}: {first_line(error)}")
 
 
 def load_tokenizer(name_or_path: str | Path, *, trust_remote_code: bool = False):
@@ -204,7 +272,7 @@ def load_tokenizer(name_or_path: str | Path, *, trust_remote_code: bool = False)
     source, extra = _pretrained_source(name_or_path, path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)
-    except _load_errors(extra) as error:
+    except _load_errors(path) as error:
         raise _cannot_load(name_or_path, error) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -244,6 +312,6 @@ def load_model(
         extra["use_safetensors"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
-    except _load_errors(extra) as error:
+    except _load_errors(path) as error:
         raise _cannot_load(name_or_path, error) from None
     return model.to(device), tokenizer

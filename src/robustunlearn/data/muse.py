@@ -32,12 +32,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from robustunlearn.core.errors import UserError
 from robustunlearn.data.base import QA, Benchmark, Continuation, Passage
 from robustunlearn.data.tofu import (
     Table,
     check_directory,
+    check_names_option,
+    check_path_option,
+    check_string_option,
     checked_options,
     find_file,
     hub_table,
@@ -94,7 +98,16 @@ def validate_chunk_chars(chunk_chars: int | None) -> None:
         raise ValueError(f"chunk_chars must be a positive integer or None (whole documents), got {chunk_chars!r}")
 
 
-@checked_options("muse")
+def _check_muse_values(options: dict[str, Any]) -> None:
+    check_path_option(options, "data_dir")
+    check_string_option(options, "hub_name", optional=True)
+    if "corpus" in options and options["corpus"] not in HUB_NAMES:
+        raise ValueError(f"unknown MUSE corpus {options['corpus']!r}; expected one of {list(HUB_NAMES)}")
+    check_names_option(options, "retain_sets", RETAIN_SETS)
+    validate_chunk_chars(options.get("chunk_chars"))
+
+
+@checked_options("muse", _check_muse_values)
 def load_muse(
     data_dir: str | Path | None = None,
     *,
@@ -109,12 +122,7 @@ def load_muse(
 
     ``retain_sets``: the raw retain splits that form ``retain_text``; MUSE's unlearning baselines
     use ``retain1`` and keep ``retain2`` for evaluation. See the module docstring for the mapping."""
-    if corpus not in HUB_NAMES:
-        raise ValueError(f"unknown MUSE corpus {corpus!r}; expected one of {list(HUB_NAMES)}")
     retain_sets = (retain_sets,) if isinstance(retain_sets, str) else tuple(retain_sets)
-    if not retain_sets or len(set(retain_sets)) != len(retain_sets) or not set(retain_sets) <= set(RETAIN_SETS):
-        raise ValueError(f"retain_sets must be distinct names from {list(RETAIN_SETS)}, got {list(retain_sets)}")
-    validate_chunk_chars(chunk_chars)
     if data_dir is None:
         source = f"hub:{hub_name or HUB_NAMES[corpus]}"
         get = _hub_getter(hub_name or HUB_NAMES[corpus])

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -167,37 +168,84 @@ def check_directory(path: str | Path, benchmark: str) -> Path:
     return directory
 
 
-def checked_options(benchmark: str) -> Callable[[Callable[..., Benchmark]], Callable[..., Benchmark]]:
-    """Make a loader reject unknown keyword options with a ValueError naming them and the accepted
-    ones, as ``load_benchmark("synthetic", ...)`` does."""
+def checked_options(
+    benchmark: str, check_values: Callable[[dict[str, Any]], None]
+) -> Callable[[Callable[..., Benchmark]], Callable[..., Benchmark]]:
+    """Make a loader reject unknown keyword options (as ``load_benchmark("synthetic", ...)`` does)
+    and bad values (``check_values(options)``) with a ValueError naming them and what is accepted.
+    The loader's ``check_options(**options)`` runs the same checks without loading anything, so a
+    run can refuse a recipe's options before it starts."""
 
     def wrap(loader: Callable[..., Benchmark]) -> Callable[..., Benchmark]:
         accepted = list(inspect.signature(loader).parameters)
 
-        @functools.wraps(loader)
-        def checked(*args: Any, **options: Any) -> Benchmark:
+        def check_options(**options: Any) -> None:
             unknown = sorted(set(options) - set(accepted))
             if unknown:
                 raise ValueError(f"unknown option(s) {unknown} for benchmark {benchmark!r}; accepted: {accepted}")
+            check_values(options)
+
+        @functools.wraps(loader)
+        def checked(*args: Any, **options: Any) -> Benchmark:
+            check_options(**options)
             return loader(*args, **options)
 
+        checked.check_options = check_options
         return checked
 
     return wrap
 
 
+def check_path_option(options: dict[str, Any], name: str) -> None:
+    """``options[name]``, when given, is a path (a string in a recipe) or None."""
+    value = options.get(name)
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"{name} must be a path, got {_short(value)}")
+
+
+def check_names_option(options: dict[str, Any], name: str, accepted: Sequence[str]) -> None:
+    """``options[name]``, when given, is one of ``accepted`` or a non-empty list of distinct ones."""
+    if name not in options:
+        return
+    value = options[name]
+    names = [value] if isinstance(value, str) else value
+    if (
+        not isinstance(names, (list, tuple))
+        or not names
+        or not all(isinstance(n, str) for n in names)
+        or len(set(names)) != len(names)
+        or not set(names) <= set(accepted)
+    ):
+        raise ValueError(f"{name} must be distinct names from {list(accepted)}, got {_short(value)}")
+
+
+def check_string_option(options: dict[str, Any], name: str, *, optional: bool = False) -> None:
+    """``options[name]``, when given, is a non-empty string (or None, if ``optional``)."""
+    if name not in options or (optional and options[name] is None):
+        return
+    if not isinstance(options[name], str) or not options[name].strip():
+        raise ValueError(f"{name} must be a non-empty string, got {_short(options[name])}")
+
+
 # ---- TOFU ----------------------------------------------------------------------------------------
 
 
-@checked_options("tofu")
+def _check_tofu_values(options: dict[str, Any]) -> None:
+    check_path_option(options, "data_dir")
+    check_string_option(options, "hub_name")
+    if "forget_split" in options and options["forget_split"] not in FORGET_SPLITS:
+        raise ValueError(
+            f"unknown TOFU forget_split {_short(options['forget_split'])}; expected one of {list(FORGET_SPLITS)}"
+        )
+
+
+@checked_options("tofu", _check_tofu_values)
 def load_tofu(
     data_dir: str | Path | None = None, *, forget_split: str = "forget10", hub_name: str = HUB_NAME
 ) -> Benchmark:
     """Load TOFU with ``forget_split`` (``forget01``, ``forget05`` or ``forget10``) from ``data_dir``
     (files ``<config>.json`` or ``.jsonl``), or from the hub dataset ``hub_name`` when ``data_dir``
     is None. See the module docstring for the mapping to splits."""
-    if forget_split not in FORGET_SPLITS:
-        raise ValueError(f"unknown TOFU forget_split {forget_split!r}; expected one of {list(FORGET_SPLITS)}")
     retain_split = f"retain{100 - int(forget_split.removeprefix('forget')):02d}"
     get = _local_getter(check_directory(data_dir, "TOFU")) if data_dir is not None else _hub_getter(hub_name)
 

@@ -37,6 +37,8 @@ from robustunlearn.data.muse import (
 from robustunlearn.data.tofu import (
     Table,
     check_directory,
+    check_names_option,
+    check_path_option,
     checked_options,
     find_file,
     hub_table,
@@ -51,7 +53,20 @@ SUBSETS = ("bio", "cyber", "chem")
 CORPUS_SUBSETS = ("bio", "cyber")
 
 
-@checked_options("wmdp")
+def _check_wmdp_values(options: dict[str, Any]) -> None:
+    check_path_option(options, "data_dir")
+    check_names_option(options, "subsets", SUBSETS)
+    if not isinstance(options.get("corpora", True), bool):
+        raise ValueError(f"corpora must be true or false, got {options['corpora']!r}")
+    validate_chunk_chars(options.get("chunk_chars"))
+    max_documents = options.get("max_documents")
+    if max_documents is not None and (
+        isinstance(max_documents, bool) or not isinstance(max_documents, int) or max_documents < 1
+    ):
+        raise ValueError(f"max_documents must be a positive integer or None (all), got {max_documents!r}")
+
+
+@checked_options("wmdp", _check_wmdp_values)
 def load_wmdp(
     data_dir: str | Path | None = None,
     *,
@@ -65,13 +80,6 @@ def load_wmdp(
     ``corpora=False`` loads the questions only (the bio forget corpus is gated). ``max_documents``
     reads at most that many documents per corpus (the bio retain corpus has 60,887 papers)."""
     subsets = (subsets,) if isinstance(subsets, str) else tuple(subsets)
-    if not subsets or len(set(subsets)) != len(subsets) or not set(subsets) <= set(SUBSETS):
-        raise ValueError(f"subsets must be distinct names from {list(SUBSETS)}, got {list(subsets)}")
-    validate_chunk_chars(chunk_chars)
-    if max_documents is not None and (
-        isinstance(max_documents, bool) or not isinstance(max_documents, int) or max_documents < 1
-    ):
-        raise ValueError(f"max_documents must be a positive integer or None (all), got {max_documents!r}")
     root = check_directory(data_dir, "WMDP") if data_dir is not None else None
 
     tables: list[Table] = []

@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from robustunlearn.core.errors import UserError
 from robustunlearn.core.io import atomic_write_json
 from robustunlearn.core.models import WEIGHTS, file_sha256
 from robustunlearn.core.modules import load_weights, save_trainable_weights
+from robustunlearn.train.settings import UnlearnSettings
 
 CHECKSUMS = "sha256.json"  # in each snapshot: the SHA-256 of each of its other files
 _SNAPSHOT_NAME = re.compile(r"step-\d+")
@@ -175,8 +177,24 @@ class Checkpointer:
 
         self.snapshots.commit(f"step-{step}", write, {"step": step})
 
-    def load(self, path: Path, model, optimizer, scheduler, streams: dict[str, Any], generator) -> dict:
+    def load(
+        self,
+        path: Path,
+        model,
+        optimizer,
+        scheduler,
+        streams: dict[str, Any],
+        generator,
+        settings: UnlearnSettings | None = None,
+    ) -> dict:
+        """Restore the checkpoint ``path`` and return its progress record. With ``settings`` (the
+        resuming run's), first :func:`check_resume_settings`: a run with other settings is refused
+        before anything is loaded into it, and the notes on allowed changes are in the record's
+        ``resume_notes``."""
         self.snapshots.verify(path)
+        progress = json.loads((path / "progress.json").read_text())
+        if settings is not None:
+            progress["resume_notes"] = check_resume_settings(progress.get("config"), settings)
         try:
             state = torch.load(path / "state.pt", weights_only=True)
         except pickle.UnpicklingError:
@@ -193,7 +211,6 @@ class Checkpointer:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["ranks"][self.parallel.rank], generator)
-        progress = json.loads((path / "progress.json").read_text())
         for name, stream in streams.items():
             stream.load_state_dict(progress["streams"][name])
         return progress
@@ -230,3 +247,84 @@ def read_log(path: Path) -> list[dict[str, Any]]:
             if number < len(lines):
                 raise CheckpointError(f"{path} line {number} is not JSON") from None
     return entries
+
+
+# -- what a run directory holds, and whether a run may resume it ------------------------------------------
+
+# Settings that change what a run writes or reports, not the weights it computes: a resumed run may
+# change them. Every other setting (and any added later) must match the checkpoint's.
+COSMETIC_SETTINGS = frozenset({"checkpoint_every", "eval_every"})
+# What an unlearning run writes in its directory (the engine and unlearn_only); replacing a run
+# removes these and nothing else.
+RUN_FILES = ("checkpoints", "best", "final", "log.jsonl", "status.json")
+
+
+def check_resume_settings(stored: Any, current: UnlearnSettings) -> list[str]:
+    """Compare the settings a checkpoint was written with (``progress.json``'s ``config``, the
+    ``model_dump(mode="json")`` of the run's :class:`UnlearnSettings`) with the resuming run's.
+
+    A change of a setting that alters the computation (objective, optimizer, lr, options, batch
+    size, seed, schedule, splits, max_length, LoRA, the step budget...) would silently produce a
+    run that is neither the old one nor the new one: ``CheckpointError`` listing each old and new
+    value. Changes of :data:`COSMETIC_SETTINGS` are allowed; the returned notes describe them (and
+    a checkpoint that recorded no settings, which cannot be checked). A setting added since the
+    checkpoint was written counts as its default there; one removed since is ignored."""
+    if stored is None:
+        return ["the checkpoint records no settings (written by an older version); they are not checked"]
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"the checkpoint's settings are not a JSON object: {stored!r}")
+    before = {**type(current)().model_dump(mode="json"), **stored}
+    now = current.model_dump(mode="json")
+    changed = {name: (before[name], value) for name, value in now.items() if before[name] != value}
+    blocking = [name for name in sorted(changed) if name not in COSMETIC_SETTINGS]
+    if blocking:
+        raise CheckpointError(
+            f"cannot resume: the checkpoint was written with other settings: {_changes(changed, blocking)}; "
+            "resume with the same settings, or start afresh (--overwrite)"
+        )
+    cosmetic = [name for name in sorted(changed) if name in COSMETIC_SETTINGS]
+    if not cosmetic:
+        return []
+    return [f"resuming with settings changed that do not alter the computation: {_changes(changed, cosmetic)}"]
+
+
+def _changes(changed: dict[str, tuple[Any, Any]], names: list[str]) -> str:
+    """``"lr 0.001 -> 0.002; steps 60 -> 80"``."""
+    return "; ".join(f"{name} {json.dumps(changed[name][0])} -> {json.dumps(changed[name][1])}" for name in names)
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What an unlearning run left in its directory."""
+
+    checkpoint_step: int | None  # the step of its last complete checkpoint; None: no checkpoint
+    finished: bool  # it ran to its end (status.json says so, or final/ is there)
+
+
+def run_state(output_dir: str | Path) -> RunState:
+    """The state of the run in ``output_dir`` (an empty or missing directory: no checkpoint, not
+    finished); ``CheckpointError`` for an unsafe checkpoint pointer or a status.json that is not
+    JSON, naming the file."""
+    output_dir = Path(output_dir)
+    pointer = Snapshots(output_dir / "checkpoints", "latest.json").read_pointer()
+    status_path = output_dir / "status.json"
+    status: Any = {}
+    if status_path.is_file():
+        try:
+            status = json.loads(status_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{status_path} is not valid JSON ({error}); delete it to start afresh") from None
+    finished = (isinstance(status, dict) and status.get("state") == "finished") or (output_dir / "final").exists()
+    step = None if pointer is None else int(pointer["name"].removeprefix("step-"))  # read_pointer checked it
+    return RunState(step, finished)
+
+
+def clear_run(output_dir: str | Path) -> None:
+    """Remove what an unlearning run wrote in ``output_dir`` (:data:`RUN_FILES`), nothing else; a
+    link among them is removed, not followed."""
+    for name in RUN_FILES:
+        path = Path(output_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()

@@ -7,8 +7,10 @@
 Each trains until it answers ``target_accuracy`` of its training questions correctly (teacher
 forced: every answer token is the argmax, which is exactly when greedy decoding reproduces the
 answer) or ``max_epochs`` run out. Results are cached under a key that hashes everything they
-depend on; a cache entry is complete only once its ``prepared.json`` exists (written last), and
-every model's weights are checked against their SHA-256 on load.
+depend on; a cache entry is complete only once its ``sha256.json`` exists (written last) and
+matches ``benchmark.json`` and ``prepared.json``, and both models' files match the SHA-256 in
+their manifests; an entry that fails any check is rebuilt. One process builds an entry at a time
+(a lock next to it): another that needs it waits, then reuses it.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from robustunlearn import __version__
 from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
-from robustunlearn.core.io import atomic_write_json
+from robustunlearn.core.io import atomic_write_json, missing_directories, remove_empty
+from robustunlearn.core.lock import directory_lock
 from robustunlearn.core.models import (
     DTYPES,
     TinyModelConfig,
     build_tiny_model,
     count_parameters,
+    file_sha256,
     load_model,
     save_model,
     train_tokenizer,
@@ -50,6 +54,8 @@ from robustunlearn.data.synthetic import GENERATOR_VERSION, SyntheticConfig
 
 PREPARE_VERSION = "1"  # bump when training changes in a way the cache key does not capture
 PREPARED = "prepared.json"
+BENCHMARK = "benchmark.json"
+CHECKSUMS = "sha256.json"  # the SHA-256 of BENCHMARK and PREPARED; written last, it marks the entry complete
 
 
 @dataclass(frozen=True)
@@ -219,16 +225,27 @@ def train_lm(
     }
 
 
+def _checksums(directory: Path) -> dict[str, str]:
+    return {name: file_sha256(directory / name) for name in (BENCHMARK, PREPARED)}
+
+
 def _cache_entry_complete(directory: Path) -> bool:
-    if not (directory / PREPARED).is_file():
-        return False
     try:
+        recorded = json.loads((directory / CHECKSUMS).read_text(encoding="utf-8"))
+        if recorded != _checksums(directory):
+            return False
         verify_model_dir(directory / "target")
         verify_model_dir(directory / "retrain")
-        Benchmark.load(directory / "benchmark.json")
-    except (ValueError, OSError, json.JSONDecodeError):
+    except (ValueError, OSError):  # missing, not JSON, or not what was written
         return False
     return True
+
+
+def _cached(directory: Path) -> Prepared:
+    report = json.loads((directory / PREPARED).read_text(encoding="utf-8"))
+    return Prepared(
+        directory, Benchmark.load(directory / BENCHMARK), directory / "target", directory / "retrain", report
+    )
 
 
 def prepare(
@@ -237,22 +254,41 @@ def prepare(
     console=None,
     force: bool = False,
 ) -> Prepared:
-    """Build (or load from cache) the benchmark, tokenizer, target and retrain models."""
+    """Build (or load from cache) the benchmark, tokenizer, target and retrain models.
 
+    While another process builds the same entry, wait for it, then reuse what it built. A build
+    that fails removes its incomplete entry and the cache folders it created."""
     console = console or Console(stderr=True)
-    directory = Path(cache_dir or default_cache_dir()) / "prepared" / config.key()
-    if not force and _cache_entry_complete(directory):
-        report = json.loads((directory / PREPARED).read_text(encoding="utf-8"))
-        return Prepared(
-            directory, Benchmark.load(directory / "benchmark.json"), directory / "target", directory / "retrain", report
-        )
-    if directory.exists():
-        console.print(f"[yellow]rebuilding incomplete or corrupted cache entry {directory}[/yellow]")
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    entries = Path(cache_dir or default_cache_dir()) / "prepared"
+    directory = entries / config.key()
+    created = missing_directories(entries)
+    entries.mkdir(parents=True, exist_ok=True)
 
+    def waiting(pid: int | None) -> None:
+        holder = f"process {pid}" if pid else "another process"
+        console.print(f"waiting for {holder}, which is preparing {directory}", highlight=False, soft_wrap=True)
+
+    try:
+        with directory_lock(directory, lock_file=entries / f"{directory.name}.lock", wait=True, on_wait=waiting):
+            if not force and _cache_entry_complete(directory):
+                return _cached(directory)
+            if directory.exists():
+                console.print(f"[yellow]rebuilding incomplete or corrupted cache entry {directory}[/yellow]")
+                shutil.rmtree(directory)
+            directory.mkdir()
+            try:
+                return _build(config, directory, console)
+            except BaseException:  # an incomplete entry is never reused: remove it
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
+    except BaseException:
+        remove_empty(created)
+        raise
+
+
+def _build(config: PrepareConfig, directory: Path, console) -> Prepared:
     benchmark = config.load_benchmark()
-    benchmark.save(directory / "benchmark.json")
+    benchmark.save(directory / BENCHMARK)
     if config.base_model is None:
         all_records = training_records(benchmark, ("forget", "retain", "holdout"))
         tokenizer = train_tokenizer(
@@ -306,6 +342,7 @@ def prepare(
         save_model(model, tokenizer, directory / name, {"kind": name, "benchmark": benchmark.name, **stats})
         report[name] = stats
     atomic_write_json(directory / PREPARED, report)
+    atomic_write_json(directory / CHECKSUMS, _checksums(directory))
     return Prepared(directory, benchmark, directory / "target", directory / "retrain", report)
 
 
