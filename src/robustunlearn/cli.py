@@ -218,24 +218,26 @@ SweepOption = typer.Option(
 
 
 def _study(
-    config,
-    benchmark,
-    seed,
-    model,
-    objectives,
-    optimizers,
-    seeds,
-    attacks,
-    steps,
-    lr,
-    output_dir,
-    cache_dir,
-    lr_sweep,
-    data_dir=None,
-    forget_split=None,
-    base_model=None,
-    dry_run=False,
+    output_dir: Path,
+    *,
+    config: Optional[Path],
+    cache_dir: Optional[Path],
+    dry_run: bool,
+    lr_sweep: bool = False,
+    seed: Optional[int] = None,
+    seeds: Optional[str] = None,
+    benchmark: Optional[str] = None,
+    data_dir: Optional[Path] = None,
+    forget_split: Optional[str] = None,
+    model: Optional[str] = None,
+    base_model: Optional[str] = None,
+    objectives: Optional[str] = None,
+    optimizers: Optional[str] = None,
+    attacks: Optional[str] = None,
+    steps: Optional[int] = None,
+    lr: Optional[float] = None,
 ) -> None:
+    """What ``run`` and ``study`` share: validate everything, then run the grid and print its table."""
     settings = _settings(
         config,
         benchmark=benchmark,
@@ -268,8 +270,8 @@ def _study(
 def run(
     config: Optional[Path] = ConfigOption,
     benchmark: Optional[str] = BenchmarkOption,
-    objective: Optional[str] = ObjectivesOption,
-    optimizer: Optional[str] = OptimizersOption,
+    objectives: Optional[str] = ObjectivesOption,
+    optimizers: Optional[str] = OptimizersOption,
     lr: Optional[float] = LrOption,
     steps: Optional[int] = StepsOption,
     attacks: Optional[str] = AttacksOption,
@@ -282,22 +284,7 @@ def run(
     """The main job: prepare, then a small grade study (unlearn each optimizer to matched forgetting,
     attack with 4-bit quantization and relearning); prints a table, writes results.json,
     results.jsonl, report.md/html and plots."""
-    _study(
-        config,
-        benchmark,
-        seed,
-        model,
-        objective,
-        optimizer,
-        None,
-        attacks,
-        steps,
-        lr,
-        output_dir,
-        cache_dir,
-        False,
-        dry_run=dry_run,
-    )
+    _study(**locals())  # every option of run is a parameter of _study
 
 
 @app.command()
@@ -323,25 +310,7 @@ def study(
     dry_run: bool = DryRunOption,
 ) -> None:
     """A grid of optimizers x objectives x seeds with the attack suite."""
-    _study(
-        config,
-        benchmark,
-        seed,
-        model,
-        objectives,
-        optimizers,
-        seeds,
-        attacks,
-        steps,
-        lr,
-        output_dir,
-        cache_dir,
-        lr_sweep,
-        data_dir,
-        forget_split,
-        base_model,
-        dry_run,
-    )
+    _study(**locals())  # every option of study is a parameter of _study
 
 
 @app.command("unlearn")

@@ -208,14 +208,9 @@ class QAdam(Optimizer):
         check_betas(betas)
         if bits not in QUANTIZATION_BITS:
             raise ValueError(f"invalid bits {bits!r}; accepted: {', '.join(map(str, QUANTIZATION_BITS))}")
-        defaults = {
-            "lr": lr,
-            "bits": bits,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "error_feedback": error_feedback,
-        }
+        defaults = dict(
+            lr=lr, bits=bits, betas=betas, eps=eps, weight_decay=weight_decay, error_feedback=error_feedback
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -273,13 +268,7 @@ class OneBitAdam(Optimizer):
         check_betas(betas)
         if warmup_steps < 1:
             raise ValueError(f"invalid warmup_steps {warmup_steps!r}; accepted: an integer >= 1")
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "warmup_steps": warmup_steps,
-        }
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps)
         super().__init__(params, defaults)
 
     @torch.no_grad()
