@@ -34,6 +34,9 @@ class Objective(Protocol):
     # "retain" (batch.retain), "refusal" (batch.forget_refusal and batch.forget_answered, for idk).
     # The engine builds only these; the others stay None.
     batch_parts: frozenset[str]
+    # What the loss is computed on: "outputs" (token log-probabilities) or "activations" (hidden
+    # states, rmu); curvature estimated from sampled output labels (Sophia-G) is unrelated to the latter.
+    loss_on: str
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter] | None:
         """The parameters to train, or None to leave ``requires_grad`` as it is."""

@@ -87,6 +87,7 @@ class RetainTerm:
 
     name: ClassVar[str]
     batch_parts: ClassVar[frozenset[str]] = frozenset({"forget", "retain"})
+    loss_on: ClassVar[str] = "outputs"
     gamma: float = 1.0
     retain_loss: str = "nll"
 

@@ -30,6 +30,7 @@ class GradientAscent:
     name: ClassVar[str] = "ga"
     needs_reference: ClassVar[bool] = False
     batch_parts: ClassVar[frozenset[str]] = frozenset({"forget"})
+    loss_on: ClassVar[str] = "outputs"
 
     def trainable_parameters(self, model: nn.Module) -> None:
         return None

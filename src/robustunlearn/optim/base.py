@@ -13,6 +13,11 @@ An optimizer's ``step(closure)`` receives a callable with this signature::
   mode. Zeroth-order optimizers call it this way under ``torch.no_grad()`` at perturbed weights;
   Sophia-H calls it under ``torch.enable_grad()`` and gets the loss *with its graph*, to take
   Hessian-vector products.
+* A function value (``backward=False`` under ``torch.no_grad()``) is taken with the model in
+  eval mode (dropout off), its modules' train/eval flags restored afterwards, as MeZO does: a
+  zeroth-order estimate ``(L(θ + eps·z) − L(θ − eps·z)) / (2·eps)`` is meaningful only if ``L``
+  is one function of θ, not a fresh dropout mask per call. Every other call (with backward, or
+  with a graph for Sophia-H) runs in the model's own mode, training mode in a training loop.
 * ``sample_labels=True`` (with ``backward=True``): the loss is the model's negative
   log-likelihood of labels *sampled from its own predictive distribution* at the same inputs,
   so that the squared gradient is a Gauss-Newton-Bartlett Hessian estimate (Sophia-G). Closures
@@ -28,15 +33,16 @@ per call: a ZO step calls its closure two or more times on the same batch.
 :func:`make_closure` builds such a closure from a loss function; callers supply only the loss.
 
 Hooks (:class:`OptimizerHooks`): what a training loop may ask of an optimizer beyond torch's
-interface: Sophia-G's batch size, values to log, whether the run may stop now, how to run in
-several processes, and precision warnings. Our optimizers that need one inherit the class and
-override it; :func:`hooks` gives every optimizer, torch's own included, an object to call them on.
+interface: Sophia-G's batch size, values to log, where the last closure call was, whether the
+run may stop now, how to run in several processes, and precision warnings. Our optimizers that
+need one inherit the class and override it; :func:`hooks` gives every optimizer, torch's own
+included, an object to call them on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
-from contextlib import nullcontext
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -60,7 +66,8 @@ def make_closure(
     after_backward: Callable[[], None] | None = None,
     passes: dict[str, int] | None = None,
 ) -> Closure:
-    """The protocol's closure over ``model`` for the loss ``loss(term)``.
+    """The protocol's closure over ``model`` for the loss ``loss(term)`` (function values in
+    eval mode, see the module docstring).
 
     ``terms`` names the terms ``loss`` accepts besides ``None`` (the total); any other raises
     ``KeyError``. ``sampled_label_loss(term)`` is the loss ``sample_labels=True`` asks for
@@ -79,7 +86,10 @@ def make_closure(
         if backward:
             model.zero_grad(set_to_none=True)
         # backward=False keeps the caller's grad mode: ZO calls under no_grad, sophia-h with a graph.
-        with torch.enable_grad() if backward else nullcontext():
+        grad_mode = torch.enable_grad() if backward else nullcontext()
+        # a function value (no backward, no graph: a zeroth-order call) is taken with dropout off
+        mode = _eval_mode(model) if not backward and not torch.is_grad_enabled() else nullcontext()
+        with grad_mode, mode:
             value = sampled_label_loss(term) if sample_labels else loss(term)
             if backward:
                 value.backward()
@@ -89,6 +99,18 @@ def make_closure(
         return value.detach() if backward else value
 
     return closure
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the block, then every submodule's own train/eval flag back."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def sampled_label_loss(model: nn.Module, batch: TokenBatch, generator: torch.Generator) -> Tensor:
@@ -117,6 +139,13 @@ class OptimizerHooks:
     def log_fields(self) -> dict[str, Any]:
         """After a step: values about the step just taken, for its log entry."""
         return {}
+
+    @property
+    def last_closure_at(self) -> str:
+        """After a step: where its last closure call evaluated the loss, written as the weights θ
+        the step started from plus an offset (``"θ"``: at θ; a zeroth-order step: ``"θ − eps·z"``).
+        A loop that logs what that call computed labels it with this."""
+        return "θ"
 
     @property
     def may_stop(self) -> bool:

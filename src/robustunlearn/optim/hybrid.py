@@ -1,11 +1,27 @@
 """FO–ZO hybrids: a first-order and a zeroth-order optimizer sharing one model.
 
 * ``hybrid`` (Lang et al. 2026, "Downgrade to Upgrade", the FO–ZO hybrid): blocks of ``every``
-  first-order steps alternate with blocks of ``every`` zeroth-order steps, and the run ends on a
-  zeroth-order block, so the final weights come out of the robust (ZO) regime. The blocks are
-  laid out backwards from the last of ``total_steps`` steps: the last block is ZO, the one before
-  it FO, and so on; the first block is whatever remains, so it may be shorter than ``every`` and
-  of either kind (see :func:`phase_at`).
+  first-order steps alternate with blocks of ``every`` zeroth-order steps ("N Adam steps, then N
+  ZO steps"), and the run ends on a zeroth-order block, so the final weights come out of the
+  robust (ZO) regime. ``align`` lays the blocks out (see :func:`phase_at`):
+
+  - ``"end"`` (default): backwards from the last of ``total_steps`` steps: the last block is ZO,
+    the one before it FO, and so on; the first block is whatever remains, so it may be shorter
+    than ``every`` and of either kind.
+  - ``"start"``: forwards from the first step, a full FO block first; ``total_steps`` must then
+    be a multiple of ``2·every``, so that the last block is a full ZO block.
+
+  Whenever ``total_steps`` is a multiple of ``2·every`` the two layouts are the same, the paper's
+  (a full FO block first, a full ZO block last). ``"end"`` is the default because it also takes
+  any other budget (an epoch count rarely gives a multiple of ``2·every``) and still ends on a
+  full ZO block, at the price of a first block that is partial and may be ZO; ``"start"``
+  enforces the paper's layout, refusing a budget that would need a partial block.
+
+  The parts' states persist across blocks: Adam's moments (and step count, so its bias
+  correction) and R-AdaZO's moments resume where the previous block of the same kind left them.
+  ``reset_state_each_block=True`` clears a part's state when its block starts, so every block
+  starts as a fresh optimizer (the ZO part's seed and step counter, which only pick its random
+  directions, go on).
 * ``hybrid-objective``: every step, a ZO step on the forget term of the loss
   (``closure(backward=False, term="forget")``), then an FO step on the retain term
   (``closure(term="retain")``).
@@ -17,7 +33,8 @@ Each part keeps its own state (moments); ``state_dict`` holds both. ``lr`` is th
 rate, ``zo_lr`` the ZO one; ``param_groups`` lists the FO groups then the ZO groups (the same
 dicts the parts use), so an LR scheduler scales both. The hooks of
 :class:`~robustunlearn.optim.base.OptimizerHooks` reach the parts: Sophia-G's batch size, data
-parallelism and precision warnings; ``hybrid`` adds its own phase to the log and its stopping rule.
+parallelism, precision warnings and where the last closure call was; ``hybrid`` adds its own
+phase to the log and its stopping rule.
 """
 
 from __future__ import annotations
@@ -32,13 +49,32 @@ from robustunlearn.core.modules import decoder_blocks
 from robustunlearn.optim.base import Closure, OptimizerHooks, hooks
 from robustunlearn.optim.spec import OPTIMIZERS, OptimizerSpec
 
+ALIGNMENTS = ("end", "start")
 
-def phase_at(step: int, total_steps: int, every: int) -> str:
+
+def check_layout(total_steps: int, every: int, align: str) -> None:
+    """``ValueError`` unless blocks of ``every`` steps aligned at ``align`` fit ``total_steps``."""
+    if align not in ALIGNMENTS:
+        raise ValueError(f"unknown align {align!r}; accepted: {', '.join(ALIGNMENTS)}")
+    if align == "start" and total_steps % (2 * every):
+        below = total_steps - total_steps % (2 * every)
+        budgets = f"{below} or {below + 2 * every}" if below else f"{2 * every}"
+        raise ValueError(
+            f"hybrid with align='start' needs total_steps (here {total_steps}) to be a multiple of 2·every = "
+            f"{2 * every}, to end on a full ZO block: use {budgets} steps, or align='end' (a partial first block)"
+        )
+
+
+def phase_at(step: int, total_steps: int, every: int, align: str = "end") -> str:
     """Phase (``"fo"`` or ``"zo"``) of step ``step`` (0-based) of a ``hybrid`` run of
-    ``total_steps`` steps in blocks of ``every``: blocks are counted back from the last step,
-    which is in a ZO block, and alternate kinds from there."""
+    ``total_steps`` steps in blocks of ``every``. ``align="end"``: blocks are counted back from the
+    last step, which is in a ZO block, and alternate kinds from there. ``align="start"``: counted
+    from the first step, which is in an FO block (``total_steps`` a multiple of ``2·every``)."""
+    check_layout(total_steps, every, align)
     if not 0 <= step < total_steps:
         raise ValueError(f"step {step} is outside the planned run of total_steps={total_steps}")
+    if align == "start":
+        return "fo" if (step // every) % 2 == 0 else "zo"
     blocks_after = (total_steps - 1 - step) // every
     return "zo" if blocks_after % 2 == 0 else "fo"
 
@@ -107,7 +143,9 @@ class _TwoPart(OptimizerHooks, torch.optim.Optimizer):
 
 
 class AlternatingHybrid(_TwoPart):
-    """``hybrid``: FO and ZO blocks of ``every`` steps over the same weights, ending on ZO."""
+    """``hybrid``: FO and ZO blocks of ``every`` steps over the same weights, ending on ZO, laid
+    out by ``align``; with ``reset_state_each_block`` each block's part starts from a fresh state
+    (module docstring)."""
 
     def __init__(
         self,
@@ -116,19 +154,30 @@ class AlternatingHybrid(_TwoPart):
         *,
         total_steps: int,
         every: int = 20,
+        align: str = "end",
+        reset_state_each_block: bool = False,
     ) -> None:
         if not (isinstance(total_steps, int) and total_steps >= 1):
             raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
         if not (isinstance(every, int) and every >= 1):
             raise ValueError(f"every must be a positive integer, got {every!r}")
+        check_layout(total_steps, every, align)
         super().__init__(fo, zo)
-        self.total_steps, self.every = total_steps, every
+        self.total_steps, self.every, self.align = total_steps, every, align
+        self.reset_state_each_block = reset_state_each_block
+
+    def _phase(self, step: int) -> str:
+        return phase_at(step, self.total_steps, self.every, self.align)
 
     @property
     def current_phase(self) -> str:
         """Phase of the next call to :meth:`step`; once the planned ``total_steps`` are done, the
         phase of the last step (``"zo"``), so that a caller may read it after the run."""
-        return phase_at(min(self.steps_taken, self.total_steps - 1), self.total_steps, self.every)
+        return self._phase(min(self.steps_taken, self.total_steps - 1))
+
+    @property
+    def last_closure_at(self) -> str:
+        return hooks(self.fo if self._phase(max(self.steps_taken - 1, 0)) == "fo" else self.zo).last_closure_at
 
     @property
     def may_stop(self) -> bool:
@@ -136,29 +185,34 @@ class AlternatingHybrid(_TwoPart):
         matched forgetting level) stops only there, so it too ends in the robust regime."""
         if self.steps_taken == 0:
             return False
-        last = phase_at(self.steps_taken - 1, self.total_steps, self.every)
+        last = self._phase(self.steps_taken - 1)
         return last == "zo" and (self.steps_taken == self.total_steps or self.current_phase == "fo")
 
     def log_fields(self) -> dict[str, Any]:
         """``current_phase``: the phase the step just taken ran in."""
         if self.steps_taken == 0:
             return {}
-        return {"current_phase": phase_at(self.steps_taken - 1, self.total_steps, self.every)}
+        return {"current_phase": self._phase(self.steps_taken - 1)}
 
     def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
         if self.steps_taken >= self.total_steps:
             raise ValueError(f"step {self.steps_taken} is outside the planned run of total_steps={self.total_steps}")
-        part = self.fo if self.current_phase == "fo" else self.zo
+        phase = self.current_phase
+        part = self.fo if phase == "fo" else self.zo
+        block_starts = self.steps_taken > 0 and self._phase(self.steps_taken - 1) != phase
+        if self.reset_state_each_block and block_starts:
+            part.state.clear()
         loss = part.step(closure)
         self.steps_taken += 1
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "total_steps": self.total_steps, "every": self.every}
+        layout = {"total_steps": self.total_steps, "every": self.every, "align": self.align}
+        return {**super().state_dict(), **layout}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.total_steps, self.every = state_dict["total_steps"], state_dict["every"]
+        self.total_steps, self.every, self.align = state_dict["total_steps"], state_dict["every"], state_dict["align"]
 
 
 def _only(closure: Closure, fixed_term: str) -> Closure:
@@ -172,7 +226,12 @@ def _only(closure: Closure, fixed_term: str) -> Closure:
 
 class ObjectiveHybrid(_TwoPart):
     """``hybrid-objective``: ZO on the forget term, then FO on the retain term, every step.
-    Returns the forget-term loss of the ZO step."""
+    Returns the forget-term loss of the ZO step; the last closure call is the FO part's, at θ plus
+    this step's ZO update ``Δzo``."""
+
+    @property
+    def last_closure_at(self) -> str:
+        return "θ + Δzo" + hooks(self.fo).last_closure_at.removeprefix("θ")
 
     def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
         loss = self.zo.step(_only(closure, "forget"))
@@ -183,7 +242,12 @@ class ObjectiveHybrid(_TwoPart):
 
 class DepthHybrid(_TwoPart):
     """``hybrid-depth``: ZO on the bottom of the network, then FO on its top, every step.
-    Returns the loss of the FO step."""
+    Returns the loss of the FO step, taken (as the last closure call) at θ plus this step's ZO
+    update ``Δzo`` of the bottom."""
+
+    @property
+    def last_closure_at(self) -> str:
+        return "θ + Δzo" + hooks(self.fo).last_closure_at.removeprefix("θ")
 
     def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
         self.zo.step(closure)
@@ -238,12 +302,13 @@ def _options(name: str, options: dict[str, Any], own: tuple[str, ...]) -> dict[s
 def _build_alternating(
     model: nn.Module, params: list[nn.Parameter], lr: float, options: dict[str, Any]
 ) -> torch.optim.Optimizer:
-    o = _options("hybrid", options, ("every",))
+    o = _options("hybrid", options, ("every", "align", "reset_state_each_block"))
     if o.get("total_steps") is None:
         raise ValueError("hybrid needs total_steps (the planned number of steps) to end on a zeroth-order block")
     fo = _build_part(o["fo"], False, model, params, lr, o["fo_options"])
     zo = _build_part(o["zo"], True, model, params, o["zo_lr"], o["zo_options"])
-    return AlternatingHybrid(fo, zo, total_steps=o["total_steps"], every=o["every"])
+    layout = {k: o[k] for k in ("every", "align", "reset_state_each_block") if k in o}
+    return AlternatingHybrid(fo, zo, total_steps=o["total_steps"], **layout)
 
 
 def _build_objective(
@@ -271,7 +336,7 @@ SPECS: dict[str, OptimizerSpec] = {
         "hybrid",
         1e-4,
         "FO-ZO hybrid (the paper's): blocks of `every` Adam steps and `every` R-AdaZO steps, "
-        "ending on ZO; needs total_steps",
+        "ending on ZO; needs total_steps (options align end|start, reset_state_each_block)",
         _build_alternating,
         {"fo": "adam", "zo": "zo-adazo", "every": 20},
     ),

@@ -21,13 +21,15 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from robustunlearn.optim.base import OptimizerHooks
 from robustunlearn.optim.spec import OptimizerSpec
 
 BASES: dict[str, type[Optimizer]] = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
-class _PerturbedGradient(Optimizer):
-    """A base optimizer stepping from θ with a gradient that the subclass takes elsewhere."""
+class _PerturbedGradient(OptimizerHooks, Optimizer):
+    """A base optimizer stepping from θ with a gradient that the subclass takes elsewhere (at
+    :attr:`last_closure_at`)."""
 
     def __init__(
         self,
@@ -84,6 +86,10 @@ class RandomizedSmoothing(_PerturbedGradient):
         super().__init__(params, lr, base, base_options, {"sigma": sigma})
         self.samples = samples  # closure calls per step, global rather than per group
 
+    @property
+    def last_closure_at(self) -> str:
+        return "θ + σ·u"
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
         if closure is None:
@@ -131,6 +137,10 @@ class SAM(_PerturbedGradient):
         if not rho >= 0.0:
             raise ValueError(f"invalid rho {rho!r}; accepted: rho >= 0")
         super().__init__(params, lr, base, base_options, {"rho": rho})
+
+    @property
+    def last_closure_at(self) -> str:
+        return "θ + ρ·g/‖g‖"
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]

@@ -131,10 +131,14 @@ class SophiaG(_Sophia):
         ŷ_b ~ softmax(f(θ, x_b)),   L̂ = (1/B)·Σ_b ℓ(f(θ, x_b), ŷ_b),   ĥ = B · ∇L̂ ⊙ ∇L̂
 
     ``∇L̂`` comes from ``closure(sample_labels=True)`` (labels drawn from the model's own
-    predictive distribution, see :mod:`robustunlearn.optim.base`). ``batch_size`` is B, the number
-    of sampled labels that loss averages, i.e. scored tokens for a causal LM; it lives in the
-    param groups, and a trainer whose B varies sets it before each step through the
-    :meth:`set_batch_tokens` hook.
+    predictive distribution, see :mod:`robustunlearn.optim.base`), so ``ĥ`` is a non-negative
+    (Gauss-Newton, Fisher) curvature of that output distribution, whatever loss ``closure()``
+    returns: a scale for the clipping even where that loss curves downwards, but no estimate at
+    all of a loss on anything else than the outputs (hidden activations: use :class:`SophiaH`,
+    which differentiates ``closure``'s own loss; docs/engine.md has measurements).
+    ``batch_size`` is B, the number of sampled labels that loss averages, i.e. scored tokens for a
+    causal LM; it lives in the param groups, and a trainer whose B varies sets it before each
+    step through the :meth:`set_batch_tokens` hook.
     Defaults follow the paper (β = (0.965, 0.99), γ = ``rho`` = 0.04, ε = 1e-15, k = 10)
     except weight decay, 0 here as for the other optimizers of this package.
     """

@@ -19,34 +19,51 @@ Exact round trip. ``θ + a − 2a + a`` is not ``θ`` in floating point, and no 
 arbitrary weights without a copy: near 0 the floats are denser than near ``a``, so ``θ ↦ θ + a``
 cannot be inverted there. Fixed-point arithmetic is exact, so float32/float64 tensors are kept
 on a grid ``h = 2**(e − digits)`` (``digits`` = 24 or 53; ``2**(e−1)`` is the first power of two
-above ``max|θ| + max|eps·z|``, leaving a spare bit). Perturbations and updates are rounded to
-multiples of ``h``, and sums of multiples of ``h`` up to ``2**e`` in magnitude are exact, so
-perturb, restore and update commit no rounding error at all. Weights off the grid (at the first
-step, after a write by another optimizer, or when a tensor's range crosses a power of two) are
-first rounded onto it: a change of at most ``h/2``, one ulp of the tensor's largest entry.
-Updates below ``h/2`` are rounded away (plain fp32 rounds away those below half an ulp of each
-entry). Rademacher moves need no per-element rounding: ``eps`` is rounded once to a multiple of
-every tensor's grid, and ±1 times a grid value is a grid value. float16/bfloat16 have too few
-digits for a per-tensor grid and use plain arithmetic (their round trip drifts by a few ulps per
-step, as MeZO's does).
+above ``max|θ| + max|eps·z|``, leaving a spare bit). Perturbations are rounded to multiples of
+``h``, and sums of multiples of ``h`` up to ``2**e`` in magnitude are exact, so perturb and
+restore commit no rounding error at all. Weights off the grid (at the first step, after a write
+by another optimizer, or when a tensor's range crosses a power of two) are first rounded onto it:
+a change of at most ``h/2``, one ulp of the tensor's largest entry. Rademacher moves need no
+per-element rounding: ``eps`` is rounded once to a multiple of every tensor's grid, and ±1 times
+a grid value is a grid value. float16/bfloat16 have too few digits for a per-tensor grid and use
+plain arithmetic (their round trip drifts by a few ulps per step, as MeZO's does).
 
-Cost. A two-sided step draws each direction three times (``+eps``, ``−2·eps``, then restore and
-update in one pass: ``θ += (eps − lr·p)·z``) instead of MeZO's four; ``fuse=False`` restores and
-updates in separate passes (same result, bit for bit, one more draw). One-sided steps draw twice
-but also evaluate ``L(θ)``. Variants whose update is not a multiple of ``z`` (momentum, Adam,
-elementwise sign) still restore and update from one draw, but write the weights twice.
+Unbiased updates. The update ``Δ`` is put on the grid by stochastic rounding,
+
+    Δ̃ = h·⌊Δ/h + U⌋,   U ~ Uniform[0, 1) per coordinate,   so   E[Δ̃] = Δ   and   |Δ̃ − Δ| < h,
+
+which keeps the expected weight change equal to the update at any lr, however small against
+``h``. Rounding to the nearest grid point would drop every update below ``h/2`` and distort the
+others (an update of ``0.6·h`` would move a weight by ``h``, +67%). The alternatives are worse:
+adding ``Δ`` in float32 and snapping onto the grid at the next step is rounding to nearest again,
+and carrying the rounding residual to the next step (error feedback) is unbiased too but holds a
+float32 buffer as large as the weights, the memory a zeroth-order optimizer exists to save. The
+rounding noise, of variance below ``h²/4`` per coordinate (``h`` ≈ 1e-8 for weights of size 0.1),
+is negligible next to the estimate's own. ``U`` comes from a generator seeded with a hash of
+``(seed, t, i)`` (parameter ``i`` at step ``t``, a stream apart from the directions'), so it
+needs no state: a resumed run rounds exactly as an uninterrupted one.
+
+Cost. A two-sided step draws each direction three times (``+eps``, ``−2·eps``, then one draw for
+restore and update) instead of MeZO's four; ``fuse=False`` restores in a pass of its own (same
+result, bit for bit, one more draw). One-sided steps draw twice but also evaluate ``L(θ)``. The
+update draws one uniform per weight for its rounding (a temporary the size of the tensor).
 
 Randomness never touches the default generator: direction ``k`` of parameter ``i`` at step ``t``
 comes from a dedicated ``torch.Generator`` seeded with a hash of ``(seed, t, k, i)``, so ranks
 that share ``seed`` draw the same directions and need to all-reduce only the ``q`` projected
 gradients (``reduce_projected_grad``). ``seed`` and ``t`` are in the ``state_dict``.
+
+Where the loss is taken. The closure is called under ``torch.no_grad()`` without backward, which
+the closure protocol evaluates with dropout off (:mod:`robustunlearn.optim.base`): every call
+sees the same function of θ. ``step`` returns the loss at θ (see :meth:`ZerothOrderOptimizer.step`),
+but the step's last closure call is at ``θ − eps·z_q`` (two-sided) or ``θ + eps·z_q``
+(one-sided), which :attr:`~ZerothOrderOptimizer.last_closure_at` says.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,6 +78,7 @@ _DIGITS = {torch.float32: 24, torch.float64: 53}  # significand bits of the exac
 # ~8.6 even from 53-bit uniforms, and the grid's spare bit absorbs anything up to twice this.
 _GAUSSIAN_BOUND = 9.0
 _MASK64 = (1 << 64) - 1
+_ROUNDING = -1  # the "direction" index of the stochastic-rounding stream (directions are 0..q-1)
 
 
 def _splitmix64(x: int) -> int:
@@ -79,24 +97,9 @@ def stream_seed(seed: int, step: int, direction: int, index: int) -> int:
     return x
 
 
-def _snap(x: float, h: float | None) -> float:
-    """``x`` rounded to a multiple of the power of two ``h`` (``None``: no grid)."""
-    return x if h is None else round(x / h) * h
-
-
-@dataclass(frozen=True)
-class _Grid:
-    """A tensor's grid for one step: sums of multiples of ``h`` are exact while they stay within
-    ``limit`` in magnitude; ``span`` is ``max|θ|`` at the start of the step."""
-
-    h: float
-    limit: float
-    span: float
-
-
 class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
     """Base class: the seeded perturb / evaluate / restore loop. Subclasses turn the estimate
-    ``ĝ`` into an update (``_delta``); those whose update is ``−lr·ĝ`` say so (``_linear``).
+    ``ĝ`` into an update (``_delta``).
 
     Per-group options: ``lr``, ``weight_decay`` (decoupled, ``θ ← θ − lr·wd·θ``, applied only to
     tensors with two or more dimensions, so biases and norm gains are not decayed). The rest is
@@ -105,7 +108,8 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
     torch's default generator), ``term`` (passed to the closure, e.g. ``"forget"``),
     ``reduce_projected_grad`` (maps the tensor of the ``q`` projected gradients to the values to
     use, e.g. an all-reduce mean across data-parallel ranks), ``fuse`` (restore and update in one
-    pass). The closure is called as ``closure(backward=False, term=term)`` under ``no_grad``.
+    pass). The closure is called as ``closure(backward=False, term=term)`` under ``no_grad``, so
+    with dropout off (the closure protocol's function values).
 
     After a step, ``projected_grads`` holds its ``q`` projected gradients and
     :meth:`direction` regenerates its directions; ``steps_taken`` counts steps (and seeds them).
@@ -158,10 +162,6 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
 
     # -- subclass hooks ------------------------------------------------------------------------
 
-    def _linear(self, group: dict[str, Any]) -> bool:
-        """Whether the update is exactly ``−lr·ĝ`` (so it can be folded into the restore)."""
-        return False
-
     def _weight(self, projected_grad: float) -> float:
         """How a direction's projected gradient weighs its ``z`` in ``ĝ`` (ZO-sign: its sign)."""
         return projected_grad
@@ -175,7 +175,7 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
         """One ZO step. Returns ``L(θ)`` (one-sided) or ``(L(θ + eps·z_1) + L(θ − eps·z_1))/2``,
-        which is ``L(θ) + O(eps²)`` (two-sided), both at the weights before the update."""
+        which is ``L(θ) + O(eps²)`` (two-sided), both at the weights θ before the update."""
         if closure is None:
             raise ValueError("zeroth-order optimizers need a closure that returns the loss")
         params = [(group, p) for group in self.param_groups for p in group["params"]]
@@ -225,6 +225,11 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
             z.mul_(math.sqrt(self._dim) / self._norms[k])
         return z
 
+    @property
+    def last_closure_at(self) -> str:
+        k = "z" if self.q == 1 else "z_q"
+        return f"θ − eps·{k}" if self.two_sided else f"θ + eps·{k}"
+
     def enable_data_parallel(self, mean: Callable[[Tensor], Tensor]) -> None:
         if self.reduce_projected_grad is None:
             self.reduce_projected_grad = mean
@@ -263,13 +268,16 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
         reduced = self.reduce_projected_grad(torch.tensor(projected, dtype=torch.float64, device=device))
         return [float(v) for v in reduced.tolist()]
 
+    def _generator(self, device: torch.device, step: int, k: int, index: int) -> torch.Generator:
+        """This device's generator, seeded for stream ``k`` of parameter ``index`` at ``step``."""
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device=device)
+        return generator.manual_seed(stream_seed(self.seed, step, k, index))
+
     def _noise(self, p: Tensor, index: int, k: int, step: int | None = None) -> Tensor:
         """Fresh draw of the raw direction (±1 or N(0, 1), shaped like ``p``)."""
-        generator = self._generators.get(p.device)
-        if generator is None:
-            generator = self._generators[p.device] = torch.Generator(device=p.device)
-        step = self.steps_taken if step is None else step
-        generator.manual_seed(stream_seed(self.seed, step, k, index))
+        generator = self._generator(p.device, self.steps_taken if step is None else step, k, index)
         if self.directions != "rademacher":
             return torch.empty(p.shape, dtype=p.dtype, device=p.device).normal_(generator=generator)
         # 64 signs per draw: random words, read byte by byte through a table of 8 signs per byte
@@ -286,9 +294,9 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
             self._sign_tables[key] = torch.where(byte & bits != 0, 1.0, -1.0).to(p.dtype)
         return self._sign_tables[key]
 
-    def _prepare_grids(self, params: list[tuple[dict, Tensor]]) -> list[_Grid | None]:
-        """Each parameter's grid for this step (``None``: plain arithmetic); weights that are off
-        their grid are rounded onto it."""
+    def _prepare_grids(self, params: list[tuple[dict, Tensor]]) -> list[float | None]:
+        """Each parameter's grid step ``h`` for this step (``None``: plain arithmetic); weights
+        that are off their grid are rounded onto it."""
         exact = [p.dtype in _DIGITS and p.numel() > 0 for _, p in params]
         device = params[0][1].device
         # max|θ| of every tensor, fetched with one synchronisation
@@ -296,7 +304,7 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
         spans = [torch.maximum(hi, -lo).to(device, torch.float64) for lo, hi in maxima]
         spans = iter(torch.stack(spans).tolist() if spans else [])
         reach = self.eps * (1.0 if self.directions == "rademacher" else _GAUSSIAN_BOUND)
-        grids: list[_Grid | None] = []
+        grids: list[float | None] = []
         for (_, p), e in zip(params, exact):
             if not e:
                 grids.append(None)
@@ -310,20 +318,20 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
             cached = self._on_grid.get(p)
             if cached is None or cached[1] != p._version or cached[0] < h:
                 p.div_(h).round_().mul_(h)  # exact: h is a power of two
-            grids.append(_Grid(h, math.ldexp(1.0, exponent), span))
+            grids.append(h)
         return grids
 
-    def _common_eps(self, grids: list[_Grid | None]) -> float:
+    def _common_eps(self, grids: list[float | None]) -> float:
         """``eps``, for Rademacher directions rounded to a multiple of every tensor's grid."""
         if self.directions != "rademacher":
             return self.eps
-        coarsest = max((g.h for g in grids if g is not None), default=None)
-        scale = _snap(self.eps, coarsest)
+        coarsest = max((h for h in grids if h is not None), default=None)
+        scale = self.eps if coarsest is None else round(self.eps / coarsest) * coarsest
         if scale == 0.0:
             raise ValueError(f"eps={self.eps} is below the resolution {coarsest} of the largest weights; raise eps")
         return scale
 
-    def _move(self, params, grids: list[_Grid | None], k: int, coefficient: float, scale: float) -> float:
+    def _move(self, params, grids: list[float | None], k: int, coefficient: float, scale: float) -> float:
         """``θ += coefficient·eps·z_k`` for every parameter; returns |n_k| for sphere directions
         (whose moves use the raw Gaussian draw ``n_k``, of norm ≈ √d), else 0."""
         norms = []
@@ -334,52 +342,44 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
             self._add_perturbation(p, noise, coefficient, scale, grid)
         return math.sqrt(sum(n.item() ** 2 for n in norms))
 
-    def _add_perturbation(self, p: Tensor, noise: Tensor, coefficient: float, scale: float, grid: _Grid | None) -> None:
+    def _add_perturbation(self, p: Tensor, noise: Tensor, coefficient: float, scale: float, h: float | None) -> None:
         """``p += coefficient·round_h(scale·noise)``; leaves ``noise`` intact."""
-        if self.directions == "rademacher" or grid is None:
+        if self.directions == "rademacher" or h is None:
             p.add_(noise, alpha=coefficient * scale)
         else:
-            p.add_(torch.round(noise * (scale / grid.h)), alpha=coefficient * grid.h)
+            p.add_(torch.round(noise * (scale / h)), alpha=coefficient * h)
 
-    def _update(self, params, grids: list[_Grid | None], scale: float, restore: float) -> None:
-        """Last pass: add ``restore·eps·z_q`` (undoing the last perturbation) and the update."""
+    def _update(self, params, grids: list[float | None], scale: float, restore: float) -> None:
+        """Last pass: add ``restore·eps·z_q`` (undoing the last perturbation), then the update,
+        stochastically rounded onto the grid."""
         if self.directions == "sphere":
             lengths = [math.sqrt(self._dim) / norm for norm in self._norms]
         else:
             lengths = [1.0] * self.q
         weights = [self._weight(p) * c / self.q for p, c in zip(self.projected_grads, lengths)]
         last = self.q - 1
-        for index, ((group, p), grid) in enumerate(zip(params, grids)):
-            h = None if grid is None else grid.h
-            decay = group["weight_decay"] if p.ndim >= 2 else 0.0
-            if self.directions == "rademacher" and self._linear(group) and decay == 0.0:
-                steps = [_snap(-group["lr"] * w, h) for w in weights]
-                # ±1 times grid values: each add is exact while θ stays within the grid's limit
-                if grid is None or grid.span + grid.h + scale + sum(map(abs, steps)) <= grid.limit:
-                    for k, c in enumerate(steps):
-                        p.add_(
-                            self._noise(p, index, k),
-                            alpha=c + (restore * scale if k == last else 0.0),
-                        )
-                    self._mark(p, h)
-                    continue
+        for index, ((group, p), h) in enumerate(zip(params, grids)):
             estimate = None
             for k, w in enumerate(weights):
                 noise = self._noise(p, index, k)
                 if k == last and restore:
-                    self._add_perturbation(p, noise, restore, scale, grid)
+                    self._add_perturbation(p, noise, restore, scale, h)
                 estimate = noise.mul_(w) if estimate is None else estimate.add_(noise, alpha=w)
             delta = self._delta(p, group, estimate)
-            if decay:
-                delta.add_(p, alpha=-group["lr"] * decay)
+            if p.ndim >= 2 and group["weight_decay"]:
+                delta.add_(p, alpha=-group["lr"] * group["weight_decay"])
             if h is not None:
-                delta.div_(h).round_().mul_(h)
+                self._round_stochastically(delta, h, index)
             p.add_(delta)
-            self._mark(p, h)
+            if h is not None:
+                self._on_grid[p] = (h, p._version)
 
-    def _mark(self, p: Tensor, h: float | None) -> None:
-        if h is not None:
-            self._on_grid[p] = (h, p._version)
+    def _round_stochastically(self, delta: Tensor, h: float, index: int) -> None:
+        """``delta ← h·⌊delta/h + U⌋`` in place, U ~ Uniform[0, 1) from parameter ``index``'s
+        rounding stream of this step: unbiased, ``E[result] = delta``."""
+        generator = self._generator(delta.device, self.steps_taken, _ROUNDING, index)
+        uniform = torch.rand(delta.shape, generator=generator, dtype=delta.dtype, device=delta.device)
+        delta.div_(h).add_(uniform).floor_().mul_(h)
 
 
 class ZOSGD(ZerothOrderOptimizer):
@@ -397,9 +397,6 @@ class ZOSGD(ZerothOrderOptimizer):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, **options)
-
-    def _linear(self, group: dict[str, Any]) -> bool:
-        return group["momentum"] == 0.0
 
     def _delta(self, p: Tensor, group: dict[str, Any], estimate: Tensor) -> Tensor:
         if group["momentum"] == 0.0:
@@ -517,9 +514,6 @@ class ZOSign(ZerothOrderOptimizer):
     ) -> None:
         self.elementwise = elementwise
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay}, **options)
-
-    def _linear(self, group: dict[str, Any]) -> bool:
-        return not self.elementwise
 
     def _weight(self, projected_grad: float) -> float:
         if self.elementwise:

@@ -279,7 +279,7 @@ def unlearn(
             _stop_if_not_finite(run, step, terms)
             _evaluate(run, step, entry, evaluate)
             _append_to_log(run, entry)
-            show(step, terms.get("loss", float("nan")))
+            show(step, entry.get("loss", float("nan")))
             stopped_early = _stop_reason(run, entry, should_stop)
             _checkpoint_if_due(run, step, last=step == run.total_steps or stopped_early is not None)
             if stopped_early is not None:
@@ -308,7 +308,7 @@ def _set_up(model, tokenizer, benchmark: Benchmark, config: UnlearnSettings, out
     optimizer = build_optimizer(config.optimizer, model, config.lr, total_steps=total_steps, **config.optimizer_options)
     trained = [p for p in model.parameters() if p.requires_grad]
     if parallel.is_main:
-        for warning in hooks(optimizer).precision_warnings():
+        for warning in [*hooks(optimizer).precision_warnings(), *_curvature_warnings(optimizer, objective)]:
             console.print(f"[yellow]warning:[/yellow] {config.optimizer} {warning}", highlight=False, soft_wrap=True)
     after_backward = None
     if parallel.enabled:
@@ -340,6 +340,20 @@ def _set_up(model, tokenizer, benchmark: Benchmark, config: UnlearnSettings, out
     )
 
 
+def _curvature_warnings(optimizer: torch.optim.Optimizer, objective: Objective) -> list[str]:
+    """Sophia-G's curvature (an optimizer that wants the batch's token count takes
+    ``closure(sample_labels=True)``: labels sampled from the model's outputs) is that of the output
+    distribution, which says nothing about a loss on hidden activations (docs/engine.md, "Sophia-G
+    on unlearning losses")."""
+    if not hooks(optimizer).wants_batch_tokens or objective.loss_on != "activations":
+        return []
+    return [
+        f"estimates curvature from labels sampled from the model's outputs, unrelated to {objective.name}'s "
+        "activation loss (on the embedded model 10^7 times smaller than its own, so every coordinate clips "
+        f"to a sign step); use sophia-h (Hutchinson on {objective.name}'s own loss) for a second-order run"
+    ]
+
+
 def _prepare_model(model, config: UnlearnSettings) -> tuple[Any, Objective, Any, bool]:
     """The model to train (with LoRA adapters, if asked), the objective, which weights train, and
     the frozen reference model (None under LoRA, whose reference is the disabled adapter)."""
@@ -366,11 +380,16 @@ def _resume(run: _Run) -> None:
         raise ValueError("resume needs an output directory")
     latest = run.checkpointer.latest()
     if latest is not None:
-        state = run.checkpointer.load(latest, run.model, run.optimizer, run.scheduler, run.streams, run.generator)
+        # the stored settings are compared before anything loads: a run resumes only as itself
+        state = run.checkpointer.load(
+            latest, run.model, run.optimizer, run.scheduler, run.streams, run.generator, settings=run.config
+        )
         run.start_step = run.resumed_from = state["step"]
         run.pending_stop = state.get("pending_stop")
         if run.parallel.is_main:
             run.console.print(f"resuming from step {run.start_step} ({latest})", highlight=False, soft_wrap=True)
+            for note in state["resume_notes"]:
+                run.console.print(f"note: {note}", highlight=False, soft_wrap=True)
         if run.log_path.exists():  # drop log lines of steps the checkpoint does not hold
             run.history = [h for h in read_log(run.log_path) if h.get("step", 0) <= run.start_step]
     kept = run.keeper.current() if run.keeper is not None else None
@@ -465,11 +484,20 @@ def _optimizer_step(run: _Run, batch: UnlearnBatch, reference: dict) -> tuple[di
 
 
 def _log_entry(run: _Run, step: int, terms: dict[str, float], reported_loss: float | None) -> dict[str, Any]:
-    """The step's log entry: its learning rate, loss terms and what the optimizer adds."""
-    entry = {"step": step, "lr": run.optimizer.param_groups[0]["lr"], **terms}
-    if reported_loss is not None:  # the loss at θ (the closure's latest call may have been at a perturbed θ)
+    """The step's log entry: its learning rate; ``loss``, the loss the optimizer's step reports
+    (at the weights θ before the step for most grades); the loss terms of the closure's latest
+    call and where that call was, ``terms_at`` (``"θ"``, or e.g. ``"θ − eps·z"`` for a
+    zeroth-order step); and what the optimizer adds."""
+    optimizer_hooks = hooks(run.optimizer)
+    entry = {
+        "step": step,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        **terms,
+        "terms_at": optimizer_hooks.last_closure_at,
+    }
+    if reported_loss is not None:
         entry["loss"] = reported_loss
-    return {**entry, **hooks(run.optimizer).log_fields()}
+    return {**entry, **optimizer_hooks.log_fields()}
 
 
 def _stop_if_not_finite(run: _Run, step: int, terms: dict[str, float]) -> None:
