@@ -531,3 +531,19 @@ def test_dry_run_prints_the_settings_and_writes_nothing(monkeypatch, capsys, tmp
     printed = json.loads(capsys.readouterr().out)
     assert printed["model_path"] == str(model_dir) and printed["unlearn"]["lr"] == 1e-3
     assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "unlearn, fragment",
+    [
+        ({"optimizer": "adam", "optimizer_options": {"betas": [2, 3]}}, "optimizer adam: "),
+        ({"optimizer": "hybrid", "optimizer_options": {"every": -3}}, "optimizer hybrid: "),
+        ({"objective": "npo", "objective_options": {"beta": -1.0}}, "unlearn.objective_options: beta must be > 0"),
+    ],
+)
+def test_an_option_value_a_library_refuses_is_one_line(monkeypatch, capsys, tmp_path, model_dir, unlearn, fragment):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "unlearn": {**RECIPE["unlearn"], **unlearn}}))
+    code, printed = run_cli(monkeypatch, capsys, *unlearn_args(model_dir, recipe, tmp_path / "run", "--steps", "2"))
+    assert code == 2, printed
+    assert_one_line_error(printed, fragment)

@@ -43,6 +43,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from robustunlearn.core.batching import IGNORE_INDEX, UnlearnBatch
 from robustunlearn.core.distributed import DataParallel, data_parallel
+from robustunlearn.core.errors import SettingsError, first_line
 from robustunlearn.core.io import atomic_write_json
 from robustunlearn.core.models import WEIGHTS
 from robustunlearn.core.modules import add_lora, lora_options, save_trainable_weights
@@ -305,7 +306,12 @@ def _set_up(model, tokenizer, benchmark: Benchmark, config: UnlearnSettings, out
     device = next(model.parameters()).device
     forget_records = _records(benchmark, config.forget_splits)
     total_steps = config.total_steps(len(forget_records))
-    optimizer = build_optimizer(config.optimizer, model, config.lr, total_steps=total_steps, **config.optimizer_options)
+    try:
+        optimizer = build_optimizer(
+            config.optimizer, model, config.lr, total_steps=total_steps, **config.optimizer_options
+        )
+    except (TypeError, ValueError) as error:  # an option value the optimizer refuses (names are checked up front)
+        raise SettingsError(f"optimizer {config.optimizer}: {first_line(error)}") from error
     trained = [p for p in model.parameters() if p.requires_grad]
     if parallel.is_main:
         for warning in [*hooks(optimizer).precision_warnings(), *_curvature_warnings(optimizer, objective)]:
@@ -360,7 +366,10 @@ def _prepare_model(model, config: UnlearnSettings) -> tuple[Any, Objective, Any,
     lora = lora_options(config.lora)
     if lora is not None:
         model = add_lora(model, lora)  # the base weights freeze, the adapters train
-    objective = build_objective(config.objective, model=model, **config.objective_options)
+    try:
+        objective = build_objective(config.objective, model=model, **config.objective_options)
+    except (TypeError, ValueError) as error:
+        raise SettingsError(f"objective {config.objective}: {first_line(error)}") from error
     trainable = objective.trainable_parameters(model)
     if trainable is not None:
         chosen = {id(p) for p in trainable}
