@@ -131,6 +131,83 @@ def test_privleak_item_of_the_wrong_type_is_named(news):
         load_muse(news)
 
 
+def muse_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "robustunlearn.data.muse"]
+
+
+def test_empty_texts_are_skipped_with_one_warning_counting_them(news, caplog):
+    # Real MUSE files hold empty articles; one of them used to refuse the whole benchmark.
+    (news / "raw" / "forget.txt").unlink()
+    rows = ["First article.", "", "Second article.", "  \n", {"text": None}]
+    (news / "raw" / "forget.json").write_text(json.dumps(rows), encoding="utf-8")
+    (news / "privleak" / "holdout.json").write_text(json.dumps(["A holdout text.", ""]), encoding="utf-8")
+    benchmark = load_muse(news, chunk_chars=None)
+    assert [p.text for p in benchmark.get("forget_text")] == ["First article.", "Second article."]
+    assert [p.text for p in privleak_sets(benchmark)["holdout"]] == ["A holdout text."]
+    [message] = muse_warnings(caplog)
+    assert "skipped 4 empty text(s)" in message and "\n" not in message
+    assert message.endswith(f"3 in {news / 'raw' / 'forget.json'}, 1 in {news / 'privleak' / 'holdout.json'}")
+
+
+def test_clean_data_loads_without_warnings(caplog):
+    load_muse(FIXTURE)
+    assert muse_warnings(caplog) == []
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"title": "no text"}], r"raw/forget\.json, index 0: missing field 'text'"),
+        ([{"text": 42}], r"raw/forget\.json, index 0: field 'text' must be a non-empty string"),
+        (["fine", 42], r"raw/forget\.json, index 1: expected a JSON object, got int"),
+        (["", " "], r"raw/forget\.json has no non-empty text"),
+    ],
+)
+def test_malformed_or_all_empty_text_rows_are_refused(news, rows, message):
+    (news / "raw" / "forget.txt").unlink()
+    (news / "raw" / "forget.json").write_text(json.dumps(rows), encoding="utf-8")
+    with pytest.raises(UserError, match=message):
+        load_muse(news)
+
+
+def older_layout(tmp_path: Path) -> Path:
+    """The fixture as some mirrors ship it: the repository's older table names, raw documents as
+    JSON arrays of strings."""
+    older = Path(shutil.copytree(FIXTURE, tmp_path / "older"))
+    for path in (older / "raw").glob("*.txt"):
+        path.with_suffix(".json").write_text(json.dumps([path.read_text(encoding="utf-8")]), encoding="utf-8")
+        path.unlink()
+    (older / "knowmem" / "retain_qa.json").rename(older / "knowmem" / "retain2_qa.json")
+    (older / "knowmem" / "retain_qa_icl.json").rename(older / "knowmem" / "retain2_qa_icl.json")
+    (older / "privleak" / "retain.json").rename(older / "privleak" / "retain2.json")
+    return older
+
+
+def test_both_layouts_load_to_the_same_benchmark(tmp_path, caplog):
+    retain_sets = ("retain1", "retain2")
+    current = load_muse(FIXTURE, retain_sets=retain_sets)
+    assert muse_warnings(caplog) == []
+    older = load_muse(older_layout(tmp_path), retain_sets=retain_sets)
+    assert older.splits == current.splits
+    assert "retain_qa" in older.splits
+    assert older.metadata["few_shot"] == current.metadata["few_shot"]
+    assert older.metadata["privleak"] == current.metadata["privleak"]
+    [message] = muse_warnings(caplog)
+    assert message.endswith(
+        "older layout: reading knowmem/retain2_qa as knowmem/retain_qa, "
+        "knowmem/retain2_qa_icl as knowmem/retain_qa_icl, privleak/retain2 as privleak/retain"
+    )
+
+
+def test_a_mix_of_both_layouts_is_refused(tmp_path):
+    mixed = older_layout(tmp_path)
+    shutil.copy(FIXTURE / "knowmem" / "retain_qa.json", mixed / "knowmem" / "retain_qa.json")
+    with pytest.raises(
+        UserError, match=r"mixes the current layout \(knowmem/retain_qa\) and the older one \(knowmem/retain2_qa, "
+    ):
+        load_muse(mixed)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

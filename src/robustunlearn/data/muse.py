@@ -16,11 +16,18 @@ document), ``.json`` (a JSON array, or JSON Lines) or ``.jsonl``:
 * ``knowmem/forget_qa_icl``, ``knowmem/retain_qa_icl`` (question, answer) -> ``metadata["few_shot"]``;
 * ``privleak/forget``, ``privleak/retain``, ``privleak/holdout`` (text) -> ``metadata["privleak"]``.
 
-A text row is a string (the repository's JSON arrays) or an object with ``text`` (the hub). Raw
-documents (whole news articles, whole books) are cut into passages of at most ``chunk_chars``
-characters by :func:`chunk_text`, since training truncates each passage to ``max_length`` tokens;
-each passage's ``subject`` is its raw split (``forget``, ``retain1``, ...). Locally the tables not
-marked required may be absent; from the hub every table is loaded.
+Some mirrors ship the repository's older layout, which names ``knowmem/retain_qa``,
+``knowmem/retain_qa_icl`` and ``privleak/retain`` as ``knowmem/retain2_qa``,
+``knowmem/retain2_qa_icl`` and ``privleak/retain2`` (the raw splits keep their names): a local
+directory with those names is read with a one-line warning saying so; one mixing both is refused.
+
+A text row is a string (the repository's JSON arrays) or an object with ``text`` (the hub). The
+real files hold a few empty ones (an empty article): they are skipped with one warning counting
+them, while a malformed row (no ``text``, not a string) and a raw table with no text at all are
+refused. Raw documents (whole news articles, whole books) are cut into passages of at most
+``chunk_chars`` characters by :func:`chunk_text`, since training truncates each passage to
+``max_length`` tokens; each passage's ``subject`` is its raw split (``forget``, ``retain1``, ...).
+Locally the tables not marked required may be absent; from the hub every table is loaded.
 
 The few-shot examples and PrivLeak's exact MIA texts are evaluation inputs with no
 ``{role}_{kind}`` split of their own: :func:`few_shot_examples` and :func:`privleak_sets` read them
@@ -29,7 +36,9 @@ back as records.
 
 from __future__ import annotations
 
+import logging
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +63,14 @@ RETAIN_SETS = ("retain1", "retain2")
 FEW_SHOT_SPLITS = ("forget_qa", "retain_qa")
 PRIVLEAK_SPLITS = ("forget", "retain", "holdout")
 DEFAULT_CHUNK_CHARS = 2000  # about 500 Llama tokens; MUSE itself trains on 2048-token windows
+# (config, current name) -> the older layout's name of the same table.
+OLDER_NAMES = {
+    ("knowmem", "retain_qa"): "retain2_qa",
+    ("knowmem", "retain_qa_icl"): "retain2_qa_icl",
+    ("privleak", "retain"): "retain2",
+}
+
+logger = logging.getLogger(__name__)
 
 
 def chunk_text(text: str, max_chars: int | None) -> list[str]:
@@ -134,6 +151,7 @@ def load_muse(
         get = _local_getter(root)
 
     tables: list[Table] = []
+    skipped: Counter[str] = Counter()  # empty text rows, by table source
 
     def required(config: str, split: str) -> Table:
         table = get(config, split)
@@ -148,12 +166,18 @@ def load_muse(
             tables.append(table)
         return table
 
+    def passages(table: Table, subject: str) -> list[Passage]:
+        texts = _texts(table, skipped)
+        if not texts:
+            raise UserError(f"{table.source} has no non-empty text")
+        return [Passage(chunk, subject) for text in texts for chunk in chunk_text(text, chunk_chars)]
+
     splits = {
-        "forget_text": _passages(required("raw", "forget"), "forget", chunk_chars),
-        "retain_text": [p for name in retain_sets for p in _passages(required("raw", name), name, chunk_chars)],
+        "forget_text": passages(required("raw", "forget"), "forget"),
+        "retain_text": [p for name in retain_sets for p in passages(required("raw", name), name)],
     }
     if (table := optional("raw", "holdout")) is not None:
-        splits["holdout_text"] = _passages(table, "holdout", chunk_chars)
+        splits["holdout_text"] = passages(table, "holdout")
     if (table := optional("verbmem", "forget")) is not None:
         splits["forget_verbmem"] = [
             Continuation(table.string(where, row, "prompt"), table.string(where, row, "gt"))
@@ -168,10 +192,11 @@ def load_muse(
         if (table := optional("knowmem", f"{name}_icl")) is not None
     }
     privleak = {
-        name: [table.text(where, row) for where, row in table.rows]
-        for name in PRIVLEAK_SPLITS
-        if (table := optional("privleak", name)) is not None
+        name: _texts(table, skipped) for name in PRIVLEAK_SPLITS if (table := optional("privleak", name)) is not None
     }
+    if skipped:
+        counts = ", ".join(f"{n} in {source}" for source, n in skipped.items())
+        logger.warning(f"MUSE: skipped {sum(skipped.values())} empty text(s): {counts}")
     metadata = {
         "source": source,
         "corpus": corpus,
@@ -202,24 +227,55 @@ def privleak_sets(benchmark: Benchmark) -> dict[str, list[Passage]]:
 
 
 def _local_getter(root: Path) -> Callable[[str, str], Table | None]:
+    names = _older_names(root)
+
     def get(config: str, split: str) -> Table | None:
         extensions = (".txt", ".json", ".jsonl") if config == "raw" else (".json", ".jsonl")
-        path = find_file(root / config, split, extensions)
+        path = find_file(root / config, names.get((config, split), split), extensions)
         return read_table(path) if path is not None else None
 
     return get
+
+
+def _older_names(root: Path) -> dict[tuple[str, str], str]:
+    """:data:`OLDER_NAMES` when ``root`` has the older layout's tables (said in one line), else {}.
+    A directory with tables of both layouts is refused: which of two retain QA sets is meant
+    cannot be guessed."""
+    current = [(config, name) for config, name in OLDER_NAMES if find_file(root / config, name)]
+    older = [(config, name) for (config, name), old in OLDER_NAMES.items() if find_file(root / config, old)]
+    if current and older:
+        raise UserError(
+            f"MUSE data in {root} mixes the current layout ({', '.join(f'{c}/{n}' for c, n in current)}) "
+            f"and the older one ({', '.join(f'{c}/{OLDER_NAMES[c, n]}' for c, n in older)}); keep one"
+        )
+    if not older:
+        return {}
+    mapped = ", ".join(f"{c}/{OLDER_NAMES[c, n]} as {c}/{n}" for c, n in older)
+    logger.warning(f"MUSE data in {root} has the repository's older layout: reading {mapped}")
+    return OLDER_NAMES
 
 
 def _hub_getter(hub_name: str) -> Callable[[str, str], Table | None]:
     return lambda config, split: hub_table(hub_name, config, split)
 
 
-def _passages(table: Table, subject: str, chunk_chars: int | None) -> list[Passage]:
-    return [
-        Passage(chunk, subject)
-        for where, row in table.rows
-        for chunk in chunk_text(table.text(where, row), chunk_chars)
-    ]
+def _texts(table: Table, skipped: Counter[str]) -> list[str]:
+    """The texts of ``table``'s rows, counting the empty ones in ``skipped`` instead; a malformed
+    row (no ``text`` field, not a string) still raises, naming where it is."""
+    texts = []
+    for where, row in table.rows:
+        if _is_empty(row):
+            skipped[table.source] += 1
+        else:
+            texts.append(table.text(where, row))
+    return texts
+
+
+def _is_empty(row: Any) -> bool:
+    """A blank string row, or an object whose ``text`` is blank or null (a hub export's empty cell)."""
+    if isinstance(row, dict):
+        return "text" in row and (row["text"] is None or (isinstance(row["text"], str) and not row["text"].strip()))
+    return isinstance(row, str) and not row.strip()
 
 
 def _qas(table: Table) -> list[QA]:
