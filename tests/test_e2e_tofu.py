@@ -18,7 +18,7 @@ seed: 0
 model: {vocab_size: 1024, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4}
 train: {lr: 3.0e-3, max_epochs: 1, batch_tokens: 4096, check_every_epochs: 1}
 unlearn: {lr: 1.0e-3, batch_size: 4}
-eval: {max_examples: 16, max_new_tokens: 16}
+eval: {max_examples: 16, max_new_tokens: 16, tofu_max_new_tokens: 16}
 study:
   attacks: [rtn-int4]
   max_steps: 4

@@ -36,10 +36,12 @@ def model_dir(mcq_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def recipe(wmdp_task_dir, tmp_path_factory):
-    """benchmark: wmdp on the local questions only (no corpora)."""
+    """benchmark: wmdp on the local questions only (no corpora), multiple choice scored as cloze
+    (the wmdp preset's letters overridden) as the lm-eval task helpers.WMDP_TASK scores it."""
     path = tmp_path_factory.mktemp("recipe") / "wmdp-bio.yaml"
     options = {"data_dir": str(wmdp_task_dir), "subsets": ["bio"], "corpora": False}
-    path.write_text(json.dumps({"benchmark": "wmdp", "benchmark_options": options}), encoding="utf-8")
+    recipe = {"benchmark": "wmdp", "benchmark_options": options, "eval": {"mcq_format": "cloze"}}
+    path.write_text(json.dumps(recipe), encoding="utf-8")
     return path
 
 

@@ -30,6 +30,7 @@ from robustunlearn.core.models import TinyModelConfig
 from robustunlearn.core.settings import Strict, check_name
 from robustunlearn.data import BENCHMARKS, check_benchmark_options
 from robustunlearn.data.synthetic import SyntheticConfig
+from robustunlearn.metrics.presets import preset_for_benchmark
 from robustunlearn.metrics.suite import FORGET_METRICS, EvalSettings
 from robustunlearn.objectives import OBJECTIVES, build_objective
 from robustunlearn.optim import OPTIMIZERS
@@ -106,7 +107,6 @@ class StudySettings(Strict):
     max_steps: int = Field(150, ge=1)  # each cell's step budget
     check_every: int = Field(10, ge=1)  # steps between checks of the forget level
     level_metric: str = "forget_qa_rouge"
-    level_tolerance: float = Field(0.05, ge=0)  # reached when metric <= retrain's + tolerance
     relearn_samples: int = Field(16, ge=1)  # forget QA pairs the relearning attack fine-tunes on
     relearn_steps: int = Field(20, ge=1)
     relearn_lr: float = Field(1e-4, gt=0)
@@ -415,12 +415,24 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | No
     source = f"config file {path}: " if path is not None else ""
     try:
         _check_shape(data)
+        data = _with_benchmark_preset(data)
         # Strict JSON-mode types: `steps: true` or `steps: "3"` are errors, not 1 and 3.
         return RunSettings.model_validate_json(json.dumps(data, default=str), strict=True)
     except ValidationError as error:
         raise UserError(source + _first_error(error)) from None
     except ValueError as error:
         raise UserError(source + str(error)) from None
+
+
+def _with_benchmark_preset(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` whose ``eval`` section names its benchmark's evaluation preset, unless it names one:
+    the section's other fields override that preset's, field by field."""
+    section = data.get("eval", {})
+    if "preset" in section:
+        return data
+    benchmark = data.get("benchmark", "synthetic")
+    preset = preset_for_benchmark(benchmark if isinstance(benchmark, str) else "synthetic")
+    return {**data, "eval": {**section, "preset": preset}}
 
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:

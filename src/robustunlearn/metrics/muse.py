@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from robustunlearn.data.base import QA, Continuation
+from robustunlearn.data.prompts import PLAIN_TEMPLATE, PromptTemplate
 from robustunlearn.metrics.generation import generate_greedy
 from robustunlearn.metrics.qa import answer_questions
 from robustunlearn.metrics.rouge import RougeKind, rouge_l_scores
@@ -59,9 +60,12 @@ def verbmem(
     return verbmem_from_generations(tokenizer, generations, records, max_new_tokens)
 
 
-def knowmem_from_answers(answers: Sequence[str], records: Sequence[QA], rouge: RougeKind = "recall") -> dict:
-    """ROUGE-L (``rouge``, no stemmer) of each answer against the reference answer."""
-    scores = rouge_l_scores([r.answer for r in records], answers, rouge)
+def knowmem_from_answers(
+    answers: Sequence[str], records: Sequence[QA], rouge: RougeKind = "f1", *, use_stemmer: bool = False
+) -> dict:
+    """ROUGE-L (``rouge``: MUSE's F1 by default; stemmed with ``use_stemmer``) of each answer against
+    the reference answer."""
+    scores = rouge_l_scores([r.answer for r in records], answers, rouge, use_stemmer=use_stemmer)
     return {"mean": _mean(scores), "scores": scores, "answers": list(answers)}
 
 
@@ -71,18 +75,21 @@ def knowmem(
     records: Sequence[QA],
     *,
     few_shot: Sequence[QA] = (),
+    template: PromptTemplate = PLAIN_TEMPLATE,
     max_new_tokens: int = 32,
-    rouge: RougeKind = "recall",
+    rouge: RougeKind = "f1",
     batch_size: int = 16,
     progress: bool = False,
 ) -> dict:
     """KnowMem: whether the model still answers questions about the forget set.
 
-    Greedy answers (up to 32 new tokens, MUSE's default) to the question after optional few-shot
-    examples (:func:`robustunlearn.metrics.qa.answer_questions`), scored by ROUGE-L against the
-    reference answer. The default is recall, the share of the reference the answer recovers, which
-    does not penalise a correct answer followed by extra words; MUSE's released ``eval.py``
-    aggregates the F-measure (``mean_rougeL``), available as ``rouge="f1"``.
+    Greedy answers (up to 32 new tokens, MUSE's default) to the question after the few-shot
+    examples (:func:`robustunlearn.metrics.qa.answer_questions`; MUSE's are
+    :func:`robustunlearn.data.muse.few_shot_examples`), cut at a model-invented next question and
+    scored by ROUGE-L F1 against the reference answer, as MUSE's ``eval.py`` aggregates
+    (``mean_rougeL``): "The answer is 1472" for "1472" scores 0.4 (its recall, ``rouge="recall"``,
+    would be 1.0). MUSE's exact prompt ends ``"Answer: "`` with a space: ``template`` ``muse``
+    (:data:`robustunlearn.data.prompts.PROMPT_TEMPLATES`).
 
     Returns ``{"mean", "scores", "answers"}``."""
     answers = answer_questions(
@@ -90,6 +97,7 @@ def knowmem(
         tokenizer,
         records,
         few_shot=few_shot,
+        template=template,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         progress=progress,

@@ -7,17 +7,22 @@ import string
 from collections.abc import Sequence
 
 from robustunlearn.data.base import QA
-from robustunlearn.data.prompts import qa_completion, qa_prompt
+from robustunlearn.data.prompts import PLAIN_TEMPLATE, PromptTemplate, qa_completion, qa_prompt
 from robustunlearn.metrics.generation import generate_greedy
 from robustunlearn.metrics.likelihood import completion_logprobs
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+# A model-invented next question: the few-shot separators MUSE cuts answers at.
+NEXT_QUESTION_MARKERS = ("\n\n", "\nQuestion", "Question:")
 
 
-def few_shot_prefix(few_shot: Sequence[QA]) -> str:
+def few_shot_prefix(few_shot: Sequence[QA], template: PromptTemplate = PLAIN_TEMPLATE, tokenizer=None) -> str:
     """Solved examples put before the question, one blank line after each:
-    ``qa_prompt(q) + qa_completion(a) + "\\n\\n"`` (MUSE's in-context format)."""
-    return "".join(qa_prompt(shot.question) + qa_completion(shot.answer) + "\n\n" for shot in few_shot)
+    ``template.prompt(q) + template.completion(a) + "\\n\\n"`` (MUSE's in-context format with the
+    ``muse`` template)."""
+    return "".join(
+        template.prompt(shot.question, tokenizer) + template.completion(shot.answer) + "\n\n" for shot in few_shot
+    )
 
 
 def answer_questions(
@@ -26,22 +31,26 @@ def answer_questions(
     records: Sequence[QA],
     *,
     few_shot: Sequence[QA] = (),
+    template: PromptTemplate = PLAIN_TEMPLATE,
+    stop_strings: Sequence[str] = NEXT_QUESTION_MARKERS,
     max_new_tokens: int = 32,
     batch_size: int = 16,
     progress: bool = False,
 ) -> list[str]:
-    """Greedy answers to ``few_shot_prefix(few_shot) + qa_prompt(question)``, with surrounding
-    whitespace stripped. Generation stops at eos; text after a model-invented next question
-    (``"\\n\\n"`` or ``"Question:"``, the few-shot separators) is dropped, as MUSE does."""
-    prefix = few_shot_prefix(few_shot)
-    prompts = [prefix + qa_prompt(r.question) for r in records]
+    """Greedy answers to ``few_shot_prefix(few_shot) + template.prompt(question)``, with surrounding
+    whitespace stripped. Generation stops at eos; text from the first of ``stop_strings`` on is
+    dropped (by default a model-invented next question, ``"\\n\\n"`` or ``"Question"``, the
+    few-shot separators, as MUSE does; TOFU cuts nothing: ``stop_strings=()``)."""
+    prefix = few_shot_prefix(few_shot, template, tokenizer)
+    prompts = [prefix + template.prompt(r.question, tokenizer) for r in records]
     answers = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress)
-    return [cut_at_next_question(a).strip() for a in answers]
+    return [cut_at_stop_strings(a, stop_strings).strip() for a in answers]
 
 
-def cut_at_next_question(text: str) -> str:
-    for separator in ("\n\n", "\nQuestion", "Question:"):
-        text = text.split(separator)[0]
+def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any of ``stop_strings``."""
+    for stop in stop_strings:
+        text = text.split(stop)[0]
     return text
 
 

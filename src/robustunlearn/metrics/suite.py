@@ -14,28 +14,89 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
-from robustunlearn.core.settings import Strict
-from robustunlearn.data.base import Benchmark, Record
+from robustunlearn.core.settings import Strict, check_name
+from robustunlearn.data.base import QA, Benchmark, Record
+from robustunlearn.data.muse import FEW_SHOT_SPLITS, few_shot_examples
+from robustunlearn.data.prompts import PROMPT_TEMPLATES, PromptTemplate
 from robustunlearn.data.tofu import tofu_eval_sets
-from robustunlearn.metrics.mcq import mcq_accuracy
+from robustunlearn.metrics.mcq import McqFormat, mcq_accuracy
 from robustunlearn.metrics.muse import knowmem_from_answers, verbmem
 from robustunlearn.metrics.perplexity import perplexity
+from robustunlearn.metrics.presets import DEFAULT_PRESET, EVAL_PRESETS, SYNTHETIC_VALUES
 from robustunlearn.metrics.qa import accuracy_from_answers, answer_questions
 from robustunlearn.metrics.tofu import forget_quality, model_utility, tofu_eval_set
 
 
 class EvalSettings(Strict):
-    """How models are scored: batch size, generation lengths, and caps for quick looks."""
+    """How models are scored: the benchmark's preset (:mod:`robustunlearn.metrics.presets`), any of
+    whose fields a recipe overrides, plus batch size and caps for quick looks.
 
+    The defaults are the ``synthetic`` preset's values; a field left unset takes ``preset``'s."""
+
+    preset: str = DEFAULT_PRESET
     batch_size: int = Field(32, ge=1)
-    max_new_tokens: int = Field(8, ge=1)  # QA answers are short
-    verbmem_max_new_tokens: int = Field(48, ge=1)
     max_examples: int | None = Field(None, ge=1)  # cap per split, for quick looks
     # TOFU's truth ratio, forget quality and model utility. None: on the tofu benchmark only; the
     # synthetic benchmark has the perturbed answers they need, but they add ~1k scored QA per model.
     tofu_metrics: bool | None = None
+    # The preset fields (see robustunlearn.metrics.presets); defaults: the synthetic preset's.
+    max_new_tokens: int = Field(SYNTHETIC_VALUES["max_new_tokens"], ge=1)
+    verbmem_max_new_tokens: int = Field(SYNTHETIC_VALUES["verbmem_max_new_tokens"], ge=1)
+    qa_rouge: Literal["recall", "f1"] = SYNTHETIC_VALUES["qa_rouge"]
+    rouge_stemmer: bool = SYNTHETIC_VALUES["rouge_stemmer"]
+    few_shot: bool = SYNTHETIC_VALUES["few_shot"]
+    prompt_template: str = SYNTHETIC_VALUES["prompt_template"]
+    stop_strings: tuple[str, ...] = SYNTHETIC_VALUES["stop_strings"]
+    mcq_format: McqFormat = SYNTHETIC_VALUES["mcq_format"]
+    tofu_max_new_tokens: int = Field(SYNTHETIC_VALUES["tofu_max_new_tokens"], ge=1)
+    tofu_eval_size: int | None = Field(SYNTHETIC_VALUES["tofu_eval_size"], ge=1)
+    level_tolerance: float = Field(SYNTHETIC_VALUES["level_tolerance"], ge=0)
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, value: str) -> str:
+        return check_name("evaluation preset", value, EVAL_PRESETS)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _prompt_template(cls, value: str) -> str:
+        return check_name("prompt template", value, PROMPT_TEMPLATES)
+
+    @model_validator(mode="after")
+    def _fill_from_preset(self) -> EvalSettings:
+        unset = [name for name in EVAL_PRESETS[self.preset].values if name not in self.model_fields_set]
+        if unset:
+            preset = EvalSettings.model_validate({**EVAL_PRESETS[self.preset].values, "preset": self.preset})
+            # Validated values written in place: the model is frozen, and a validator must return self.
+            self.__dict__.update({name: getattr(preset, name) for name in unset})
+        return self
+
+    @property
+    def template(self) -> PromptTemplate:
+        return PROMPT_TEMPLATES[self.prompt_template]
+
+
+def describe_eval(settings: EvalSettings) -> str:
+    """One line naming the preset ``settings`` come from, its source, what it scores with, and the
+    fields a recipe overrode: what ``eval`` and ``study`` print before scoring."""
+    stops = ", ".join(repr(stop) for stop in settings.stop_strings) or "none (eos only)"
+    stemmer = " with Porter stemmer" if settings.rouge_stemmer else ""
+    few_shot = " after the in-context examples" if settings.few_shot else ""
+    tofu_size = settings.tofu_eval_size or "all"
+    overrides = [
+        f"{name}={getattr(settings, name)!r}"
+        for name in type(settings).model_fields
+        if name in settings.model_fields_set and name != "preset"
+    ]
+    return (
+        f"eval preset {settings.preset} ({EVAL_PRESETS[settings.preset].source}): QA {settings.max_new_tokens} new "
+        f"tokens{few_shot}, ROUGE-L {settings.qa_rouge}{stemmer}, prompt {settings.prompt_template}, stop at {stops}; "
+        f"VerbMem {settings.verbmem_max_new_tokens} tokens; MCQ {settings.mcq_format}; TOFU sets {tofu_size} "
+        f"records, {settings.tofu_max_new_tokens} new tokens; level tolerance {settings.level_tolerance}"
+        + (f"; overrides: {', '.join(overrides)}" if overrides else "")
+    )
 
 
 @dataclass
@@ -54,12 +115,21 @@ class EvalContext:
         limit = self.settings.max_examples
         return records if limit is None else records[:limit]
 
+    def few_shot(self, split: str) -> list[QA]:
+        """The benchmark's in-context examples for ``split`` when the settings ask for them."""
+        if not self.settings.few_shot or split not in FEW_SHOT_SPLITS:
+            return []
+        return few_shot_examples(self.benchmark, split)
+
     def answers(self, split: str) -> list[str]:
         if split not in self._answers:
             self._answers[split] = answer_questions(
                 self.model,
                 self.tokenizer,
                 self.records(split),
+                few_shot=self.few_shot(split),
+                template=self.settings.template,
+                stop_strings=self.settings.stop_strings,
                 max_new_tokens=self.settings.max_new_tokens,
                 batch_size=self.settings.batch_size,
             )
@@ -82,7 +152,9 @@ class MetricSpec:
 
 
 def _qa_rouge(context: EvalContext, split: str) -> float:
-    return knowmem_from_answers(context.answers(split), context.records(split))["mean"]
+    options = context.settings
+    answers, records = context.answers(split), context.records(split)
+    return knowmem_from_answers(answers, records, options.qa_rouge, use_stemmer=options.rouge_stemmer)["mean"]
 
 
 def _qa_accuracy(context: EvalContext, split: str) -> float:
@@ -101,8 +173,15 @@ def _verbmem(context: EvalContext) -> float:
 
 
 def _mcq(context: EvalContext) -> float:
-    records = context.records("forget_mcq")
-    return mcq_accuracy(context.model, context.tokenizer, records, batch_size=context.settings.batch_size)["acc"]
+    options = context.settings
+    return mcq_accuracy(
+        context.model,
+        context.tokenizer,
+        context.records("forget_mcq"),
+        mcq_format=options.mcq_format,
+        template=options.template,
+        batch_size=options.batch_size,
+    )["acc"]
 
 
 def _perplexity(context: EvalContext) -> float:
@@ -162,7 +241,8 @@ def tofu_scores(
     sets = tofu_eval_sets(benchmark)
     if "forget" not in sets:
         return None
-    limit = settings.max_examples
+    limits = [limit for limit in (settings.max_examples, settings.tofu_eval_size) if limit is not None]
+    limit = min(limits, default=None)
     evaluated = {
         name: tofu_eval_set(
             model,
@@ -170,6 +250,9 @@ def tofu_scores(
             records if limit is None else records[:limit],
             forget=name == "forget",
             normalise_prob=name in ("real_authors", "world_facts"),
+            template=settings.template,
+            stop_strings=settings.stop_strings,
+            max_new_tokens=settings.tofu_max_new_tokens,
             batch_size=settings.batch_size,
         )
         for name, records in sets.items()

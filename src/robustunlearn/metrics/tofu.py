@@ -2,7 +2,8 @@
 by github.com/locuslab/tofu ``evaluate_util.py`` and ``aggregate_eval_stat.py``).
 
 All probabilities are length-normalised: ``P(a|q)^(1/|a|) = exp(-mean NLL)`` over the answer
-tokens ``tokens(" " + a) + [eos]`` after ``[bos] + qa_prompt(q)`` (TOFU scores the ``eos`` too).
+tokens ``tokens(completion(a)) + [eos]`` after ``[bos] + prompt(q)`` in the prompt template (by default
+``qa_prompt(q)`` and ``" " + a``; TOFU scores the ``eos`` too).
 
 * Probability: ``P(a|q)^(1/|a|)`` on forget/retain; on real authors and world facts the
   answer's share among the options, ``P(a) / (P(a) + sum_i P(perturbed_i))`` (``normalise_prob``).
@@ -27,9 +28,9 @@ from collections.abc import Mapping, Sequence
 from scipy.stats import ks_2samp
 
 from robustunlearn.data.base import QA
-from robustunlearn.data.prompts import qa_completion, qa_prompt
+from robustunlearn.data.prompts import PLAIN_TEMPLATE, PromptTemplate
 from robustunlearn.metrics.likelihood import completion_scores
-from robustunlearn.metrics.qa import answer_questions
+from robustunlearn.metrics.qa import NEXT_QUESTION_MARKERS, answer_questions
 from robustunlearn.metrics.rouge import rouge_l_scores
 
 
@@ -55,6 +56,8 @@ def tofu_eval_set(
     *,
     forget: bool,
     normalise_prob: bool = False,
+    template: PromptTemplate = PLAIN_TEMPLATE,
+    stop_strings: Sequence[str] = NEXT_QUESTION_MARKERS,
     max_new_tokens: int = 64,
     batch_size: int = 16,
     progress: bool = False,
@@ -62,7 +65,9 @@ def tofu_eval_set(
     """Probability, ROUGE and truth ratio of one TOFU evaluation set (see the module docstring).
 
     ``forget`` selects the truth-ratio statistic; ``normalise_prob`` is TOFU's setting for the real
-    authors and world facts sets. Every record needs ``perturbed_answers``.
+    authors and world facts sets. Every record needs ``perturbed_answers``. ``template`` is the
+    prompt format (TOFU's Llama-2 checkpoints: ``llama2-chat``); greedy answers of up to
+    ``max_new_tokens`` tokens (TOFU: 200) are cut at ``stop_strings`` (TOFU: none, only eos).
 
     Returns ``{"forget", "prob", "rouge", "truth_ratio"}`` and the per-record ``"probs"``,
     ``"rouges"``, ``"truth_ratios"`` (raw ``R``, the input of :func:`forget_quality`), ``"answers"``."""
@@ -75,8 +80,8 @@ def tofu_eval_set(
     prompts, completions = [], []
     for record in records:
         for answer in (record.answer, record.paraphrased_answer or record.answer, *record.perturbed_answers):
-            prompts.append(qa_prompt(record.question))
-            completions.append(qa_completion(answer))
+            prompts.append(template.prompt(record.question, tokenizer))
+            completions.append(template.completion(answer))
     nlls = iter(
         s.nll
         for s in completion_scores(
@@ -93,7 +98,14 @@ def tofu_eval_set(
         probs.append(prob)
         ratios.append(truth_ratio(paraphrased_nll, perturbed_nlls))
     answers = answer_questions(
-        model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+        model,
+        tokenizer,
+        records,
+        template=template,
+        stop_strings=stop_strings,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
     )
     rouges = rouge_l_scores([r.answer for r in records], answers, "recall", use_stemmer=True)
     return {
