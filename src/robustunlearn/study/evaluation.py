@@ -1,5 +1,7 @@
-"""``eval``: one model's forget and retain metrics on a benchmark, and optionally lm-eval-harness
-tasks (:mod:`robustunlearn.metrics.lm_eval_backend`) on the same loaded model."""
+"""``eval``: one model's forget and retain metrics on a benchmark, its membership-inference AUCs
+and PrivLeak where the benchmark has members and non-members (:mod:`robustunlearn.metrics.privacy`),
+and optionally lm-eval-harness tasks (:mod:`robustunlearn.metrics.lm_eval_backend`) on the same
+loaded model."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from rich.table import Table
 
 from robustunlearn.config import RunSettings
 from robustunlearn.metrics.lm_eval_backend import lm_eval_scores, require_lm_eval, run_lm_eval, task_manager
+from robustunlearn.metrics.privacy import mia_privacy, muse_corpus, with_privleak
 from robustunlearn.metrics.suite import METRICS, evaluate_model, tofu_scores
 from robustunlearn.study.pipeline import load_target
 
@@ -19,6 +22,16 @@ TOFU_COLUMNS = {
     "forget_truth_ratio": "forget truth ratio",
     "forget_prob": "forget prob",
     "model_utility": "model utility",
+}
+MIA_COLUMNS = {
+    "auc_loss": "MIA AUC loss",
+    "auc_zlib": "MIA AUC zlib",
+    "auc_min_k": "MIA AUC Min-K%",
+    "auc_min_k_plus_plus": "MIA AUC Min-K%++",
+}
+MUSE_COLUMNS = {  # MUSE's names for the QA ROUGE metrics
+    "forget_qa_rouge": "forget KnowMem (QA ROUGE)",
+    "retain_qa_rouge": "retain KnowMem (QA ROUGE)",
 }
 
 
@@ -33,7 +46,9 @@ def evaluate_from_settings(
 ) -> dict[str, Any]:
     """Evaluate ``settings.model_path`` (a directory, GGUF file or hub name), or the prepared
     target when it is None: with ``metrics``, :func:`~robustunlearn.study.pipeline.evaluate_model` on
-    the benchmark (plus TOFU's truth ratio and model utility on TOFU); with ``lm_eval_tasks``,
+    the benchmark (plus TOFU's truth ratio and model utility on TOFU) and, as ``privacy``,
+    :func:`~robustunlearn.metrics.privacy.mia_privacy` with PrivLeak (no retrain model is loaded:
+    on MUSE against MUSE's published retrain AUC, elsewhere "no reference"); with ``lm_eval_tasks``,
     those lm-eval tasks. lm-eval's presence and the task names are checked before the model loads.
     ``settings.eval`` sets the batch size and caps the examples per split (and per lm-eval task)."""
     manager = None
@@ -53,6 +68,8 @@ def evaluate_from_settings(
         tofu = tofu_scores(model, tokenizer, benchmark, settings.eval)
         if tofu is not None:
             report["metrics"].update({key: tofu[key] for key in TOFU_COLUMNS if tofu.get(key) is not None})
+        mia = mia_privacy(model, tokenizer, benchmark, settings.eval)
+        report["privacy"] = with_privleak(mia, muse=muse_corpus(benchmark))
     if lm_eval_tasks:
         options = settings.eval
         results = run_lm_eval(
@@ -70,13 +87,26 @@ def evaluate_from_settings(
 
 
 def evaluation_table(report: dict[str, Any]) -> Table:
-    """Metric / value rows: ours first, then each requested lm-eval task's numbers."""
+    """Metric / value rows: ours first (MUSE's names on MUSE), the membership-inference AUCs and
+    PrivLeak with its reference, then each requested lm-eval task's numbers."""
     table = Table(title=f"{report['model']} on {report['benchmark']}")
     table.add_column("metric", no_wrap=True)
     table.add_column("value", justify="right")
     titles = {**{name: spec.title for name, spec in METRICS.items()}, **TOFU_COLUMNS}
+    if report["benchmark"].startswith("muse-"):
+        titles.update(MUSE_COLUMNS)
     for key, value in report.get("metrics", {}).items():
         table.add_row(titles[key], f"{value:.4f}")
+    privacy = report.get("privacy")
+    notes = []
+    if privacy is not None and privacy["aucs"] is None:
+        notes.append(f"no membership inference: {privacy['reason']}")
+    elif privacy is not None:
+        for key, value in privacy["aucs"].items():
+            table.add_row(MIA_COLUMNS[key], f"{value:.4f}")
+        leak = privacy["privleak"]
+        table.add_row(f"PrivLeak % (vs {privacy['privleak_reference']})", "—" if leak is None else f"{leak:.2f}")
+        notes.append(f"MIA: {privacy['source']}, {privacy['members']} members, {privacy['nonmembers']} non-members")
     lm_eval = report.get("lm_eval")
     if lm_eval:
         scores = lm_eval["scores"]
@@ -90,7 +120,12 @@ def evaluation_table(report: dict[str, Any]) -> Table:
                 table.add_row(
                     f"lm-eval {name} {metric}", f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
                 )
-    table.caption = "forget: lower = more forgotten; retain and utility: higher = more kept; ppl: lower is better"
+    notes.insert(0, "forget: lower = more forgotten; retain and utility: higher = more kept; ppl: lower is better")
+    if privacy is not None and privacy["aucs"] is not None:
+        notes.insert(
+            1, "MIA AUC: 0.5 = chance; PrivLeak: 0 = as private as retraining, negative = forget set recognisable"
+        )
+    table.caption = "\n".join(notes)
     return table
 
 

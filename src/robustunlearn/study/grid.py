@@ -28,6 +28,7 @@ from robustunlearn.core.models import DTYPES, load_model
 from robustunlearn.core.modules import load_weights, save_trainable_weights
 from robustunlearn.data.base import Benchmark
 from robustunlearn.metrics import qa_answer_nll
+from robustunlearn.metrics.privacy import mia_privacy, muse_corpus, with_privleak
 from robustunlearn.metrics.suite import METRICS, UTILITY_METRIC, evaluate_model, tofu_scores
 from robustunlearn.optim import OPTIMIZERS
 from robustunlearn.study.landscape import linear_interpolation, sharpness
@@ -189,12 +190,15 @@ def run_cell(
 ) -> list[ResultRow]:
     """Unlearn one cell to the matched level, evaluate it, run the attack suite; return its rows.
     With ``landscape`` (and ``study.landscape``, not under LoRA) the rows carry the model's
-    sharpness and its weights are kept in ``directory``/UNLEARNED_WEIGHTS for :func:`add_lmc_curves`."""
+    sharpness and its weights are kept in ``directory``/UNLEARNED_WEIGHTS for :func:`add_lmc_curves`.
+    Each row carries its model's membership-inference AUCs and PrivLeak against the
+    retrain model's AUC in ``references["privacy"]`` (MUSE's published one on MUSE without it)."""
 
     metric = study.level_metric
     probe = forget_level_probe(tokenizer, benchmark, settings, metric)
     retrain = references.get("retrain")
-    target_level = None if retrain is None else retrain[metric] + study.level_tolerance
+    # the tolerance is the evaluation preset's, so "retrain level + tolerance" means one thing per benchmark
+    target_level = None if retrain is None else retrain[metric] + settings.eval.level_tolerance
 
     def reached(metrics: dict[str, float]) -> str | None:
         if target_level is not None and metrics[metric] <= target_level:
@@ -231,6 +235,7 @@ def run_cell(
         atomic_write(directory / UNLEARNED_WEIGHTS, lambda path: save_trainable_weights(model, path))
     reference = References(target=references["target"], unlearned=unlearned, retrain=retrain)
     retrain_ratios = (references.get("tofu_retrain") or {}).get("forget_truth_ratios")
+    retrain_mia = (references.get("privacy") or {}).get("retrain")
 
     def row(attack: str, family: str, attacked_model, metrics: dict[str, float], outcome=None) -> ResultRow:
         entry = ResultRow(
@@ -248,6 +253,8 @@ def run_cell(
         )
         entry.scores = attack_scores(entry)
         entry.tofu = tofu_scores(attacked_model, tokenizer, benchmark, settings.eval, retrain_ratios)
+        mia = mia_privacy(attacked_model, tokenizer, benchmark, settings.eval)
+        entry.privacy = with_privleak(mia, retrain_mia, muse=muse_corpus(benchmark))
         return entry
 
     rows = [row("none", "none", model, unlearned)]
@@ -258,6 +265,37 @@ def run_cell(
         scores = evaluate_model(outcome.model, tokenizer, benchmark, settings.eval)
         rows.append(row(name, attack.family, outcome.model, scores, outcome))
     return rows
+
+
+def reference_privacy(target, retrain, tokenizer, benchmark: Benchmark, settings: RunSettings) -> dict[str, Any]:
+    """``{"target", "retrain"}``: the membership-inference AUCs and PrivLeak of the target and retrain
+    (None without one) models, both against the retrain model's AUC (the retrain's own PrivLeak is 0)."""
+    muse = muse_corpus(benchmark)
+    retrain_mia = None if retrain is None else mia_privacy(retrain, tokenizer, benchmark, settings.eval)
+    target_mia = mia_privacy(target, tokenizer, benchmark, settings.eval)
+    return {
+        "target": with_privleak(target_mia, retrain_mia, muse=muse),
+        "retrain": None if retrain_mia is None else with_privleak(retrain_mia, retrain_mia, muse=muse),
+    }
+
+
+def study_references(target, tokenizer, benchmark: Benchmark, prepared, settings: RunSettings, path: Path) -> dict:
+    """The reference models' evaluations, computed once into ``path`` (``references.json``): the
+    target's and retrain's (None without a prepared retrain model) metrics, the retrain's TOFU
+    scores, and ``privacy`` (:func:`reference_privacy`; added to a file written before it existed)."""
+    references = json.loads(path.read_text()) if path.exists() else {}
+    if "target" in references and "privacy" in references:
+        return references
+    retrain = None if prepared is None else load_model(prepared.retrain_dir, dtype=DTYPES[settings.dtype])[0]
+    if "target" not in references:
+        references["target"] = evaluate_model(target, tokenizer, benchmark, settings.eval)
+        references["retrain"] = None
+        if retrain is not None:
+            references["retrain"] = evaluate_model(retrain, tokenizer, benchmark, settings.eval)
+            references["tofu_retrain"] = tofu_scores(retrain, tokenizer, benchmark, settings.eval)
+    references["privacy"] = reference_privacy(target, retrain, tokenizer, benchmark, settings)
+    atomic_write_json(path, references)
+    return references
 
 
 def _cells_for(settings: RunSettings, study: StudySettings, chosen: dict[str, float]) -> list[Cell]:
@@ -331,16 +369,7 @@ def run_study(
     """Run (or resume) the grid; write ``results.jsonl``, ``report.md``/``report.html`` and plots."""
 
     target, tokenizer, benchmark, prepared = load_target(settings, cache_dir, console)
-    references_path = output_dir / "references.json"
-    if references_path.exists():
-        references = json.loads(references_path.read_text())
-    else:
-        references = {"target": evaluate_model(target, tokenizer, benchmark, settings.eval), "retrain": None}
-        if prepared is not None:
-            retrain = load_model(prepared.retrain_dir, dtype=DTYPES[settings.dtype])[0]
-            references["retrain"] = evaluate_model(retrain, tokenizer, benchmark, settings.eval)
-            references["tofu_retrain"] = tofu_scores(retrain, tokenizer, benchmark, settings.eval)
-        atomic_write_json(references_path, references)
+    references = study_references(target, tokenizer, benchmark, prepared, settings, output_dir / "references.json")
 
     chosen = (
         sweep_learning_rates(settings, study, target, tokenizer, benchmark, references, output_dir, console)

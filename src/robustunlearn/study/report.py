@@ -24,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from robustunlearn.core.io import atomic_write, atomic_write_text
+from robustunlearn.metrics.privacy import PRIVLEAK_AUC
 from robustunlearn.optim import GRADES
 from robustunlearn.study.claims import (
     DEFAULT_REFERENCE_OPTIMIZER,
@@ -78,6 +79,14 @@ CLAIMS_HOW_TO_READ = (
     "attack or landscape the claim needs is missing. 'At least' claims are tested one-sided, so a tie "
     "reads inconclusive. The utility caveat marks a comparison whose more robust side has an unlearned "
     "model of lower utility, beyond the interval: damaged models relearn slowly."
+)
+PRIVACY_HOW_TO_READ = (
+    "Membership inference on the forget set (members) against texts of the same distribution the "
+    "target never saw (non-members). PrivLeak, in percent with MUSE's sign, compares the Min-K% AUC "
+    "with the reference's: 0 = as private as the reference (retraining), negative = the forget set is "
+    "still recognisable as training data (the original model scores near -100), positive = it looks "
+    "less familiar than unseen text (over-unlearned), itself a signal. Means over seeds; the first "
+    "column is the unlearned model, the others after each attack."
 )
 
 
@@ -502,6 +511,38 @@ def _paired_blocks(study: _Study) -> list[Block]:
     return [heading, Paragraph(explanation), Table(columns, rows)]
 
 
+def _privacy_blocks(study: _Study) -> list[Block]:
+    """PrivLeak of each grid point before and after each attack (the Min-K% membership AUC where no
+    row has a PrivLeak reference); the reason where the benchmark has no members and non-members."""
+    scored = [row for row in study.rows if row.privacy and row.privacy.get("aucs")]
+    heading = Heading(2, "Privacy: PrivLeak before and after each attack")
+    if not scored:
+        reasons = list(dict.fromkeys(row.privacy["reason"] for row in study.rows if row.privacy))
+        return [heading, Paragraph(f"No membership inference: {'; '.join(reasons)}")] if reasons else []
+    references = list(dict.fromkeys(row.privacy["privleak_reference"] for row in scored))
+    by_privleak = any(row.privacy["privleak"] is not None for row in scored)
+    title = "PrivLeak %" if by_privleak else "Min-K% AUC"
+
+    def value(row: ResultRow) -> float | None:
+        if not (row.privacy and row.privacy.get("aucs")):
+            return None
+        return row.privacy["privleak"] if by_privleak else row.privacy["aucs"][PRIVLEAK_AUC]
+
+    attacks = [attack for attack in study.attacks if any(row.attack == attack for row in scored)]
+    rows = []
+    for mean in study.means:
+        grid_rows = study.grid_rows(mean)
+        found = [
+            [v for row in grid_rows if row.attack == attack and (v := value(row)) is not None] for attack in attacks
+        ]
+        means = [f"{statistics.fmean(v):.{1 if by_privleak else 3}f}" if v else MISSING for v in found]
+        rows.append(_point_cells(study, mean) + means)
+    columns = [f"{title} {'unlearned' if attack == NO_ATTACK else f'after {attack}'}" for attack in attacks]
+    sources = ", ".join(dict.fromkeys(row.privacy["source"] for row in scored))
+    note = f"Members vs non-members: {sources}; PrivLeak reference: {', '.join(references)}."
+    return [heading, Paragraph(PRIVACY_HOW_TO_READ), Paragraph(note), Table(_point_columns(study) + columns, rows)]
+
+
 def _settings(study: _Study) -> list[str]:
     settings = []
     cells = [row.cell.to_json() for row in study.rows]
@@ -544,6 +585,7 @@ def _document(study: _Study, title: str, images: dict[str, Image]) -> list[Block
             heading = Heading(2, f"Attack: {attack} ({study.families[attack] or 'unknown family'})")
             blocks += [heading, _attack_table(study, attack), *_recovery_notes(study, attack)]
     blocks += [Heading(2, "Worst case over the attacks"), _worst_table(study), *_paired_blocks(study)]
+    blocks += _privacy_blocks(study)
     blocks += [Heading(2, "Cost of unlearning"), _cost_table(study)]
     plots = [images[name] for name in ("relearning_curves", "recovery_by_grade") if name in images]
     if plots:

@@ -22,7 +22,10 @@ A row, field by field (:class:`ResultRow`)::
                     "sharpness_loss": "forget_qa_loss",
                     "sharpness": [{"scale": ..., "mean_loss_increase": ..., "std": ...}]} | null,
       "scores": {...},
-      "tofu": {...}  (only on rows whose benchmark has TOFU's evaluation sets)
+      "tofu": {...}  (only on rows whose benchmark has TOFU's evaluation sets),
+      "privacy": {"source": "forget_text vs holdout_text", "members": 20, "nonmembers": 20,
+                  "aucs": {"auc_loss": 0.9, "auc_zlib": 0.88, "auc_min_k": 0.91, "auc_min_k_plus_plus": 0.7},
+                  "privleak": -85.2, "privleak_reference": "retrain"}  (absent on older rows)
     }
 
 * ``cell`` (:class:`RowCell`): the grid cell: benchmark, objective, optimizer, its grade, seed and
@@ -47,6 +50,13 @@ A row, field by field (:class:`ResultRow`)::
   method, backend, bits, group size, scheme (symmetric or not, grouped over what) and which modules
   stay in full precision; relearning's data, steps, lr and optimizer; noise's scale. Absent on the
   unattacked row.
+* ``privacy``: membership inference on the attacked model
+  (:func:`robustunlearn.metrics.privacy.mia_privacy` with
+  :func:`~robustunlearn.metrics.privacy.with_privleak`): the MIA-suite AUCs of the benchmark's
+  members vs non-members and PrivLeak against ``privleak_reference`` (``"retrain"``,
+  ``"muse-published-news"``, ... or ``"no reference"`` with PrivLeak null; null too, with
+  ``privleak_note``, where the retrain model's AUC is 1); on a benchmark without
+  non-members (TOFU) ``aucs`` is null and ``reason`` says why. Absent on rows written before it existed.
 
 Every part writes its keys sorted, as the files store them (``sort_keys``), so a row read back
 lists its cell's and its cost's fields in the same order as one about to be written.
@@ -63,6 +73,7 @@ from typing import Any
 from robustunlearn.core.io import atomic_write_json, atomic_write_text
 
 NO_ATTACK = "none"  # the attack of the row that holds the unlearned model itself
+OPTIONAL_FIELDS = ("tofu", "attack_config", "privacy")  # row keys absent when None
 
 Metrics = dict[str, float]
 Points = list[dict[str, float]]  # a curve: one dict of numbers per point
@@ -228,6 +239,7 @@ class ResultRow:
     scores: dict[str, Any] = field(default_factory=dict)
     tofu: dict[str, Any] | None = None
     attack_config: dict[str, Any] | None = None  # the attack's exact configuration (AttackOutcome.config)
+    privacy: dict[str, Any] | None = None  # membership-inference AUCs and PrivLeak (metrics.privacy)
 
     def to_json(self) -> dict[str, Any]:
         data = _sorted_fields(self)
@@ -237,7 +249,7 @@ class ResultRow:
             cost=self.cost.to_json(),
             landscape=None if self.landscape is None else self.landscape.to_json(),
         )
-        for optional in ("tofu", "attack_config"):
+        for optional in OPTIONAL_FIELDS:
             if data[optional] is None:
                 del data[optional]
         return data
@@ -260,8 +272,9 @@ class ResultRow:
             "scores": _OBJECT,
             "tofu": _or_null(_OBJECT),
             "attack_config": _or_null(_OBJECT),
+            "privacy": _or_null(_OBJECT),
         }
-        return cls(**_parse_fields(cls, data, parsers, optional=("tofu", "attack_config")))
+        return cls(**_parse_fields(cls, data, parsers, optional=OPTIONAL_FIELDS))
 
 
 def write_results_jsonl(path: Path, rows: Iterable[ResultRow]) -> None:
