@@ -69,6 +69,7 @@ def test_eval_reports_our_metrics_and_lm_eval_alike(monkeypatch, capsys, model_d
     assert report["lm_eval"]["scores"][WMDP_TASK]["acc"] == pytest.approx(ours)
     assert report["lm_eval"]["n_samples"][WMDP_TASK]["effective"] == 8
     assert "forget MCQ acc" in printed and f"lm-eval {WMDP_TASK} acc" in printed
+    assert "evaluation: eval preset wmdp" in printed and "mcq_format='cloze'" in printed  # preset and override
 
 
 @needs_gguf

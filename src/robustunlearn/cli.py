@@ -31,7 +31,6 @@ from robustunlearn.core.errors import UserError
 from robustunlearn.core.io import atomic_write_json, missing_directories, remove_empty
 from robustunlearn.core.lock import directory_lock
 from robustunlearn.core.models import check_model_reference
-from robustunlearn.metrics.suite import describe_eval
 from robustunlearn.optim import OPTIMIZERS
 from robustunlearn.study.evaluation import evaluate_from_settings, evaluation_table
 from robustunlearn.study.loading import prepare_from_settings, prepare_summary_table
@@ -260,7 +259,6 @@ def _study(
     if dry_run:
         _print_settings(settings)
         return
-    console.print(f"evaluation: {describe_eval(settings.eval)}", highlight=False, soft_wrap=True)
     with _output_dir(output_dir):
         results = run_pipeline(settings, output_dir, cache_dir, console=console, lr_sweep=lr_sweep)
     # Eight columns of numbers need ~110 characters; pipes and CI logs default to 80 and would truncate.
@@ -498,7 +496,6 @@ def eval_command(
     if dry_run:
         _print_settings(settings)
         return
-    console.print(f"evaluation: {describe_eval(settings.eval)}", highlight=False, soft_wrap=True)
     report = evaluate_from_settings(
         settings, cache_dir, console=console, metrics=metrics, lm_eval_tasks=tasks, lm_eval_include=lm_eval_include
     )

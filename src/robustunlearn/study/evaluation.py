@@ -15,7 +15,7 @@ from rich.table import Table
 from robustunlearn.config import RunSettings
 from robustunlearn.metrics.lm_eval_backend import lm_eval_scores, require_lm_eval, run_lm_eval, task_manager
 from robustunlearn.metrics.privacy import mia_privacy, muse_corpus, with_privleak
-from robustunlearn.metrics.suite import METRICS, evaluate_model, tofu_scores
+from robustunlearn.metrics.suite import METRICS, describe_eval, evaluate_model, tofu_scores
 from robustunlearn.study.pipeline import load_target
 
 TOFU_COLUMNS = {
@@ -57,6 +57,8 @@ def evaluate_from_settings(
         manager = task_manager(lm_eval_tasks, lm_eval_include)
     started = time.perf_counter()
     model, tokenizer, benchmark, prepared = load_target(settings, cache_dir, console)
+    if console is not None:  # printed once the model loaded: a loading error stays the only line
+        console.print(f"evaluation: {describe_eval(settings.eval)}", highlight=False, soft_wrap=True)
     model.eval()
     report: dict[str, Any] = {
         "model": settings.model_path or str(prepared.target_dir),

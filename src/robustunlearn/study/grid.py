@@ -29,7 +29,7 @@ from robustunlearn.core.modules import load_weights, save_trainable_weights
 from robustunlearn.data.base import Benchmark
 from robustunlearn.metrics import qa_answer_nll
 from robustunlearn.metrics.privacy import mia_privacy, muse_corpus, with_privleak
-from robustunlearn.metrics.suite import METRICS, UTILITY_METRIC, evaluate_model, tofu_scores
+from robustunlearn.metrics.suite import METRICS, UTILITY_METRIC, describe_eval, evaluate_model, tofu_scores
 from robustunlearn.optim import OPTIMIZERS
 from robustunlearn.study.landscape import linear_interpolation, sharpness
 from robustunlearn.study.loading import load_target
@@ -369,6 +369,8 @@ def run_study(
     """Run (or resume) the grid; write ``results.jsonl``, ``report.md``/``report.html`` and plots."""
 
     target, tokenizer, benchmark, prepared = load_target(settings, cache_dir, console)
+    if console is not None:  # printed once the model loaded: a loading error stays the only line
+        console.print(f"evaluation: {describe_eval(settings.eval)}", highlight=False, soft_wrap=True)
     references = study_references(target, tokenizer, benchmark, prepared, settings, output_dir / "references.json")
 
     chosen = (
