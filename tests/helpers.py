@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from robustunlearn.core.models import TinyModelConfig, build_tiny_model, train_tokenizer
+from robustunlearn.core.models import TinyModelConfig, build_tiny_model, save_model, train_tokenizer
 from robustunlearn.data.base import Benchmark
 from robustunlearn.data.prompts import mcq_prompt
 from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
@@ -35,10 +35,12 @@ def tiny_llama(
     dtype: torch.dtype = torch.float32,
     attention: str | None = None,
     tie: bool = False,
+    attention_dropout: float = 0.0,
 ) -> LlamaForCausalLM:
     """A randomly initialised Llama (hidden 32, 4 heads, MLP width ``intermediate``) in training
     mode; ``seed`` fixes its weights through the global RNG. ``attention`` None keeps transformers'
-    default kernel; ``tie`` shares the input embeddings with the output head."""
+    default kernel; ``tie`` shares the input embeddings with the output head; ``attention_dropout``
+    drops that share of the attention weights in training mode."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -50,6 +52,7 @@ def tiny_llama(
         max_position_embeddings=max_positions,
         attn_implementation=attention,
         tie_word_embeddings=tie,
+        attention_dropout=attention_dropout,
     )
     return LlamaForCausalLM(config).to(dtype)
 
@@ -273,3 +276,17 @@ def mcq_model_and_tokenizer() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]
     """A randomly initialised tiny Llama with a tokenizer trained on the WMDP-layout questions."""
     texts = [mcq_prompt(q) + " " + " ".join(c) for q, c, _ in WMDP_QUESTIONS]
     return model_and_tokenizer(texts * 3, seed=1)
+
+
+# A six-person benchmark and a tiny model with its own tokenizer: what the CLI tests unlearn with --model.
+CLI_DATA = {"num_people": 6, "num_utility_passages": 4, "num_utility_qa": 2}
+CLI_MODEL = TinyModelConfig(
+    vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+)
+
+
+def save_cli_model(directory: Path) -> Path:
+    """The tiny model of CLI_MODEL, trained on nothing, saved as a Hugging Face directory (for --model)."""
+    benchmark = generate_synthetic(SyntheticConfig(**CLI_DATA))
+    tokenizer = train_tokenizer([r.text for r in benchmark.get("forget_text") + benchmark.get("retain_text")] * 2, 400)
+    return save_model(build_tiny_model(CLI_MODEL, tokenizer, seed=0), tokenizer, directory)

@@ -22,9 +22,10 @@ from safetensors.torch import load_file
 import robustunlearn.cli as cli_module
 import robustunlearn.study.loading as loading_module
 import robustunlearn.study.pipeline as pipeline_module
+from helpers import CLI_DATA, CLI_MODEL, save_cli_model
 from robustunlearn.cli import main
 from robustunlearn.config import load_settings, unlearn_settings
-from robustunlearn.core.models import TinyModelConfig, build_tiny_model, file_sha256, save_model, train_tokenizer
+from robustunlearn.core.models import file_sha256, save_model
 from robustunlearn.data.base import Benchmark
 from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
 from robustunlearn.study.loading import load_target
@@ -33,8 +34,7 @@ from robustunlearn.train.settings import UnlearnSettings
 from test_cli import assert_one_line_error, run_cli
 from test_distributed import free_port
 
-DATA = {"num_people": 6, "num_utility_passages": 4, "num_utility_qa": 2}
-TINY = TinyModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+DATA, TINY = CLI_DATA, CLI_MODEL
 
 
 def recipe_text(**unlearn_settings) -> str:
@@ -52,9 +52,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny Llama with its own tokenizer, saved as a Hugging Face directory (for --model)."""
-    benchmark = generate_synthetic(SyntheticConfig(**DATA))
-    tokenizer = train_tokenizer([r.text for r in benchmark.get("forget_text") + benchmark.get("retain_text")] * 2, 400)
-    return save_model(build_tiny_model(TINY, tokenizer, seed=0), tokenizer, tmp_path_factory.mktemp("tiny") / "model")
+    return save_cli_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")

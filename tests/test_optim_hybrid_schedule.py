@@ -9,26 +9,12 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers import tiny_llama
 from robustunlearn.optim import build_optimizer, make_closure
 from robustunlearn.optim.hybrid import AlternatingHybrid, phase_at
 
 IDS = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
 
 
 def lm_closure(model):

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from helpers import tiny_llama
 from robustunlearn.optim import build_optimizer, hooks, make_closure
 from robustunlearn.optim.zo import ZOSGD
 
@@ -20,18 +21,7 @@ IDS = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
 
 def dropout_llama(attention_dropout: float = 0.5) -> LlamaForCausalLM:
     """A tiny Llama whose attention drops half its weights in training mode."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        attention_dropout=attention_dropout,
-    )
-    return LlamaForCausalLM(config).train()
+    return tiny_llama(attention_dropout=attention_dropout).train()
 
 
 def lm_loss(model: nn.Module, seen_modes: list[bool] | None = None):

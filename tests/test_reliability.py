@@ -19,18 +19,16 @@ from rich.console import Console
 
 import robustunlearn.cli as cli_module
 import robustunlearn.train.prepare as prepare_module
+from helpers import CLI_DATA, CLI_MODEL, save_cli_model
 from robustunlearn.config import load_settings, unlearn_settings
 from robustunlearn.core.lock import LOCK_NAME, DirectoryInUse, directory_lock
-from robustunlearn.core.models import TinyModelConfig, build_tiny_model, save_model, train_tokenizer
-from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
 from robustunlearn.study.loading import prepare_from_settings
 from robustunlearn.train.checkpoint import Checkpointer, CheckpointError, check_resume_settings, run_state
 from robustunlearn.train.engine import NonFiniteLossError
 from robustunlearn.train.settings import UnlearnSettings
 from test_cli import assert_one_line_error
 
-DATA = {"num_people": 6, "num_utility_passages": 4, "num_utility_qa": 2}
-TINY = TinyModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+DATA, TINY = CLI_DATA, CLI_MODEL
 RECIPE = {"data": DATA, "unlearn": {"lr": 1e-3, "batch_size": 4}}
 # The embedded target, sized to prepare in seconds.
 PREPARED = {
@@ -47,9 +45,7 @@ def quiet() -> Console:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    benchmark = generate_synthetic(SyntheticConfig(**DATA))
-    tokenizer = train_tokenizer([r.text for r in benchmark.get("forget_text") + benchmark.get("retain_text")] * 2, 400)
-    return save_model(build_tiny_model(TINY, tokenizer, seed=0), tokenizer, tmp_path_factory.mktemp("tiny") / "model")
+    return save_cli_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")
