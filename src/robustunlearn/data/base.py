@@ -15,6 +15,7 @@ A benchmark holds only the splits it has; consumers ask with :meth:`Benchmark.ge
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Union
@@ -133,6 +134,12 @@ class Benchmark:
                     raise TypeError(
                         f"split {split_name!r} record {i} is {type(record).__name__}, expected {cls.__name__}"
                     )
+
+    def with_splits(self, **splits: Sequence[Record]) -> Benchmark:
+        """A new bundle with ``splits`` replaced (or added); the other splits' lists are shared and
+        the metadata is copied shallowly. Validated like the constructor."""
+        replaced = {name: list(records) for name, records in splits.items()}
+        return Benchmark(self.name, self.schema_version, {**self.splits, **replaced}, dict(self.metadata))
 
     def get(self, split_name: str) -> list[Record]:
         return self.splits.get(split_name, [])
