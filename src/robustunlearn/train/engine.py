@@ -14,12 +14,13 @@ killed run resumes to the same final weights.
 :func:`_reference_outputs`, :func:`_optimizer_step` and what follows it (log entry, finiteness
 check, evaluation, stop, checkpoint).
 
-Options (:class:`UnlearnSettings`): a budget in ``steps`` or ``epochs``; LoRA adapters instead of
-full fine-tuning (``lora``), whose reference model is the same model with its adapter disabled;
-keeping the weights with the best value of an evaluation metric (``keep_best``). Launched in
-several processes (``torchrun``, ``accelerate launch``), the run is data parallel
-(:mod:`robustunlearn.core.distributed`): ``batch_size`` is the global batch, each rank takes its
-shard, and rank 0 alone logs, evaluates and writes files. docs/engine.md has the details.
+Options (:class:`UnlearnSettings`): a budget in ``steps`` or ``epochs``, and within it optionally a
+``compute_budget`` in forward-pass equivalents (the run stops after the step that spends it); LoRA
+adapters instead of full fine-tuning (``lora``), whose reference model is the same model with its
+adapter disabled; keeping the weights with the best value of an evaluation metric
+(``keep_best``). Launched in several processes (``torchrun``, ``accelerate launch``), the run is
+data parallel (:mod:`robustunlearn.core.distributed`): ``batch_size`` is the global batch, each
+rank takes its shard, and rank 0 alone logs, evaluates and writes files. docs/engine.md has the details.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from robustunlearn.data.prompts import REFUSAL_ANSWERS
 from robustunlearn.objectives import LOSS_TERMS, Objective, build_objective
 from robustunlearn.optim import build_optimizer
 from robustunlearn.optim.base import hooks, make_closure, sampled_label_loss
+from robustunlearn.optim.hybrid import AlternatingHybrid
 from robustunlearn.train.checkpoint import Checkpointer, Snapshots, best_snapshots, read_log
 from robustunlearn.train.settings import UnlearnSettings
 
@@ -128,10 +130,13 @@ class UnlearnResult:
     history: list[dict[str, Any]]
     seconds: float
     resumed_from: int | None = None
-    stopped_early: str | None = None  # why the evaluation callback stopped the run
-    passes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})  # model passes, this process
+    stopped_early: str | None = None  # why the run stopped before its step budget: should_stop's reason, or the budget
+    # model passes of this process over the whole run (those before a resume included)
+    passes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
     total_steps: int = 0  # the step budget (from steps or epochs)
     best: dict[str, Any] | None = None  # with keep_best: step, metric, value, mode of the kept weights
+    forward_equivalents: float = 0.0  # passes["forward"] + backward_cost · passes["backward"]
+    budget_spent: bool = False  # the compute budget stopped the run (not should_stop, not the step budget)
 
 
 def _best_value(metrics: dict[str, Any], name: str) -> float:
@@ -229,12 +234,23 @@ class _Run:
     resumed_from: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
-    pending_stop: str | None = None  # a reason to stop that waits until the optimizer may stop
+    pending_stop: str | None = None  # should_stop's reason, waiting until the optimizer may stop
     passes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def forward_equivalents(self) -> float:
+        """The cost so far: forward + backward_cost · backward passes (this process's; under data
+        parallelism every rank runs as many)."""
+        return self.passes["forward"] + self.config.backward_cost * self.passes["backward"]
+
+    @property
+    def budget_spent(self) -> bool:
+        budget = self.config.compute_budget
+        return budget is not None and self.forward_equivalents >= budget
 
     @property
     def log_path(self) -> Path | None:
@@ -260,7 +276,8 @@ def unlearn(
     ``evaluate(model, step)`` runs every ``config.eval_every`` steps (on rank 0); its metrics are
     logged and passed to ``should_stop``, which returns a reason to stop early (or None). An
     optimizer whose ``may_stop`` hook is false (a ``hybrid`` before the end of a ZO block) defers
-    that stop to the next step where it is true."""
+    that stop to the next step where it is true. The run also stops after the step at which its cost
+    in forward-pass equivalents reaches ``config.compute_budget``, deferred the same way."""
     output_dir = Path(output_dir) if output_dir is not None else None
     if config.keep_best is not None and (evaluate is None or output_dir is None):
         raise ValueError(f"keep_best={config.keep_best!r} needs an evaluate callback and an output directory")
@@ -312,6 +329,7 @@ def _set_up(model, tokenizer, benchmark: Benchmark, config: UnlearnSettings, out
         )
     except (TypeError, ValueError) as error:  # an option value the optimizer refuses (names are checked up front)
         raise SettingsError(f"optimizer {config.optimizer}: {first_line(error)}") from error
+    _check_layout_under_budget(optimizer, config)
     trained = [p for p in model.parameters() if p.requires_grad]
     if parallel.is_main:
         for warning in [*hooks(optimizer).precision_warnings(), *_curvature_warnings(optimizer, objective)]:
@@ -343,6 +361,17 @@ def _set_up(model, tokenizer, benchmark: Benchmark, config: UnlearnSettings, out
         checkpointer=Checkpointer(output_dir, parallel) if output_dir is not None else None,
         keeper=best_snapshots(output_dir) if config.keep_best is not None else None,
         console=console,
+    )
+
+
+def _check_layout_under_budget(optimizer: torch.optim.Optimizer, config: UnlearnSettings) -> None:
+    """``SettingsError`` for a ``hybrid`` whose blocks are laid out back from the last step
+    (``align="end"``) in a run whose last step the compute budget decides."""
+    if config.compute_budget is None or not isinstance(optimizer, AlternatingHybrid) or optimizer.align != "end":
+        return
+    raise SettingsError(
+        f"optimizer {config.optimizer}: align='end' lays the blocks out back from the last step, which a "
+        "compute_budget leaves unknown; use align='start' (blocks from the first step, stops at the end of a ZO block)"
     )
 
 
@@ -395,6 +424,7 @@ def _resume(run: _Run) -> None:
         )
         run.start_step = run.resumed_from = state["step"]
         run.pending_stop = state.get("pending_stop")
+        run.passes.update(state.get("passes", {}))  # a checkpoint written before passes were saved: counted from here
         if run.parallel.is_main:
             run.console.print(f"resuming from step {run.start_step} ({latest})", highlight=False, soft_wrap=True)
             for note in state["resume_notes"]:
@@ -496,7 +526,7 @@ def _log_entry(run: _Run, step: int, terms: dict[str, float], reported_loss: flo
     """The step's log entry: its learning rate; ``loss``, the loss the optimizer's step reports
     (at the weights θ before the step for most grades); the loss terms of the closure's latest
     call and where that call was, ``terms_at`` (``"θ"``, or e.g. ``"θ − eps·z"`` for a
-    zeroth-order step); and what the optimizer adds."""
+    zeroth-order step); the run's cost so far, ``forward_equivalents``; and what the optimizer adds."""
     optimizer_hooks = hooks(run.optimizer)
     entry = {
         "step": step,
@@ -506,7 +536,7 @@ def _log_entry(run: _Run, step: int, terms: dict[str, float], reported_loss: flo
     }
     if reported_loss is not None:
         entry["loss"] = reported_loss
-    return {**entry, **optimizer_hooks.log_fields()}
+    return {**entry, "forward_equivalents": run.forward_equivalents, **optimizer_hooks.log_fields()}
 
 
 def _stop_if_not_finite(run: _Run, step: int, terms: dict[str, float]) -> None:
@@ -550,11 +580,16 @@ def _append_to_log(run: _Run, entry: dict[str, Any]) -> None:
 
 def _stop_reason(run: _Run, entry: dict[str, Any], should_stop: Callable | None) -> str | None:
     """Why the run stops after this step, if it does: ``should_stop``'s answer to an evaluation,
-    held pending until the optimizer may stop."""
+    held pending until the optimizer may stop; else the compute budget, once spent (it stays spent,
+    so it too waits until the optimizer may stop)."""
     if should_stop is not None and "eval" in entry and run.pending_stop is None:
         run.pending_stop = should_stop(entry["eval"])
-    if run.pending_stop is not None and hooks(run.optimizer).may_stop:
+    if not hooks(run.optimizer).may_stop:
+        return None
+    if run.pending_stop is not None:
         return run.pending_stop
+    if run.budget_spent:
+        return f"compute budget of {run.config.compute_budget:g} forward-pass equivalents spent"
     return None
 
 
@@ -562,7 +597,7 @@ def _checkpoint_if_due(run: _Run, step: int, last: bool) -> None:
     every = run.config.checkpoint_every
     if run.checkpointer is None or not (last or (every and step % every == 0)):
         return
-    extra = {"config": run.config.model_dump(mode="json"), "pending_stop": run.pending_stop}
+    extra = {"config": run.config.model_dump(mode="json"), "pending_stop": run.pending_stop, "passes": run.passes}
     run.checkpointer.save(step, run.model, run.optimizer, run.scheduler, run.streams, run.generator, extra)
 
 
@@ -575,5 +610,15 @@ def _finish(run: _Run, step: int, stopped_early: str | None, started: float) -> 
     best = None if run.best is None else {k: run.best[k] for k in ("step", "metric", "value", "mode")}
     seconds = time.perf_counter() - started
     return UnlearnResult(
-        run.model, step, run.history, seconds, run.resumed_from, stopped_early, run.passes, run.total_steps, best
+        run.model,
+        step,
+        run.history,
+        seconds,
+        run.resumed_from,
+        stopped_early,
+        run.passes,
+        run.total_steps,
+        best,
+        forward_equivalents=run.forward_equivalents,
+        budget_spent=stopped_early is not None and run.pending_stop is None,  # a stop should_stop did not ask for
     )

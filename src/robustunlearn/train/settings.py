@@ -27,6 +27,14 @@ class UnlearnSettings(Strict):
     optimizer_options: dict[str, Any] = Field(default_factory=dict)
     steps: int = Field(60, ge=1)
     epochs: int | None = Field(None, ge=1)  # passes over the forget set; when given, it sets the step budget
+    # A budget in forward-pass equivalents (forward + backward_cost · backward passes of the model,
+    # the reference model's included): the run stops after the step that spends it, so each grade
+    # takes as many steps as the budget buys; steps/epochs stay the upper bound. None: no budget.
+    compute_budget: float | None = Field(None, gt=0)
+    # What one backward pass costs in forward passes. A fixed convention (a backward is about two
+    # forwards in FLOPs), not a timing: a measured cost would make the stopping step depend on the
+    # machine's load, and the same seed must give the same numbers. The bench measures the real ratio.
+    backward_cost: float = Field(2.0, gt=0)
     batch_size: int = Field(8, ge=1)  # forget examples per step (over all processes); the retain batch has as many
     lr_schedule: str = "constant"
     warmup_steps: int = Field(0, ge=0)
