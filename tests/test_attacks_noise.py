@@ -22,7 +22,7 @@ def target_names(model: torch.nn.Module) -> set[str]:
 def test_the_registry_runs_noise_and_pruning_as_the_functions(tiny_llama):
     model = tiny_llama().eval()
     context = AttackContext(
-        None, None, seed=3, batch_size=1, relearn_samples=1, relearn_steps=1, relearn_lr=1e-3, relearn_eval_every=1
+        None, None, seed=3, batch_size=1, relearn_records=(), relearn_steps=1, relearn_lr=1e-3, relearn_eval_every=1
     )
     noise = parse_attack("noise-0.01")
     noisy, curve, config = noise.run(model, context)

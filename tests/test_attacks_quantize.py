@@ -317,7 +317,7 @@ def test_the_registry_runs_quantization_as_quantize_model(tiny_llama):
         benchmark,
         seed=0,
         batch_size=1,
-        relearn_samples=1,
+        relearn_records=(),
         relearn_steps=1,
         relearn_lr=1e-3,
         relearn_eval_every=1,
@@ -329,7 +329,7 @@ def test_the_registry_runs_quantization_as_quantize_model(tiny_llama):
         attacked, curve, config = attack.run(model, context)
         expected, report = quantize_model(model, name, calibration=calibration, tokenizer=tokenizer)
         assert attack.family == "quantization" and curve is None
-        assert config == {k: v for k, v in report.items() if k != "seconds"}
+        assert config == {**{k: v for k, v in report.items() if k != "seconds"}, "strength": 16 - report["bits"]}
         assert config["full_precision"] == "embeddings, norms, biases, output head" and config["scheme"]
         assert_bit_identical(attacked, snapshot(expected))
     # GPTQ calibrates with the attention mask: pad tokens stay out of its Hessians
@@ -343,7 +343,7 @@ def test_gptq_calibrates_on_retain_qa_where_a_benchmark_has_no_passages(tiny_lla
     tokenizer = train_tokenizer([q.question + " " + q.answer for q in pairs], vocab_size=300)
     benchmark = Benchmark("tofu-like", "1", {"retain_qa": pairs})  # TOFU has no retain_text
     model = tiny_llama(vocab_size=len(tokenizer)).eval()
-    context = AttackContext(tokenizer, benchmark, 0, 1, 1, 1, 1e-3, 1)
+    context = AttackContext(tokenizer, benchmark, 0, 1, (), 1, 1e-3, 1)
     attacked, _, config = parse_attack("gptq-int4").run(model, context)
     expected, _ = quantize_model(model, "gptq-int4", calibration=[collate_records(tokenizer, pairs[:16])])
     assert config["calibration_batches"] == 1

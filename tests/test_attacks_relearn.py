@@ -126,7 +126,7 @@ def test_the_registry_relearns_on_its_split_in_batches(name, split, tiny_llama):
         benchmark,
         seed=4,
         batch_size=2,
-        relearn_samples=3,
+        relearn_records=tuple(qa["forget"][:3]),
         relearn_steps=3,
         relearn_lr=1e-2,
         relearn_eval_every=2,

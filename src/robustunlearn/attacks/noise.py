@@ -73,7 +73,7 @@ def magnitude_prune_attack(
 
 
 def _noise(model: nn.Module, scale: float, context: AttackContext) -> AttackOutcome:
-    config = {"scale": scale, "relative_to": "each weight matrix's RMS", "seed": context.seed}
+    config = {"scale": scale, "strength": scale, "relative_to": "each weight matrix's RMS", "seed": context.seed}
     return AttackOutcome(gaussian_noise_attack(model, scale, seed=context.seed), None, config)
 
 

@@ -8,6 +8,15 @@ them back::
 
     relearned, curve = relearn_attack(model, None, forget_batches, steps=50, eval_fn=forget_metrics)
     benign, curve = relearn_attack(model, None, retain_batches, steps=50, eval_fn=forget_metrics)
+
+The registry's attacks train on the records the study chose for the attacker
+(``AttackContext.relearn_records``: QA pairs, or passages scored on every token):
+``relearn`` at the context's lr, ``relearn-lr<lr>`` at the lr in its name (a ladder of
+strengths: ``relearn-lr1e-5``, ``relearn-lr1e-4``, ...), ``relearn-lora`` with LoRA adapters at the
+context's lr, and ``benign-relearn`` on as many retain QA pairs at the context's lr. Their config:
+``split`` (``forget_qa``, ``forget_text`` or ``retain_qa``), ``records``, ``subjects`` (sorted,
+unique, the empty subject left out), ``batch_size``, ``steps``, ``eval_every``, ``lr``,
+``strength`` (the lr), ``optimizer``, ``lora``.
 """
 
 from __future__ import annotations
@@ -20,9 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustunlearn.attacks.spec import RELEARNING, AttackContext, AttackOutcome, AttackSpec
+from robustunlearn.attacks.spec import RELEARNING, AttackContext, AttackOutcome, AttackSpec, positive_number
 from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
 from robustunlearn.core.modules import LoraOptions, add_lora
+from robustunlearn.data.base import Record
 from robustunlearn.data.collate import collate_records
 from robustunlearn.optim import build_optimizer
 from robustunlearn.optim.base import make_closure
@@ -136,11 +146,26 @@ def relearn_attack(
     return attacked, curve
 
 
+def _relearn_records(context: AttackContext, benign: bool) -> tuple[str, Sequence[Record]]:
+    """The split name and the records a relearning attack trains on: the context's relearning
+    records, or as many retain QA pairs (benign)."""
+    if not context.relearn_records:
+        raise ValueError("relearning needs at least one record: the context's relearn_records is empty")
+    if benign:
+        return "retain_qa", context.benchmark.require("retain_qa")[: len(context.relearn_records)]
+    kinds = sorted({record.kind for record in context.relearn_records})
+    if len(kinds) > 1:
+        raise ValueError(f"relearn_records must be of one kind, got {', '.join(kinds)}")
+    return f"forget_{kinds[0]}", context.relearn_records
+
+
 def _relearn(
-    model: nn.Module, _: None, context: AttackContext, *, split: str, lora: LoraOptions | None
+    model: nn.Module, lr: float | None, context: AttackContext, *, benign: bool, lora: LoraOptions | None
 ) -> AttackOutcome:
-    """Relearning on the first ``relearn_samples`` QA pairs of ``split``, probed along the way."""
-    records = context.benchmark.require(f"{split}_qa")[: context.relearn_samples]
+    """Relearning at ``lr`` (None: the context's) on :func:`_relearn_records`, in batches of the
+    context's batch size, probed along the way."""
+    split, records = _relearn_records(context, benign)
+    lr = context.relearn_lr if lr is None else lr
     batches = [
         collate_records(context.tokenizer, records[i : i + context.batch_size])
         for i in range(0, len(records), context.batch_size)
@@ -150,18 +175,21 @@ def _relearn(
         context.tokenizer,
         batches,
         steps=context.relearn_steps,
-        lr=context.relearn_lr,
+        lr=lr,
         lora=lora,
         eval_fn=context.probe,
         eval_every=context.relearn_eval_every,
         seed=context.seed,
     )
     config = {
-        "split": f"{split}_qa",
+        "split": split,
         "records": len(records),
+        "subjects": sorted({record.subject for record in records if record.subject}),
         "batch_size": context.batch_size,
         "steps": context.relearn_steps,
-        "lr": context.relearn_lr,
+        "eval_every": context.relearn_eval_every,
+        "lr": lr,
+        "strength": lr,
         "optimizer": "adamw",
         "lora": None if lora is None else {"rank": lora.rank, "alpha": lora.alpha},
     }
@@ -169,17 +197,29 @@ def _relearn(
 
 
 SPECS = (
-    AttackSpec("relearn", RELEARNING, "fine-tune on forget QA pairs", partial(_relearn, split="forget", lora=None)),
+    AttackSpec(
+        "relearn",
+        RELEARNING,
+        "fine-tune on the attacker's forget records",
+        partial(_relearn, benign=False, lora=None),
+    ),
+    AttackSpec(
+        "relearn-lr",
+        RELEARNING,
+        "the same at that learning rate",
+        partial(_relearn, benign=False, lora=None),
+        positive_number("lr"),
+    ),
     AttackSpec(
         "relearn-lora",
         RELEARNING,
         "the same with LoRA adapters",
-        partial(_relearn, split="forget", lora=LoraOptions()),
+        partial(_relearn, benign=False, lora=LoraOptions()),
     ),
     AttackSpec(
         "benign-relearn",
         RELEARNING,
-        "fine-tune on retain QA pairs",
-        partial(_relearn, split="retain", lora=None),
+        "fine-tune on as many retain QA pairs",
+        partial(_relearn, benign=True, lora=None),
     ),
 )

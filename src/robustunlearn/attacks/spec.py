@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from robustunlearn.core.batching import TokenBatch
-from robustunlearn.data.base import Benchmark
+from robustunlearn.data.base import Benchmark, Record
 from robustunlearn.data.collate import collate_records
 
 QUANTIZATION = "quantization"
@@ -49,19 +49,30 @@ GPTQ_CALIBRATION_TEXTS = 16  # retain passages (or retain QA pairs, without pass
 class AttackContext:
     """What attacks need from the study.
 
-    ``batch_size`` and the ``relearn_*`` options are the relearning attacks' (forget or retain QA
-    pairs, batch size, steps, learning rate, steps between probes); ``probe(model, step)`` is the
-    forget-level evaluation recorded along a relearning curve; ``seed`` seeds relearning and noise."""
+    * ``relearn_records``: the attacker's training records, chosen by the study (forget QA pairs,
+      or forget passages where a benchmark has no forget QA, as WMDP). The relearning attacks
+      train on them and on nothing else; ``benign-relearn`` trains on as many retain QA pairs of
+      ``benchmark`` instead. The probe scores these records (in-set) apart from the forget records
+      the attacker never saw (held-out);
+    * ``batch_size``, ``relearn_steps``, ``relearn_lr`` and ``relearn_eval_every``: the
+      relearning options (the lr of the attacks that do not carry one in their name);
+    * ``probe(model, step)``: the forget-level evaluation recorded along a relearning curve;
+    * ``seed`` seeds relearning and noise;
+    * ``reference_model``: the model the quantization attacks compare the attacked model's codes
+      and weights with (the same-bucket diagnostics of
+      :mod:`robustunlearn.attacks.quant.diagnostics`; the study passes the model before
+      unlearning); None: no diagnostics."""
 
     tokenizer: Any
     benchmark: Benchmark
     seed: int
     batch_size: int
-    relearn_samples: int
+    relearn_records: tuple[Record, ...]
     relearn_steps: int
     relearn_lr: float
     relearn_eval_every: int
     probe: Callable[[nn.Module, int], dict[str, Any]] | None = None
+    reference_model: nn.Module | None = None
 
     @cached_property
     def calibration(self) -> list[TokenBatch]:
@@ -75,7 +86,10 @@ class AttackContext:
 class AttackOutcome(NamedTuple):
     """The attacked model, the attack's curve (relearning's, one dict per probe) or None, and the
     attack's exact configuration as the result rows record it (quantizers: bits, grouping, scheme,
-    backend, which modules stay in full precision; relearning: data, steps, lr, optimizer)."""
+    backend, which modules stay in full precision; relearning: data, steps, lr, optimizer).
+
+    ``config["strength"]``, where present, orders the rungs of one attack's ladder weakest first:
+    the lr of a relearning attack, the scale of noise, 16 - bits of a quantizer."""
 
     model: nn.Module
     curve: list[dict[str, Any]] | None
@@ -102,6 +116,18 @@ def real_number(label: str, low: float, high: float | None = None) -> Strength:
 
     rule = f"{label} >= {low:g}" if high is None else f"{low:g} <= {label} < {high:g}"
     return Strength(label, rule, parse)
+
+
+def positive_number(label: str) -> Strength:
+    """A strength written as a finite number > 0 (a learning rate)."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not 0 < value < math.inf:  # also rejects nan
+            raise ValueError(f"{label} {text} is not a positive number")
+        return value
+
+    return Strength(label, f"{label} > 0", parse)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Quantizing a whole model (:func:`quantize_model`), the "same bucket" diagnostic
-(:func:`code_agreement`), and the quantization attacks of the registry (``SPECS``). See
-:mod:`robustunlearn.attacks.quant` for the methods."""
+(:func:`code_agreement`; GPTQ's own codes, the other methods' through
+:mod:`robustunlearn.attacks.quant.diagnostics`), and the quantization attacks of the registry
+(``SPECS``). See :mod:`robustunlearn.attacks.quant` for the methods."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from robustunlearn.attacks.quant.core import (
     parse_method,
     quantizable_linears,
 )
+from robustunlearn.attacks.quant.diagnostics import bucket_grid, bucket_report, same_bucket_fraction
 from robustunlearn.attacks.quant.gptq import gptq_quantize_model
 from robustunlearn.attacks.quant.rtn import CODE_BOOK_BLOCK_SIZE, TORCH_FAMILIES, tensor_quantizer
 from robustunlearn.attacks.spec import (
@@ -32,6 +34,8 @@ from robustunlearn.attacks.spec import (
     AttackSpec,
     Strength,
 )
+
+ATTACK_GROUP_SIZE = 128  # input columns per group of the grouped quantization attacks
 
 
 def _dequantizer(spec: QuantizationMethod, group_size: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -139,45 +143,46 @@ def code_agreement(
     did). Methods: ``rtn-*``, ``nf4``, ``fp4`` and ``gptq-*`` (each model then runs its own GPTQ
     on ``calibration``); library backends do not expose comparable codes."""
     spec = parse_method(method)
-    if spec.family == "gptq":
-        if not calibration:
-            raise ValueError(f"{spec.name!r} needs calibration data: pass calibration=...")
+    if spec.family not in (*TORCH_FAMILIES, "gptq"):
+        raise ValueError(f"code_agreement supports rtn-*, nf4, fp4 and gptq-*, not {spec.name!r}")
+    if spec.family != "gptq":
+        return same_bucket_fraction(model_a, model_b, spec, group_size=group_size, include_lm_head=include_lm_head)
+    if not calibration:
+        raise ValueError(f"{spec.name!r} needs calibration data: pass calibration=...")
 
-        def gptq_codes(model: nn.Module) -> dict[str, torch.Tensor]:
-            return gptq_quantize_model(
-                copy.deepcopy(model),
-                calibration,
-                bits=spec.bits,
-                group_size=group_size,
-                tokenizer=tokenizer,
-                include_lm_head=include_lm_head,
-            )
+    def gptq_codes(model: nn.Module) -> dict[str, torch.Tensor]:
+        return gptq_quantize_model(
+            copy.deepcopy(model),
+            calibration,
+            bits=spec.bits,
+            group_size=group_size,
+            tokenizer=tokenizer,
+            include_lm_head=include_lm_head,
+        )
 
-        codes_a, codes_b = gptq_codes(model_a), gptq_codes(model_b)
-        pairs = [(codes_a[name], codes_b.get(name)) for name in codes_a]
-    else:
-        if spec.family not in TORCH_FAMILIES:
-            raise ValueError(f"code_agreement supports rtn-*, nf4, fp4 and gptq-*, not {spec.name!r}")
-        quantize = tensor_quantizer(spec, group_size)
-        linears_b = dict(quantizable_linears(model_b, include_lm_head))
-        pairs = []
-        for name, linear in quantizable_linears(model_a, include_lm_head):
-            other = linears_b.get(name)
-            pairs.append((quantize(linear.weight).codes, None if other is None else quantize(other.weight).codes))
-    same = total = 0
-    for codes_a_layer, codes_b_layer in pairs:
-        if codes_b_layer is None or codes_a_layer.shape != codes_b_layer.shape:
-            raise ValueError("model_a and model_b must have the same architecture (quantized layers differ)")
-        same += int((codes_a_layer == codes_b_layer.to(codes_a_layer.device)).sum())
-        total += codes_a_layer.numel()
-    return same / total
+    codes_a, codes_b = gptq_codes(model_a), gptq_codes(model_b)
+    if codes_a.keys() != codes_b.keys() or any(codes_a[name].shape != codes_b[name].shape for name in codes_a):
+        raise ValueError("model_a and model_b must have the same architecture (quantized layers differ)")
+    same = sum(int((codes_a[name] == codes_b[name].to(codes_a[name].device)).sum()) for name in codes_a)
+    return same / sum(codes.numel() for codes in codes_a.values())
 
 
 def _quantize(model: nn.Module, method: QuantizationMethod, context: AttackContext) -> AttackOutcome:
-    """The attack: ``method`` with its default grouping; GPTQ calibrates on the context's retain text."""
+    """The attack: ``method`` grouped per ATTACK_GROUP_SIZE columns where it groups; GPTQ calibrates
+    on the context's retain text. The config is :func:`quantize_model`'s report (less the time)
+    with ``strength`` = 16 - bits, the bits dropped from a 16-bit weight (the rungs of one method's
+    ladder, weakest first: int8 8, int4 and nf4 12, int3 13, int2 14), and, given a reference
+    model, the same-bucket diagnostics of ``model`` against it (:func:`bucket_report`: ``same_bucket``,
+    ``bucket_grid``, ``update_to_step``) where the method has a grid (:func:`bucket_grid`)."""
     calibration = context.calibration if method.family == "gptq" else None
-    quantized, report = quantize_model(model, method.name, calibration=calibration, tokenizer=context.tokenizer)
-    return AttackOutcome(quantized, None, {k: v for k, v in report.items() if k != "seconds"})
+    quantized, report = quantize_model(
+        model, method.name, group_size=ATTACK_GROUP_SIZE, calibration=calibration, tokenizer=context.tokenizer
+    )
+    config = {key: value for key, value in report.items() if key != "seconds"}
+    config["strength"] = 16 - method.bits
+    if context.reference_model is not None and bucket_grid(method) is not None:
+        config.update(bucket_report(model, context.reference_model, method, group_size=ATTACK_GROUP_SIZE))
+    return AttackOutcome(quantized, None, config)
 
 
 def _quantize_fixed(model: nn.Module, _: None, context: AttackContext, *, method: QuantizationMethod) -> AttackOutcome:
