@@ -15,8 +15,17 @@ A row, field by field (:class:`ResultRow`)::
       "reference": {"target": {<forget and utility keys>}, "unlearned": {...}, "retrain": {...} | null},
       "primary_metric": "forget_qa_rouge",
       "cost": {"steps": 120, "forward_passes": 240, "backward_passes": 120, "seconds": 31.2,
-               "reached_level": true, "target_level": 0.2},
-      "curve": [{"step": 0, "forget_qa_rouge": 0.1, ...}, ...] | null,
+               "reached_level": true, "target_level": 0.2, "forward_equivalents": 480.0,
+               "compute_budget": 1000.0, "budget_spent": false, "level_gap": 0.01,
+               "level_tolerance": 0.05},
+      "unlearning_curve": [{"step": 10, "forward_equivalents": 40.0, "forget_qa_rouge": 0.8,
+                            "retain_qa_rouge": 0.95}, ...]  (absent on older rows),
+      "curve": [{"step": 0, "forget_qa_rouge": 0.1, "forget_qa_rouge@in_set": 0.1, ...},
+                {"step": 10, "train_loss": 2.1, "forget_qa_rouge": 0.5, ...}, ...] | null,
+      "scorings": {"in_set": {"forget_qa_rouge": 0.9}, "held_out_subjects": {"forget_qa_rouge": 0.2},
+                   "held_out_attributes": {...}}  (relearning rows only),
+      "control": {"source": "retrain" | "target", "forget": {...}, "utility": {...},
+                  "scorings": {...}, "curve": [...]}  (absent on older rows),
       "landscape": {"pair": "adam-vs-zo-adazo",
                     "lmc": [{"alpha": 0.0, "forget_qa_rouge": ..., "forget_qa_loss": ...}, ...],
                     "sharpness_loss": "forget_qa_loss",
@@ -37,8 +46,19 @@ A row, field by field (:class:`ResultRow`)::
 * ``primary_metric``: the forget metric the scores use; the utility metric is
   :func:`robustunlearn.study.scores.utility_metric` (``retain_qa_rouge`` when present).
 * ``cost`` (:class:`UnlearningCost`): of the cell's unlearning run (every row of a cell carries
-  the same).
-* ``curve``: forget metrics by relearning step (relearning attacks only).
+  the same); ``forward_equivalents``, ``compute_budget``, ``budget_spent``, ``level_gap`` and
+  ``level_tolerance`` are absent on older rows.
+* ``unlearning_curve``: the cell's checks during unlearning: step, forward-pass equivalents spent,
+  the level metric and, where measured, the utility metric on a small retain-evaluation subset.
+* ``curve``: forget metrics by relearning step (relearning attacks only): ``"step"``,
+  ``"train_loss"`` (absent at step 0), ``"<metric>"`` on the whole forget set and
+  ``"<metric>@<scoring>"`` (:func:`scored_metric`) on each part of it in :data:`SCORINGS`.
+* ``scorings``: relearning rows only: the level metric of the attacked model on the parts of the
+  forget set (:data:`SCORINGS`: the records relearning trained on, and those it held out by whole
+  subject or by attribute); a part is absent where it is empty (no attributes, or WMDP).
+* ``control`` (:class:`Control`): the same attack (same name, strength, records and seed) applied
+  to the control model: the retrain model, else the target standing in as an upper bound
+  (``source``); on the unattacked row, the unattacked control model's metrics.
 * ``landscape`` (:class:`Landscape`): optional, any key of it may be absent: ``lmc`` runs from the
   model of ``pair``'s first optimizer, the study's reference (θ_a, α = 0), to this cell's (θ_b, α = 1);
   ``sharpness`` (of the loss ``sharpness_loss``) is of this cell's model.
@@ -48,8 +68,9 @@ A row, field by field (:class:`ResultRow`)::
   absent where there are none.
 * ``attack_config``: the attack's exact configuration (``AttackOutcome.config``): a quantizer's
   method, backend, bits, group size, scheme (symmetric or not, grouped over what) and which modules
-  stay in full precision; relearning's data, steps, lr and optimizer; noise's scale. Absent on the
-  unattacked row.
+  stay in full precision; relearning's data, steps, lr and optimizer; noise's scale; and
+  ``"strength"``, the number that orders the rungs of a ladder, weakest first (quantization:
+  16 - bits; noise: the scale; relearning: the lr). Absent on the unattacked row.
 * ``privacy``: membership inference on the attacked model
   (:func:`robustunlearn.metrics.privacy.mia_privacy` with
   :func:`~robustunlearn.metrics.privacy.with_privleak`): the MIA-suite AUCs of the benchmark's
@@ -73,7 +94,20 @@ from typing import Any
 from robustunlearn.core.io import atomic_write_json, atomic_write_text
 
 NO_ATTACK = "none"  # the attack of the row that holds the unlearned model itself
-OPTIONAL_FIELDS = ("tofu", "attack_config", "privacy")  # row keys absent when None
+OPTIONAL_FIELDS = (  # row keys absent when None
+    "tofu",
+    "attack_config",
+    "privacy",
+    "unlearning_curve",
+    "scorings",
+    "control",
+)
+# The parts of the forget set a relearning row is scored on: the records relearning trained on, and
+# those it held out, by whole subject (author, ...) or by attribute of a trained-on subject.
+SCORINGS = ("in_set", "held_out_subjects", "held_out_attributes")
+CONTROL_SOURCES = ("retrain", "target")  # the control model: the retrain model, else the target
+# The cost fields absent when None (rows written before them lack them).
+COST_OPTIONAL_FIELDS = ("forward_equivalents", "compute_budget", "budget_spent", "level_gap", "level_tolerance")
 
 Metrics = dict[str, float]
 Points = list[dict[str, float]]  # a curve: one dict of numbers per point
@@ -114,6 +148,21 @@ _POINTS = _kind(
         and all(isinstance(point, dict) and all(map(_is_number, point.values())) for point in value)
     ),
 )
+
+
+def _parse_scorings(value: Any, name: str) -> dict[str, Metrics]:
+    """``{scoring: metrics}`` with each scoring one of :data:`SCORINGS`."""
+    _OBJECT(value, name)
+    unknown = [key for key in value if key not in SCORINGS]
+    if unknown:
+        raise ValueError(f"'{name}' has unknown scoring(s) {', '.join(unknown)}; known: {', '.join(SCORINGS)}")
+    return {key: _METRIC_VALUES(metrics, f"{name}.{key}") for key, metrics in value.items()}
+
+
+def scored_metric(metric: str, scoring: str) -> str:
+    """The key of ``metric`` on the forget-set part ``scoring`` in a relearning curve's points:
+    ``"forget_qa_rouge@in_set"``."""
+    return f"{metric}@{scoring}"
 
 
 def _parse_fields(
@@ -193,15 +242,30 @@ class UnlearningCost:
     seconds: float  # wall time
     reached_level: bool
     target_level: float | None  # the retrain model's level plus the tolerance (None: no retrain model)
+    # Absent on older rows:
+    forward_equivalents: float | None = None  # forward passes + 2 x backward passes spent
+    compute_budget: float | None = None  # the budget it had, in forward-pass equivalents
+    budget_spent: bool | None = None  # it stopped because the budget ran out
+    level_gap: float | None = None  # target_level - F_unlearned: > 0 when it over-shot the level by that
+    level_tolerance: float | None = None  # the evaluation preset's tolerance
 
     def to_json(self) -> dict[str, Any]:
-        return _sorted_fields(self)
+        data = _sorted_fields(self)
+        return {key: value for key, value in data.items() if value is not None or key not in COST_OPTIONAL_FIELDS}
 
     @classmethod
     def from_json(cls, data: Any) -> UnlearningCost:
         counts = {name: _INTEGER for name in ("steps", "forward_passes", "backward_passes")}
-        parsers = {**counts, "seconds": _NUMBER, "reached_level": _BOOLEAN, "target_level": _or_null(_NUMBER)}
-        return cls(**_parse_fields(cls, data, parsers, "cost"))
+        numbers = {name: _or_null(_NUMBER) for name in COST_OPTIONAL_FIELDS if name != "budget_spent"}
+        parsers = {
+            **counts,
+            **numbers,
+            "seconds": _NUMBER,
+            "reached_level": _BOOLEAN,
+            "target_level": _or_null(_NUMBER),
+            "budget_spent": _or_null(_BOOLEAN),
+        }
+        return cls(**_parse_fields(cls, data, parsers, "cost", optional=COST_OPTIONAL_FIELDS))
 
 
 @dataclass(frozen=True)
@@ -222,6 +286,33 @@ class Landscape:
         return cls(**_parse_fields(cls, data, parsers, "landscape", optional=tuple(parsers)))
 
 
+@dataclass(frozen=True)
+class Control:
+    """The same attack on the control model (same name, strength, records and seed): what a model
+    that never learned the forget set, or (``source="target"``, an upper bound where there is no
+    retrain model) the original model, scores under it."""
+
+    source: str  # one of CONTROL_SOURCES
+    forget: Metrics
+    utility: Metrics
+    scorings: dict[str, Metrics] | None = None  # as the row's: relearning only
+    curve: Points | None = None  # as the row's: relearning only
+
+    def to_json(self) -> dict[str, Any]:
+        return _sorted_fields(self, skip_none=True)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Control:
+        parsers = {
+            "source": _kind(f"one of {', '.join(CONTROL_SOURCES)}", lambda value: value in CONTROL_SOURCES),
+            "forget": _METRIC_VALUES,
+            "utility": _METRIC_VALUES,
+            "scorings": _or_null(_parse_scorings),
+            "curve": _or_null(_POINTS),
+        }
+        return cls(**_parse_fields(cls, data, parsers, "control", optional=("scorings", "curve")))
+
+
 @dataclass
 class ResultRow:
     """One (cell, attack) row of the study (the module docstring shows one in JSON)."""
@@ -240,6 +331,9 @@ class ResultRow:
     tofu: dict[str, Any] | None = None
     attack_config: dict[str, Any] | None = None  # the attack's exact configuration (AttackOutcome.config)
     privacy: dict[str, Any] | None = None  # membership-inference AUCs and PrivLeak (metrics.privacy)
+    unlearning_curve: Points | None = None  # the cell's checks during unlearning
+    scorings: dict[str, Metrics] | None = None  # the level metric on each part of the forget set
+    control: Control | None = None  # the same attack on the control model
 
     def to_json(self) -> dict[str, Any]:
         data = _sorted_fields(self)
@@ -248,6 +342,7 @@ class ResultRow:
             reference=self.reference.to_json(),
             cost=self.cost.to_json(),
             landscape=None if self.landscape is None else self.landscape.to_json(),
+            control=None if self.control is None else self.control.to_json(),
         )
         for optional in OPTIONAL_FIELDS:
             if data[optional] is None:
@@ -273,6 +368,9 @@ class ResultRow:
             "tofu": _or_null(_OBJECT),
             "attack_config": _or_null(_OBJECT),
             "privacy": _or_null(_OBJECT),
+            "unlearning_curve": _or_null(_POINTS),
+            "scorings": _or_null(_parse_scorings),
+            "control": _or_null(lambda value, _: Control.from_json(value)),
         }
         return cls(**_parse_fields(cls, data, parsers, optional=OPTIONAL_FIELDS))
 

@@ -5,28 +5,48 @@ QA ROUGE-L): F_target of the original model, F_unlearned after unlearning, F_att
 attack (quantization, relearning, weight noise, ...) on the unlearned model, F_floor what a model
 that never learned the forget set scores (the retrain reference, else the metric's chance level).
 
+F_control is what the control model (the retrain model, else the target as an upper bound)
+scores under the same attack: the excess F_attacked - F_control is what the attack brings back
+beyond what it teaches a model that never learned the forget set.
+
 A *row* is one (cell, attack) record of ``results.jsonl``: a :class:`robustunlearn.study.rows.ResultRow`.
-:func:`attack_scores` fills its ``scores``, :func:`summarise` condenses many rows into one summary
-per cell and one mean over seeds per grid point.
+:func:`attack_scores` fills its ``scores``, :func:`cell_ladders` orders a cell's rows into ladders of
+one attack at growing strength, :func:`summarise` condenses many rows into one summary per cell and
+one mean over seeds per grid point.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from robustunlearn.attacks.quant.core import parse_method
+from robustunlearn.attacks.registry import parse_attack
+from robustunlearn.attacks.spec import PERTURBATION, QUANTIZATION, RELEARNING
 from robustunlearn.metrics.suite import METRICS, UTILITY_METRIC
-from robustunlearn.study.rows import NO_ATTACK, ResultRow, RowCell
+from robustunlearn.study.rows import NO_ATTACK, SCORINGS, ResultRow, RowCell, scored_metric
 from robustunlearn.study.stats import bootstrap_interval
 
 # Which values are better for the metrics the study measures beyond the registry: the landscape's
 # teacher-forced QA losses (a higher forget loss means more forgotten).
 STUDY_METRIC_DIRECTIONS = {"forget_qa_loss": "higher", "retain_qa_loss": "lower"}
 # The numeric fields of a cell summary whose spread over seeds a mean summary reports.
-MEAN_FIELDS = ("forget_target", "forget_unlearned", "utility_unlearned", "worst", "attacks", "cost")
+MEAN_FIELDS = (
+    "forget_target",
+    "forget_unlearned",
+    "utility_unlearned",
+    "worst",
+    "attacks",
+    "cost",
+    "ladders",
+    "level_gap",
+    "forward_equivalents",
+)
 # The recovery ratio needs unlearning to have removed at least this share of what separates the
 # original model from the floor (the retrain reference, else chance): F_target - F_floor.
 MIN_REMOVED_SHARE = 0.2
@@ -40,7 +60,12 @@ ATTACK_FIELDS = (
     "relearn_auc",
     "utility_after",
     "utility_drop",
+    "control_forget",
+    "excess_over_control",
 )
+WHOLE_FORGET_SET = "all"  # the relearning ladder scored on the whole forget set, next to SCORINGS
+# A quantization attack's strength is 16 - bits: the distance from 16-bit weights (as the study writes it).
+FULL_PRECISION_BITS = 16
 
 
 def retained_fraction(
@@ -180,7 +205,16 @@ def attack_scores(row: ResultRow) -> dict[str, Any]:
     * ``relearn_auc`` (:func:`relearn_auc` of the row's ``curve``; ``None`` without a curve);
     * ``utility_before`` = U of the unlearned model, ``utility_after`` = U of the attacked model,
       ``utility_drop`` = how much worse the attack made it: before - after, or after - before
-      for lower-is-better metrics (perplexity).
+      for lower-is-better metrics (perplexity);
+    * ``control_forget`` = F_control, F of the control model under the same attack, and
+      ``control_source`` (``"retrain"`` or ``"target"``), ``excess_over_control`` = F_attacked -
+      F_control; all ``None`` on a row without a control;
+    * ``forget_in_set``, ``forget_held_out_subjects``, ``forget_held_out_attributes``: F of the
+      attacked model on each part of the forget set (the row's ``scorings``: the records
+      relearning trained on, those of subjects it never saw, and held-out attributes of the
+      subjects it saw); ``None`` where the row has no such part (every non-relearning row);
+    * ``excess_scorings`` = ``{scoring: F_attacked@scoring - F_control@scoring}`` over the parts
+      both the row and its control have; ``None`` when either has no scorings.
     """
     primary = row.primary_metric
     f_attacked = _metric(row.forget, primary, "'forget'")
@@ -207,7 +241,174 @@ def attack_scores(row: ResultRow) -> dict[str, Any]:
         "utility_before": before,
         "utility_after": after,
         "utility_drop": after - before if lower_is_better(utility) else before - after,
+        **_control_scores(row, f_attacked),
+        **{f"forget_{name}": value for name, value in _scoring_values(row.scorings, primary, "scorings").items()},
     }
+
+
+def _scoring_values(scorings: dict[str, dict[str, float]] | None, metric: str, where: str) -> dict[str, float | None]:
+    """``metric`` on each of :data:`SCORINGS` (``None`` for a part absent from ``scorings``)."""
+    scorings = scorings or {}
+    return {
+        name: _metric(scorings[name], metric, f"'{where}.{name}'") if name in scorings else None for name in SCORINGS
+    }
+
+
+def _control_scores(row: ResultRow, f_attacked: float) -> dict[str, Any]:
+    """The control's F, its source, and the excesses of :func:`attack_scores`."""
+    control = row.control
+    if control is None:
+        return {"control_forget": None, "control_source": None, "excess_over_control": None, "excess_scorings": None}
+    primary = row.primary_metric
+    f_control = _metric(control.forget, primary, "'control.forget'")
+    excess_scorings = None
+    if row.scorings is not None and control.scorings is not None:
+        attacked = _scoring_values(row.scorings, primary, "scorings")
+        controlled = _scoring_values(control.scorings, primary, "control.scorings")
+        excess_scorings = {
+            name: attacked[name] - controlled[name]
+            for name in SCORINGS
+            if attacked[name] is not None and controlled[name] is not None
+        }
+    return {
+        "control_forget": f_control,
+        "control_source": control.source,
+        "excess_over_control": f_attacked - f_control,
+        "excess_scorings": excess_scorings,
+    }
+
+
+@dataclass(frozen=True)
+class LadderPoint:
+    """One rung of a :class:`Ladder`: the attack at one strength, and the control under it."""
+
+    attack: str  # the row's attack name
+    rung: str  # its label: "int4", "0.03", "step 20"
+    strength: float  # orders the rungs, weakest first (a relearning rung: its step)
+    forget: float  # F_attacked (relearning: the scoring's value at that step)
+    control: float | None  # F_control under the same rung; None without a control
+    excess: float | None  # forget - control; None without a control
+
+
+@dataclass(frozen=True)
+class Ladder:
+    """One attack at growing strength on one cell, each rung against the control under it.
+
+    With the excesses e_0..e_{n-1} of the n rungs, weakest first, and ``removed`` = F_target -
+    F_unlearned (what unlearning removed, on the whole forget set, for every ladder of the cell):
+
+    * ``auc`` = the mean excess over the rungs, the trapezoid over the rung index::
+
+          AUC = 1/(n-1) · Σ_{i<n-1} (e_i + e_{i+1}) / 2        (n = 1: AUC = e_0)
+
+      ``None`` unless every rung has a control;
+    * ``breakdown`` = the weakest rung with e_i >= removed / 2 (the attack brings back at least half
+      of what unlearning removed, beyond what it teaches the control); ``None``: no rung within
+      the ladder does, or no rung has a control (then ``auc`` is ``None`` too). Where unlearning
+      removed nothing (removed <= 0) the threshold is <= 0: an excess of 0 already breaks down."""
+
+    name: str  # "quantization rtn", "noise", "relearn lr=0.0001 in_set", ...
+    family: str  # quantization | relearning | perturbation
+    points: tuple[LadderPoint, ...]  # weakest first; a relearning ladder starts at step 0
+    removed: float  # F_target - F_unlearned
+    auc: float | None
+    breakdown: str | None
+
+
+def _ladder(name: str, family: str, points: Sequence[LadderPoint], removed: float) -> Ladder:
+    """The ladder of ``points`` sorted weakest first, with its :class:`Ladder` ``auc`` and ``breakdown``."""
+    ordered = tuple(sorted(points, key=lambda point: point.strength))
+    excesses = [point.excess for point in ordered]
+    auc = None
+    if all(excess is not None for excess in excesses):
+        pairs = list(itertools.pairwise(excesses))
+        auc = excesses[0] if not pairs else sum((a + b) / 2 for a, b in pairs) / len(pairs)
+    broken = (point.rung for point in ordered if point.excess is not None and point.excess >= removed / 2)
+    return Ladder(name, family, ordered, removed, auc, next(broken, None))
+
+
+def _strength(row: ResultRow) -> float:
+    """The row's ``attack_config["strength"]``; for rows written before it, from the attack name:
+    FULL_PRECISION_BITS - bits of a quantizer, the scale of noise."""
+    config = row.attack_config or {}
+    if "strength" in config:
+        return float(config["strength"])
+    if row.attack_family == QUANTIZATION:
+        return float(FULL_PRECISION_BITS - parse_method(row.attack).bits)
+    return float(parse_attack(row.attack).strength)
+
+
+def _rung(row: ResultRow, ladder_method: str) -> LadderPoint:
+    """A quantization or noise row as a rung, labelled by its attack name less the ladder's
+    ``<method>-`` or ``noise-`` (``rtn-int4`` -> ``int4``; ``nf4`` stays ``nf4``)."""
+    scores = attack_scores(row)
+    label = row.attack.removeprefix(f"{ladder_method}-") or row.attack
+    return LadderPoint(
+        row.attack, label, _strength(row), scores["forget"], scores["control_forget"], scores["excess_over_control"]
+    )
+
+
+def _quantization_method(row: ResultRow) -> str:
+    """The quantizer a quantization row's ladder is of: its method without the bits (``rtn-int4``,
+    or ``rtn``, -> ``rtn``; ``nf4`` -> ``nf4``)."""
+    method = (row.attack_config or {}).get("method", row.attack)
+    return re.sub(r"-int\d+$", "", str(method))
+
+
+def _relearning_ladders(row: ResultRow, removed: float) -> list[Ladder]:
+    """One ladder per scoring present in a relearning row's curve: its points at each step, against
+    the control curve's point at the same step."""
+    config = row.attack_config or {}
+    base = re.sub(r"-lr[0-9.eE+-]+$", "", row.attack)  # relearn-lr1e-4 -> relearn: the lr is named apart
+    prefix = f"{base} lr={config['lr']:g}" if "lr" in config else base
+    controls = {point["step"]: point for point in (row.control.curve or [])} if row.control else {}
+    ladders = []
+    for scoring in (WHOLE_FORGET_SET, *SCORINGS):
+        key = row.primary_metric if scoring == WHOLE_FORGET_SET else scored_metric(row.primary_metric, scoring)
+        points = []
+        for point in row.curve or []:
+            if key not in point:
+                continue
+            control = controls.get(point["step"], {}).get(key)
+            excess = None if control is None else point[key] - control
+            rung = f"step {point['step']:g}"
+            points.append(LadderPoint(row.attack, rung, float(point["step"]), point[key], control, excess))
+        if points:
+            ladders.append(_ladder(f"{prefix} {scoring}", RELEARNING, points, removed))
+    return ladders
+
+
+def cell_ladders(rows: Sequence[ResultRow]) -> list[Ladder]:
+    """The ladders of one cell's rows: one per quantizer (rows grouped by ``attack_config["method"]``
+    without its bits, named ``"quantization <method>"``) and one of the noise rows (``"noise"``),
+    in order of their first row; then, per relearning row, one per forget-set part its curve
+    scores (``"<attack> lr=<lr> <scoring>"``: scoring ``all`` for the whole forget set, else one
+    of :data:`~robustunlearn.study.rows.SCORINGS`). Other rows (the unattacked one, pruning) are
+    on no ladder. ``ValueError`` for rows of several cells or two ladders of one name."""
+    if not rows:
+        return []
+    cells = {row.cell for row in rows}
+    if len(cells) > 1:
+        raise ValueError(f"cell_ladders takes the rows of one cell, got {len(cells)} cells")
+    metric = rows[0].primary_metric
+    target = _metric(rows[0].reference.target, metric, "'reference.target'")
+    removed = target - _metric(rows[0].reference.unlearned, metric, "'reference.unlearned'")
+    rungs: dict[tuple[str, str], list[LadderPoint]] = {}  # (name, family) -> its rungs
+    relearning: list[Ladder] = []
+    for row in rows:
+        if row.attack_family == QUANTIZATION:
+            method = _quantization_method(row)
+            rungs.setdefault((f"quantization {method}", QUANTIZATION), []).append(_rung(row, method))
+        elif row.attack_family == PERTURBATION and row.attack.startswith("noise-"):
+            rungs.setdefault(("noise", PERTURBATION), []).append(_rung(row, "noise"))
+        elif row.attack_family == RELEARNING:
+            relearning.extend(_relearning_ladders(row, removed))
+    ladders = [_ladder(name, family, points, removed) for (name, family), points in rungs.items()] + relearning
+    names = [ladder.name for ladder in ladders]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"two ladders of one cell are named {', '.join(duplicates)}")
+    return ladders
 
 
 def _argmax(scored: list[tuple[str, float | None]]) -> tuple[float | None, str | None]:
@@ -256,6 +457,12 @@ def _summarise_cell(rows: list[ResultRow]) -> dict[str, Any]:
         "worst": worst_case(rows),
         "attacks": {row.attack: {key: scores[key] for key in ATTACK_FIELDS} for row, scores in scored},
         "cost": cost.to_json(),
+        "ladders": {
+            ladder.name: {"family": ladder.family, "auc": ladder.auc, "breakdown": ladder.breakdown}
+            for ladder in cell_ladders(rows)
+        },
+        "level_gap": cost.level_gap,
+        "forward_equivalents": cost.forward_equivalents,
     }
 
 
@@ -306,7 +513,9 @@ def summarise(rows: list[ResultRow]) -> list[dict[str, Any]]:
     A cell summary (``"kind": "cell"``) holds ``benchmark, objective, optimizer, grade, seed``,
     the full ``cell``, ``primary_metric``, ``utility_metric``, ``forget_target``,
     ``forget_unlearned``, ``utility_unlearned``, ``worst`` (:func:`worst_case`), ``attacks`` (per
-    attack: the :data:`ATTACK_FIELDS` of :func:`attack_scores`) and the unlearning ``cost``.
+    attack: the :data:`ATTACK_FIELDS` of :func:`attack_scores`), the unlearning ``cost``, its
+    ``level_gap`` and ``forward_equivalents`` (``None`` on older rows), and ``ladders``: per
+    ladder name (:func:`cell_ladders`) its ``family``, ``auc`` and ``breakdown`` (:class:`Ladder`).
 
     A mean summary (``"kind": "mean"``) has the same fields with every number replaced by its
     mean over the seeds that have it (``None`` where none has), ``seed=None``, ``seeds`` listing
@@ -314,7 +523,7 @@ def summarise(rows: list[ResultRow]) -> list[dict[str, Any]]:
     with one seed), and ``ci``: the same fields as ``[low, high]`` 95% percentile bootstrap intervals
     over the seeds (:func:`robustunlearn.study.stats.bootstrap_interval`; ``None`` with one seed).
     A bool becomes the fraction of seeds where it holds (``cost.reached_level``); texts that differ
-    across seeds (worst-case attack names, recovery-ratio notes) are joined with ", "."""
+    across seeds (worst-case attack names, recovery-ratio notes, breakdown rungs) are joined with ", "."""
     if not rows:
         raise ValueError("no result rows to summarise")
     by_cell: dict[RowCell, list[ResultRow]] = {}
