@@ -10,9 +10,20 @@ Mapping (``docs/benchmarks.md`` has the full table):
   The ``retain_perturbed`` evaluation subset is not a separate split: its 400 records are these
   same retain records, so they are enriched in place with their paraphrased and perturbed
   answers. "Records with ``perturbed_answers``" is TOFU's evaluation set (:func:`tofu_eval_sets`);
-* ``utility_qa``: ``real_authors_perturbed`` and ``world_facts_perturbed`` (``subject`` is the set's
-  name); ``utility_mcq``: ``real_authors`` and ``world_facts``, whose ``option1``..``option4`` are a
-  four-way multiple choice.
+* ``utility_qa``: ``real_authors_perturbed`` and ``world_facts_perturbed``; ``utility_mcq``:
+  ``real_authors`` and ``world_facts``, whose ``option1``..``option4`` are a four-way multiple
+  choice. Their ``subject`` is the set's name: their questions are about real people and world
+  facts, none of the 200 authors, and no split divides them (:func:`tofu_eval_sets` groups by it).
+
+Subjects: TOFU has 200 fictitious authors with 20 QA each, and ``full`` lists them author by author:
+``retainYY`` is its first rows, ``forgetXX`` the rest (forget01, 05, 10: the last 2, 10, 20 authors),
+``forgetXX_perturbed`` the same rows as ``forgetXX`` in the same order, and ``retain_perturbed`` the
+first 20 authors. So a forget or retain record's ``subject`` is its author, ``author-<k>`` with
+``k`` (3 digits) its author's place in ``full``: ``k = i // 20`` for row ``i`` of ``retainYY``,
+``k = len(retainYY) / 20 + i // 20`` for row ``i`` of ``forgetXX`` (forget01 holds author-198 and
+author-199, and an author keeps its id in every retain split); a ``retain_perturbed`` record takes
+its retain twin's. A forget or retain file whose length is not a multiple of 20 is an error, and
+so, when ``full`` is there, is a ``full`` that does not list ``retainYY`` then ``forgetXX`` row by row.
 
 ``forgetXX`` and ``retainYY`` must be disjoint and, when ``full`` is there, partition it
 (compared as (question, answer) pairs: ``full`` asks "What is the full name of the author?" twice).
@@ -23,6 +34,7 @@ This module also holds the small readers the MUSE and WMDP loaders share: :class
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -40,6 +52,7 @@ SCHEMA_VERSION = "1"
 HUB_NAME = "locuslab/TOFU"
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
 UTILITY_SETS = ("real_authors", "world_facts")
+QA_PER_AUTHOR = 20  # TOFU's files list each author's questions as one block of this many rows
 
 
 # ---- shared readers (TOFU, MUSE, WMDP) ----------------------------------------------------------
@@ -255,10 +268,12 @@ def load_tofu(
     retain_table = get(retain_split)
     if retain_table is None:
         raise UserError(f"TOFU directory {data_dir} has no {retain_split}.json, the retain set of {forget_split}")
-    forget = [_qa(forget_table, where, row) for where, row in forget_table.rows]
-    retain = [_qa(retain_table, where, row) for where, row in retain_table.rows]
+    retain = _author_qas(retain_table, first_author=0)
+    forget = _author_qas(forget_table, first_author=len(retain) // QA_PER_AUTHOR)
     full_table = get("full")
     _check_partition(forget, forget_table, retain, retain_table, full_table)
+    if full_table is not None:
+        _check_author_order(full_table, retain, retain_table, forget, forget_table)
 
     retain_eval_table = get("retain_perturbed")
     if retain_eval_table is not None:
@@ -306,6 +321,39 @@ def _local_getter(directory: Path) -> Callable[[str], Table | None]:
 
 def _hub_getter(hub_name: str) -> Callable[[str], Table | None]:
     return lambda config: hub_table(hub_name, config, "train")
+
+
+def author_subject(index: int) -> str:
+    """The ``subject`` of the questions about TOFU's author number ``index`` (0..199) in ``full``."""
+    return f"author-{index:03d}"
+
+
+def _author_qas(table: Table, first_author: int) -> list[QA]:
+    """The rows of a file that lists authors 20 rows each from ``first_author`` on, each with its
+    author as subject."""
+    if len(table.rows) % QA_PER_AUTHOR:
+        raise UserError(
+            f"TOFU file {table.source} has {len(table.rows)} rows, not a multiple of {QA_PER_AUTHOR} "
+            f"(TOFU lists {QA_PER_AUTHOR} questions per author): its rows cannot be assigned to authors"
+        )
+    return [
+        _qa(table, where, row, author_subject(first_author + i // QA_PER_AUTHOR))
+        for i, (where, row) in enumerate(table.rows)
+    ]
+
+
+def _check_author_order(
+    full_table: Table, retain: list[QA], retain_table: Table, forget: list[QA], forget_table: Table
+) -> None:
+    """``full`` lists the retain rows then the forget rows, in order: authors are read from
+    positions, so a reordered file would give questions the wrong author."""
+    for (where, row), record in zip(full_table.rows, [*retain, *forget]):
+        if _pair(_qa(full_table, where, row)) != _pair(record):
+            raise full_table.error(
+                where,
+                f"expected {record.question!r} here: records' authors are read from their places, so "
+                f"full must list {retain_table.source} then {forget_table.source} in the same order",
+            )
 
 
 def _qa(table: Table, where: str, row: Any, subject: str = "", *, perturbed: bool = False) -> QA:
@@ -361,7 +409,8 @@ def _check_partition(
 
 
 def _with_eval_fields(retain: list[QA], retain_table: Table, eval_table: Table) -> list[QA]:
-    """``retain`` with each record of ``eval_table`` (retain_perturbed) replacing its plain twin."""
+    """``retain`` with each record of ``eval_table`` (retain_perturbed) replacing its plain twin, whose
+    subject it takes."""
     index = {_pair(record): i for i, record in enumerate(retain)}
     enriched = list(retain)
     for where, row in eval_table.rows:
@@ -371,5 +420,6 @@ def _with_eval_fields(retain: list[QA], retain_table: Table, eval_table: Table) 
                 where,
                 f"question {record.question!r} with this answer is not in the retain set {retain_table.source}",
             )
-        enriched[index[_pair(record)]] = record
+        twin = index[_pair(record)]
+        enriched[twin] = dataclasses.replace(record, subject=retain[twin].subject)
     return enriched
