@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from robustunlearn.config import embedded_recipe, load_settings, unlearn_settings
+from robustunlearn.config import check_training_options, embedded_recipe, load_settings, unlearn_settings
 from robustunlearn.core.errors import UserError
 
 
@@ -59,14 +59,50 @@ def test_the_tuned_recipe_is_the_base_layer_of_embedded_runs_only(tmp_path):
     for other in ({"model_path": "some/model"}, {"base_model": "some/model"}, {"benchmark": "tofu"}):
         assert load_settings(None, other).tuned.learning_rates == {}, other
     # a recipe's own tuned value wins over the shipped one, the others stay
-    mine = load_settings(recipe(tmp_path, "tuned: {learning_rates: {adam: 0.002}}"))
-    assert mine.tuned.learning_rates == {**tuned["learning_rates"], "adam": 0.002}
+    mine = load_settings(recipe(tmp_path, "tuned: {learning_rates: {npo: {adam: 0.002}}}"))
+    assert mine.tuned.learning_rates == {"npo": {**tuned["learning_rates"]["npo"], "adam": 0.002}}
+
+
+@pytest.mark.parametrize(
+    "tuned, fragment",
+    [
+        ("{learning_rates: {adam: 0.002}}", "learning_rates: keyed by objective, then optimizer ({npo: {adam: ...}})"),
+        ("{learning_rates: {nop: {adam: 0.002}}}", "tuned.learning_rates: unknown objective 'nop'; accepted: ga,"),
+        ("{learning_rates: {npo: {adan: 0.002}}}", "tuned.learning_rates: unknown optimizer 'adan'; accepted: adam,"),
+        ("{learning_rates: {npo: {adam: 0}}}", "tuned.learning_rates.npo.adam: Input should be greater than 0"),
+        ("{optimizer_options: {hybrid: {zo_lr: 0.001}}}", "tuned.optimizer_options: keyed by objective"),
+        ("{optimizer_options: {npo: {hybird: {zo_lr: 0.001}}}}", "unknown optimizer 'hybird'"),
+        ("{optimizer_options: {npo: {hybrid: 0.001}}}", "optimizer_options.npo.hybrid: Input should be an object"),
+        ("{sweep_bases: {adan: 0.001}}", "tuned.sweep_bases: unknown optimizer 'adan'"),
+    ],
+)
+def test_tuned_values_with_unknown_names_or_the_per_optimizer_form_are_one_user_error(tmp_path, tuned, fragment):
+    with pytest.raises(UserError) as caught:
+        load_settings(recipe(tmp_path, f"tuned: {tuned}"))
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_tuned_learning_rates_and_options_resolve_per_objective(tmp_path):
+    text = "tuned: {learning_rates: {graddiff: {adam: 0.002}}, optimizer_options: {graddiff: {hybrid: {zo_lr: 0.003}}}}"
+    settings = load_settings(recipe(tmp_path, text))
+    npo = embedded_recipe()["tuned"]["learning_rates"]["npo"]["adam"]
+    assert unlearn_settings(settings, objective="graddiff", optimizer="adam").lr == 0.002
+    assert unlearn_settings(settings, objective="npo", optimizer="adam").lr == npo
+    assert unlearn_settings(settings, objective="graddiff", optimizer="hybrid").optimizer_options == {"zo_lr": 0.003}
+    assert unlearn_settings(settings, objective="npo", optimizer="hybrid").optimizer_options == {"zo_lr": 1e-4}
+
+
+def test_the_tuned_options_of_each_objective_in_the_grid_are_checked(tmp_path):
+    settings = load_settings(recipe(tmp_path, "tuned: {optimizer_options: {graddiff: {adam: {momentum: 0.9}}}}"))
+    check_training_options(settings, ["npo"], ["adam"])  # graddiff's options are not this run's
+    with pytest.raises(UserError, match="unknown option.s. momentum for optimizer 'adam'"):
+        check_training_options(settings, ["npo", "graddiff"], ["adam"])
 
 
 def test_the_engine_settings_carry_the_run_seed_and_the_tuned_choices():
     settings = load_settings(None, {"seed": 4, "unlearn": {"optimizer": "adam"}})
     engine = unlearn_settings(settings, steps=9)
-    assert (engine.seed, engine.steps, engine.lr) == (4, 9, embedded_recipe()["tuned"]["learning_rates"]["adam"])
+    assert (engine.seed, engine.steps, engine.lr) == (4, 9, embedded_recipe()["tuned"]["learning_rates"]["npo"]["adam"])
 
 
 def test_the_reference_optimizer_is_adam_when_the_grid_has_it_else_the_first():

@@ -18,8 +18,9 @@ import math
 import re
 from collections.abc import Iterable
 from importlib import resources
+from itertools import product
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -38,6 +39,21 @@ from robustunlearn.train.prepare import TrainConfig
 from robustunlearn.train.settings import UnlearnSettings
 
 EMBEDDED_RECIPE = "embedded.yaml"
+# The default attack ladders: quantization by bit width, weight noise by scale, relearning at two
+# learning rates (1e-4, and the target's own training lr, 2e-3; each a curve over steps).
+DEFAULT_ATTACKS = (
+    "rtn-int8",
+    "rtn-int4",
+    "rtn-int3",
+    "rtn-int2",
+    "nf4",
+    "gptq-int4",
+    "noise-0.03",
+    "noise-0.1",
+    "noise-0.3",
+    "relearn-lr1e-4",
+    "relearn-lr2e-3",
+)
 
 
 class DataSettings(Strict):
@@ -75,16 +91,21 @@ def _check_names(kind: str, values, accepted) -> tuple[str, ...]:
     return tuple(check_name(kind, value, accepted) for value in values)
 
 
+PositiveRate = Annotated[float, Field(gt=0)]
+
+
 class TunedSettings(Strict):
     """Values tuned for one benchmark and model, by name; a recipe's ``unlearn`` values win over them.
-    ``recipes/embedded.yaml`` fills them for the embedded benchmark."""
+    ``recipes/embedded.yaml`` fills them for the embedded benchmark. Learning rates and optimizer
+    options are tuned per objective (``{npo: {adam: 5e-4}}``): each loss has its own scale."""
 
-    learning_rates: dict[str, float] = Field(default_factory=dict)  # optimizer -> lr
-    sweep_bases: dict[str, float] = Field(default_factory=dict)  # optimizer -> the lr sweep's base
+    learning_rates: dict[str, dict[str, PositiveRate]] = Field(default_factory=dict)  # objective -> optimizer -> lr
+    sweep_bases: dict[str, PositiveRate] = Field(default_factory=dict)  # optimizer -> the lr sweep's base
     objective_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # objective -> options
-    optimizer_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # optimizer -> options
+    # objective -> optimizer -> options
+    optimizer_options: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
 
-    @field_validator("learning_rates", "sweep_bases", "optimizer_options")
+    @field_validator("sweep_bases")
     @classmethod
     def _optimizer_keys(cls, values: dict[str, Any]) -> dict[str, Any]:
         _check_names("optimizer", values, OPTIMIZERS)
@@ -96,22 +117,52 @@ class TunedSettings(Strict):
         _check_names("objective", values, OBJECTIVES)
         return values
 
+    @field_validator("learning_rates", "optimizer_options", mode="before")
+    @classmethod
+    def _objective_then_optimizer_keys(cls, values: Any) -> Any:
+        # before the types: a recipe in the per-optimizer form fails on its names, with the form to use
+        if not isinstance(values, dict):
+            return values
+        for objective, per_optimizer in values.items():
+            if objective in OPTIMIZERS:
+                raise ValueError(
+                    f"keyed by objective, then optimizer ({{npo: {{{objective}: ...}}}}); {objective!r} is an optimizer"
+                )
+            check_name("objective", objective, OBJECTIVES)
+            if isinstance(per_optimizer, dict):
+                _check_names("optimizer", per_optimizer, OPTIMIZERS)
+        return values
+
 
 class StudySettings(Strict):
-    """The grade study's grid, matched-forgetting rule and attack suite."""
+    """The grade study's grid, its splits, matched-forgetting and matched-compute rules, and the
+    attack ladders (README "The study's protocol")."""
 
     objectives: tuple[str, ...] = ("npo",)
     optimizers: tuple[str, ...] = ("adam", "signadam", "zo-adazo", "hybrid", "sophia-g")
-    seeds: tuple[int, ...] = (0,)
-    attacks: tuple[str, ...] = ("rtn-int4", "relearn")
-    max_steps: int = Field(150, ge=1)  # each cell's step budget
-    check_every: int = Field(10, ge=1)  # steps between checks of the forget level
+    seeds: tuple[int, ...] = (0, 1)
+    attacks: tuple[str, ...] = DEFAULT_ATTACKS
+    # Each cell's budget in forward-pass equivalents (forwards + unlearn.backward_cost x backwards);
+    # max_steps only caps the step count. None: the step budget alone.
+    compute_budget: float | None = Field(None, gt=0)
+    max_steps: int = Field(150, ge=1)
+    check_every: int = Field(10, ge=1)  # steps between checks of the forget level, the same for every optimizer
     level_metric: str = "forget_qa_rouge"
-    relearn_samples: int = Field(16, ge=1)  # forget QA pairs the relearning attack fine-tunes on
-    relearn_steps: int = Field(20, ge=1)
-    relearn_lr: float = Field(1e-4, gt=0)
-    relearn_eval_every: int = Field(5, ge=1)
+    # Retain subjects split, seeded by split_seed, into the unlearning loss's regulariser, the lr
+    # sweep's validation set and the reported evaluation set (data/splits.py).
+    retain_shares: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    split_seed: int = 0
+    # The relearning attacker's records: relearn_subjects forget subjects (seeded by the cell's seed),
+    # on relearn_attribute_share of the attributes where records have them; scored in-set and held out.
+    relearn_subjects: int | None = Field(None, ge=1)  # None: half the forget subjects (at least 1)
+    relearn_attribute_share: float = Field(0.5, gt=0, lt=1)
+    relearn_steps: int = Field(40, ge=1)
+    relearn_lr: float = Field(1e-4, gt=0)  # the lr of the plain `relearn` attack; relearn-lr<lr> names its own
+    relearn_eval_every: int = Field(10, ge=1)
     sweep_factors: tuple[float, ...] = (0.3, 1.0, 3.0)  # --lr-sweep tries base lr x each
+    sweep_seeds: tuple[int, ...] = (1000,)  # the lr sweep's seeds: never the reported ones
+    # Optimizer options the sweep crosses with the lr factors: optimizer -> option -> values.
+    sweep_options: dict[str, dict[str, tuple[bool | int | float | str, ...]]] = Field(default_factory=dict)
     # Loss landscape per cell: sharpness of the forget loss, and linear mode connectivity from the reference
     # optimizer's model to each other one's (same objective and seed). Keeps each cell's weights on disk.
     landscape: bool = True
@@ -119,6 +170,23 @@ class StudySettings(Strict):
     # The optimizer every other one is compared with (paired differences, claims, LMC anchors);
     # None: adam when the grid has it, else the grid's first optimizer.
     reference_optimizer: str | None = None
+
+    @model_validator(mode="after")
+    def _splits_and_seeds(self) -> StudySettings:
+        if any(share <= 0 for share in self.retain_shares) or abs(sum(self.retain_shares) - 1) > 1e-9:
+            raise ValueError(f"retain_shares must be three positive shares summing to 1, got {self.retain_shares}")
+        reused = sorted(set(self.sweep_seeds) & set(self.seeds))
+        if reused:
+            raise ValueError(f"sweep_seeds must not be reported seeds (tuning on them scores what was tuned): {reused}")
+        unknown = [name for name in self.sweep_options if name not in self.optimizers]
+        if unknown:
+            raise ValueError(f"sweep_options names optimizers outside the grid: {', '.join(unknown)}")
+        for optimizer, options in self.sweep_options.items():
+            accepted = optimizer_option_names(optimizer)  # None: a hybrid, which checks its own when built
+            wrong = [name for name in options if accepted is not None and name not in accepted]
+            if wrong:
+                raise ValueError(f"sweep_options.{optimizer}: unknown option(s) {wrong}; accepted: {accepted}")
+        return self
 
     @model_validator(mode="after")
     def _reference_in_grid(self) -> StudySettings:
@@ -230,21 +298,34 @@ def uses_embedded_model(benchmark: str, model_path: str | None, base_model: str 
     return benchmark == "synthetic" and model_path is None and base_model is None
 
 
-def learning_rate(settings: RunSettings, optimizer: str, chosen: dict[str, float] | None = None) -> float:
-    """The learning rate a run of ``optimizer`` uses: the settings' ``unlearn.lr`` if given, else the
-    sweep's choice (``chosen``), else the tuned value, else the optimizer's default."""
+# The lr sweep's choices: objective -> optimizer -> {"lr": float, "options": {name: value}}
+SweepChoices = dict[str, dict[str, dict[str, Any]]]
+
+
+def _choice(chosen: SweepChoices | None, optimizer: str, objective: str) -> dict[str, Any]:
+    return (chosen or {}).get(objective, {}).get(optimizer, {})
+
+
+def learning_rate(settings: RunSettings, optimizer: str, objective: str, chosen: SweepChoices | None = None) -> float:
+    """The learning rate a run of ``optimizer`` on ``objective`` uses: the settings' ``unlearn.lr``
+    if given, else the sweep's choice (``chosen``), else the tuned value, else the optimizer's default."""
     if settings.unlearn.lr is not None:
         return settings.unlearn.lr
-    if chosen and optimizer in chosen:
-        return chosen[optimizer]
-    if optimizer in settings.tuned.learning_rates:
-        return settings.tuned.learning_rates[optimizer]
-    return OPTIMIZERS[optimizer].default_lr
+    choice = _choice(chosen, optimizer, objective)
+    if "lr" in choice:
+        return choice["lr"]
+    tuned = settings.tuned.learning_rates.get(objective, {})
+    return tuned.get(optimizer, OPTIMIZERS[optimizer].default_lr)
 
 
-def sweep_base(settings: RunSettings, optimizer: str) -> float:
-    """Where the lr sweep of ``optimizer`` centres: ``unlearn.lr``, the tuned base, or the default."""
-    return settings.unlearn.lr or settings.tuned.sweep_bases.get(optimizer) or OPTIMIZERS[optimizer].default_lr
+def sweep_base(settings: RunSettings, optimizer: str, objective: str) -> float:
+    """Where the lr sweep of ``optimizer`` on ``objective`` centres: ``unlearn.lr``, else the tuned
+    base, else the tuned learning rate (a recipe without bases), else the optimizer's default."""
+    if settings.unlearn.lr is not None:
+        return settings.unlearn.lr
+    if optimizer in settings.tuned.sweep_bases:
+        return settings.tuned.sweep_bases[optimizer]
+    return learning_rate(settings, optimizer, objective)
 
 
 def objective_options(settings: RunSettings, objective: str) -> dict[str, Any]:
@@ -252,9 +333,16 @@ def objective_options(settings: RunSettings, objective: str) -> dict[str, Any]:
     return {**settings.tuned.objective_options.get(objective, {}), **settings.unlearn.objective_options}
 
 
-def optimizer_options(settings: RunSettings, optimizer: str) -> dict[str, Any]:
-    """The tuned options of ``optimizer`` (if any), overridden by ``unlearn.optimizer_options``."""
-    return {**settings.tuned.optimizer_options.get(optimizer, {}), **settings.unlearn.optimizer_options}
+def optimizer_options(
+    settings: RunSettings, optimizer: str, objective: str, chosen: SweepChoices | None = None
+) -> dict[str, Any]:
+    """The tuned options of ``optimizer`` on ``objective`` (if any), overridden by the sweep's
+    choice (``chosen``), overridden by ``unlearn.optimizer_options``."""
+    return {
+        **settings.tuned.optimizer_options.get(objective, {}).get(optimizer, {}),
+        **_choice(chosen, optimizer, objective).get("options", {}),
+        **settings.unlearn.optimizer_options,
+    }
 
 
 def optimizer_option_names(optimizer: str) -> list[str] | None:
@@ -283,6 +371,7 @@ def check_training_options(settings: RunSettings, objectives: Iterable[str], opt
     """``UserError`` if the objective or optimizer options a run would use (tuned, then the recipe's
     ``unlearn.objective_options`` and ``unlearn.optimizer_options``) hold an unknown option, or for
     an objective a bad value, naming it and the accepted options; checked before anything runs."""
+    objectives = tuple(objectives)
     for objective in objectives:
         options = objective_options(settings, objective)
         try:
@@ -291,9 +380,9 @@ def check_training_options(settings: RunSettings, objectives: Iterable[str], opt
             raise UserError(f"unlearn.objective_options: {error}") from None
         except TypeError as error:
             raise UserError(f"unlearn.objective_options {options} for objective {objective!r}: {error}") from None
-    for optimizer in optimizers:
+    for optimizer, objective in product(optimizers, objectives):
         accepted = optimizer_option_names(optimizer)
-        unknown = sorted(set(optimizer_options(settings, optimizer)) - set(accepted or ()))
+        unknown = sorted(set(optimizer_options(settings, optimizer, objective)) - set(accepted or ()))
         if accepted is not None and unknown:
             raise UserError(
                 f"unlearn.optimizer_options: unknown option(s) {', '.join(unknown)} for optimizer {optimizer!r}; "
@@ -305,11 +394,13 @@ def unlearn_settings(settings: RunSettings, **changes: Any) -> UnlearnSettings:
     """The engine's settings of this run: the ``unlearn`` section with the run's seed and the
     tuned learning rate and options filled in, then ``changes`` (validated again)."""
     options = settings.unlearn
+    optimizer = changes.get("optimizer", options.optimizer)
+    objective = changes.get("objective", options.objective)
     values = {
         "seed": settings.seed,
-        "lr": learning_rate(settings, changes.get("optimizer", options.optimizer)),
-        "objective_options": objective_options(settings, changes.get("objective", options.objective)),
-        "optimizer_options": optimizer_options(settings, changes.get("optimizer", options.optimizer)),
+        "lr": learning_rate(settings, optimizer, objective),
+        "objective_options": objective_options(settings, objective),
+        "optimizer_options": optimizer_options(settings, optimizer, objective),
         **changes,
     }
     return options.model_copy(update=values)
