@@ -207,7 +207,7 @@ def test_missing_optimizers_attacks_and_landscapes_are_not_measured():
     ]
     assert results[0].measured[0].verdict == SUPPORTED
     assert results[0].measured[1].note == "no compressed-first-order optimizer in the study"
-    assert results[1].measured[0].note == "no recovery ratio for zo-sgd"
+    assert results[1].measured[0].note == "no excess AUC over the control or recovery ratio for zo-sgd"
     no_adam = evaluate_claims([row for row in rows if row.cell.optimizer != "adam"])
     assert no_adam[4].measured[0].note == "the reference optimizer adam is not in the study"
 
@@ -240,12 +240,26 @@ def test_the_report_opens_with_the_claims_table(tmp_path: Path):
     markdown = write_report(tmp_path / "results.jsonl", tmp_path / "out")["markdown"].read_text()
     assert markdown.index("## Claims") < markdown.index("## Setup") < markdown.index("## Attack:")
     header, _, *rows = claims_table(markdown)
-    assert header == ["#", "claim", "comparison", "difference [95% CI]", "seeds", "verdict", "utility caveat"]
+    assert header == [
+        "#",
+        "claim",
+        "comparison",
+        "difference [95% CI]",
+        "seeds",
+        "F_unlearned",
+        "verdict",
+        "utility caveat",
+    ]
     verdicts = [row[header.index("verdict")] for row in rows]
     assert verdicts == [CONTRADICTED, INCONCLUSIVE, SUPPORTED, INCONCLUSIVE, SUPPORTED, SUPPORTED]
     first = dict(zip(header, rows[0]))
     assert first["claim"] == CLAIMS[0].text
-    assert first["comparison"].startswith("recovery ratio under quantization: zo-sgd − adam < 0;")
+    # no controls in these rows: the ladder comparison falls back to the recovery ratio and says so
+    assert first["comparison"].startswith(
+        "recovery ratio under quantization [rtn-int4]: zo-sgd − adam < 0 "
+        "(fallback: rows without controls give no excess AUC over the control);"
+    )
+    assert first["F_unlearned"] == "zo-sgd 0.100, adam 0.100; signsgd 0.100, adam 0.100"
     assert first["difference [95% CI]"].startswith("-0.400 [-0.400, -0.400]: supported;")
     assert first["seeds"] == "5; 5"
     utility = bootstrap_interval([-0.25 + noise for noise in NOISE])
@@ -258,5 +272,5 @@ def test_the_report_opens_with_the_claims_table(tmp_path: Path):
     markdown = write_report(tmp_path / "one.jsonl", tmp_path / "one", reference_optimizer="adamw")[
         "markdown"
     ].read_text()
-    assert [row[5] for row in claims_table(markdown)[2:]] == [NOT_MEASURED] * 6
+    assert [row[6] for row in claims_table(markdown)[2:]] == [NOT_MEASURED] * 6
     assert "The reference optimizer adamw is not in this study." in markdown

@@ -1,11 +1,14 @@
 """The study report: markdown, self-contained HTML and PNG plots, built from ``results.jsonl``
-(its rows: :mod:`robustunlearn.study.rows`).
+(its rows: :mod:`robustunlearn.study.rows`) and, where the study wrote them beside it,
+``protocol.json`` and ``splits.json``.
 
 :func:`write_report` writes ``report.md`` (plots as relative links to PNGs beside it),
 ``report.html`` (self-contained: the same PNGs embedded as base64 ``<img>``) and the PNGs.
-The report opens with the claims table (:mod:`robustunlearn.study.claims`); its other tables show,
-per grid point (a cell without its seed), the mean over seeds and, with two or more seeds, its 95%
-percentile bootstrap interval "[low, high]" (:mod:`robustunlearn.study.stats`).
+The report opens with the claims table (:mod:`robustunlearn.study.claims`), then the protocol
+(compute budget, level, seeds, splits, attack ladders), each cell's matched level and the attack
+ladders (:func:`robustunlearn.study.scores.cell_ladders`); its other tables show, per grid point
+(a cell without its seed), the mean over seeds and, with two or more seeds, its 95% percentile
+bootstrap interval "[low, high]" (:mod:`robustunlearn.study.stats`).
 """
 
 from __future__ import annotations
@@ -36,8 +39,24 @@ from robustunlearn.study.claims import (
     paired_differences,
 )
 from robustunlearn.study.landscape import lmc_barrier
-from robustunlearn.study.rows import NO_ATTACK, Landscape, ResultRow, RowCell, read_results_jsonl
-from robustunlearn.study.scores import MIN_REMOVED_SHARE, attack_scores, lower_is_better, summarise, utility_metric
+from robustunlearn.study.rows import (
+    NO_ATTACK,
+    SCORINGS,
+    Landscape,
+    ResultRow,
+    RowCell,
+    read_results_jsonl,
+    scored_metric,
+)
+from robustunlearn.study.scores import (
+    MIN_REMOVED_SHARE,
+    Ladder,
+    attack_scores,
+    cell_ladders,
+    lower_is_better,
+    summarise,
+    utility_metric,
+)
 from robustunlearn.study.stats import (
     BOOTSTRAP_RESAMPLES,
     CONFIDENCE,
@@ -50,7 +69,13 @@ from robustunlearn.study.stats import (
 FAMILY_ORDER = ("none", "quantization", "relearning", "perturbation")
 RELEARN_ATTACK = "relearn"
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+LINE_STYLES = ("-", "--", ":", "-.")
 MISSING = "—"
+NO_BREAKDOWN = "none within the ladder"
+OVER_SHOT = "over-shot"
+PROTOCOL_FILE = "protocol.json"  # written by the study beside results.jsonl
+SPLITS_FILE = "splits.json"
+PLOTTED_LADDER_FAMILIES = ("quantization", "perturbation")  # ladders.png; relearning has its own plot
 
 HOW_TO_READ = (
     "Each cell unlearns the target model with one optimizer and objective from one seed, then "
@@ -72,13 +97,42 @@ HOW_TO_READ = (
 )
 CLAIMS_HOW_TO_READ = (
     "Each claim of the paper, measured on this study: per seed, the difference named in 'comparison' "
-    "(paired by benchmark, objective and seed; pooled over the attacks of the family; against a group, "
-    f"the difference least favourable to the claim), its mean over seeds and {CONFIDENCE:.0%} percentile "
-    "bootstrap interval. Supported: the interval excludes 0 on the claimed side; contradicted: on the "
-    "other; inconclusive: it spans 0, or one seed gives no interval; not measured: an optimizer, "
-    "attack or landscape the claim needs is missing. 'At least' claims are tested one-sided, so a tie "
-    "reads inconclusive. The utility caveat marks a comparison whose more robust side has an unlearned "
-    "model of lower utility, beyond the interval: damaged models relearn slowly."
+    "(paired by benchmark, objective and seed; pooled over the attacks or ladders in brackets; against "
+    f"a group, the difference least favourable to the claim), its mean over seeds and {CONFIDENCE:.0%} "
+    "percentile bootstrap interval. Recovery claims compare excess AUCs over the control (see 'Attack "
+    "ladders'): under quantization of the rtn ladder (else the first quantizer's), under relearning of "
+    "the ladder scored on the subjects relearning never saw (else on the whole forget set); the in-set "
+    "relearning ladders are shown, not counted. Rows without controls (older results) fall back to the "
+    "recovery ratio, and the comparison says so. F_unlearned: each side's mean forget metric of the "
+    "unlearned model over the seeds paired, since a model that forgot more has more to recover. "
+    "Supported: the interval excludes 0 on the claimed side; contradicted: on the other; inconclusive: "
+    "it spans 0, or one seed gives no interval; not measured: an optimizer, attack or landscape the "
+    "claim needs is missing. 'At least' claims are tested one-sided, so a tie reads inconclusive. The "
+    "utility of the claims is the reported one (the retain split's evaluation part). The utility caveat "
+    "marks a robustness comparison whose more robust side has an unlearned model of lower utility, "
+    "beyond the interval of the paired utility difference: damaged models relearn slowly."
+)
+LEVEL_HOW_TO_READ = (
+    "Each cell unlearns until its level metric is within the tolerance of the retrain model's level "
+    "(the target level), or until its compute budget is spent. Forward-pass equivalents count forward "
+    "passes plus backward passes at the protocol's cost each. Level gap = target level - F_unlearned: "
+    "positive when the cell ended below the target level; a cell is over-shot when its gap exceeds the "
+    "tolerance: it forgot more than the matched level, and its robustness numbers compare deeper forgetting."
+)
+LADDERS_HOW_TO_READ = (
+    "A ladder is one attack at growing strength on one cell, rungs weakest first (quantization: fewer "
+    "bits; noise: a larger scale; relearning: more steps, from step 0). At each rung the excess is "
+    "F_attacked - F_control: what the attack brings back beyond what it gives the control model (the "
+    "retrain model; the target, an upper bound, where there is none) under the same rung. Excess AUC: the "
+    "mean excess over the rungs (trapezoid over the rung index). Breakdown: the weakest rung whose excess "
+    "is at least half of what unlearning removed (removed = F_target - F_unlearned); 'none within the "
+    "ladder' when no rung's is. Relearning ladders are scored on the whole forget set (all), on the "
+    "records relearning trained on (in_set) and on those it never saw: other subjects "
+    "(held_out_subjects) and the trained subjects' other attributes (held_out_attributes). Same bucket: "
+    "the share of quantization codes equal to the quantized original model's (mean over the rungs); "
+    "update/step: the unlearning update in units of the quantization step (the rungs' medians, median "
+    f"over the rungs). Means over seeds with {CONFIDENCE:.0%} bootstrap intervals; utility is the "
+    "unlearned model's."
 )
 PRIVACY_HOW_TO_READ = (
     "Membership inference on the forget set (members) against texts of the same distribution the "
@@ -149,12 +203,17 @@ def write_report(
     ``output_dir`` (each file atomically), and return their paths by name: ``markdown``,
     ``html``, and each plot drawn: ``forget_vs_utility``, ``relearning_curves`` (when a
     relearning row has a curve), ``recovery_by_grade`` (when an attack has a recovery ratio),
-    ``lmc`` (when a row carries a landscape with an LMC curve). The report opens with the claims
-    table (:func:`robustunlearn.study.claims.evaluate_claims`); claims and paired differences are
-    measured against ``reference_optimizer``."""
+    ``lmc`` (when a row carries a landscape with an LMC curve), ``compute_curve`` (when a cell has
+    an unlearning curve), ``relearning_heldout`` (when a relearning curve is scored on parts of
+    the forget set), ``ladders`` (when a quantization or noise rung has a control). The report
+    opens with the claims table (:func:`robustunlearn.study.claims.evaluate_claims`); claims and
+    paired differences are measured against ``reference_optimizer``. ``protocol.json`` and
+    ``splits.json`` are read from the folder of ``results_jsonl`` where present (``ValueError``
+    naming the file when one is not a JSON object)."""
     output_dir = Path(output_dir)
     rows = read_results(results_jsonl)
-    study = _Study(rows, reference_optimizer)
+    beside = Path(results_jsonl).parent
+    study = _Study(rows, reference_optimizer, _read_object(beside / PROTOCOL_FILE), _read_object(beside / SPLITS_FILE))
     plots: dict[str, tuple[Path, str]] = {}
     for name, caption, draw in (
         (
@@ -169,6 +228,18 @@ def write_report(
             _plot_recovery,
         ),
         ("lmc", "Linear mode connectivity between unlearned models", _plot_lmc),
+        (
+            "compute_curve",
+            "Level metric and utility during unlearning against forward-pass equivalents (one line per seed)",
+            _plot_compute,
+        ),
+        (
+            "relearning_heldout",
+            "Relearning scored on the records trained on (in-set) and held out, unlearned model vs control "
+            "(mean over seeds)",
+            _plot_heldout,
+        ),
+        ("ladders", "Excess over the control per rung (mean over seeds)", _plot_ladders),
     ):
         figure = draw(study)
         if figure is not None:
@@ -182,12 +253,33 @@ def write_report(
     return {**written, **{name: path for name, (path, _) in plots.items()}}
 
 
-class _Study:
-    """The rows with their summaries, and the names and orders the report uses."""
+def _read_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` (empty where there is no such file)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
-    def __init__(self, rows: list[ResultRow], reference_optimizer: str):
+
+class _Study:
+    """The rows with their summaries and ladders, the protocol and splits (empty where the study
+    wrote none), and the names and orders the report uses."""
+
+    def __init__(
+        self, rows: list[ResultRow], reference_optimizer: str, protocol: dict[str, Any], splits: dict[str, Any]
+    ):
         self.rows = rows
         self.reference = reference_optimizer
+        self.protocol, self.splits = protocol, splits
+        self.cell_rows: dict[RowCell, list[ResultRow]] = {}
+        for row in rows:
+            self.cell_rows.setdefault(row.cell, []).append(row)
+        self.ladders = {cell: {lad.name: lad for lad in cell_ladders(found)} for cell, found in self.cell_rows.items()}
         self.claims = evaluate_claims(rows, reference_optimizer=reference_optimizer)
         self.paired = paired_differences(rows, reference_optimizer)
         self.grades = {row.cell.optimizer: row.cell.grade for row in rows}
@@ -196,6 +288,7 @@ class _Study:
         self.means = sorted((s for s in summaries if s["kind"] == "mean"), key=self._grid_order)
         self.primary = rows[0].primary_metric
         self.utility = utility_metric(rows[0].utility)
+        self.level_metric = str(protocol.get("level_metric", self.primary))
         # The mean over rows of the original (target) and retrained models' metrics; None when no row has them.
         self.target = _mean_metrics([row.reference.target for row in rows])
         self.retrain = _mean_metrics([row.reference.retrain for row in rows])
@@ -221,6 +314,21 @@ class _Study:
 
     def grid_rows(self, mean: dict[str, Any]) -> list[ResultRow]:
         return [row for row in self.rows if row.cell.grid_point() == mean["cell"]]
+
+    def grid_cells(self, mean: dict[str, Any]) -> list[RowCell]:
+        """The cells (one per seed) of a grid point, by seed."""
+        return sorted((cell for cell in self.cell_rows if cell.grid_point() == mean["cell"]), key=lambda c: c.seed)
+
+    def unlearned(self, cell: RowCell) -> dict[str, Any]:
+        """The :func:`attack_scores` of the cell's first row: its F_unlearned, utility before any attack."""
+        return attack_scores(self.cell_rows[cell][0])
+
+    def ladder_names(self, families: tuple[str, ...] = FAMILY_ORDER) -> list[str]:
+        """The names of the ladders of ``families`` any cell has, by family, then in order of first appearance."""
+        found = {name: lad.family for by_name in self.ladders.values() for name, lad in by_name.items()}
+        rank = {family: index for index, family in enumerate(FAMILY_ORDER)}
+        names = [name for name in found if found[name] in families]
+        return sorted(names, key=lambda name: rank.get(found[name], len(rank)))
 
 
 def _mean_metrics(models: list[dict[str, float] | None]) -> dict[str, float] | None:
@@ -435,14 +543,24 @@ def _landscape_blocks(study: _Study, images: dict[str, Image]) -> list[Block]:
 
 
 def _comparison_text(entry: Measured) -> str:
-    """What a comparison measures, e.g. "recovery ratio under quantization: zo-sgd - adam < 0"."""
-    comparison, spec = entry.comparison, MEASURES[entry.comparison.measure]
+    """What a comparison measures, e.g. "excess AUC over the control under quantization [quantization
+    rtn]: zo-sgd − adam < 0"; a shown comparison (not counted) says so."""
+    comparison, spec = entry.comparison, MEASURES[entry.measure]
     attacks = comparison.attack or comparison.attack_family
-    where = f" under {attacks}" if attacks else (" over every attack" if spec.per_attack else "")
+    where = f" under {attacks}" if attacks else (" over every attack" if spec.robustness else "")
+    pooled = f" [{', '.join(entry.pooled)}]" if spec.robustness and entry.pooled else ""
     sign = {"lower": " < 0", "higher": " > 0"}.get(str(entry.expected), "")
     difference = entry.subject if comparison.versus == "zero" else f"{entry.subject} − {entry.versus}"
-    text = f"{spec.title}{where}: {difference}{sign}"
+    shown = "shown, not counted: " if comparison.shown else ""
+    text = f"{shown}{spec.title}{where}{pooled}: {difference}{sign}"
     return text if entry.note is None else f"{text} ({entry.note})"
+
+
+def _forget_unlearned_text(entry: Measured) -> str:
+    """Each side's F_unlearned beside a robustness comparison, e.g. "zo-sgd 0.100, adam 0.120"."""
+    if not (MEASURES[entry.measure].robustness and entry.forget_unlearned):
+        return MISSING
+    return ", ".join(f"{name} {_number(value)}" for name, value in entry.forget_unlearned.items())
 
 
 def _caveat_text(entry: Measured) -> str | None:
@@ -468,11 +586,21 @@ def _claims_table(claims: list[ClaimResult]) -> Table:
                 "; ".join(map(_comparison_text, parts)),
                 "; ".join(differences),
                 "; ".join(str(entry.difference.seeds) if entry.difference else MISSING for entry in parts),
+                "; ".join(map(_forget_unlearned_text, parts)),
                 result.verdict,
                 "; ".join(caveats) or MISSING,
             ]
         )
-    columns = ["#", "claim", "comparison", f"difference [{CONFIDENCE:.0%} CI]", "seeds", "verdict", "utility caveat"]
+    columns = [
+        "#",
+        "claim",
+        "comparison",
+        f"difference [{CONFIDENCE:.0%} CI]",
+        "seeds",
+        "F_unlearned",
+        "verdict",
+        "utility caveat",
+    ]
     return Table(columns, rows)
 
 
@@ -565,12 +693,242 @@ def _settings(study: _Study) -> list[str]:
     return settings
 
 
+def _listed(values: Any) -> str:
+    return ", ".join(map(str, values)) if isinstance(values, list) and values else MISSING
+
+
+def _count(value: Any) -> Any:
+    return len(value) if isinstance(value, list) else value
+
+
+def _protocol_items(protocol: dict[str, Any]) -> list[str]:
+    """The protocol.json fields as sentences (those present)."""
+    items = []
+    if "compute_budget" in protocol:
+        budget = protocol["compute_budget"]
+        text = "no compute budget" if budget is None else f"{_general(budget)} forward-pass equivalents per cell"
+        items.append(f"compute budget: {text}")
+    if "backward_cost" in protocol:
+        cost = _general(protocol["backward_cost"])
+        items.append(f"forward-pass equivalents = forward passes + {cost} x backward passes")
+    if "check_every" in protocol:
+        items.append(f"the level is checked every {protocol['check_every']} steps")
+    if "level_metric" in protocol:
+        tolerance = _general(protocol.get("level_tolerance"))
+        items.append(f"level metric: {protocol['level_metric']}, tolerance {tolerance} above the retrain model's level")
+    if "seeds" in protocol:
+        items.append(f"seeds reported: {_listed(protocol['seeds'])}")
+    if "sweep_seeds" in protocol:
+        items.append(
+            f"sweep seeds (learning rates are tuned on these, never reported): {_listed(protocol['sweep_seeds'])}"
+        )
+    if "reference_optimizer" in protocol:
+        items.append(f"reference optimizer of the protocol: {protocol['reference_optimizer']}")
+    if "attacks" in protocol:
+        items.append(f"attacks: {_listed(protocol['attacks'])}")
+    return items
+
+
+def _retain_item(retain: dict[str, Any]) -> str:
+    """The retain split of splits.json: each part's share, subjects and records per split."""
+    shares, subjects, records = (retain.get(key) or {} for key in ("shares", "subjects", "records"))
+    parts = []
+    for part in dict.fromkeys([*shares, *subjects, *records]):
+        text = f"{part}: {_count(subjects.get(part, MISSING))} subjects"
+        if part in shares:
+            text += f", share {shares[part]:.0%}"
+        if records.get(part):
+            text += ", records " + ", ".join(f"{split} {n}" for split, n in records[part].items())
+        parts.append(text)
+    text = (
+        f"retain split by subject (seed {retain.get('seed', MISSING)}): {'; '.join(parts)}. The unlearning "
+        "loss's retain term trains on the regulariser part, the learning-rate sweep reads validation, the "
+        "reported utility is on evaluation."
+    )
+    return text + (f" {retain['protocol']}." if retain.get("protocol") else "")
+
+
+def _relearn_split_table(relearn: dict[str, Any]) -> Table:
+    """The relearning split of each seed (splits.json): what relearning trained on, what it held out."""
+    rows = []
+    for seed, split in relearn.items():
+        counts = split.get("counts") or {}
+        rows.append(
+            [
+                str(seed),
+                str(split.get("split", MISSING)),
+                _listed(split.get("subjects")),
+                _listed(split.get("attributes")),
+                *(_number(counts.get(key)) for key in ("train", "held_out_subjects", "held_out_attributes")),
+                str(split.get("note", "")),
+            ]
+        )
+    columns = [
+        "seed",
+        "from split",
+        "subjects trained on",
+        "attributes trained on",
+        "records trained on",
+        "held-out subjects' records",
+        "held-out attributes' records",
+        "note",
+    ]
+    return Table(columns, rows)
+
+
+def _ladder_rungs(study: _Study) -> list[str]:
+    """Each ladder's rungs, weakest first, as the first cell that has it climbs them."""
+    first = {}
+    for by_name in study.ladders.values():
+        for name, ladder in by_name.items():
+            first.setdefault(name, ladder)
+    return [f"{name}: {' → '.join(p.rung for p in first[name].points)}" for name in study.ladder_names()]
+
+
+def _protocol_blocks(study: _Study) -> list[Block]:
+    """protocol.json as bullets, splits.json's retain split and relearning splits, the ladders' rungs."""
+    blocks: list[Block] = [Heading(2, "Protocol")]
+    items = _protocol_items(study.protocol)
+    if study.splits.get("retain"):
+        items.append(_retain_item(study.splits["retain"]))
+    if items:
+        blocks.append(Bullets(items))
+    if not study.protocol and not study.splits:
+        note = f"No {PROTOCOL_FILE} or {SPLITS_FILE} beside the results: written before the study recorded them."
+        blocks.append(Paragraph(note))
+    if study.splits.get("relearn"):
+        explanation = (
+            "The relearning split of each seed: relearning trains on the named subjects' records on the named "
+            "attributes; it is scored apart on the other subjects' records and on the trained subjects' other "
+            "attributes, which it never saw."
+        )
+        blocks += [Paragraph(explanation), _relearn_split_table(study.splits["relearn"])]
+    rungs = _ladder_rungs(study)
+    if rungs:
+        blocks += [Paragraph("Attack ladders, rungs weakest first:"), Bullets(rungs)]
+    return blocks
+
+
+def _stopped(row: ResultRow) -> str:
+    if row.cost.reached_level:
+        return "level reached"
+    return "budget spent" if row.cost.budget_spent else "step limit"
+
+
+def _over_shot(study: _Study, row: ResultRow) -> str:
+    """:data:`OVER_SHOT` when the cell ended more than the tolerance below its target level."""
+    tolerance = row.cost.level_tolerance
+    if tolerance is None:
+        tolerance = study.protocol.get("level_tolerance")
+    if row.cost.level_gap is None or tolerance is None:
+        return MISSING
+    return OVER_SHOT if row.cost.level_gap > tolerance else "within tolerance"
+
+
+def _level_blocks(study: _Study) -> list[Block]:
+    """Per cell: what its unlearning spent, where it stopped and how far below its level it ended."""
+    columns = ["optimizer", "grade", *study.varying, "seed", "steps", "forward-pass equivalents", "budget"]
+    columns += ["stopped", "target level", f"F_unlearned ({study.primary})", "level gap", OVER_SHOT]
+    rows, over = [], []
+    for mean in study.means:
+        for cell in study.grid_cells(mean):
+            row = next((r for r in study.cell_rows[cell] if r.attack == NO_ATTACK), study.cell_rows[cell][0])
+            cost, flag = row.cost, _over_shot(study, row)
+            cells = _point_cells(study, mean)[:-1] + [str(cell.seed), _number(cost.steps)]
+            cells += [_number(cost.forward_equivalents), _number(cost.compute_budget), _stopped(row)]
+            cells += [_number(cost.target_level), _number(study.unlearned(cell)["forget_unlearned"])]
+            rows.append(cells + [_number(cost.level_gap), flag])
+            if flag == OVER_SHOT:
+                over.append(f"{study.label(cell.grid_point())}, seed {cell.seed}")
+    blocks: list[Block] = [Heading(2, "Matched level"), Paragraph(LEVEL_HOW_TO_READ), Table(columns, rows)]
+    if over:
+        blocks.append(Paragraph(f"Over-shot (their robustness compares deeper forgetting): {'; '.join(over)}."))
+    return blocks
+
+
+def _seed_interval(values: list[float]) -> str:
+    """Mean [interval] over seeds of ``values`` (one per seed)."""
+    return _interval_text(bootstrap_interval(values)) if values else MISSING
+
+
+def _breakdown_text(found: list[tuple[RowCell, Ladder]]) -> str:
+    """The breakdown rung, once when every seed agrees, else per seed; :data:`MISSING` without controls."""
+    labels = [
+        (cell.seed, MISSING if all(p.excess is None for p in ladder.points) else ladder.breakdown or NO_BREAKDOWN)
+        for cell, ladder in found
+    ]
+    if len({label for _, label in labels}) == 1:
+        return labels[0][1]
+    return "; ".join(f"seed {seed}: {label}" for seed, label in labels)
+
+
+def _quantization_diagnostics(study: _Study, found: list[tuple[RowCell, Ladder]]) -> list[str]:
+    """Mean same-bucket share and median update/step over each seed's rungs, then over seeds."""
+    same_bucket, update_to_step = [], []
+    for cell, ladder in found:
+        attacks = {point.attack for point in ladder.points}
+        configs = [row.attack_config or {} for row in study.cell_rows[cell] if row.attack in attacks]
+        shares = [float(c["same_bucket"]) for c in configs if c.get("same_bucket") is not None]
+        ratios = [
+            float(c["update_to_step"]["median"])
+            for c in configs
+            if (c.get("update_to_step") or {}).get("median") is not None
+        ]
+        if shares:
+            same_bucket.append(statistics.fmean(shares))
+        if ratios:
+            update_to_step.append(statistics.median(ratios))
+    return [_seed_interval(same_bucket), _seed_interval(update_to_step)]
+
+
+def _ladder_table(study: _Study, name: str, family: str) -> Table:
+    columns = _point_columns(study) + ["excess AUC", "breakdown", "removed", "F_unlearned", "utility"]
+    if family == "quantization":
+        columns += ["same bucket", "update/step"]
+    rows = []
+    for mean in study.means:
+        found = [(cell, study.ladders[cell][name]) for cell in study.grid_cells(mean) if name in study.ladders[cell]]
+        if not found:
+            continue
+        unlearned = [study.unlearned(cell) for cell, _ in found]
+        cells = _point_cells(study, mean)[:-1] + [str(len(found))]
+        cells += [
+            _seed_interval([ladder.auc for _, ladder in found if ladder.auc is not None]),
+            _breakdown_text(found),
+            _seed_interval([ladder.removed for _, ladder in found]),
+            _seed_interval([scores["forget_unlearned"] for scores in unlearned]),
+            _seed_interval([scores["utility_before"] for scores in unlearned]),
+        ]
+        rows.append(cells + (_quantization_diagnostics(study, found) if family == "quantization" else []))
+    return Table(columns, rows)
+
+
+def _ladder_blocks(study: _Study, images: dict[str, Image]) -> list[Block]:
+    """A table per ladder with a control; a note where the rows have ladders but no controls."""
+    controlled = {
+        name
+        for by_name in study.ladders.values()
+        for name, ladder in by_name.items()
+        if any(point.excess is not None for point in ladder.points)
+    }
+    names = [name for name in study.ladder_names() if name in controlled]
+    if not names:
+        note = "The rows have no controls (written before them): no excess over the control, no ladder scores."
+        return [Heading(2, "Attack ladders"), Paragraph(note)] if study.ladder_names() else []
+    blocks: list[Block] = [Heading(2, "Attack ladders"), Paragraph(LADDERS_HOW_TO_READ)]
+    families = {name: lad.family for by_name in study.ladders.values() for name, lad in by_name.items()}
+    for name in names:
+        blocks += [Heading(3, f"Ladder: {name} ({families[name]})"), _ladder_table(study, name, families[name])]
+    return blocks + [images[name] for name in ("ladders", "relearning_heldout") if name in images]
+
+
 def _document(study: _Study, title: str, images: dict[str, Image]) -> list[Block]:
     blocks: list[Block] = [
         Heading(1, title),
         Heading(2, "Claims"),
         Paragraph(CLAIMS_HOW_TO_READ),
         _claims_table(study.claims),
+        *_protocol_blocks(study),
         Heading(2, "Setup"),
         Bullets(_settings(study)),
         Heading(2, "How to read this"),
@@ -578,6 +936,10 @@ def _document(study: _Study, title: str, images: dict[str, Image]) -> list[Block
     ]
     if "forget_vs_utility" in images:
         blocks.append(images["forget_vs_utility"])
+    blocks += _level_blocks(study)
+    if "compute_curve" in images:
+        blocks.append(images["compute_curve"])
+    blocks += _ladder_blocks(study, images)
     for attack in study.attacks:
         if attack == NO_ATTACK:
             blocks += [Heading(2, "No attack (the unlearned model)"), _attack_table(study, attack)]
@@ -794,5 +1156,134 @@ def _plot_lmc(study: _Study) -> Figure | None:
             axes.plot([a for a, _ in points], [v for _, v in points], markersize=4, label=name, **_style(index))
         axes.set_xlabel("α  (θ = (1-α)·θ_a + α·θ_b)")
         axes.set_ylabel(metric)
+        axes.legend(fontsize=7)
+    return figure
+
+
+def _optimizer_colours(study: _Study) -> dict[str, str]:
+    """One colour per optimizer, in grade order."""
+    optimizers = dict.fromkeys(str(mean["optimizer"]) for mean in study.means)
+    return {optimizer: f"C{index % 10}" for index, optimizer in enumerate(optimizers)}
+
+
+def _unlearning_curve(rows: list[ResultRow]) -> list[dict[str, float]] | None:
+    return next((row.unlearning_curve for row in rows if row.unlearning_curve), None)
+
+
+def _plot_compute(study: _Study) -> Figure | None:
+    """Level metric and utility against forward-pass equivalents during unlearning, a line per cell."""
+    curves = [(cell, curve) for cell, rows in study.cell_rows.items() if (curve := _unlearning_curve(rows))]
+    if not curves:
+        return None
+    colours = _optimizer_colours(study)
+    seeds = sorted({cell.seed for cell, _ in curves})
+    figure, panels = _figure(2)
+    for metric, axes in zip((study.level_metric, study.utility), panels):
+        for cell, curve in curves:
+            points = sorted(
+                (p["forward_equivalents"], p[metric]) for p in curve if metric in p and "forward_equivalents" in p
+            )
+            if points:
+                axes.plot(
+                    [x for x, _ in points],
+                    [y for _, y in points],
+                    color=colours.get(cell.optimizer, "black"),
+                    linestyle=LINE_STYLES[seeds.index(cell.seed) % len(LINE_STYLES)],
+                    marker="o",
+                    markersize=3,
+                    label=f"{study.label(cell.grid_point())}, seed {cell.seed}",
+                )
+        if study.protocol.get("compute_budget") is not None:
+            axes.axvline(study.protocol["compute_budget"], color="grey", linestyle=":", label="compute budget")
+        axes.set_xlabel("forward-pass equivalents")
+        axes.set_ylabel(metric)
+        axes.legend(fontsize=6)
+    targets = [rows[0].cost.target_level for rows in study.cell_rows.values() if rows[0].cost.target_level is not None]
+    if targets:
+        panels[0].axhline(statistics.fmean(targets), color="black", linestyle="--", linewidth=0.8)
+    panels[0].set_title("level metric (dashed: mean target level)", fontsize=9)
+    panels[1].set_title("utility on the retain-evaluation subset", fontsize=9)
+    return figure
+
+
+def _plot_heldout(study: _Study) -> Figure | None:
+    """Per optimizer, the relearning curves on each part of the forget set, unlearned model vs control."""
+    keys = {scoring: scored_metric(study.primary, scoring) for scoring in SCORINGS}
+    scored = [
+        row
+        for row in study.rows
+        if row.attack_family == "relearning" and row.curve and any(key in p for p in row.curve for key in keys.values())
+    ]
+    if not scored:
+        return None
+    attack = RELEARN_ATTACK if any(row.attack == RELEARN_ATTACK for row in scored) else scored[0].attack
+    optimizers = [
+        o for o in _optimizer_colours(study) if any(r.cell.optimizer == o and r.attack == attack for r in scored)
+    ]
+    figure, panels = _figure(len(optimizers), width=4.5)
+    for optimizer, axes in zip(optimizers, panels):
+        rows = [row for row in scored if row.cell.optimizer == optimizer and row.attack == attack]
+        sources = (
+            ("unlearned", [row.curve for row in rows], "C0"),
+            ("control", [row.control.curve for row in rows if row.control and row.control.curve], "grey"),
+        )
+        for (scoring, key), style in zip(keys.items(), LINE_STYLES):
+            for source, curves, colour in sources:
+                steps, values = _mean_curve(curves, key)
+                if steps:
+                    axes.plot(
+                        steps,
+                        values,
+                        color=colour,
+                        linestyle=style,
+                        marker="o",
+                        markersize=3,
+                        label=f"{source}, {scoring}",
+                    )
+        axes.set_title(f"{optimizer} ({attack})", fontsize=9)
+        axes.set_xlabel("relearning step")
+        axes.set_ylabel(study.primary)
+        axes.legend(fontsize=6)
+    return figure
+
+
+def _mean_excess(study: _Study, mean: dict[str, Any], name: str) -> dict[str, tuple[float, float]]:
+    """Per rung label of the ladder ``name``: its strength and the mean excess over the grid point's seeds."""
+    found: dict[str, tuple[float, list[float]]] = {}
+    ladders = [study.ladders[cell][name] for cell in study.grid_cells(mean) if name in study.ladders[cell]]
+    for ladder in ladders:
+        for point in ladder.points:
+            if point.excess is not None:
+                found.setdefault(point.rung, (point.strength, []))[1].append(point.excess)
+    return {rung: (strength, statistics.fmean(values)) for rung, (strength, values) in found.items()}
+
+
+def _plot_ladders(study: _Study) -> Figure | None:
+    """Excess over the control per rung of each quantization and noise ladder, a line per grid point."""
+    excesses = {
+        name: [
+            (index, mean, by_rung)
+            for index, mean in enumerate(study.means)
+            if (by_rung := _mean_excess(study, mean, name))
+        ]
+        for name in study.ladder_names(PLOTTED_LADDER_FAMILIES)
+    }
+    excesses = {name: lines for name, lines in excesses.items() if lines}
+    if not excesses:
+        return None
+    figure, panels = _figure(len(excesses), width=4.5)
+    for (name, lines), axes in zip(excesses.items(), panels):
+        strengths = {rung: strength for _, _, by_rung in lines for rung, (strength, _) in by_rung.items()}
+        rungs = sorted(strengths, key=strengths.__getitem__)
+        for index, mean, by_rung in lines:
+            present = [rung for rung in rungs if rung in by_rung]
+            positions = [rungs.index(rung) for rung in present]
+            values = [by_rung[rung][1] for rung in present]
+            axes.plot(positions, values, markersize=4, label=study.label(mean["cell"]), **_style(index))
+        axes.axhline(0, color="black", linewidth=0.8)
+        axes.set_xticks(range(len(rungs)), rungs, fontsize=8)
+        axes.set_title(name, fontsize=9)
+        axes.set_xlabel("rung (weakest first)")
+        axes.set_ylabel(f"{study.primary}: attacked - control")
         axes.legend(fontsize=7)
     return figure
