@@ -13,19 +13,20 @@ from robustunlearn.metrics.suite import METRICS
 
 TINY_RECIPE = """
 seed: 0
-data: {num_people: 6, num_utility_passages: 4, num_utility_qa: 2}
+data: {num_people: 12, forget_fraction: 0.2, num_utility_passages: 4, num_utility_qa: 2}
 model: {vocab_size: 400, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4}
 train: {lr: 1.0e-2, max_epochs: 60, batch_tokens: 256, check_every_epochs: 10}
 unlearn: {lr: 1.0e-3, batch_size: 4}
 eval: {max_examples: 12, verbmem_max_new_tokens: 16}
 study:
   optimizers: [adamw, zo-sgd]
+  seeds: [0]
   attacks: [rtn-int4, relearn]
   max_steps: 6
   check_every: 3
   relearn_steps: 4
   relearn_eval_every: 2
-  relearn_samples: 8
+  relearn_subjects: 1
 """
 
 

@@ -25,7 +25,9 @@ from robustunlearn.metrics.privacy import (
     privleak_against,
     with_privleak,
 )
-from robustunlearn.study.grid import Cell, run_cell, study_references
+from robustunlearn.data.splits import retain_views
+from robustunlearn.study.cells import Cell
+from robustunlearn.study.grid import StudyRun, run_cell, study_references
 from robustunlearn.study.report import write_report
 from robustunlearn.study.rows import ResultRow, write_results_jsonl
 from robustunlearn.train.engine import UnlearnResult
@@ -111,18 +113,25 @@ def _quick_settings():
     return load_settings(None, {"eval": {"max_examples": 2, "batch_size": 4, "verbmem_max_new_tokens": 4}})
 
 
-def test_study_references_hold_privacy_and_older_files_gain_it(tiny, tmp_path):
+def test_study_references_hold_privacy_and_files_of_other_evaluation_records_are_recomputed(tiny, tmp_path):
     benchmark, model, tokenizer = tiny
     settings = _quick_settings()
     path = tmp_path / "references.json"
-    references = study_references(model, tokenizer, benchmark, None, settings, path)
+    evaluation = retain_views(benchmark, 0).evaluation
+    references = study_references(model, None, tokenizer, evaluation, settings, path)
     assert json.loads(path.read_text()) == references
     assert set(references["privacy"]["target"]["aucs"]) == AUC_KEYS and references["privacy"]["retrain"] is None
     assert references["privacy"]["target"]["privleak_reference"] == "no reference"
-    older = {"target": {"forget_qa_rouge": 0.5}, "retrain": None}  # written before privacy existed: kept as is
+    assert references["evaluation_subjects"] == sorted({r.subject for r in evaluation.get("retain_qa")})
+    assert study_references(model, None, tokenizer, evaluation, settings, path) == references  # read back
+    older = {"target": {"forget_qa_rouge": 0.5}, "retrain": None}  # scored before the retain split existed
     path.write_text(json.dumps(older))
-    updated = study_references(model, tokenizer, benchmark, None, settings, path)
-    assert updated["target"] == older["target"] and updated["privacy"] == references["privacy"]
+    assert study_references(model, None, tokenizer, evaluation, settings, path) == references
+
+
+def _study_run(tiny, tmp_path, settings, study, references) -> StudyRun:
+    benchmark, model, tokenizer = tiny
+    return StudyRun(settings, study, model, tokenizer, retain_views(benchmark, 0), references, tmp_path)
 
 
 def test_run_cell_gives_every_row_privacy_against_the_retrain_reference(tiny, tmp_path, monkeypatch):
@@ -133,12 +142,12 @@ def test_run_cell_gives_every_row_privacy_against_the_retrain_reference(tiny, tm
 
     monkeypatch.setattr(grid_module, "unlearn", no_unlearning)
     settings = _quick_settings()
-    study = StudySettings(optimizers=("adam",), attacks=("noise-0.01",), landscape=False)
+    study = StudySettings(optimizers=("adam",), attacks=("noise-0.01",), landscape=False, relearn_subjects=1)
     retrain_mia = mia_privacy(model, tokenizer, benchmark, settings.eval)
     retrain_mia["aucs"][PRIVLEAK_AUC] = 0.5
     references = {"target": {"forget_qa_rouge": 0.5}, "retrain": None, "privacy": {"retrain": retrain_mia}}
     cell = Cell("synthetic", "npo", "adam", 0, 1e-4)
-    rows = run_cell(cell, model, tokenizer, benchmark, references, settings, study, tmp_path, landscape=False)
+    rows = run_cell(_study_run(tiny, tmp_path, settings, study, references), cell, tmp_path, landscape=False)
     assert [row.attack for row in rows] == ["none", "noise-0.01"]
     for row in rows:
         assert set(row.privacy["aucs"]) == AUC_KEYS and row.privacy["privleak_reference"] == "retrain"
@@ -203,17 +212,8 @@ def test_the_matched_level_is_the_retrain_level_plus_the_presets_tolerance(tiny,
     )
     base = _quick_settings()
     settings = base.model_copy(update={"eval": base.eval.model_copy(update={"level_tolerance": 0.125})})
-    study = StudySettings(optimizers=("adam",), attacks=(), landscape=False)
+    study = StudySettings(optimizers=("adam",), attacks=(), landscape=False, relearn_subjects=1)
     references = {"target": {"forget_qa_rouge": 0.9}, "retrain": {"forget_qa_rouge": 0.25}}
-    (row,) = run_cell(
-        Cell("synthetic", "npo", "adam", 0, 1e-4),
-        model,
-        tokenizer,
-        benchmark,
-        references,
-        settings,
-        study,
-        tmp_path,
-        landscape=False,
-    )
+    run = _study_run(tiny, tmp_path, settings, study, references)
+    (row,) = run_cell(run, Cell("synthetic", "npo", "adam", 0, 1e-4), tmp_path, landscape=False)
     assert row.cost.target_level == pytest.approx(0.375)

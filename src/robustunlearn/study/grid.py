@@ -1,12 +1,21 @@
 """The grade study: optimizers x objectives x seeds, each cell unlearned to a matched forgetting
-level and then attacked; rows go to ``results.jsonl`` and a report with plots.
+level within a matched compute budget, then attacked along ladders of strength, beside a control.
 
-Fair comparison (what reviewers of the paper asked for): every cell unlearns until its forget
-metric reaches the retrain reference's level (checked every ``check_every`` steps) or its step
-budget runs out, and records the steps, forward/backward passes and wall time it used and whether
-it got there. Learning rates come from a small per-optimizer sweep (:func:`sweep_learning_rates`)
-that keeps the best utility at that matched forgetting; the embedded benchmark ships the sweep's
-choices in ``recipes/embedded.yaml``.
+The protocol (README "The study's protocol"):
+
+* **Splits** (:mod:`robustunlearn.data.splits`, seeded, written to ``splits.json``): retain subjects
+  are split into the unlearning loss's regulariser (the *training view* the engine sees), the lr
+  sweep's validation set and the reported evaluation set; the relearning attacker gets some forget
+  subjects (and, where records have attributes, some of their attributes) and is scored in-set
+  and on the forget records it never saw.
+* **Matched forgetting**: every cell checks its forget metric every ``check_every`` steps, the same
+  for every optimizer (a hybrid's blocks end on those checks), and stops at the retrain reference's
+  level plus the evaluation preset's tolerance; ``level_gap`` records how far below it ended.
+* **Matched compute**: a budget in forward-pass equivalents (``compute_budget``), so a
+  zeroth-order optimizer takes as many of its cheap steps as the budget buys.
+* **Controls** (:mod:`robustunlearn.study.controls`): every attack also runs on the retrain model.
+* **Learning rates** (:mod:`robustunlearn.study.sweep`) are tuned on the validation set and on
+  seeds that are never reported.
 
 A finished cell leaves ``cells/<id>/rows.json``; a rerun skips it, so a killed study resumes.
 """
@@ -17,20 +26,25 @@ import copy
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from robustunlearn.attacks import AttackContext, parse_attack
-from robustunlearn.config import RunSettings, StudySettings, learning_rate, sweep_base, unlearn_settings
+from robustunlearn.attacks.spec import RELEARNING
+from robustunlearn.config import RunSettings, StudySettings, unlearn_settings
+from robustunlearn.core.errors import UserError
 from robustunlearn.core.io import atomic_write, atomic_write_json
 from robustunlearn.core.models import DTYPES, load_model
 from robustunlearn.core.modules import load_weights, save_trainable_weights
-from robustunlearn.data.base import Benchmark
+from robustunlearn.data.base import QA, Benchmark
+from robustunlearn.data.splits import RelearnSplit, RetainViews, relearn_split, retain_views
 from robustunlearn.metrics import qa_answer_nll
 from robustunlearn.metrics.privacy import mia_privacy, muse_corpus, with_privleak
 from robustunlearn.metrics.suite import METRICS, UTILITY_METRIC, describe_eval, evaluate_model, tofu_scores
 from robustunlearn.optim import OPTIMIZERS
+from robustunlearn.study.cells import Cell, cell_optimizer_options, grid_cells
+from robustunlearn.study.controls import RETRAIN, TARGET, Controls, final_scorings
 from robustunlearn.study.landscape import linear_interpolation, sharpness
 from robustunlearn.study.loading import load_target
 from robustunlearn.study.report import write_report
@@ -45,47 +59,218 @@ from robustunlearn.study.rows import (
     write_results_jsonl,
 )
 from robustunlearn.study.scores import attack_scores
+from robustunlearn.study.sweep import Trial, sweep_learning_rates
 from robustunlearn.train.engine import unlearn
+from robustunlearn.train.settings import UnlearnSettings
 
 UNLEARNED_WEIGHTS = "unlearned.safetensors"  # a cell's unlearned weights, kept for the LMC curves
 LANDSCAPE_EXAMPLES = 128  # QA pairs per role the landscape losses average over
 SHARPNESS_SCALES = (0.01, 0.03, 0.1)  # Gaussian weight noise, as fractions of each matrix's RMS
+# Utility along the unlearning curve: on the first retain QA of the view, a cheap estimate of the
+# reported utility (the check also scores the whole forget set, which decides the stop).
+CURVE_UTILITY_EXAMPLES = 32
+RELEARN_SCORINGS = ("in_set", "held_out_subjects", "held_out_attributes")
 
 
-@dataclass(frozen=True)
-class Cell:
-    benchmark: str
-    objective: str
-    optimizer: str
-    seed: int
-    lr: float
+@dataclass
+class StudyRun:
+    """What every cell of one study shares: the settings, the models, the splits and the controls."""
+
+    settings: RunSettings
+    study: StudySettings
+    target: Any
+    tokenizer: Any
+    views: RetainViews
+    references: dict[str, Any]
+    output_dir: Path
+    controls: Controls | None = None
+    console: Any = None
+    relearn_splits: dict[int, RelearnSplit] = field(default_factory=dict)
 
     @property
-    def grade(self) -> str:
-        return OPTIMIZERS[self.optimizer].grade
+    def metric(self) -> str:
+        return self.study.level_metric
 
     @property
-    def name(self) -> str:
-        return f"{self.objective}-{self.optimizer}-seed{self.seed}-lr{self.lr:g}"
+    def relearns(self) -> bool:
+        """Whether the attacks include relearning (which needs the relearning split)."""
+        return any(parse_attack(name).family == RELEARNING for name in self.study.attacks)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "benchmark": self.benchmark,
-            "objective": self.objective,
-            "optimizer": self.optimizer,
-            "grade": self.grade,
-            "seed": self.seed,
-            "lr": self.lr,
-        }
+    @property
+    def target_level(self) -> float | None:
+        """The retrain reference's level plus the evaluation preset's tolerance (None without one)."""
+        retrain = self.references.get("retrain")
+        return None if retrain is None else retrain[self.metric] + self.settings.eval.level_tolerance
+
+    def relearn_split(self, seed: int) -> RelearnSplit:
+        """The relearning attacker's records and the held-out parts for ``seed``."""
+        if seed not in self.relearn_splits:
+            study = self.study
+            forget = self.views.evaluation.get("forget_qa")
+            subjects = study.relearn_subjects or max(1, len({record.subject for record in forget}) // 2)
+            self.relearn_splits[seed] = relearn_split(
+                self.views.evaluation, subjects, study.relearn_attribute_share, seed
+            )
+        return self.relearn_splits[seed]
+
+    def evaluate(self, model, metrics: Sequence[str] | None = None) -> dict[str, float]:
+        """``model``'s metrics on the evaluation view (the reported numbers)."""
+        return evaluate_model(model, self.tokenizer, self.views.evaluation, self.settings.eval, metrics=metrics)
 
 
-def forget_level_probe(tokenizer, benchmark: Benchmark, settings: RunSettings, metric: str):
-    """A cheap evaluation of the level metric on the forget set, for early stopping and curves."""
+def unlearning_probe(run: StudyRun, view: Benchmark):
+    """The check during unlearning: the level metric on the forget set, which decides the stop,
+    and the utility on ``view``'s first CURVE_UTILITY_EXAMPLES retain QA (for the compute curve)."""
+    retain = view.get("retain_qa")[:CURVE_UTILITY_EXAMPLES]
+    utility_view = view.with_splits(retain_qa=retain) if retain else None
 
     def probe(model, step: int) -> dict[str, float]:
-        return evaluate_model(model, tokenizer, benchmark, settings.eval, metrics=(metric,))
+        values = evaluate_model(model, run.tokenizer, view, run.settings.eval, metrics=(run.metric,))
+        if utility_view is not None:
+            values.update(
+                evaluate_model(model, run.tokenizer, utility_view, run.settings.eval, metrics=(UTILITY_METRIC,))
+            )
+        return values
 
     return probe
+
+
+def relearning_probe(run: StudyRun, split: RelearnSplit):
+    """The check along a relearning curve: the level metric on the whole forget set, and, when it
+    is a forget-QA metric, ``<metric>@<scoring>`` on each non-empty part of ``split``."""
+    parts: dict[str, tuple[QA, ...]] = {}
+    if METRICS[run.metric].split == "forget_qa":
+        parts = {name: getattr(split, name if name != "in_set" else "train") for name in RELEARN_SCORINGS}
+        parts = {name: records for name, records in parts.items() if records}
+    views = {name: run.views.evaluation.with_splits(forget_qa=list(records)) for name, records in parts.items()}
+
+    def probe(model, step: int) -> dict[str, float]:
+        values = run.evaluate(model, metrics=(run.metric,))
+        for name, view in views.items():
+            score = evaluate_model(model, run.tokenizer, view, run.settings.eval, metrics=(run.metric,))
+            values[f"{run.metric}@{name}"] = score[run.metric]
+        return values
+
+    return probe
+
+
+def attack_context(run: StudyRun, seed: int) -> AttackContext:
+    """What the attacks of a cell with ``seed`` (and its control) get: the training view (GPTQ
+    calibrates on regulariser retain text; benign relearning trains on regulariser QA), the
+    relearning attacker's records and probe, and the target the quantization diagnostics compare with."""
+    study = run.study
+    split = run.relearn_split(seed) if run.relearns else None
+    return AttackContext(
+        run.tokenizer,
+        run.views.training,
+        seed=seed,
+        batch_size=run.settings.unlearn.batch_size,
+        relearn_records=() if split is None else split.train,
+        relearn_steps=study.relearn_steps,
+        relearn_lr=study.relearn_lr,
+        relearn_eval_every=study.relearn_eval_every,
+        probe=None if split is None else relearning_probe(run, split),
+        reference_model=run.target,
+    )
+
+
+def cell_options(settings: RunSettings, study: StudySettings, cell: Cell) -> dict[str, Any]:
+    """The optimizer options ``cell`` trains with. An optimizer that works in blocks (the
+    ``hybrid``: its spec has an ``every``) may stop only at the end of a ZO block, so in a study its
+    blocks are laid out from the first step (``align: start``) and, unless the recipe or the tuned
+    values set ``every``, last half a check interval: every check is a block end, and every
+    optimizer stops within the same number of steps of reaching the level."""
+    options = cell_optimizer_options(settings, cell)
+    if "every" not in OPTIMIZERS[cell.optimizer].default_options:
+        return options
+    return {"every": max(1, study.check_every // 2), "align": "start", **options}
+
+
+def check_stop_alignment(settings: RunSettings, study: StudySettings) -> None:
+    """One-line UserError unless every block optimizer of the grid ends a ZO block on each check
+    (``2·every`` divides ``check_every``, blocks from the first step) and on the step cap."""
+    for objective in study.objectives:
+        for optimizer in study.optimizers:
+            options = cell_options(settings, study, Cell(settings.benchmark, objective, optimizer, 0, 1.0))
+            if "every" not in options:
+                continue
+            every, align = options["every"], options.get("align")
+            if align != "start" or study.check_every % (2 * every) or study.max_steps % (2 * every):
+                raise UserError(
+                    f"{optimizer} ({objective}) stops only at the end of a ZO block, so a study needs its blocks "
+                    f"from the first step (align: start) and 2·every dividing study.check_every "
+                    f"({study.check_every}) and study.max_steps ({study.max_steps}); it has every {every}, "
+                    f"align {align}"
+                )
+
+
+def cell_settings(run: StudyRun, cell: Cell) -> UnlearnSettings:
+    """The engine's settings of ``cell``: its lr, options and seed, the study's budgets and checks."""
+    return unlearn_settings(
+        run.settings,
+        optimizer=cell.optimizer,
+        objective=cell.objective,
+        lr=cell.lr,
+        optimizer_options=cell_options(run.settings, run.study, cell),
+        steps=run.study.max_steps,
+        compute_budget=run.study.compute_budget,
+        eval_every=run.study.check_every,
+        epochs=None,
+        seed=cell.seed,
+    )
+
+
+def unlearn_cell(run: StudyRun, cell: Cell, view: Benchmark, directory: Path):
+    """Unlearn a copy of the target on the training view until the level, the compute budget or
+    the step cap; checks score ``view``. Returns the model, its cost and its unlearning curve."""
+    metric, level = run.metric, run.target_level
+
+    def reached(metrics: dict[str, float]) -> str | None:
+        if level is not None and metrics[metric] <= level:
+            return f"{metric} {metrics[metric]:.3f} <= {level:.3f}"
+        return None
+
+    model = copy.deepcopy(run.target)
+    started = time.perf_counter()
+    outcome = unlearn(
+        model,
+        run.tokenizer,
+        run.views.training,
+        cell_settings(run, cell),
+        directory / "unlearn",
+        evaluate=unlearning_probe(run, view),
+        should_stop=reached,
+        console=run.console,
+    )
+    start = {"step": 0, "forward_equivalents": 0.0, metric: run.references["target"][metric]}
+    curve = [start] + [
+        {"step": entry["step"], "forward_equivalents": entry["forward_equivalents"], **entry["eval"]}
+        for entry in outcome.history
+        if "eval" in entry
+    ]
+    cost = UnlearningCost(
+        steps=outcome.steps_done,
+        forward_passes=outcome.passes["forward"],
+        backward_passes=outcome.passes["backward"],
+        seconds=round(time.perf_counter() - started, 2),
+        reached_level=outcome.stopped_early is not None and not outcome.budget_spent,
+        target_level=level,
+        forward_equivalents=outcome.forward_equivalents,
+        compute_budget=run.study.compute_budget,
+        budget_spent=outcome.budget_spent,
+        level_tolerance=run.settings.eval.level_tolerance,
+    )
+    return model, cost, curve
+
+
+def cell_sharpness(model, tokenizer, benchmark: Benchmark, seed: int) -> dict[str, Any]:
+    """Sharpness of the forget loss (see :func:`robustunlearn.study.landscape.sharpness`)."""
+    losses = qa_losses(tokenizer, benchmark)
+    # 10% of a matrix's RMS is about the rounding noise of 4-bit RTN (step/sqrt(12), step ~ range/15).
+    curve = sharpness(
+        model, lambda noisy: losses(noisy, roles=("forget",))["forget_qa_loss"], scales=SHARPNESS_SCALES, seed=seed
+    )
+    return {"sharpness_loss": "forget_qa_loss", "sharpness": curve}
 
 
 def qa_losses(tokenizer, benchmark: Benchmark):
@@ -99,14 +284,73 @@ def qa_losses(tokenizer, benchmark: Benchmark):
     return losses
 
 
-def cell_sharpness(model, tokenizer, benchmark: Benchmark, seed: int) -> dict[str, Any]:
-    """Sharpness of the forget loss (see :func:`robustunlearn.study.landscape.sharpness`)."""
-    losses = qa_losses(tokenizer, benchmark)
-    # 10% of a matrix's RMS is about the rounding noise of 4-bit RTN (step/sqrt(12), step ~ range/15).
-    curve = sharpness(
-        model, lambda noisy: losses(noisy, roles=("forget",))["forget_qa_loss"], scales=SHARPNESS_SCALES, seed=seed
-    )
-    return {"sharpness_loss": "forget_qa_loss", "sharpness": curve}
+def run_cell(
+    run: StudyRun, cell: Cell, directory: Path, attacks: bool = True, landscape: bool = True
+) -> list[ResultRow]:
+    """Unlearn one cell to the matched level, evaluate it, run the attack ladders on it and on the
+    control; return its rows. With ``landscape`` (and ``study.landscape``, not under LoRA) the rows
+    carry the model's sharpness and its weights are kept in ``directory``/UNLEARNED_WEIGHTS for
+    :func:`add_lmc_curves`. Each row carries its model's membership-inference AUCs and PrivLeak
+    against the retrain model's AUC (MUSE's published one on MUSE without it)."""
+    settings, views, references = run.settings, run.views, run.references
+    model, cost, curve = unlearn_cell(run, cell, views.evaluation, directory)
+    unlearned = run.evaluate(model)
+    if cost.target_level is not None:
+        cost = replace(cost, level_gap=cost.target_level - unlearned[run.metric])
+    cell_landscape = None
+    if landscape and run.study.landscape and settings.unlearn.lora is None:
+        cell_landscape = Landscape(**cell_sharpness(model, run.tokenizer, views.evaluation, cell.seed))
+        atomic_write(directory / UNLEARNED_WEIGHTS, lambda path: save_trainable_weights(model, path))
+    reference = References(target=references["target"], unlearned=unlearned, retrain=references.get("retrain"))
+    retrain_ratios = (references.get("tofu_retrain") or {}).get("forget_truth_ratios")
+    retrain_mia = (references.get("privacy") or {}).get("retrain")
+    context = attack_context(run, cell.seed)
+
+    def row(attack: str, family: str, attacked_model, metrics: dict[str, float], outcome=None) -> ResultRow:
+        attack_curve = None if outcome is None else outcome.curve
+        entry = ResultRow(
+            cell=RowCell(**cell.as_dict()),
+            attack=attack,
+            attack_family=family,
+            forget={k: v for k, v in metrics.items() if METRICS[k].forget},
+            utility={k: v for k, v in metrics.items() if not METRICS[k].forget},
+            reference=reference,
+            primary_metric=run.metric,
+            cost=cost,
+            curve=attack_curve,
+            landscape=cell_landscape,
+            attack_config=None if outcome is None else outcome.config,
+            unlearning_curve=curve,
+            scorings=final_scorings(attack_curve, run.metric),
+            control=None if run.controls is None else run.controls.get(attack, context),
+        )
+        entry.scores = attack_scores(entry)
+        entry.tofu = tofu_scores(attacked_model, run.tokenizer, views.evaluation, settings.eval, retrain_ratios)
+        mia = mia_privacy(attacked_model, run.tokenizer, views.evaluation, settings.eval)
+        entry.privacy = with_privleak(mia, retrain_mia, muse=muse_corpus(views.evaluation))
+        return entry
+
+    rows = [row("none", "none", model, unlearned)]
+    for name in run.study.attacks if attacks else ():
+        attack = parse_attack(name)
+        outcome = attack.run(model, context)
+        rows.append(row(name, attack.family, outcome.model, run.evaluate(outcome.model), outcome))
+    return rows
+
+
+def sweep_trial(run: StudyRun):
+    """The lr sweep's trial: unlearn on the training view, score forgetting and utility on the
+    *validation* view (retain subjects neither the unlearning loss nor the report sees)."""
+
+    def trial(cell: Cell) -> Trial:
+        directory = run.output_dir / "sweep" / cell.name
+        model, cost, _ = unlearn_cell(run, cell, run.views.validation, directory)
+        scores = evaluate_model(
+            model, run.tokenizer, run.views.validation, run.settings.eval, metrics=(run.metric, UTILITY_METRIC)
+        )
+        return Trial(cost.reached_level, scores[run.metric], scores[UTILITY_METRIC], cost.to_json())
+
+    return trial
 
 
 def add_lmc_curves(
@@ -157,116 +401,6 @@ def add_lmc_curves(
         write_cell_rows(output_dir / "cells" / cell.name / "rows.json", rows)
 
 
-def attack_context(
-    tokenizer, benchmark: Benchmark, settings: RunSettings, study: StudySettings, probe
-) -> AttackContext:
-    """What the attack suite needs from the study: relearning batches of the unlearning's batch size,
-    the study's relearning options and ``probe`` along the relearning curves."""
-    return AttackContext(
-        tokenizer,
-        benchmark,
-        seed=settings.seed,
-        batch_size=settings.unlearn.batch_size,
-        relearn_samples=study.relearn_samples,
-        relearn_steps=study.relearn_steps,
-        relearn_lr=study.relearn_lr,
-        relearn_eval_every=study.relearn_eval_every,
-        probe=probe,
-    )
-
-
-def run_cell(
-    cell: Cell,
-    target,
-    tokenizer,
-    benchmark: Benchmark,
-    references: dict[str, dict[str, float] | None],
-    settings: RunSettings,
-    study: StudySettings,
-    directory: Path,
-    console=None,
-    attacks: bool = True,
-    landscape: bool = True,
-) -> list[ResultRow]:
-    """Unlearn one cell to the matched level, evaluate it, run the attack suite; return its rows.
-    With ``landscape`` (and ``study.landscape``, not under LoRA) the rows carry the model's
-    sharpness and its weights are kept in ``directory``/UNLEARNED_WEIGHTS for :func:`add_lmc_curves`.
-    Each row carries its model's membership-inference AUCs and PrivLeak against the
-    retrain model's AUC in ``references["privacy"]`` (MUSE's published one on MUSE without it)."""
-
-    metric = study.level_metric
-    probe = forget_level_probe(tokenizer, benchmark, settings, metric)
-    retrain = references.get("retrain")
-    # the tolerance is the evaluation preset's, so "retrain level + tolerance" means one thing per benchmark
-    target_level = None if retrain is None else retrain[metric] + settings.eval.level_tolerance
-
-    def reached(metrics: dict[str, float]) -> str | None:
-        if target_level is not None and metrics[metric] <= target_level:
-            return f"{metric} {metrics[metric]:.3f} <= {target_level:.3f}"
-        return None
-
-    model = copy.deepcopy(target)
-    config = unlearn_settings(
-        settings,
-        optimizer=cell.optimizer,
-        objective=cell.objective,
-        lr=cell.lr,
-        steps=study.max_steps,
-        eval_every=study.check_every,
-        epochs=None,
-        seed=cell.seed,
-    )
-    started = time.perf_counter()
-    outcome = unlearn(
-        model, tokenizer, benchmark, config, directory / "unlearn", evaluate=probe, should_stop=reached, console=console
-    )
-    cost = UnlearningCost(
-        steps=outcome.steps_done,
-        forward_passes=outcome.passes["forward"],
-        backward_passes=outcome.passes["backward"],
-        seconds=round(time.perf_counter() - started, 2),
-        reached_level=outcome.stopped_early is not None,
-        target_level=target_level,
-    )
-    unlearned = evaluate_model(model, tokenizer, benchmark, settings.eval)
-    cell_landscape = None
-    if landscape and study.landscape and settings.unlearn.lora is None:
-        cell_landscape = Landscape(**cell_sharpness(model, tokenizer, benchmark, cell.seed))
-        atomic_write(directory / UNLEARNED_WEIGHTS, lambda path: save_trainable_weights(model, path))
-    reference = References(target=references["target"], unlearned=unlearned, retrain=retrain)
-    retrain_ratios = (references.get("tofu_retrain") or {}).get("forget_truth_ratios")
-    retrain_mia = (references.get("privacy") or {}).get("retrain")
-
-    def row(attack: str, family: str, attacked_model, metrics: dict[str, float], outcome=None) -> ResultRow:
-        entry = ResultRow(
-            cell=RowCell(**cell.as_dict()),
-            attack=attack,
-            attack_family=family,
-            forget={k: v for k, v in metrics.items() if METRICS[k].forget},
-            utility={k: v for k, v in metrics.items() if not METRICS[k].forget},
-            reference=reference,
-            primary_metric=metric,
-            cost=cost,
-            curve=None if outcome is None else outcome.curve,
-            landscape=cell_landscape,
-            attack_config=None if outcome is None else outcome.config,
-        )
-        entry.scores = attack_scores(entry)
-        entry.tofu = tofu_scores(attacked_model, tokenizer, benchmark, settings.eval, retrain_ratios)
-        mia = mia_privacy(attacked_model, tokenizer, benchmark, settings.eval)
-        entry.privacy = with_privleak(mia, retrain_mia, muse=muse_corpus(benchmark))
-        return entry
-
-    rows = [row("none", "none", model, unlearned)]
-    context = attack_context(tokenizer, benchmark, settings, study, probe)
-    for name in study.attacks if attacks else ():
-        attack = parse_attack(name)
-        outcome = attack.run(model, context)
-        scores = evaluate_model(outcome.model, tokenizer, benchmark, settings.eval)
-        rows.append(row(name, attack.family, outcome.model, scores, outcome))
-    return rows
-
-
 def reference_privacy(target, retrain, tokenizer, benchmark: Benchmark, settings: RunSettings) -> dict[str, Any]:
     """``{"target", "retrain"}``: the membership-inference AUCs and PrivLeak of the target and retrain
     (None without one) models, both against the retrain model's AUC (the retrain's own PrivLeak is 0)."""
@@ -279,107 +413,72 @@ def reference_privacy(target, retrain, tokenizer, benchmark: Benchmark, settings
     }
 
 
-def study_references(target, tokenizer, benchmark: Benchmark, prepared, settings: RunSettings, path: Path) -> dict:
-    """The reference models' evaluations, computed once into ``path`` (``references.json``): the
-    target's and retrain's (None without a prepared retrain model) metrics, the retrain's TOFU
-    scores, and ``privacy`` (:func:`reference_privacy`; added to a file written before it existed)."""
+def study_references(target, retrain, tokenizer, benchmark: Benchmark, settings: RunSettings, path: Path) -> dict:
+    """The reference models' evaluations on ``benchmark`` (the evaluation view), computed once into
+    ``path`` (``references.json``): the target's and retrain's (None without a retrain model)
+    metrics, the retrain's TOFU scores, and ``privacy`` (:func:`reference_privacy`). A file written
+    for other evaluation records (another retain split, or before there were splits) is recomputed."""
+    stamp = sorted({record.subject for record in benchmark.get("retain_qa")})
     references = json.loads(path.read_text()) if path.exists() else {}
-    if "target" in references and "privacy" in references:
+    if references.get("evaluation_subjects") == stamp and "privacy" in references:
         return references
-    retrain = None if prepared is None else load_model(prepared.retrain_dir, dtype=DTYPES[settings.dtype])[0]
-    if "target" not in references:
-        references["target"] = evaluate_model(target, tokenizer, benchmark, settings.eval)
-        references["retrain"] = None
-        if retrain is not None:
-            references["retrain"] = evaluate_model(retrain, tokenizer, benchmark, settings.eval)
-            references["tofu_retrain"] = tofu_scores(retrain, tokenizer, benchmark, settings.eval)
+    references = {"evaluation_subjects": stamp, "target": evaluate_model(target, tokenizer, benchmark, settings.eval)}
+    references["retrain"] = None
+    if retrain is not None:
+        references["retrain"] = evaluate_model(retrain, tokenizer, benchmark, settings.eval)
+        references["tofu_retrain"] = tofu_scores(retrain, tokenizer, benchmark, settings.eval)
     references["privacy"] = reference_privacy(target, retrain, tokenizer, benchmark, settings)
     atomic_write_json(path, references)
     return references
 
 
-def _cells_for(settings: RunSettings, study: StudySettings, chosen: dict[str, float]) -> list[Cell]:
-    return [
-        Cell(settings.benchmark, objective, optimizer, seed, learning_rate(settings, optimizer, chosen))
-        for objective in study.objectives
-        for optimizer in study.optimizers
-        for seed in study.seeds
-    ]
-
-
-def sweep_learning_rates(
-    settings: RunSettings,
-    study: StudySettings,
-    target,
-    tokenizer,
-    benchmark,
-    references,
-    output_dir: Path,
-    console=None,
-) -> dict[str, float]:
-    """For each optimizer, try a base lr (the settings' ``unlearn.lr``, else the tuned
-    ``sweep_bases``, else the optimizer's default) times each ``study.sweep_factors`` (first objective,
-    first seed, no attacks) and keep the lr with the best utility among those that reach the
-    forget level; if none reaches it, the one with the largest utility minus forget metric (the
-    one that forgets most would be the one that wrecks the model most). Written to ``lr_sweep.json``."""
-
-    path = output_dir / "lr_sweep.json"
-    if path.exists():
-        return json.loads(path.read_text())["chosen"]
-    trials, chosen = [], {}
-    for optimizer in study.optimizers:
-        base = sweep_base(settings, optimizer)
-        candidates = []
-        for factor in study.sweep_factors:
-            cell = Cell(settings.benchmark, study.objectives[0], optimizer, study.seeds[0], base * factor)
-            (row,) = run_cell(
-                cell,
-                target,
-                tokenizer,
-                benchmark,
-                references,
-                settings,
-                study,
-                output_dir / "sweep" / cell.name,
-                console,
-                attacks=False,
-                landscape=False,
-            )
-            utility = row.utility[UTILITY_METRIC]
-            candidates.append((row.cost.reached_level, utility, utility - row.forget[study.level_metric], cell.lr))
-            trials.append(
-                {
-                    "optimizer": optimizer,
-                    "lr": cell.lr,
-                    "reached_level": row.cost.reached_level,
-                    "forget": row.forget,
-                    "utility": row.utility,
-                    "cost": row.cost.to_json(),
-                }
-            )
-        reaching = [c for c in candidates if c[0]]
-        chosen[optimizer] = max(reaching, key=lambda c: c[1])[3] if reaching else max(candidates, key=lambda c: c[2])[3]
-    atomic_write_json(path, {"chosen": chosen, "trials": trials, "rule": sweep_learning_rates.__doc__})
-    return chosen
+def write_protocol(run: StudyRun) -> None:
+    """``splits.json`` (the retain split and each seed's relearning split) and ``protocol.json``
+    (budgets, checks, level, seeds, ladders) in the study's directory, for the report and readers."""
+    study, unlearn_options = run.study, run.settings.unlearn
+    splits = {
+        "retain": run.views.description,
+        "relearn": {str(seed): run.relearn_split(seed).description for seed in study.seeds} if run.relearns else None,
+    }
+    atomic_write_json(run.output_dir / "splits.json", splits)
+    protocol = {
+        "compute_budget": study.compute_budget,
+        "backward_cost": unlearn_options.backward_cost,
+        "max_steps": study.max_steps,
+        "check_every": study.check_every,
+        "level_metric": study.level_metric,
+        "level_tolerance": run.settings.eval.level_tolerance,
+        "reference_optimizer": study.reference,
+        "seeds": list(study.seeds),
+        "sweep_seeds": list(study.sweep_seeds),
+        "attacks": list(study.attacks),
+        "relearn": {"steps": study.relearn_steps, "eval_every": study.relearn_eval_every, "lr": study.relearn_lr},
+        "control": None if run.controls is None else run.controls.source,
+    }
+    atomic_write_json(run.output_dir / "protocol.json", protocol)
 
 
 def run_study(
     settings: RunSettings, study: StudySettings, output_dir: Path, cache_dir=None, console=None, lr_sweep: bool = False
 ) -> list[ResultRow]:
     """Run (or resume) the grid; write ``results.jsonl``, ``report.md``/``report.html`` and plots."""
-
+    check_stop_alignment(settings, study)
     target, tokenizer, benchmark, prepared = load_target(settings, cache_dir, console)
     if console is not None:  # printed once the model loaded: a loading error stays the only line
         console.print(f"evaluation: {describe_eval(settings.eval)}", highlight=False, soft_wrap=True)
-    references = study_references(target, tokenizer, benchmark, prepared, settings, output_dir / "references.json")
-
-    chosen = (
-        sweep_learning_rates(settings, study, target, tokenizer, benchmark, references, output_dir, console)
-        if lr_sweep
-        else {}
+    views = retain_views(benchmark, study.split_seed, study.retain_shares)
+    retrain = None if prepared is None else load_model(prepared.retrain_dir, dtype=DTYPES[settings.dtype])[0]
+    references = study_references(
+        target, retrain, tokenizer, views.evaluation, settings, output_dir / "references.json"
     )
+    run = StudyRun(settings, study, target, tokenizer, views, references, output_dir, console=console)
+    control, source = (target, TARGET) if retrain is None else (retrain, RETRAIN)
+    run.controls = Controls(control, source, output_dir / "controls", run.evaluate, run.metric)
+    write_protocol(run)
+
+    chosen = sweep_learning_rates(settings, study, sweep_trial(run), output_dir, console) if lr_sweep else {}
     finished: list[tuple[Cell, list[ResultRow]]] = []
-    for cell in _cells_for(settings, study, chosen):
+    for cell in grid_cells(settings, study, chosen):
         cell_dir = output_dir / "cells" / cell.name
         done = cell_dir / "rows.json"
         if done.exists():
@@ -387,14 +486,14 @@ def run_study(
                 console.print(f"skipping finished cell {cell.name}")
             finished.append((cell, read_cell_rows(done)))
             continue
-        cell_rows = run_cell(cell, target, tokenizer, benchmark, references, settings, study, cell_dir, console)
+        cell_rows = run_cell(run, cell, cell_dir)
         write_cell_rows(done, cell_rows)
         finished.append((cell, cell_rows))
         write_results_jsonl(output_dir / "results.jsonl", [row for _, cell_rows in finished for row in cell_rows])
     if study.landscape:
         if console is not None:
             console.print("loss landscape: linear mode connectivity between the unlearned models")
-        add_lmc_curves(finished, target, tokenizer, benchmark, settings, study, output_dir)
+        add_lmc_curves(finished, target, tokenizer, views.evaluation, settings, study, output_dir)
     rows = [row for _, cell_rows in finished for row in cell_rows]
     write_results_jsonl(output_dir / "results.jsonl", rows)
     write_report(

@@ -201,9 +201,11 @@ class RowCell:
     grade: str  # the optimizer's grade (robustunlearn.optim.GRADES)
     seed: int
     lr: float
+    options: dict[str, Any] | None = None  # optimizer options the cell overrides (the lr sweep's choices)
 
     def to_json(self) -> dict[str, Any]:
-        return _sorted_fields(self)
+        data = _sorted_fields(self)
+        return data if self.options else {key: value for key, value in data.items() if key != "options"}
 
     def grid_point(self) -> dict[str, Any]:
         """The cell without its seed: the grid point whose seeds the report averages."""
@@ -212,7 +214,8 @@ class RowCell:
     @classmethod
     def from_json(cls, data: Any) -> RowCell:
         text = {name: _STRING for name in ("benchmark", "objective", "optimizer", "grade")}
-        return cls(**_parse_fields(cls, data, {**text, "seed": _INTEGER, "lr": _NUMBER}, "cell"))
+        parsers = {**text, "seed": _INTEGER, "lr": _NUMBER, "options": _OBJECT}
+        return cls(**_parse_fields(cls, data, parsers, "cell", optional=("options",)))
 
 
 @dataclass(frozen=True)

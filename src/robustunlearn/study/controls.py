@@ -1,0 +1,70 @@
+"""The control of every attack: the same attack, with the same records, strength and seed, applied to
+a model that never learned the forget set (the retrain reference). What the attack teaches the
+control is what it would teach any model; only the excess over it, F_attacked(unlearned) −
+F_attacked(control), says that unlearning left something an attack can bring back. Without a
+retrain model (a given ``--model``, WMDP) the target stands in: an upper bound, not a control, and
+the rows say so (``control.source``).
+
+Each (seed, attack) control is computed once per study and kept in ``controls/seed<k>/<attack>.json``,
+so a resumed study does not attack the control again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from robustunlearn.attacks import AttackContext, parse_attack
+from robustunlearn.core.io import atomic_write_json
+from robustunlearn.metrics.suite import METRICS
+from robustunlearn.study.rows import NO_ATTACK, Control
+
+RETRAIN = "retrain"
+TARGET = "target"  # the stand-in without a retrain model: an upper bound
+
+
+def final_scorings(curve: list[dict[str, Any]] | None, metric: str) -> dict[str, dict[str, float]] | None:
+    """The scorings (``in_set``, ``held_out_subjects``, ...) of a relearning curve's last point,
+    whose keys are ``<metric>@<scoring>``; None without a curve or scorings."""
+    if not curve:
+        return None
+    prefix = f"{metric}@"
+    scorings = {key.removeprefix(prefix): {metric: value} for key, value in curve[-1].items() if key.startswith(prefix)}
+    return scorings or None
+
+
+class Controls:
+    """The control model's metrics under each attack, computed on first use and cached on disk.
+
+    ``evaluate(model) -> metrics`` scores a model as the cells' rows are scored (the evaluation view)."""
+
+    def __init__(self, model, source: str, directory: Path, evaluate: Callable[[Any], dict[str, float]], metric: str):
+        self.model = model
+        self.source = source
+        self.directory = directory
+        self.evaluate = evaluate
+        self.metric = metric
+
+    def get(self, attack: str, context: AttackContext) -> Control:
+        """The control under ``attack`` (``"none"``: the control itself) with ``context`` (its
+        seed, relearning records and probe are the cell's, so the two are attacked alike)."""
+        path = self.directory / f"seed{context.seed}" / f"{attack}.json"
+        if path.exists():
+            return Control(**json.loads(path.read_text()))
+        curve = None
+        attacked = self.model
+        if attack != NO_ATTACK:
+            outcome = parse_attack(attack).run(self.model, context)
+            attacked, curve = outcome.model, outcome.curve
+        metrics = self.evaluate(attacked)
+        control = Control(
+            source=self.source,
+            forget={k: v for k, v in metrics.items() if METRICS[k].forget},
+            utility={k: v for k, v in metrics.items() if not METRICS[k].forget},
+            scorings=final_scorings(curve, self.metric),
+            curve=curve,
+        )
+        atomic_write_json(path, control.to_json())
+        return control
