@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import json
 import sys
 
 import pytest
@@ -101,3 +102,23 @@ def test_console_script_exit_code():
     )
     assert result.returncode == 2
     assert_one_line_error(result.stderr, "accepted:")
+
+
+def test_the_claims_preset_runs_three_seeds_and_the_full_ladders(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["robustunlearn", "study", "--claims", "--output-dir", str(tmp_path), "--dry-run"])
+    main()  # a dry run returns
+    study = json.loads(capsys.readouterr().out)["study"]
+    assert study["seeds"] == [0, 1, 2]
+    assert {"rtn-int8", "rtn-int2", "nf4", "gptq-int4", "noise-0.3", "relearn-lr2e-3"} <= set(study["attacks"])
+
+
+def test_claims_and_a_recipe_together_and_a_zero_budget_are_one_line_errors(monkeypatch, capsys, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("seed: 0\n")
+    output_dir = str(tmp_path / "o")
+    code, output = run_cli(monkeypatch, capsys, "run", "--claims", "--config", str(recipe), "--output-dir", output_dir)
+    assert code == 2
+    assert_one_line_error(output, "--claims or --config")
+    code, output = run_cli(monkeypatch, capsys, "run", "--budget", "0", "--output-dir", output_dir)
+    assert code == 2
+    assert_one_line_error(output, "compute_budget")

@@ -25,7 +25,14 @@ from typer.exceptions import TyperException
 from robustunlearn.attacks import describe_attacks
 from robustunlearn.bench.generation import bench_generation
 from robustunlearn.bench.optimizers import bench_optimizers
-from robustunlearn.config import RunSettings, check_training_options, load_settings
+from robustunlearn.config import (
+    CLAIMS_RECIPE,
+    RunSettings,
+    StudySettings,
+    check_training_options,
+    load_settings,
+    packaged_recipe,
+)
 from robustunlearn.core.distributed import is_main_process, leave_process_group
 from robustunlearn.core.errors import UserError
 from robustunlearn.core.io import atomic_write_json, missing_directories, remove_empty
@@ -199,13 +206,29 @@ OptimizersOption = typer.Option(
     "--optimizer",
     help="Optimizer(s), comma-separated [default: adam,signadam,zo-adazo,hybrid,sophia-g].",
 )
-SeedsOption = typer.Option(None, "--seeds", help="Seeds of the grid, comma-separated [default: the --seed].")
+SeedsOption = typer.Option(
+    None, "--seeds", help="Seeds of the grid, comma-separated [default: 0,1; with --seed N alone: N]."
+)
 AttacksOption = typer.Option(
     None,
     "--attacks",
-    help=f"Attack suite, comma-separated [default: rtn-int4,relearn]. Attacks: {describe_attacks()}.",
+    help=f"Attack ladders, comma-separated [default: {','.join(StudySettings().attacks)}]. "
+    f"Attacks: {describe_attacks()}.",
 )
-StepsOption = typer.Option(None, "--steps", help="Each cell's unlearning step budget [default: 150].")
+StepsOption = typer.Option(
+    None, "--steps", help=f"Each cell's cap on unlearning steps [default: {StudySettings().max_steps}]."
+)
+BudgetOption = typer.Option(
+    None,
+    "--budget",
+    help="Each cell's compute budget in forward-pass equivalents (forwards + 2 x backwards) "
+    f"[default: {StudySettings().compute_budget:g}].",
+)
+ClaimsOption = typer.Option(
+    False,
+    "--claims",
+    help=f"The claims preset (recipes/{CLAIMS_RECIPE}: more seeds, the full ladders); not with --config.",
+)
 LrOption = typer.Option(None, "--lr", help="Learning rate for every optimizer [default: each optimizer's tuned lr].")
 ModelOption = typer.Option(
     None,
@@ -235,11 +258,15 @@ def _study(
     optimizers: Optional[str] = None,
     attacks: Optional[str] = None,
     steps: Optional[int] = None,
+    budget: Optional[float] = None,
     lr: Optional[float] = None,
+    claims: bool = False,
 ) -> None:
     """What ``run`` and ``study`` share: validate everything, then run the grid and print its table."""
+    if claims and config is not None:
+        raise UserError("give --claims or --config, not both (--claims is the recipe recipes/claims.yaml)")
     settings = _settings(
-        config,
+        packaged_recipe(CLAIMS_RECIPE) if claims else config,
         benchmark=benchmark,
         seed=seed,
         model_path=model,
@@ -251,6 +278,7 @@ def _study(
         study__seeds=_seeds(seeds) or ((seed,) if seed is not None else None),
         study__attacks=_names(attacks),
         study__max_steps=steps,
+        study__compute_budget=budget,
     )
     check_training_options(settings, settings.study.objectives, settings.study.optimizers)
     _check_models(settings.model_path, settings.base_model)
@@ -274,7 +302,9 @@ def run(
     optimizers: Optional[str] = OptimizersOption,
     lr: Optional[float] = LrOption,
     steps: Optional[int] = StepsOption,
+    budget: Optional[float] = BudgetOption,
     attacks: Optional[str] = AttacksOption,
+    claims: bool = ClaimsOption,
     model: Optional[str] = ModelOption,
     output_dir: Path = typer.Option(Path("runs/latest"), "--output-dir", help="Where results and the report go."),
     cache_dir: Optional[Path] = CacheOption,
@@ -299,8 +329,10 @@ def study(
     seeds: Optional[str] = SeedsOption,
     attacks: Optional[str] = AttacksOption,
     steps: Optional[int] = StepsOption,
+    budget: Optional[float] = BudgetOption,
     lr: Optional[float] = LrOption,
     lr_sweep: bool = SweepOption,
+    claims: bool = ClaimsOption,
     model: Optional[str] = ModelOption,
     data_dir: Optional[Path] = DataDirOption,
     forget_split: Optional[str] = ForgetSplitOption,

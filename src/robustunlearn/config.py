@@ -39,6 +39,7 @@ from robustunlearn.train.prepare import TrainConfig
 from robustunlearn.train.settings import UnlearnSettings
 
 EMBEDDED_RECIPE = "embedded.yaml"
+CLAIMS_RECIPE = "claims.yaml"  # the `--claims` preset: the study whose report docs/results/ holds
 # The default attack ladders: quantization by bit width, weight noise by scale, relearning at two
 # learning rates (1e-4, and the target's own training lr, 2e-3; each a curve over steps).
 DEFAULT_ATTACKS = (
@@ -134,6 +135,28 @@ class TunedSettings(Strict):
         return values
 
 
+def optimizer_option_names(optimizer: str) -> list[str] | None:
+    """The options ``optimizer`` takes: the keyword parameters of the class its spec builds (and of
+    the base classes its ``**options`` reach), less ``params``, ``lr`` and those the spec fixes.
+    None when the spec's build is not such a constructor call: the hybrids, which check their own
+    options when they are built."""
+    closure = inspect.getclosurevars(OPTIMIZERS[optimizer].build).nonlocals
+    built, fixed = closure.get("cls"), set(closure.get("fixed") or ())
+    if not isinstance(built, type):
+        return None
+    names: list[str] = []
+    for klass in built.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        not_options = {"self", "params", "defaults", "lr", *fixed, *names}
+        names += [p.name for p in parameters if p.kind in keywords and p.name not in not_options]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            break
+    return names
+
+
 class StudySettings(Strict):
     """The grade study's grid, its splits, matched-forgetting and matched-compute rules, and the
     attack ladders (README "The study's protocol")."""
@@ -144,8 +167,10 @@ class StudySettings(Strict):
     attacks: tuple[str, ...] = DEFAULT_ATTACKS
     # Each cell's budget in forward-pass equivalents (forwards + unlearn.backward_cost x backwards);
     # max_steps only caps the step count. None: the step budget alone.
-    compute_budget: float | None = Field(None, gt=0)
-    max_steps: int = Field(150, ge=1)
+    # The default, 3200, is 10x what adam needed to reach the level on the embedded benchmark (80 steps of
+    # 4 forward-pass equivalents: NPO's forward, its reference forward and a backward).
+    compute_budget: float | None = Field(3200.0, gt=0)
+    max_steps: int = Field(2000, ge=1)
     check_every: int = Field(10, ge=1)  # steps between checks of the forget level, the same for every optimizer
     level_metric: str = "forget_qa_rouge"
     # Retain subjects split, seeded by split_seed, into the unlearning loss's regulariser, the lr
@@ -162,7 +187,10 @@ class StudySettings(Strict):
     sweep_factors: tuple[float, ...] = (0.3, 1.0, 3.0)  # --lr-sweep tries base lr x each
     sweep_seeds: tuple[int, ...] = (1000,)  # the lr sweep's seeds: never the reported ones
     # Optimizer options the sweep crosses with the lr factors: optimizer -> option -> values.
-    sweep_options: dict[str, dict[str, tuple[bool | int | float | str, ...]]] = Field(default_factory=dict)
+    # Optimizers of the grid not named here are swept over the lr alone; names outside the grid are ignored.
+    sweep_options: dict[str, dict[str, tuple[bool | int | float | str, ...]]] = Field(
+        default_factory=lambda: {"hybrid": {"zo_lr": (3e-5, 1e-4, 3e-4)}, "zo-adazo": {"eps": (1e-3, 1e-2)}}
+    )
     # Loss landscape per cell: sharpness of the forget loss, and linear mode connectivity from the reference
     # optimizer's model to each other one's (same objective and seed). Keeps each cell's weights on disk.
     landscape: bool = True
@@ -178,10 +206,8 @@ class StudySettings(Strict):
         reused = sorted(set(self.sweep_seeds) & set(self.seeds))
         if reused:
             raise ValueError(f"sweep_seeds must not be reported seeds (tuning on them scores what was tuned): {reused}")
-        unknown = [name for name in self.sweep_options if name not in self.optimizers]
-        if unknown:
-            raise ValueError(f"sweep_options names optimizers outside the grid: {', '.join(unknown)}")
         for optimizer, options in self.sweep_options.items():
+            check_name("sweep_options optimizer", optimizer, OPTIMIZERS)
             accepted = optimizer_option_names(optimizer)  # None: a hybrid, which checks its own when built
             wrong = [name for name in options if accepted is not None and name not in accepted]
             if wrong:
@@ -345,28 +371,6 @@ def optimizer_options(
     }
 
 
-def optimizer_option_names(optimizer: str) -> list[str] | None:
-    """The options ``optimizer`` takes: the keyword parameters of the class its spec builds (and of
-    the base classes its ``**options`` reach), less ``params``, ``lr`` and those the spec fixes.
-    None when the spec's build is not such a constructor call: the hybrids, which check their own
-    options when they are built."""
-    closure = inspect.getclosurevars(OPTIMIZERS[optimizer].build).nonlocals
-    built, fixed = closure.get("cls"), set(closure.get("fixed") or ())
-    if not isinstance(built, type):
-        return None
-    names: list[str] = []
-    for klass in built.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
-        keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        not_options = {"self", "params", "defaults", "lr", *fixed, *names}
-        names += [p.name for p in parameters if p.kind in keywords and p.name not in not_options]
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-            break
-    return names
-
-
 def check_training_options(settings: RunSettings, objectives: Iterable[str], optimizers: Iterable[str]) -> None:
     """``UserError`` if the objective or optimizer options a run would use (tuned, then the recipe's
     ``unlearn.objective_options`` and ``unlearn.optimizer_options``) hold an unknown option, or for
@@ -481,6 +485,11 @@ def _check_shape(data: dict[str, Any]) -> None:
     bad = _non_finite(data)
     if bad is not None:
         raise ValueError(f"{bad}: must be a finite number")
+
+
+def packaged_recipe(name: str) -> Path:
+    """The path of a recipe shipped in ``robustunlearn/recipes`` (e.g. CLAIMS_RECIPE)."""
+    return Path(str(resources.files("robustunlearn").joinpath("recipes", name)))
 
 
 def embedded_recipe() -> dict[str, Any]:
