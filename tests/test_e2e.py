@@ -75,6 +75,7 @@ def test_run_writes_results_report_and_skips_finished_cells(tmp_path, monkeypatc
         assert {"forget_qa_loss", "retain_qa_loss"} <= set(point)
     report = (output / "report.md").read_text()
     assert "adamw" in report and "zo-sgd" in report and "Loss landscape" in report
+    assert_protocol(output, rows, report)
     assert list(output.glob("*.png")) and (output / "report.html").exists()
 
     # A rerun skips both finished cells: no unlearning happens at all.
@@ -86,3 +87,41 @@ def test_run_writes_results_report_and_skips_finished_cells(tmp_path, monkeypatc
     run_cli(monkeypatch, *args)
     assert capsys.readouterr().err.count("skipping finished cell") == 2
     assert len((output / "results.jsonl").read_text().splitlines()) == 6
+
+
+def assert_protocol(output, rows: list[dict], report: str) -> None:
+    """What the protocol adds to a study's files, read back from a real run."""
+    splits = json.loads((output / "splits.json").read_text())
+    evaluation = set(splits["retain"]["subjects"]["evaluation"])
+    assert evaluation and not evaluation & set(splits["retain"]["subjects"]["regulariser"])
+    relearned = splits["relearn"]["0"]
+    assert relearned["counts"]["train"] > 0 and relearned["counts"]["held_out_subjects"] > 0
+    for row in rows:
+        # held-out relearning and the excess over the retrain control
+        assert row["control"]["source"] == "retrain"
+        control_forget = row["control"]["forget"]["forget_qa_rouge"]
+        assert row["scores"]["excess_over_control"] == pytest.approx(row["forget"]["forget_qa_rouge"] - control_forget)
+        if row["attack"] == "relearn":
+            assert set(row["scorings"]) == {"in_set", "held_out_subjects", "held_out_attributes"}
+            assert (
+                row["curve"][-1]["forget_qa_rouge@held_out_subjects"]
+                == row["scorings"]["held_out_subjects"]["forget_qa_rouge"]
+            )
+            assert "forget_qa_rouge@in_set" in row["control"]["curve"][-1]
+        # the matched-level check: the retrain level plus the tolerance, and how far below it the cell ended
+        cost = row["cost"]
+        retrain_level = row["reference"]["retrain"]["forget_qa_rouge"] + cost["level_tolerance"]
+        assert cost["target_level"] == pytest.approx(retrain_level)
+        assert cost["level_gap"] == pytest.approx(
+            cost["target_level"] - row["reference"]["unlearned"]["forget_qa_rouge"]
+        )
+        # the compute curve: forward-pass equivalents at each check, from 0
+        curve = row["unlearning_curve"]
+        spent = [point["forward_equivalents"] for point in curve]
+        assert spent[0] == 0 and spent == sorted(spent) and spent[-1] <= cost["forward_equivalents"]
+        assert [point["step"] for point in curve] == [0, 3, 6][: len(curve)]
+    zo = next(row for row in rows if row["cell"]["optimizer"] == "zo-sgd")
+    assert zo["cost"]["forward_equivalents"] == zo["cost"]["forward_passes"]  # no backward
+    assert (output / "compute_curve.png").exists() and "compute_curve.png" in report
+    assert "## Claims" in report and "95%" in report
+    assert "## Protocol" in report and "## Matched level" in report and "## Attack ladders" in report

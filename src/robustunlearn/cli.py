@@ -311,9 +311,10 @@ def run(
     seed: Optional[int] = SeedOption,
     dry_run: bool = DryRunOption,
 ) -> None:
-    """The main job: prepare, then a small grade study (unlearn each optimizer to matched forgetting,
-    attack with 4-bit quantization and relearning); prints a table, writes results.json,
-    results.jsonl, report.md/html and plots."""
+    """The main job: prepare, then the grade study (unlearn each optimizer to matched forgetting
+    within a matched compute budget, attack it and the retrain control along ladders of quantization,
+    weight noise and relearning); prints a table, writes results.json, results.jsonl,
+    report.md/html and plots."""
     _study(**locals())  # every option of run is a parameter of _study
 
 
