@@ -46,7 +46,7 @@ def test_run_writes_results_report_and_skips_finished_cells(tmp_path, monkeypatc
     assert "npo/adamw+rtn-int4" in printed and "npo/zo-sgd+relearn" in printed
 
     results = json.loads((output / "results.json").read_text())
-    assert set(results) == {"settings", "benchmark", "cells", "scores", "files", "seconds"}
+    assert set(results) == {"settings", "benchmark", "cells", "scores", "files", "seconds", "time"}
     expected_models = {"target", "retrain"} | {
         f"npo/{opt}{suffix}" for opt in ("adamw", "zo-sgd") for suffix in ("", "+rtn-int4", "+relearn")
     }

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from robustunlearn.core.settings import Strict, check_name
 from robustunlearn.data.base import QA, Benchmark, Record
@@ -214,10 +215,17 @@ UTILITY_METRIC = "retain_qa_rouge"
 
 
 def evaluate_model(
-    model, tokenizer, benchmark: Benchmark, settings: EvalSettings, metrics: Sequence[str] | None = None
+    model,
+    tokenizer,
+    benchmark: Benchmark,
+    settings: EvalSettings,
+    metrics: Sequence[str] | None = None,
+    console=None,
 ) -> dict[str, float]:
     """``model``'s value of each of ``metrics`` (default: every registered metric whose split the
-    benchmark has; TOFU has no VerbMem or MCQ), in registry order."""
+    benchmark has; TOFU has no VerbMem or MCQ), in registry order. With a rich ``console`` and
+    more than one metric, a progress bar (metrics done, elapsed, ETA) shows while it works, on a
+    terminal only (in a log file it would leave a line per model)."""
     if metrics is None:
         wanted = [name for name, spec in METRICS.items() if benchmark.get(spec.split)]
     else:
@@ -226,7 +234,23 @@ def evaluate_model(
             raise ValueError(f"unknown metric(s) {unknown}; accepted: {', '.join(METRICS)}")
         wanted = [name for name in METRICS if name in metrics]
     context = EvalContext(model, tokenizer, benchmark, settings)
-    return {name: METRICS[name].compute(context) for name in wanted}
+    columns = (
+        TextColumn("evaluate {task.fields[metric]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    # transient: a study evaluates many models, and a finished bar says nothing the results do not
+    shown = console is not None and console.is_terminal and len(wanted) > 1
+    with Progress(*columns, console=console, disable=not shown, transient=True) as bar:
+        task = bar.add_task("evaluate", total=len(wanted), metric="")
+        values = {}
+        for name in wanted:
+            bar.update(task, metric=name)
+            values[name] = METRICS[name].compute(context)
+            bar.advance(task)
+    return values
 
 
 def tofu_scores(

@@ -60,6 +60,7 @@ from robustunlearn.study.rows import (
 )
 from robustunlearn.study.scores import attack_scores
 from robustunlearn.study.sweep import Trial, sweep_learning_rates
+from robustunlearn.study.timing import PhaseClock, StudyTimes, load_phase
 from robustunlearn.train.engine import unlearn
 from robustunlearn.train.settings import UnlearnSettings
 
@@ -86,6 +87,7 @@ class StudyRun:
     controls: Controls | None = None
     console: Any = None
     relearn_splits: dict[int, RelearnSplit] = field(default_factory=dict)
+    clock: PhaseClock = field(default_factory=PhaseClock)  # times each cell's phases (study/timing.py)
 
     @property
     def metric(self) -> str:
@@ -114,8 +116,9 @@ class StudyRun:
         return self.relearn_splits[seed]
 
     def evaluate(self, model, metrics: Sequence[str] | None = None) -> dict[str, float]:
-        """``model``'s metrics on the evaluation view (the reported numbers)."""
-        return evaluate_model(model, self.tokenizer, self.views.evaluation, self.settings.eval, metrics=metrics)
+        """``model``'s metrics on the evaluation view (the reported numbers), with a progress bar."""
+        views, options = self.views, self.settings.eval
+        return evaluate_model(model, self.tokenizer, views.evaluation, options, metrics=metrics, console=self.console)
 
 
 def unlearning_probe(run: StudyRun, view: Benchmark):
@@ -292,15 +295,18 @@ def run_cell(
     carry the model's sharpness and its weights are kept in ``directory``/UNLEARNED_WEIGHTS for
     :func:`add_lmc_curves`. Each row carries its model's membership-inference AUCs and PrivLeak
     against the retrain model's AUC (MUSE's published one on MUSE without it)."""
-    settings, views, references = run.settings, run.views, run.references
-    model, cost, curve = unlearn_cell(run, cell, views.evaluation, directory)
-    unlearned = run.evaluate(model)
+    settings, views, references, clock = run.settings, run.views, run.references, run.clock
+    with clock.phase("unlearn", cell=cell.name):
+        model, cost, curve = unlearn_cell(run, cell, views.evaluation, directory)
+    with clock.phase("evaluate", cell=cell.name):
+        unlearned = run.evaluate(model)
     if cost.target_level is not None:
         cost = replace(cost, level_gap=cost.target_level - unlearned[run.metric])
     cell_landscape = None
     if landscape and run.study.landscape and settings.unlearn.lora is None:
-        cell_landscape = Landscape(**cell_sharpness(model, run.tokenizer, views.evaluation, cell.seed))
-        atomic_write(directory / UNLEARNED_WEIGHTS, lambda path: save_trainable_weights(model, path))
+        with clock.phase("landscape", cell=cell.name, detail="sharpness"):
+            cell_landscape = Landscape(**cell_sharpness(model, run.tokenizer, views.evaluation, cell.seed))
+            atomic_write(directory / UNLEARNED_WEIGHTS, lambda path: save_trainable_weights(model, path))
     reference = References(target=references["target"], unlearned=unlearned, retrain=references.get("retrain"))
     retrain_ratios = (references.get("tofu_retrain") or {}).get("forget_truth_ratios")
     retrain_mia = (references.get("privacy") or {}).get("retrain")
@@ -308,6 +314,10 @@ def run_cell(
 
     def row(attack: str, family: str, attacked_model, metrics: dict[str, float], outcome=None) -> ResultRow:
         attack_curve = None if outcome is None else outcome.curve
+        control = None
+        if run.controls is not None:
+            with clock.phase("control", cell=cell.name, detail=attack):  # ~0 once cached
+                control = run.controls.get(attack, context)
         entry = ResultRow(
             cell=RowCell(**cell.as_dict()),
             attack=attack,
@@ -322,19 +332,22 @@ def run_cell(
             attack_config=None if outcome is None else outcome.config,
             unlearning_curve=curve,
             scorings=final_scorings(attack_curve, run.metric),
-            control=None if run.controls is None else run.controls.get(attack, context),
+            control=control,
         )
         entry.scores = attack_scores(entry)
-        entry.tofu = tofu_scores(attacked_model, run.tokenizer, views.evaluation, settings.eval, retrain_ratios)
-        mia = mia_privacy(attacked_model, run.tokenizer, views.evaluation, settings.eval)
+        with clock.phase("scoring", cell=cell.name, detail=attack):
+            entry.tofu = tofu_scores(attacked_model, run.tokenizer, views.evaluation, settings.eval, retrain_ratios)
+            mia = mia_privacy(attacked_model, run.tokenizer, views.evaluation, settings.eval)
         entry.privacy = with_privleak(mia, retrain_mia, muse=muse_corpus(views.evaluation))
         return entry
 
     rows = [row("none", "none", model, unlearned)]
     for name in run.study.attacks if attacks else ():
         attack = parse_attack(name)
-        outcome = attack.run(model, context)
-        rows.append(row(name, attack.family, outcome.model, run.evaluate(outcome.model), outcome))
+        with clock.phase("attack", cell=cell.name, detail=name):
+            outcome = attack.run(model, context)
+            attacked = run.evaluate(outcome.model)
+        rows.append(row(name, attack.family, outcome.model, attacked, outcome))
     return rows
 
 
@@ -344,10 +357,11 @@ def sweep_trial(run: StudyRun):
 
     def trial(cell: Cell) -> Trial:
         directory = run.output_dir / "sweep" / cell.name
-        model, cost, _ = unlearn_cell(run, cell, run.views.validation, directory)
-        scores = evaluate_model(
-            model, run.tokenizer, run.views.validation, run.settings.eval, metrics=(run.metric, UTILITY_METRIC)
-        )
+        with run.clock.phase("sweep", detail=cell.name):
+            model, cost, _ = unlearn_cell(run, cell, run.views.validation, directory)
+            scores = evaluate_model(
+                model, run.tokenizer, run.views.validation, run.settings.eval, metrics=(run.metric, UTILITY_METRIC)
+            )
         return Trial(cost.reached_level, scores[run.metric], scores[UTILITY_METRIC], cost.to_json())
 
     return trial
@@ -361,10 +375,13 @@ def add_lmc_curves(
     settings: RunSettings,
     study: StudySettings,
     output_dir: Path,
+    clock: PhaseClock | None = None,
 ) -> None:
     """Linear mode connectivity from the reference optimizer's unlearned model to each other cell's with
     the same objective and seed: the level metric and the QA losses along the line. Stored in the
-    cell's rows (``landscape.pair``, ``landscape.lmc``) and its ``rows.json``; cells that have one skip."""
+    cell's rows (``landscape.pair``, ``landscape.lmc``) and its ``rows.json``; cells that have one skip.
+    Each curve is timed on ``clock`` as the cell's ``landscape`` phase."""
+    clock = clock or PhaseClock()
 
     anchors = {(cell.objective, cell.seed): cell for cell, _ in finished if cell.optimizer == study.reference}
     losses = qa_losses(tokenizer, benchmark)
@@ -388,14 +405,15 @@ def add_lmc_curves(
             continue
         if not all((output_dir / "cells" / c.name / UNLEARNED_WEIGHTS).is_file() for c in (anchor, cell)):
             continue  # a cell finished before weights were kept: no curve rather than a failed study
-        if anchor not in loaded_anchors:
-            loaded_anchors[anchor] = unlearned(anchor)
-        pair = f"{anchor.optimizer}-vs-{cell.optimizer}"
-        landscape = replace(
-            landscape,
-            pair=pair if len(study.objectives) == 1 else f"{cell.objective}: {pair}",
-            lmc=linear_interpolation(loaded_anchors[anchor], unlearned(cell), evaluate, points=study.lmc_points),
-        )
+        with clock.phase("landscape", cell=cell.name, detail="lmc"):
+            if anchor not in loaded_anchors:
+                loaded_anchors[anchor] = unlearned(anchor)
+            pair = f"{anchor.optimizer}-vs-{cell.optimizer}"
+            landscape = replace(
+                landscape,
+                pair=pair if len(study.objectives) == 1 else f"{cell.objective}: {pair}",
+                lmc=linear_interpolation(loaded_anchors[anchor], unlearned(cell), evaluate, points=study.lmc_points),
+            )
         for row in rows:
             row.landscape = landscape
         write_cell_rows(output_dir / "cells" / cell.name / "rows.json", rows)
@@ -413,19 +431,22 @@ def reference_privacy(target, retrain, tokenizer, benchmark: Benchmark, settings
     }
 
 
-def study_references(target, retrain, tokenizer, benchmark: Benchmark, settings: RunSettings, path: Path) -> dict:
+def study_references(
+    target, retrain, tokenizer, benchmark: Benchmark, settings: RunSettings, path: Path, console=None
+) -> dict:
     """The reference models' evaluations on ``benchmark`` (the evaluation view), computed once into
     ``path`` (``references.json``): the target's and retrain's (None without a retrain model)
     metrics, the retrain's TOFU scores, and ``privacy`` (:func:`reference_privacy`). A file written
-    for other evaluation records (another retain split, or before there were splits) is recomputed."""
+    for other evaluation records (another retain split, or before there were splits) is recomputed.
+    With a ``console``, the evaluations show progress bars."""
     stamp = sorted({record.subject for record in benchmark.get("retain_qa")})
     references = json.loads(path.read_text()) if path.exists() else {}
     if references.get("evaluation_subjects") == stamp and "privacy" in references:
         return references
-    references = {"evaluation_subjects": stamp, "target": evaluate_model(target, tokenizer, benchmark, settings.eval)}
-    references["retrain"] = None
+    target_metrics = evaluate_model(target, tokenizer, benchmark, settings.eval, console=console)
+    references = {"evaluation_subjects": stamp, "target": target_metrics, "retrain": None}
     if retrain is not None:
-        references["retrain"] = evaluate_model(retrain, tokenizer, benchmark, settings.eval)
+        references["retrain"] = evaluate_model(retrain, tokenizer, benchmark, settings.eval, console=console)
         references["tofu_retrain"] = tofu_scores(retrain, tokenizer, benchmark, settings.eval)
     references["privacy"] = reference_privacy(target, retrain, tokenizer, benchmark, settings)
     atomic_write_json(path, references)
@@ -461,45 +482,69 @@ def write_protocol(run: StudyRun) -> None:
 def run_study(
     settings: RunSettings, study: StudySettings, output_dir: Path, cache_dir=None, console=None, lr_sweep: bool = False
 ) -> list[ResultRow]:
-    """Run (or resume) the grid; write ``results.jsonl``, ``report.md``/``report.html`` and plots."""
+    """Run (or resume) the grid; write ``results.jsonl``, ``report.md``/``report.html``, plots and
+    ``timing.json`` (:mod:`robustunlearn.study.timing`: where the time went, each cell's beside it)."""
     check_stop_alignment(settings, study)
-    target, tokenizer, benchmark, prepared = load_target(settings, cache_dir, console)
+    times = StudyTimes(output_dir)
+    clock, loading_since = times.clock, time.time()
+    with clock.phase("load") as loading:
+        target, tokenizer, benchmark, prepared = load_target(settings, cache_dir, console)
+        retrain = None if prepared is None else load_model(prepared.retrain_dir, dtype=DTYPES[settings.dtype])[0]
+        loading.phase = load_phase(prepared, loading_since)
     if console is not None:  # printed once the model loaded: a loading error stays the only line
         console.print(f"evaluation: {describe_eval(settings.eval)}", highlight=False, soft_wrap=True)
     views = retain_views(benchmark, study.split_seed, study.retain_shares)
-    retrain = None if prepared is None else load_model(prepared.retrain_dir, dtype=DTYPES[settings.dtype])[0]
-    references = study_references(
-        target, retrain, tokenizer, views.evaluation, settings, output_dir / "references.json"
-    )
-    run = StudyRun(settings, study, target, tokenizer, views, references, output_dir, console=console)
+    with clock.phase("references"):
+        references = study_references(
+            target, retrain, tokenizer, views.evaluation, settings, output_dir / "references.json", console
+        )
+    run = StudyRun(settings, study, target, tokenizer, views, references, output_dir, console=console, clock=clock)
     control, source = (target, TARGET) if retrain is None else (retrain, RETRAIN)
     run.controls = Controls(control, source, output_dir / "controls", run.evaluate, run.metric)
     write_protocol(run)
 
     chosen = sweep_learning_rates(settings, study, sweep_trial(run), output_dir, console) if lr_sweep else {}
+    times.save()
+    finished = run_grid(run, grid_cells(settings, study, chosen), times)
+    if study.landscape:
+        if console is not None:
+            console.print("loss landscape: linear mode connectivity between the unlearned models")
+        add_lmc_curves(finished, target, tokenizer, views.evaluation, settings, study, output_dir, clock)
+    rows = [row for _, cell_rows in finished for row in cell_rows]
+    write_results_jsonl(output_dir / "results.jsonl", rows)
+    times.save()  # the report's time table is read from the files
+    with clock.phase("report"):
+        write_report(
+            output_dir / "results.jsonl",
+            output_dir,
+            title=f"robustunlearn study: {settings.benchmark}",
+            reference_optimizer=study.reference,
+        )
+    times.save()
+    return rows
+
+
+def run_grid(run: StudyRun, cells: Sequence[Cell], times: StudyTimes) -> list[tuple[Cell, list[ResultRow]]]:
+    """Each of ``cells`` and its rows: a finished cell's read back from its ``rows.json``, the others
+    run (:func:`run_cell`), each writing its ``rows.json`` and ``results.jsonl`` as it finishes.
+    Before each cell runs, the console shows its place among those to run and the time left."""
+    console, output_dir = run.console, run.output_dir
+    to_run = sum(not (output_dir / "cells" / cell.name / "rows.json").exists() for cell in cells)
     finished: list[tuple[Cell, list[ResultRow]]] = []
-    for cell in grid_cells(settings, study, chosen):
+    for cell in cells:
         cell_dir = output_dir / "cells" / cell.name
         done = cell_dir / "rows.json"
         if done.exists():
             if console is not None:
                 console.print(f"skipping finished cell {cell.name}")
+            times.resumed(cell.name)
             finished.append((cell, read_cell_rows(done)))
             continue
-        cell_rows = run_cell(run, cell, cell_dir)
-        write_cell_rows(done, cell_rows)
+        if console is not None:
+            console.print(times.cell_line(cell.name, to_run), highlight=False)
+        with times.running(cell.name):
+            cell_rows = run_cell(run, cell, cell_dir)
+            write_cell_rows(done, cell_rows)
         finished.append((cell, cell_rows))
         write_results_jsonl(output_dir / "results.jsonl", [row for _, cell_rows in finished for row in cell_rows])
-    if study.landscape:
-        if console is not None:
-            console.print("loss landscape: linear mode connectivity between the unlearned models")
-        add_lmc_curves(finished, target, tokenizer, views.evaluation, settings, study, output_dir)
-    rows = [row for _, cell_rows in finished for row in cell_rows]
-    write_results_jsonl(output_dir / "results.jsonl", rows)
-    write_report(
-        output_dir / "results.jsonl",
-        output_dir,
-        title=f"robustunlearn study: {settings.benchmark}",
-        reference_optimizer=study.reference,
-    )
-    return rows
+    return finished

@@ -22,6 +22,7 @@ from robustunlearn.metrics.suite import METRICS, evaluate_model
 from robustunlearn.study.grid import run_study
 from robustunlearn.study.loading import load_target, prepare_from_settings
 from robustunlearn.study.rows import NO_ATTACK
+from robustunlearn.study.timing import study_time, time_summary
 from robustunlearn.train.checkpoint import clear_run, restore_best
 from robustunlearn.train.engine import unlearn
 
@@ -89,7 +90,9 @@ def run_pipeline(
     settings: RunSettings, output_dir: Path, cache_dir=None, console=None, lr_sweep: bool = False
 ) -> dict[str, Any]:
     """The main job: a small grade study (``settings.study``) on one benchmark; writes the study's
-    files (results.jsonl, report.md/html, plots) and ``results.json``, a summary per model."""
+    files (results.jsonl, report.md/html, plots) and ``results.json``, a summary per model with
+    ``time``, where the study's time went (:func:`robustunlearn.study.timing.study_time`), which
+    the console gets as one line (:func:`robustunlearn.study.timing.time_summary`)."""
     started = time.perf_counter()
     rows = run_study(settings, settings.study, output_dir, cache_dir, console, lr_sweep=lr_sweep)
     references = rows[0].reference
@@ -108,8 +111,11 @@ def run_pipeline(
         "scores": scores,
         "files": sorted(p.name for p in output_dir.iterdir() if p.is_file() and p.name != LOCK_NAME),
         "seconds": round(time.perf_counter() - started, 1),
+        "time": study_time(output_dir),
     }
     atomic_write_json(output_dir / "results.json", results)
+    if console is not None and results["time"] is not None:
+        console.print(time_summary(results["time"]), highlight=False, soft_wrap=True)
     return results
 
 

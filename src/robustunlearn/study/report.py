@@ -65,6 +65,7 @@ from robustunlearn.study.stats import (
     Interval,
     bootstrap_interval,
 )
+from robustunlearn.study.timing import PER_ATTACK, PHASES, percentages, study_time
 
 FAMILY_ORDER = ("none", "quantization", "relearning", "perturbation")
 RELEARN_ATTACK = "relearn"
@@ -214,6 +215,7 @@ def write_report(
     rows = read_results(results_jsonl)
     beside = Path(results_jsonl).parent
     study = _Study(rows, reference_optimizer, _read_object(beside / PROTOCOL_FILE), _read_object(beside / SPLITS_FILE))
+    study.time = study_time(beside)
     plots: dict[str, tuple[Path, str]] = {}
     for name, caption, draw in (
         (
@@ -276,6 +278,7 @@ class _Study:
         self.rows = rows
         self.reference = reference_optimizer
         self.protocol, self.splits = protocol, splits
+        self.time: dict[str, Any] | None = None  # the study's time table (study/timing.py), where it wrote one
         self.cell_rows: dict[RowCell, list[ResultRow]] = {}
         for row in rows:
             self.cell_rows.setdefault(row.cell, []).append(row)
@@ -952,7 +955,48 @@ def _document(study: _Study, title: str, images: dict[str, Image]) -> list[Block
     plots = [images[name] for name in ("relearning_curves", "recovery_by_grade") if name in images]
     if plots:
         blocks += [Heading(2, "Plots"), *plots]
-    return blocks + _landscape_blocks(study, images)
+    return blocks + _landscape_blocks(study, images) + _time_blocks(study.time)
+
+
+def _time_blocks(time: dict[str, Any] | None) -> list[Block]:
+    """'Where the time went': seconds and share per phase (attacks and controls per attack), then
+    per cell; nothing without a time table."""
+    if not time:
+        return []
+    parts: dict[str, float] = {}
+    for phase, seconds in time["phases"].items():
+        by_attack = time[PER_ATTACK[phase]] if phase in PER_ATTACK else {}
+        titles = {f"{PHASES[phase]}: {name}": value for name, value in by_attack.items()}
+        parts.update(titles or {PHASES.get(phase, phase): seconds})
+    shares = percentages(parts)
+    rows = [[name, f"{seconds:.1f}", f"{shares[name]}%"] for name, seconds in parts.items()]
+    rows.append(["total", f"{time['seconds']:.1f}", "100%"])
+    resumed = sum(cell["resumed"] for cell in time["cells"].values())
+    note = (
+        f"Wall seconds over the study's {time['runs']} run(s). A phase inside another counts once, in the "
+        "inner one; an attack's time includes the evaluation of the attacked model, a control's that of the "
+        "attacked control (computed once per seed and attack, then read back in about 0 s); other: what no "
+        "phase accounts for. A cell killed midway runs again from scratch, its lost time uncounted."
+        + (f" {resumed} cell(s) were finished by an earlier run: their times are that run's." if resumed else "")
+    )
+    phases = Table(["phase", "seconds", "share"], rows)
+    return [Heading(2, "Where the time went"), Paragraph(note), phases, _cell_time_table(time["cells"])]
+
+
+def _cell_time_table(cells: dict[str, dict[str, Any]]) -> Table:
+    """Seconds per cell and phase; a cell finished by an earlier run is marked, one that left no
+    times (finished before the study kept them) shows dashes."""
+    found = {phase for cell in cells.values() for phase in cell["phases"]}
+    phases = [phase for phase in PHASES if phase in found]
+    rows = []
+    for name, cell in cells.items():
+        label = name + (" (earlier run)" if cell["resumed"] else "")
+        if cell["seconds"] is None:
+            rows.append([label, MISSING] + [MISSING for _ in phases])
+            continue
+        values = [cell["seconds"]] + [cell["phases"].get(phase, 0.0) for phase in phases]
+        rows.append([label] + [f"{value:.1f}" for value in values])
+    return Table(["cell", "seconds"] + [PHASES[phase] for phase in phases], rows)
 
 
 def _markdown_cell(text: str) -> str:
