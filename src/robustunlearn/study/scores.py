@@ -396,6 +396,8 @@ def cell_ladders(rows: Sequence[ResultRow]) -> list[Ladder]:
     rungs: dict[tuple[str, str], list[LadderPoint]] = {}  # (name, family) -> its rungs
     relearning: list[Ladder] = []
     for row in rows:
+        if row.attack == NO_ATTACK:
+            continue  # the unattacked model is every ladder's reference, not a rung
         if row.attack_family == QUANTIZATION:
             method = _quantization_method(row)
             rungs.setdefault((f"quantization {method}", QUANTIZATION), []).append(_rung(row, method))
