@@ -1,5 +1,4 @@
 import copy
-import json
 import math
 
 import pytest
@@ -403,45 +402,3 @@ def test_step_needs_a_closure():
     opt = ZOSGD([nn.Parameter(torch.zeros(3))])
     with pytest.raises(ValueError, match="closure"):
         opt.step(None)
-
-
-@pytest.mark.slow
-def test_bench_optimizers_reports_the_promised_fields(tmp_path):
-    from rich.console import Console
-
-    from robustunlearn.bench.optimizers import bench_optimizers
-
-    micro = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
-    path = tmp_path / "bench.json"
-    with open(tmp_path / "table.txt", "w") as table:
-        rows = bench_optimizers(
-            sizes=[micro],
-            shapes=((2, 32), (2, 16)),
-            optimizers=["zo-sgd", "adam", "hybrid"],
-            json_path=path,
-            console=Console(file=table, width=120),
-            repeats=1,
-            threads=1,
-        )
-    assert json.loads(path.read_text()) == json.loads(json.dumps(rows))
-    assert [(r["optimizer"], r["seq_len"]) for r in rows] == [
-        (name, seq) for name in ("zo-sgd", "adam", "hybrid") for seq in (16, 32)
-    ]
-    for row in rows:
-        assert {
-            "optimizer",
-            "params",
-            "step_over_forward",
-            "peak_mem_over_inference",
-            "state_over_params",
-            "batch",
-            "seq_len",
-        } <= set(row)
-        assert row["step_over_forward"] > 0 and row["peak_mem_over_inference"] > 0
-    state = {r["optimizer"]: r["state_over_params"] for r in rows}
-    assert state == {
-        "zo-sgd": 0.0,
-        "adam": pytest.approx(2.0, abs=0.01),
-        "hybrid": pytest.approx(4.0, abs=0.01),
-    }
-    assert "zo-sgd" in (tmp_path / "table.txt").read_text()

@@ -23,8 +23,12 @@ from rich.markup import escape
 from typer.exceptions import TyperException
 
 from robustunlearn.attacks import describe_attacks
+from robustunlearn.bench.common import BENCH_MODELS
 from robustunlearn.bench.generation import bench_generation
+from robustunlearn.bench.objectives import BENCH_OBJECTIVES, bench_objectives, check_bench_optimizers
+from robustunlearn.bench.objectives import DEFAULT_OPTIMIZERS as OBJECTIVE_BENCH_OPTIMIZERS
 from robustunlearn.bench.optimizers import bench_optimizers
+from robustunlearn.bench.timing import TimingSettings
 from robustunlearn.config import (
     CLAIMS_RECIPE,
     RunSettings,
@@ -38,6 +42,7 @@ from robustunlearn.core.errors import UserError
 from robustunlearn.core.io import atomic_write_json, missing_directories, remove_empty
 from robustunlearn.core.lock import directory_lock
 from robustunlearn.core.models import check_model_reference
+from robustunlearn.objectives import OBJECTIVES
 from robustunlearn.optim import OPTIMIZERS
 from robustunlearn.study.evaluation import evaluate_from_settings, evaluation_table
 from robustunlearn.study.loading import prepare_from_settings, prepare_summary_table
@@ -538,25 +543,113 @@ def eval_command(
         console.print(f"results in {output}")
 
 
-bench_app = typer.Typer(help="Speed and memory benchmarks (ratios measured in one run).", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Speed and memory benchmarks (ratios measured in one run). Each row times a baseline and its "
+    "candidates in turn until the median ratio holds still. --quick: optimizers sgd, adam, adamw, zo-sgd "
+    "on the 1M model; objectives on the 1M model at 8x128.",
+    no_args_is_help=True,
+)
 app.add_typer(bench_app, name="bench")
+
+
+OutputJsonOption = typer.Option(
+    None, "--output", "--json", help="Also write the run as JSON: environment, timing settings, rows, targets."
+)
+QuickOption = typer.Option(False, "--quick", help="The quick preset (a few minutes): see `robustunlearn bench --help`.")
+ThreadsOption = typer.Option(
+    None, "--threads", min=1, help="torch CPU threads for every row [default: torch's current count, reported]."
+)
+TimeBudgetOption = typer.Option(
+    None,
+    "--time-budget",
+    min=0.0,
+    help="Seconds of timed calls per row after which it stops without a stable median [default: 20; --quick: 10].",
+)
+
+
+def _bench_console() -> Console:
+    """Standard output, at least 120 columns wide: the tables do not fit in fewer."""
+    return Console(width=max(Console().width, 120))
+
+
+def _timing(time_budget: Optional[float]) -> Optional[TimingSettings]:
+    """The timing settings ``--time-budget`` asks for (None: the benchmark's default or quick preset)."""
+    return None if time_budget is None else TimingSettings(budget_s=time_budget)
+
+
+def _checked_names(value: Optional[str], registry: Any, what: str) -> Optional[tuple[str, ...]]:
+    names = _names(value)
+    for name in names or ():
+        if name not in registry:
+            raise UserError(f"unknown {what} {name!r}; accepted: {', '.join(sorted(registry))}")
+    return names
 
 
 @bench_app.command("optimizers")
 def bench_optimizers_command(
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as a JSON list."),
-    optimizers: Optional[str] = typer.Option(None, "--optimizers", help="Comma-separated subset [default: all]."),
-    sizes: Optional[str] = typer.Option(None, "--sizes", help="Model sizes, comma-separated [default: 1M,5M]."),
+    output: Optional[Path] = OutputJsonOption,
+    optimizers: Optional[str] = typer.Option(
+        None, "--optimizers", help="Comma-separated subset [default: all; --quick: sgd,adam,adamw,zo-sgd]."
+    ),
+    sizes: Optional[str] = typer.Option(
+        None, "--sizes", help="Model sizes, comma-separated: 0.1M, 1M, 5M [default: 1M,5M; --quick: 1M]."
+    ),
+    quick: bool = QuickOption,
+    threads: Optional[int] = ThreadsOption,
+    time_budget: Optional[float] = TimeBudgetOption,
 ) -> None:
-    """Step time / forward time, peak memory / inference peak, optimizer state / parameters, per optimizer."""
-    chosen = _names(optimizers)
-    for name in chosen or ():
-        if name not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {name!r}; accepted: {', '.join(sorted(OPTIMIZERS))}")
-    if json_file is not None:
-        _writable_dir(json_file.parent)
-    kwargs = {"sizes": _names(sizes)} if sizes else {}
-    bench_optimizers(optimizers=chosen, json_path=json_file, console=Console(), **kwargs)
+    """Step time / forward time (median and IQR of interleaved pairs), peak memory / inference peak,
+    optimizer state / parameters, per optimizer; then the optimizer targets, pass or fail."""
+    chosen = _checked_names(optimizers, OPTIMIZERS, "optimizer")
+    if output is not None:
+        _writable_dir(output.parent)
+    bench_optimizers(
+        sizes=_checked_names(sizes, BENCH_MODELS, "size"),
+        optimizers=chosen,
+        json_path=output,
+        console=_bench_console(),
+        timing=_timing(time_budget),
+        threads=threads,
+        quick=quick,
+    )
+
+
+@bench_app.command("objectives")
+def bench_objectives_command(
+    output: Optional[Path] = OutputJsonOption,
+    objectives: Optional[str] = typer.Option(
+        None, "--objectives", help=f"Comma-separated [default: {','.join(BENCH_OBJECTIVES)}]."
+    ),
+    optimizers: Optional[str] = typer.Option(
+        None, "--optimizers", help=f"Comma-separated [default: {','.join(OBJECTIVE_BENCH_OPTIMIZERS)}]."
+    ),
+    sizes: Optional[str] = typer.Option(
+        None, "--sizes", help="Model sizes, comma-separated: 0.1M, 1M, 5M [default: 1M,5M; --quick: 1M]."
+    ),
+    quick: bool = QuickOption,
+    threads: Optional[int] = ThreadsOption,
+    time_budget: Optional[float] = TimeBudgetOption,
+) -> None:
+    """Per objective and optimizer: an unlearning step over a plain forward+backward and over a plain
+    step of the same optimizer, and the reference model's share of the step; then the objective targets."""
+    chosen_objectives = _checked_names(objectives, OBJECTIVES, "objective") or BENCH_OBJECTIVES
+    chosen_optimizers = _checked_names(optimizers, OPTIMIZERS, "optimizer") or OBJECTIVE_BENCH_OPTIMIZERS
+    try:
+        check_bench_optimizers(chosen_optimizers)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if output is not None:
+        _writable_dir(output.parent)
+    bench_objectives(
+        sizes=_checked_names(sizes, BENCH_MODELS, "size"),
+        objectives=chosen_objectives,
+        optimizers=chosen_optimizers,
+        json_path=output,
+        console=_bench_console(),
+        timing=_timing(time_budget),
+        threads=threads,
+        quick=quick,
+    )
 
 
 @bench_app.command("generation")

@@ -1,4 +1,4 @@
-"""Benchmarks of the toolkit's own costs on tiny Llama models.
+"""Benchmark of the optimizers' costs on tiny Llama models (``robustunlearn bench optimizers``).
 
 :func:`bench_optimizers` measures, for every registered optimizer, what one step costs next to
 the forward pass it is built from (time and memory) and how much state it keeps.
@@ -9,8 +9,6 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import resource
-import statistics
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,28 +19,31 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from robustunlearn.core.io import atomic_write_json
+from robustunlearn.bench.common import (
+    UNSETTLED_CAPTION,
+    bench_device,
+    bench_model,
+    cost_clock,
+    environment,
+    model_configs,
+    pairs_cell,
+    progress_bar,
+    run_threads,
+    synchronised,
+    write_run,
+)
+from robustunlearn.bench.targets import check_targets, target_lines
+from robustunlearn.bench.timing import BASELINE, TimingSettings, ratio_stats, time_interleaved
 from robustunlearn.optim import OPTIMIZERS, build_optimizer
 from robustunlearn.optim.base import Closure, make_closure
 
-# Llama shapes of about 1M and 5M parameters (untied embeddings).
-BENCH_MODELS: dict[str, dict[str, int]] = {
-    "1M": {
-        "vocab_size": 2048,
-        "hidden_size": 128,
-        "intermediate_size": 344,
-        "num_hidden_layers": 4,
-    },
-    "5M": {
-        "vocab_size": 4096,
-        "hidden_size": 256,
-        "intermediate_size": 688,
-        "num_hidden_layers": 4,
-    },
-}
-_HEADS = {"num_attention_heads": 4, "num_key_value_heads": 4}
+DEFAULT_SIZES = ("1M", "5M")
+DEFAULT_SHAPES = ((8, 128), (8, 512))
+# --quick: the optimizers of the targets and their first-order neighbours, on the smaller model
+QUICK_OPTIMIZERS = ("sgd", "adam", "adamw", "zo-sgd")
+QUICK_SIZES = ("1M",)
+QUICK_TIMING = TimingSettings(budget_s=10.0)
 # Modules the benchmark's worker processes start from, so that none pays for importing them.
 _PRELOAD = [
     "torch",
@@ -115,23 +116,21 @@ def _measure_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
     Memory: a step per shape (a forward for the inference baseline), with every large
     allocation mapped and unmapped on its own so that the process's peak RSS, read after each
     shape, is that shape's peak (a larger shape has the larger peak).
-    Time: after a warm-up round (so that freed memory is reused, as in any long run, rather than
-    mapped afresh), ``repeats`` forwards and steps, interleaved."""
+    Time (optimizers only): forwards and steps interleaved by :func:`time_interleaved`, whose
+    warm-up also lets freed memory be reused, as in any long run, rather than mapped afresh."""
 
-    if task["threads"] is not None:
-        torch.set_num_threads(task["threads"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shapes, name, repeats = task["shapes"], task["optimizer"], task["repeats"]
+    torch.set_num_threads(task["threads"])
+    device = bench_device()
+    shapes, name, timing = task["shapes"], task["optimizer"], task["timing"]
     if device.type == "cpu":
         _set_mmap_threshold(64 << 10)
     baseline = 0 if device.type == "cuda" else _peak_bytes(device)
-    torch.manual_seed(0)
-    config = LlamaConfig(**task["config"], **_HEADS, max_position_embeddings=max(s for _, s in shapes))
-    model = LlamaForCausalLM(config).to(device)
-    closures = [lm_closure(model, torch.randint(0, config.vocab_size, shape, device=device)) for shape in shapes]
+    model = bench_model(task["config"], max(s for _, s in shapes), device)
+    vocab_size = model.config.vocab_size
+    closures = [lm_closure(model, torch.randint(0, vocab_size, shape, device=device)) for shape in shapes]
     # `hybrid` alternates every step here, and each of its rounds takes a step of each phase
     options, per_round = ({"every": 1}, 2) if name == "hybrid" else ({}, 1)
-    total_steps = per_round * (2 + repeats) * len(shapes)
+    total_steps = per_round * (1 + timing.warmup + timing.max_pairs) * len(shapes)
     optimizer = None if name is None else build_optimizer(name, model, total_steps=total_steps, **options)
 
     def forward(closure) -> None:
@@ -142,18 +141,6 @@ def _measure_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
         for _ in range(per_round):
             optimizer.step(closure)
 
-    # CPU: the process's CPU time, which other processes' load on the machine does not inflate
-    clock = time.perf_counter if device.type == "cuda" else time.process_time
-
-    def timed(fn, *args) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = clock()
-        fn(*args)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return clock() - start
-
     peaks = []
     for closure in closures:
         if device.type == "cuda":
@@ -163,28 +150,33 @@ def _measure_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             steps(closure)
         peaks.append(_peak_bytes(device) - baseline)
+    if optimizer is None:
+        return [{"peak_bytes": peak} for peak in peaks]
     if device.type == "cpu":
         _set_mmap_threshold(32 << 20)
 
+    clock = cost_clock(device, task["threads"])[0]
     rows = []
     for (batch, seq_len), closure, peak in zip(shapes, closures, peaks):
-        forward(closure)
-        if optimizer is not None:
-            steps(closure)
-        forward_times, step_times = [], []
-        for _ in range(repeats):
-            forward_times.append(timed(forward, closure))
-            if optimizer is not None:
-                step_times.append(timed(steps, closure) / per_round)
+        timings = time_interleaved(
+            synchronised(lambda: forward(closure), device),
+            {"step": synchronised(lambda: steps(closure), device)},
+            timing,
+            clock,
+        )
+        ratio = ratio_stats([t / per_round for t in timings.seconds["step"]], timings.seconds[BASELINE])
         rows.append(
             {
                 "params": sum(p.numel() for p in model.parameters()),
                 "batch": batch,
                 "seq_len": seq_len,
-                "forward_s": statistics.median(forward_times),
-                "step_s": statistics.median(step_times) if step_times else None,
+                **ratio.fields("step_over_forward"),
+                "pairs": ratio.pairs,
+                "stop": timings.stop,
+                "forward_s": timings.median_s(BASELINE),
+                "step_s": timings.median_s("step") / per_round,
                 "peak_bytes": peak,
-                "state_bytes": 0 if optimizer is None else _tensor_bytes(optimizer.state_dict()),
+                "state_bytes": _tensor_bytes(optimizer.state_dict()),
                 "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
             }
         )
@@ -192,114 +184,117 @@ def _measure_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def bench_optimizers(
-    sizes: Sequence[str | Mapping[str, int]] = ("1M", "5M"),
-    shapes: Sequence[tuple[int, int]] = ((8, 128), (8, 512)),
+    sizes: Sequence[str | Mapping[str, int]] | None = None,
+    shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES,
     optimizers: Sequence[str] | None = None,
     json_path: str | Path | None = None,
     console: Any = None,
     *,
-    repeats: int = 3,
+    timing: TimingSettings | None = None,
     threads: int | None = None,
+    quick: bool = False,
 ) -> list[dict[str, Any]]:
     """Cost of one step of each optimizer on tiny Llama models, relative to a forward pass.
 
-    ``sizes`` are names in :data:`BENCH_MODELS` or ``LlamaConfig`` keyword dicts; ``shapes`` are
-    ``(batch, seq_len)`` of random-token batches; ``optimizers`` default to every registered one.
-    Each row has ``optimizer``, ``size``, ``params``, ``batch``, ``seq_len`` and:
+    ``sizes`` are names in :data:`~robustunlearn.bench.common.BENCH_MODELS` or ``LlamaConfig``
+    keyword dicts [default: 1M, 5M]; ``shapes`` are ``(batch, seq_len)`` of random-token batches;
+    ``optimizers`` default to every registered one. ``quick``: the unset ones among ``sizes``,
+    ``optimizers`` and ``timing`` take the quick preset (:data:`QUICK_SIZES`,
+    :data:`QUICK_OPTIMIZERS`, :data:`QUICK_TIMING`). Each row has ``optimizer``, ``grade``,
+    ``size``, ``params``, ``batch``, ``seq_len``, ``threads`` and:
 
-    * ``step_over_forward``: median step time over median forward time (no-grad forward of the
-      same batch, measured in the same process, interleaved with the steps). On CPU the times
-      are the process's CPU time (all its threads), which load from other processes does not
-      inflate; on GPU, wall time between synchronisations;
+    * ``step_over_forward`` (``_q1``, ``_q3``): the median (quartiles) over ``pairs`` rounds of
+      step time / forward time (no-grad forward of the same batch), the two timed in turn by
+      :func:`~robustunlearn.bench.timing.time_interleaved` with ``timing`` (``stop``: why the
+      rounds ended), on the clock :func:`~robustunlearn.bench.common.cost_clock` picks (CPU time
+      with one thread, else wall time);
     * ``peak_mem_over_inference``: peak memory during steps over peak memory during inference
       alone. Each measurement runs in a fresh worker process forked from a server that has only
       imported the libraries, and counts the peak RSS (``torch.cuda.max_memory_allocated`` on
       GPU) above what the process held before building the model;
     * ``state_over_params``: bytes of tensors in the optimizer's ``state_dict`` over parameter bytes.
 
-    ``repeats`` timed steps and forwards per shape follow a warm-up round; ``threads`` sets torch's CPU
-    threads in the workers (``None``: torch's default). Prints
-    a table with rich; with ``json_path`` writes the rows as JSON.
+    Every worker runs with ``threads`` torch CPU threads [default: this process's count]. Prints a
+    table with rich and the optimizer targets (:mod:`~robustunlearn.bench.targets`) as pass/fail
+    lines; with ``json_path`` writes the run (:func:`~robustunlearn.bench.common.write_run`).
     """
 
     console = Console() if console is None else console
-    names = list(OPTIMIZERS) if optimizers is None else list(optimizers)
+    names = list(optimizers or (QUICK_OPTIMIZERS if quick else OPTIMIZERS))
     unknown = [n for n in names if n not in OPTIMIZERS]
     if unknown:
         raise ValueError(f"unknown optimizers {unknown}; accepted: {', '.join(sorted(OPTIMIZERS))}")
-    if not (isinstance(repeats, int) and repeats >= 1):
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
-    configs = {}
-    for size in sizes:
-        if isinstance(size, str):
-            if size not in BENCH_MODELS:
-                raise ValueError(
-                    f"unknown size {size!r}; accepted: {', '.join(BENCH_MODELS)} or a dict of LlamaConfig arguments"
-                )
-            configs[size] = BENCH_MODELS[size]
-        else:
-            configs[f"custom-{len(configs)}"] = dict(size)
+    configs = model_configs(sizes or (QUICK_SIZES if quick else DEFAULT_SIZES))
+    timing = timing or (QUICK_TIMING if quick else TimingSettings())
+    threads = run_threads(threads)
     ordered_shapes = sorted(shapes, key=lambda s: s[0] * s[1])
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(_PRELOAD)
     rows: list[dict[str, Any]] = []
-    with context.Pool(1, maxtasksperchild=1) as pool:  # one fresh process per measurement
+    with context.Pool(1, maxtasksperchild=1) as pool, progress_bar(console) as progress:  # a fresh process per task
+        bar = progress.add_task("bench optimizers", total=len(configs) * (1 + len(names)))
         for label, config in configs.items():
             tasks = [
-                {
-                    "config": config,
-                    "shapes": ordered_shapes,
-                    "optimizer": n,
-                    "repeats": repeats,
-                    "threads": threads,
-                }
+                {"config": config, "shapes": ordered_shapes, "optimizer": n, "timing": timing, "threads": threads}
                 for n in [None, *names]
             ]
             results = pool.imap(_measure, tasks)
             inference = next(results)
+            progress.advance(bar)
             if "error" in inference:
                 raise RuntimeError(f"the inference baseline failed on {label}: {inference['error']}")
             for name, measured in zip(names, results):
+                progress.advance(bar)
                 if "error" in measured:
                     console.print(f"{name} failed on {label}: {measured['error']}", style="red")
                     continue
                 for base, row in zip(inference["rows"], measured["rows"]):
-                    rows.append(
-                        {
-                            "optimizer": name,
-                            "size": label,
-                            "params": row["params"],
-                            "batch": row["batch"],
-                            "seq_len": row["seq_len"],
-                            "step_over_forward": row["step_s"] / row["forward_s"],
-                            "peak_mem_over_inference": row["peak_bytes"] / base["peak_bytes"],
-                            "state_over_params": row["state_bytes"] / row["param_bytes"],
-                            "step_s": row["step_s"],
-                            "forward_s": row["forward_s"],
-                            "peak_bytes": row["peak_bytes"],
-                            "inference_peak_bytes": base["peak_bytes"],
-                        }
-                    )
-                console.print(f"measured {name} on {label}", style="dim")
+                    rows.append(_row(name, label, threads, row, base["peak_bytes"]))
 
-    table = Table(title="optimizer cost per step, tiny Llama", box=box.SIMPLE)
-    table.add_column("optimizer", no_wrap=True)
-    table.add_column("params", justify="right")
-    table.add_column("shape", justify="right")
-    table.add_column("step/fwd", justify="right")
-    table.add_column("mem/inference", justify="right")
-    table.add_column("state/params", justify="right")
+    console.print(_table(rows, threads))
+    targets = check_targets("optimizers", rows)
+    for line in target_lines(targets):
+        console.print(line, highlight=False, soft_wrap=True)
+    if json_path is not None:
+        write_run(json_path, environment(bench_device(), threads), timing, rows, targets)
+    return rows
+
+
+def _row(name: str, label: str, threads: int, measured: dict[str, Any], inference_peak: int) -> dict[str, Any]:
+    """A measured row with its names and ratios."""
+    fields = ("params", "batch", "seq_len", "step_over_forward", "step_over_forward_q1", "step_over_forward_q3")
+    return {
+        "optimizer": name,
+        "grade": OPTIMIZERS[name].grade,
+        "size": label,
+        "threads": threads,
+        **{key: measured[key] for key in fields},
+        "pairs": measured["pairs"],
+        "stop": measured["stop"],
+        "peak_mem_over_inference": measured["peak_bytes"] / inference_peak,
+        "state_over_params": measured["state_bytes"] / measured["param_bytes"],
+        "step_s": measured["step_s"],
+        "forward_s": measured["forward_s"],
+        "peak_bytes": measured["peak_bytes"],
+        "inference_peak_bytes": inference_peak,
+    }
+
+
+def _table(rows: list[dict[str, Any]], threads: int) -> Table:
+    title = f"optimizer cost per step, tiny Llama, {threads} torch thread(s)"
+    table = Table(title=title, box=box.SIMPLE, caption=UNSETTLED_CAPTION)
+    for column in ("optimizer", "params", "shape", "step/fwd", "IQR", "pairs", "mem/inference", "state/params"):
+        table.add_column(column, no_wrap=True, justify="left" if column == "optimizer" else "right")
     for row in rows:
         table.add_row(
             row["optimizer"],
             f"{row['params'] / 1e6:.1f}M",
             f"{row['batch']}x{row['seq_len']}",
             f"{row['step_over_forward']:.2f}",
+            f"{row['step_over_forward_q1']:.2f}-{row['step_over_forward_q3']:.2f}",
+            pairs_cell(row),
             f"{row['peak_mem_over_inference']:.2f}",
             f"{row['state_over_params']:.2f}",
         )
-    console.print(table)
-    if json_path is not None:
-        atomic_write_json(Path(json_path), rows)
-    return rows
+    return table

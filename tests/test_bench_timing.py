@@ -1,0 +1,142 @@
+"""The interleaved timing core on fake clocks: the stopping rule, the statistics, the call order."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from robustunlearn.bench.timing import (
+    BASELINE,
+    RatioStats,
+    Timings,
+    TimingSettings,
+    quantile,
+    ratio_stats,
+    time_interleaved,
+)
+
+
+class FakeClock:
+    """A clock that moves only when a fake call says how long it took."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.calls: list[str] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def call(self, name: str, durations):
+        """A call named ``name`` that takes the next of ``durations`` (an iterable) each time."""
+        remaining = iter(durations)
+
+        def run() -> None:
+            self.calls.append(name)
+            self.now += next(remaining)
+
+        return run
+
+
+def test_constant_ratio_stops_at_min_pairs_and_warmup_is_not_timed():
+    clock = FakeClock()
+    baseline = clock.call("base", itertools.chain([100.0], itertools.repeat(1.0)))
+    step = clock.call("step", itertools.chain([50.0], itertools.repeat(3.0)))
+    timings = time_interleaved(baseline, {"step": step}, TimingSettings(min_pairs=10, warmup=1), clock)
+    assert timings.stop == "stable"
+    assert timings.pairs == 10
+    assert timings.seconds == {BASELINE: (1.0,) * 10, "step": (3.0,) * 10}
+    assert timings.ratio("step") == RatioStats(3.0, 3.0, 3.0, 10)
+    assert clock.calls == ["base", "step"] * 11  # forward, step, forward, step, ...
+
+
+def test_stops_at_the_first_round_whose_median_moved_less_than_stable_rel_over_the_window():
+    # ratios 1, 2, 3, 4, 4, 4, ...; window 2, 10%: the medians of the first n and n - 2 ratios are
+    # n=4: 2.5 vs 1.5; n=5: 3 vs 2; n=6: 3.5 vs 2.5; n=7: 4 vs 3; n=8: 4 vs 3.5 (0.5 > 0.4); n=9: 4 vs 4.
+    clock = FakeClock()
+    step = clock.call("step", itertools.chain([1.0, 2.0, 3.0], itertools.repeat(4.0)))
+    settings = TimingSettings(min_pairs=4, window=2, stable_rel=0.1, budget_s=1e9, warmup=0)
+    timings = time_interleaved(clock.call("base", itertools.repeat(1.0)), {"step": step}, settings, clock)
+    assert (timings.stop, timings.pairs) == ("stable", 9)
+
+
+def test_a_median_that_never_settles_stops_when_the_budget_is_spent():
+    # candidate i seconds in round i, baseline 1 s: after round n, n + n(n+1)/2 seconds are spent:
+    # 9 after round 3, 14 after 4, 20 after 5
+    clock = FakeClock()
+    settings = TimingSettings(min_pairs=3, window=1, stable_rel=0.01, budget_s=20.0, warmup=0)
+    step = clock.call("step", itertools.count(1.0))
+    timings = time_interleaved(clock.call("base", itertools.repeat(1.0)), {"step": step}, settings, clock)
+    assert (timings.stop, timings.pairs) == ("budget", 5)
+
+
+def test_max_pairs_caps_the_rounds_and_min_pairs_holds_against_the_budget():
+    clock = FakeClock()
+    settings = TimingSettings(min_pairs=3, window=1, budget_s=1e9, max_pairs=7, warmup=0)
+    step = clock.call("step", itertools.count(1.0))
+    timings = time_interleaved(clock.call("base", itertools.repeat(1.0)), {"step": step}, settings, clock)
+    assert (timings.stop, timings.pairs) == ("max_pairs", 7)
+
+    clock = FakeClock()
+    settings = TimingSettings(min_pairs=4, window=1, budget_s=1.0, warmup=0)  # spent in the first round
+    step = clock.call("step", itertools.count(1.0))
+    timings = time_interleaved(clock.call("base", itertools.repeat(1.0)), {"step": step}, settings, clock)
+    assert (timings.stop, timings.pairs) == ("budget", 4)
+
+
+def test_every_candidate_must_settle_and_rounds_call_them_in_order():
+    clock = FakeClock()
+    settled = clock.call("a", itertools.repeat(2.0))
+    drifting = clock.call("b", itertools.chain([1.0, 2.0, 3.0], itertools.repeat(4.0)))
+    settings = TimingSettings(min_pairs=4, window=2, stable_rel=0.1, budget_s=1e9, warmup=0)
+    baseline = clock.call("base", itertools.repeat(1.0))
+    timings = time_interleaved(baseline, {"a": settled, "b": drifting}, settings, clock)
+    assert (timings.stop, timings.pairs) == ("stable", 9)  # as "b" alone (test above); "a" settled at 4
+    assert clock.calls == ["base", "a", "b"] * 9
+    assert timings.ratio("b", over="a") == ratio_stats([1.0, 2.0, 3.0] + [4.0] * 6, [2.0] * 9)
+
+
+def test_ratios_are_taken_within_rounds_and_summarised_by_median_and_quartiles():
+    assert ratio_stats([1.0, 2.0, 3.0, 4.0, 10.0], [1.0] * 5) == RatioStats(3.0, 2.0, 4.0, 5)
+    # ratios 1, 2, 3, 4: quartiles at positions 0.75 and 2.25 of the sorted ratios
+    assert ratio_stats([2.0, 8.0, 4.0, 6.0], [2.0] * 4) == RatioStats(2.5, 1.75, 3.25, 4)
+    # per round: 2/1 and 9/3, median 2.5 (the ratio of the medians would be 5.5 / 2 = 2.75)
+    assert ratio_stats([2.0, 9.0], [1.0, 3.0]).median == 2.5
+    assert quantile([5.0], 0.25) == 5.0
+    timings = Timings({BASELINE: (1.0, 2.0, 4.0), "a": (2.0, 4.0, 8.0)}, "stable")
+    assert timings.ratio("a") == RatioStats(2.0, 2.0, 2.0, 3)
+    assert timings.median_s("a") == 4.0
+    assert RatioStats(2.0, 1.5, 2.5, 3).fields("x") == {"x": 2.0, "x_q1": 1.5, "x_q3": 2.5}
+
+
+def test_calls_too_short_for_the_clock_are_an_error_not_an_infinite_ratio():
+    with pytest.raises(ValueError, match="no measurable time"):
+        ratio_stats([1.0], [0.0])
+    with pytest.raises(ValueError, match="equally many"):
+        ratio_stats([1.0, 2.0], [1.0])
+    clock = FakeClock()
+    with pytest.raises(ValueError, match="no measurable time"):
+        baseline = clock.call("base", itertools.repeat(0.0))
+        time_interleaved(baseline, {"a": clock.call("a", itertools.repeat(1.0))}, clock=clock)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"min_pairs": 5, "window": 5}, "window < min_pairs"),
+        ({"window": 0}, "1 <= window"),
+        ({"min_pairs": 20, "max_pairs": 10}, "min_pairs <= max_pairs"),
+        ({"stable_rel": 0.0}, "stable_rel"),
+        ({"budget_s": -1.0}, "budget_s"),
+        ({"warmup": -1}, "warmup"),
+    ],
+)
+def test_invalid_settings_are_rejected(options, match):
+    with pytest.raises(ValueError, match=match):
+        TimingSettings(**options)
+
+
+def test_the_baseline_name_is_reserved():
+    clock = FakeClock()
+    with pytest.raises(ValueError, match="baseline"):
+        time_interleaved(clock.call("a", [1.0]), {BASELINE: clock.call("b", [1.0])}, clock=clock)
