@@ -146,12 +146,20 @@ def relearning_probe(run: StudyRun, split: RelearnSplit):
         parts = {name: getattr(split, name if name != "in_set" else "train") for name in RELEARN_SCORINGS}
         parts = {name: records for name, records in parts.items() if records}
     views = {name: run.views.evaluation.with_splits(forget_qa=list(records)) for name, records in parts.items()}
+    # The parts partition the forget QA, and the metric is a mean over records: the whole set's value is
+    # their size-weighted mean, with no second pass (unless eval.max_examples caps each part differently).
+    forget = run.views.evaluation.get("forget_qa")
+    sizes = {name: len(records) for name, records in parts.items()}
+    from_parts = run.settings.eval.max_examples is None and sum(sizes.values()) == len(forget) > 0
 
     def probe(model, step: int) -> dict[str, float]:
-        values = run.evaluate(model, metrics=(run.metric,))
+        values = {} if from_parts else run.evaluate(model, metrics=(run.metric,))
         for name, view in views.items():
             score = evaluate_model(model, run.tokenizer, view, run.settings.eval, metrics=(run.metric,))
             values[f"{run.metric}@{name}"] = score[run.metric]
+        if from_parts:
+            whole = sum(sizes[name] * values[f"{run.metric}@{name}"] for name in parts) / len(forget)
+            values = {run.metric: whole, **values}
         return values
 
     return probe
