@@ -89,7 +89,8 @@ def test_tuned_learning_rates_and_options_resolve_per_objective(tmp_path):
     assert unlearn_settings(settings, objective="graddiff", optimizer="adam").lr == 0.002
     assert unlearn_settings(settings, objective="npo", optimizer="adam").lr == npo
     assert unlearn_settings(settings, objective="graddiff", optimizer="hybrid").optimizer_options == {"zo_lr": 0.003}
-    assert unlearn_settings(settings, objective="npo", optimizer="hybrid").optimizer_options == {"zo_lr": 1e-4}
+    tuned_hybrid = embedded_recipe()["tuned"]["optimizer_options"]["npo"]["hybrid"]
+    assert unlearn_settings(settings, objective="npo", optimizer="hybrid").optimizer_options == tuned_hybrid
 
 
 def test_the_tuned_options_of_each_objective_in_the_grid_are_checked(tmp_path):

@@ -167,10 +167,11 @@ class StudySettings(Strict):
     attacks: tuple[str, ...] = DEFAULT_ATTACKS
     # Each cell's budget in forward-pass equivalents (forwards + unlearn.backward_cost x backwards);
     # max_steps only caps the step count. None: the step budget alone.
-    # The default, 3200, is 10x what adam needed to reach the level on the embedded benchmark (80 steps of
-    # 4 forward-pass equivalents: NPO's forward, its reference forward and a backward).
-    compute_budget: float | None = Field(3200.0, gt=0)
-    max_steps: int = Field(2000, ge=1)
+    # The default is 10x what adam needed to reach the level in the lr sweep at its chosen lr (200 steps
+    # of 4 forward-pass equivalents: NPO's forward, its reference forward and a backward); max_steps
+    # caps the step count (R-AdaZO at 3 per step: 2667 steps).
+    compute_budget: float | None = Field(8000.0, gt=0)
+    max_steps: int = Field(3000, ge=1)
     check_every: int = Field(10, ge=1)  # steps between checks of the forget level, the same for every optimizer
     level_metric: str = "forget_qa_rouge"
     # Retain subjects split, seeded by split_seed, into the unlearning loss's regulariser, the lr
