@@ -113,3 +113,9 @@ def test_the_reference_optimizer_is_adam_when_the_grid_has_it_else_the_first():
     assert chosen.study.reference == "zo-sgd"
     with pytest.raises(UserError, match="reference_optimizer 'lion' is not in the grid"):
         load_settings(None, {"study": {"reference_optimizer": "lion"}})
+
+
+def test_relearn_beside_relearn_lr_at_the_same_rate_is_refused_in_one_line():
+    with pytest.raises(UserError, match="relearn and relearn-lr1e-4 both relearn at lr 0.0001"):
+        load_settings(None, {"study": {"attacks": ["relearn", "relearn-lr1e-4"], "relearn_lr": 1e-4}})
+    load_settings(None, {"study": {"attacks": ["relearn", "relearn-lr2e-3"], "relearn_lr": 1e-4}})

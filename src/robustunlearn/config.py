@@ -213,7 +213,20 @@ class StudySettings(Strict):
             wrong = [name for name in options if accepted is not None and name not in accepted]
             if wrong:
                 raise ValueError(f"sweep_options.{optimizer}: unknown option(s) {wrong}; accepted: {accepted}")
+        self._one_relearning_ladder_per_lr()
         return self
+
+    def _one_relearning_ladder_per_lr(self) -> None:
+        """``relearn`` trains at ``relearn_lr``: beside ``relearn-lr<the same lr>`` it would be the
+        same ladder twice (the report keys ladders by attack and lr)."""
+        seen: dict[float, str] = {}
+        for name in self.attacks:
+            attack = parse_attack(name)
+            if name == "relearn" or name.startswith("relearn-lr"):
+                lr = self.relearn_lr if attack.strength is None else attack.strength
+                if lr in seen:
+                    raise ValueError(f"attacks {seen[lr]} and {name} both relearn at lr {lr:g}: keep one")
+                seen[lr] = name
 
     @model_validator(mode="after")
     def _reference_in_grid(self) -> StudySettings:
