@@ -14,6 +14,7 @@ from robustunlearn.config import StudySettings, load_settings
 from robustunlearn.core.models import TinyModelConfig, build_tiny_model, save_model
 from robustunlearn.data.base import QA, Benchmark
 from robustunlearn.data.muse import load_muse
+from robustunlearn.data.splits import retain_views
 from robustunlearn.metrics.muse import privleak
 from robustunlearn.metrics.privacy import (
     MUSE_PUBLISHED_RETRAIN_AUC,
@@ -25,7 +26,6 @@ from robustunlearn.metrics.privacy import (
     privleak_against,
     with_privleak,
 )
-from robustunlearn.data.splits import retain_views
 from robustunlearn.study.cells import Cell
 from robustunlearn.study.grid import StudyRun, run_cell, study_references
 from robustunlearn.study.report import write_report
