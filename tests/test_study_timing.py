@@ -17,6 +17,7 @@ import robustunlearn.study.grid as grid_module
 from robustunlearn.config import load_settings
 from robustunlearn.core.models import TinyModelConfig, build_tiny_model
 from robustunlearn.metrics.suite import evaluate_model
+from robustunlearn.study.cells import grid_cells
 from robustunlearn.study.pipeline import run_pipeline
 from robustunlearn.study.timing import (
     TIMING_FILE,
@@ -178,8 +179,8 @@ def test_a_resumed_study_reports_the_time_of_cells_finished_earlier(tiny, tmp_pa
     overrides = {"study": study, "eval": {"max_examples": 2, "batch_size": 4, "verbmem_max_new_tokens": 4}}
     settings = load_settings(None, overrides)
     run_pipeline(settings, tmp_path)
-    cells = ["npo-adam-seed0-lr0.0005", "npo-signadam-seed0-lr0.0001"]
-    assert sorted(path.name for path in (tmp_path / "cells").iterdir()) == cells
+    cells = sorted(cell.name for cell in grid_cells(settings, settings.study, {}))  # at the tuned lrs
+    assert len(cells) == 2 and sorted(path.name for path in (tmp_path / "cells").iterdir()) == cells
     earlier = json.loads((tmp_path / "cells" / cells[0] / TIMING_FILE).read_text())
     shutil.rmtree(tmp_path / "cells" / cells[1])  # as if killed in the second cell
 
