@@ -102,3 +102,16 @@ def mcq_model():
     from helpers import mcq_model_and_tokenizer
 
     return mcq_model_and_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_random(synthetic_setup):
+    """``(benchmark, model, tokenizer)``: the small synthetic benchmark and a random one-layer tiny
+    model in eval mode, for tests of the study's plumbing rather than of learning."""
+    from robustunlearn.core.models import TinyModelConfig, build_tiny_model
+
+    benchmark, tokenizer = synthetic_setup
+    config = TinyModelConfig(
+        vocab_size=400, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    return benchmark, build_tiny_model(config, tokenizer, seed=0).eval(), tokenizer

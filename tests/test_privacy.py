@@ -11,7 +11,7 @@ import pytest
 
 import robustunlearn.study.grid as grid_module
 from robustunlearn.config import StudySettings, load_settings
-from robustunlearn.core.models import TinyModelConfig, build_tiny_model, save_model
+from robustunlearn.core.models import save_model
 from robustunlearn.data.base import QA, Benchmark
 from robustunlearn.data.muse import load_muse
 from robustunlearn.data.splits import retain_views
@@ -38,18 +38,8 @@ MUSE_FIXTURE = Path(__file__).parent / "fixtures" / "muse" / "news"
 AUC_KEYS = {"auc_loss", "auc_zlib", "auc_min_k", "auc_min_k_plus_plus"}
 
 
-@pytest.fixture(scope="module")
-def tiny(synthetic_setup):
-    """``(benchmark, model, tokenizer)``: the small synthetic benchmark and a random tiny model."""
-    benchmark, tokenizer = synthetic_setup
-    config = TinyModelConfig(
-        vocab_size=400, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
-    )
-    return benchmark, build_tiny_model(config, tokenizer, seed=0).eval(), tokenizer
-
-
-def test_synthetic_members_are_the_forget_people_and_non_members_the_holdout_people(tiny):
-    benchmark = tiny[0]
+def test_synthetic_members_are_the_forget_people_and_non_members_the_holdout_people(tiny_random):
+    benchmark = tiny_random[0]
     sets, reason = membership_sets(benchmark)
     assert reason is None and sets.source == "forget_text vs holdout_text"
     assert sets.members == benchmark.get("forget_text") and sets.nonmembers == benchmark.get("holdout_text")
@@ -67,8 +57,8 @@ def test_muse_members_are_its_privleak_forget_and_holdout_texts():
     assert muse_corpus(benchmark) == "news"
 
 
-def test_tofu_and_benchmarks_without_a_holdout_give_a_reason_not_an_auc(tiny):
-    benchmark, model, tokenizer = tiny
+def test_tofu_and_benchmarks_without_a_holdout_give_a_reason_not_an_auc(tiny_random):
+    benchmark, model, tokenizer = tiny_random
     tofu = Benchmark("tofu", "1", {"forget_qa": [QA("Who?", "Ann")], "retain_qa": [QA("What?", "A cat")]})
     assert membership_sets(tofu) == (None, TOFU_REASON)
     assert "holdout" in TOFU_REASON and muse_corpus(tofu) is None
@@ -95,8 +85,8 @@ def test_privleak_uses_the_retrain_auc_then_muse_published_when_asked_else_no_re
     assert "undefined" in undefined["privleak_note"]
 
 
-def test_mia_privacy_scores_the_capped_sets_and_privleak_names_its_reference(tiny):
-    benchmark, model, tokenizer = tiny
+def test_mia_privacy_scores_the_capped_sets_and_privleak_names_its_reference(tiny_random):
+    benchmark, model, tokenizer = tiny_random
     settings = load_settings(None, {"eval": {"max_examples": 2, "batch_size": 3}}).eval
     mia = mia_privacy(model, tokenizer, benchmark, settings)
     assert set(mia["aucs"]) == AUC_KEYS and all(0.0 <= v <= 1.0 for v in mia["aucs"].values())
@@ -113,8 +103,8 @@ def _quick_settings():
     return load_settings(None, {"eval": {"max_examples": 2, "batch_size": 4, "verbmem_max_new_tokens": 4}})
 
 
-def test_study_references_hold_privacy_and_files_of_other_evaluation_records_are_recomputed(tiny, tmp_path):
-    benchmark, model, tokenizer = tiny
+def test_study_references_hold_privacy_and_files_of_other_evaluation_records_are_recomputed(tiny_random, tmp_path):
+    benchmark, model, tokenizer = tiny_random
     settings = _quick_settings()
     path = tmp_path / "references.json"
     evaluation = retain_views(benchmark, 0).evaluation
@@ -129,13 +119,13 @@ def test_study_references_hold_privacy_and_files_of_other_evaluation_records_are
     assert study_references(model, None, tokenizer, evaluation, settings, path) == references
 
 
-def _study_run(tiny, tmp_path, settings, study, references) -> StudyRun:
-    benchmark, model, tokenizer = tiny
+def _study_run(tiny_random, tmp_path, settings, study, references) -> StudyRun:
+    benchmark, model, tokenizer = tiny_random
     return StudyRun(settings, study, model, tokenizer, retain_views(benchmark, 0), references, tmp_path)
 
 
-def test_run_cell_gives_every_row_privacy_against_the_retrain_reference(tiny, tmp_path, monkeypatch):
-    benchmark, model, tokenizer = tiny
+def test_run_cell_gives_every_row_privacy_against_the_retrain_reference(tiny_random, tmp_path, monkeypatch):
+    benchmark, model, tokenizer = tiny_random
 
     def no_unlearning(model, *args, **kwargs):
         return UnlearnResult(model=model, steps_done=0, history=[], seconds=0.0)
@@ -147,7 +137,7 @@ def test_run_cell_gives_every_row_privacy_against_the_retrain_reference(tiny, tm
     retrain_mia["aucs"][PRIVLEAK_AUC] = 0.5
     references = {"target": {"forget_qa_rouge": 0.5}, "retrain": None, "privacy": {"retrain": retrain_mia}}
     cell = Cell("synthetic", "npo", "adam", 0, 1e-4)
-    rows = run_cell(_study_run(tiny, tmp_path, settings, study, references), cell, tmp_path, landscape=False)
+    rows = run_cell(_study_run(tiny_random, tmp_path, settings, study, references), cell, tmp_path, landscape=False)
     assert [row.attack for row in rows] == ["none", "noise-0.01"]
     for row in rows:
         assert set(row.privacy["aucs"]) == AUC_KEYS and row.privacy["privleak_reference"] == "retrain"
@@ -205,8 +195,8 @@ def privacy_against_published(auc: float) -> float:
     return privleak(auc, 1.0 - MUSE_PUBLISHED_RETRAIN_AUC["news"])
 
 
-def test_the_matched_level_is_the_retrain_level_plus_the_presets_tolerance(tiny, tmp_path, monkeypatch):
-    benchmark, model, tokenizer = tiny
+def test_the_matched_level_is_the_retrain_level_plus_the_presets_tolerance(tiny_random, tmp_path, monkeypatch):
+    benchmark, model, tokenizer = tiny_random
     monkeypatch.setattr(
         grid_module, "unlearn", lambda model, *a, **k: UnlearnResult(model=model, steps_done=0, history=[], seconds=0.0)
     )
@@ -214,6 +204,6 @@ def test_the_matched_level_is_the_retrain_level_plus_the_presets_tolerance(tiny,
     settings = base.model_copy(update={"eval": base.eval.model_copy(update={"level_tolerance": 0.125})})
     study = StudySettings(optimizers=("adam",), attacks=(), landscape=False, relearn_subjects=1)
     references = {"target": {"forget_qa_rouge": 0.9}, "retrain": {"forget_qa_rouge": 0.25}}
-    run = _study_run(tiny, tmp_path, settings, study, references)
+    run = _study_run(tiny_random, tmp_path, settings, study, references)
     (row,) = run_cell(run, Cell("synthetic", "npo", "adam", 0, 1e-4), tmp_path, landscape=False)
     assert row.cost.target_level == pytest.approx(0.375)

@@ -15,7 +15,6 @@ from rich.console import Console
 
 import robustunlearn.study.grid as grid_module
 from robustunlearn.config import load_settings
-from robustunlearn.core.models import TinyModelConfig, build_tiny_model
 from robustunlearn.metrics.suite import evaluate_model
 from robustunlearn.study.cells import grid_cells
 from robustunlearn.study.pipeline import run_pipeline
@@ -140,17 +139,8 @@ def test_the_summary_line_names_the_groups_by_share_and_the_shares_add_up_to_100
     assert time_summary({"seconds": 7500.0, "phases": {"unlearn": 7500.0}}) == "time: 2h05m — unlearning 100%"
 
 
-@pytest.fixture(scope="module")
-def tiny(synthetic_setup):
-    benchmark, tokenizer = synthetic_setup
-    config = TinyModelConfig(
-        vocab_size=400, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
-    )
-    return benchmark, build_tiny_model(config, tokenizer, seed=0).eval(), tokenizer
-
-
-def test_evaluation_shows_a_progress_bar_only_with_a_console_and_scores_the_same(tiny):
-    benchmark, model, tokenizer = tiny
+def test_evaluation_shows_a_progress_bar_only_with_a_console_and_scores_the_same(tiny_random):
+    benchmark, model, tokenizer = tiny_random
     settings = load_settings(None, {"eval": {"max_examples": 2, "batch_size": 4, "verbmem_max_new_tokens": 4}})
     metrics = ("forget_qa_rouge", "utility_perplexity")
     output = io.StringIO()
@@ -164,8 +154,8 @@ def test_evaluation_shows_a_progress_bar_only_with_a_console_and_scores_the_same
         assert console.file.getvalue() == ""  # no bar for one metric, nor off a terminal
 
 
-def test_a_resumed_study_reports_the_time_of_cells_finished_earlier(tiny, tmp_path, monkeypatch):
-    benchmark, model, tokenizer = tiny
+def test_a_resumed_study_reports_the_time_of_cells_finished_earlier(tiny_random, tmp_path, monkeypatch):
+    benchmark, model, tokenizer = tiny_random
     monkeypatch.setattr(grid_module, "load_target", lambda *args, **kwargs: (model, tokenizer, benchmark, None))
     monkeypatch.setattr(
         grid_module, "unlearn", lambda model, *a, **k: UnlearnResult(model=model, steps_done=0, history=[], seconds=0)
