@@ -115,3 +115,12 @@ def tiny_random(synthetic_setup):
         vocab_size=400, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
     )
     return benchmark, build_tiny_model(config, tokenizer, seed=0).eval(), tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _one_core_for_studies(monkeypatch):
+    # A study runs its cells in one worker process per core; the tests' tiny studies would spend
+    # more time starting workers than running cells. Tests of the workers ask for them themselves.
+    import robustunlearn.study.parallel as parallel
+
+    monkeypatch.setattr(parallel, "available_cores", lambda: 1)

@@ -240,6 +240,13 @@ ModelOption = typer.Option(
     "--model",
     help="Hugging Face model dir, .gguf file or hub name to unlearn instead of the embedded tiny target.",
 )
+JobsOption = typer.Option(
+    None,
+    "--jobs",
+    min=1,
+    help="Worker processes the cells run in [default: one per CPU core, at most one per cell, the cores "
+    "shared out as torch threads]; 1: one cell after the other, in this process.",
+)
 SweepOption = typer.Option(
     False, "--lr-sweep", help="Choose each optimizer's lr by a small sweep at matched forgetting."
 )
@@ -266,6 +273,7 @@ def _study(
     budget: Optional[float] = None,
     lr: Optional[float] = None,
     claims: bool = False,
+    jobs: Optional[int] = None,
 ) -> None:
     """What ``run`` and ``study`` share: validate everything, then run the grid and print its table."""
     if claims and config is not None:
@@ -284,6 +292,7 @@ def _study(
         study__attacks=_names(attacks),
         study__max_steps=steps,
         study__compute_budget=budget,
+        study__jobs=jobs,
     )
     check_training_options(settings, settings.study.objectives, settings.study.optimizers)
     _check_models(settings.model_path, settings.base_model)
@@ -310,6 +319,7 @@ def run(
     budget: Optional[float] = BudgetOption,
     attacks: Optional[str] = AttacksOption,
     claims: bool = ClaimsOption,
+    jobs: Optional[int] = JobsOption,
     model: Optional[str] = ModelOption,
     output_dir: Path = typer.Option(Path("runs/latest"), "--output-dir", help="Where results and the report go."),
     cache_dir: Optional[Path] = CacheOption,
@@ -339,6 +349,7 @@ def study(
     lr: Optional[float] = LrOption,
     lr_sweep: bool = SweepOption,
     claims: bool = ClaimsOption,
+    jobs: Optional[int] = JobsOption,
     model: Optional[str] = ModelOption,
     data_dir: Optional[Path] = DataDirOption,
     forget_split: Optional[str] = ForgetSplitOption,

@@ -18,6 +18,7 @@ from typing import Any
 
 from robustunlearn.attacks import AttackContext, parse_attack
 from robustunlearn.core.io import atomic_write_json
+from robustunlearn.core.lock import directory_lock
 from robustunlearn.metrics.suite import METRICS
 from robustunlearn.study.rows import NO_ATTACK, Control
 
@@ -51,20 +52,25 @@ class Controls:
         """The control under ``attack`` (``"none"``: the control itself) with ``context`` (its
         seed, relearning records and probe are the cell's, so the two are attacked alike)."""
         path = self.directory / f"seed{context.seed}" / f"{attack}.json"
-        if path.exists():
-            return Control(**json.loads(path.read_text()))
+        if not path.exists():
+            # Cells of one seed in several worker processes need the same control: one computes it.
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with directory_lock(path.parent, lock_file=path.with_suffix(".lock"), wait=True):
+                if not path.exists():
+                    atomic_write_json(path, self._attack(attack, context).to_json())
+        return Control(**json.loads(path.read_text()))
+
+    def _attack(self, attack: str, context: AttackContext) -> Control:
         curve = None
         attacked = self.model
         if attack != NO_ATTACK:
             outcome = parse_attack(attack).run(self.model, context)
             attacked, curve = outcome.model, outcome.curve
         metrics = self.evaluate(attacked)
-        control = Control(
+        return Control(
             source=self.source,
             forget={k: v for k, v in metrics.items() if METRICS[k].forget},
             utility={k: v for k, v in metrics.items() if not METRICS[k].forget},
             scorings=final_scorings(curve, self.metric),
             curve=curve,
         )
-        atomic_write_json(path, control.to_json())
-        return control

@@ -26,9 +26,12 @@ import copy
 import json
 import time
 from collections.abc import Sequence
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from robustunlearn.attacks import AttackContext, parse_attack
 from robustunlearn.attacks.spec import RELEARNING
@@ -47,6 +50,7 @@ from robustunlearn.study.cells import Cell, cell_optimizer_options, grid_cells
 from robustunlearn.study.controls import RETRAIN, TARGET, Controls, final_scorings
 from robustunlearn.study.landscape import linear_interpolation, sharpness
 from robustunlearn.study.loading import load_target
+from robustunlearn.study.parallel import plan_workers, worker_pool
 from robustunlearn.study.report import write_report
 from robustunlearn.study.rows import (
     Landscape,
@@ -60,7 +64,7 @@ from robustunlearn.study.rows import (
 )
 from robustunlearn.study.scores import attack_scores
 from robustunlearn.study.sweep import Trial, sweep_learning_rates
-from robustunlearn.study.timing import PhaseClock, StudyTimes, load_phase
+from robustunlearn.study.timing import PhaseClock, PhaseRecord, StudyTimes, load_phase
 from robustunlearn.train.engine import unlearn
 from robustunlearn.train.settings import UnlearnSettings
 
@@ -86,6 +90,7 @@ class StudyRun:
     output_dir: Path
     controls: Controls | None = None
     console: Any = None
+    cache_dir: Path | None = None  # the prepared models' cache, where worker processes load them from
     relearn_splits: dict[int, RelearnSplit] = field(default_factory=dict)
     clock: PhaseClock = field(default_factory=PhaseClock)  # times each cell's phases (study/timing.py)
 
@@ -487,14 +492,14 @@ def write_protocol(run: StudyRun) -> None:
     atomic_write_json(run.output_dir / "protocol.json", protocol)
 
 
-def run_study(
-    settings: RunSettings, study: StudySettings, output_dir: Path, cache_dir=None, console=None, lr_sweep: bool = False
-) -> list[ResultRow]:
-    """Run (or resume) the grid; write ``results.jsonl``, ``report.md``/``report.html``, plots and
-    ``timing.json`` (:mod:`robustunlearn.study.timing`: where the time went, each cell's beside it)."""
-    check_stop_alignment(settings, study)
-    times = StudyTimes(output_dir)
-    clock, loading_since = times.clock, time.time()
+def open_study_run(
+    settings: RunSettings, study: StudySettings, output_dir: Path, cache_dir=None, console=None, clock=None
+) -> StudyRun:
+    """Load (or prepare) the models, split the retain subjects, evaluate the references (once:
+    ``references.json``) and set up the controls: what every cell of the study shares. Timed on
+    ``clock`` (a new one by default) as ``load`` (``prepare`` when it trained) and ``references``."""
+    clock = clock or PhaseClock()
+    loading_since = time.time()
     with clock.phase("load") as loading:
         target, tokenizer, benchmark, prepared = load_target(settings, cache_dir, console)
         retrain = None if prepared is None else load_model(prepared.retrain_dir, dtype=DTYPES[settings.dtype])[0]
@@ -507,8 +512,20 @@ def run_study(
             target, retrain, tokenizer, views.evaluation, settings, output_dir / "references.json", console
         )
     run = StudyRun(settings, study, target, tokenizer, views, references, output_dir, console=console, clock=clock)
+    run.cache_dir = cache_dir
     control, source = (target, TARGET) if retrain is None else (retrain, RETRAIN)
     run.controls = Controls(control, source, output_dir / "controls", run.evaluate, run.metric)
+    return run
+
+
+def run_study(
+    settings: RunSettings, study: StudySettings, output_dir: Path, cache_dir=None, console=None, lr_sweep: bool = False
+) -> list[ResultRow]:
+    """Run (or resume) the grid; write ``results.jsonl``, ``report.md``/``report.html``, plots and
+    ``timing.json`` (:mod:`robustunlearn.study.timing`: where the time went, each cell's beside it)."""
+    check_stop_alignment(settings, study)
+    times = StudyTimes(output_dir)
+    run = open_study_run(settings, study, output_dir, cache_dir, console, times.clock)
     write_protocol(run)
 
     chosen = sweep_learning_rates(settings, study, sweep_trial(run), output_dir, console) if lr_sweep else {}
@@ -517,11 +534,13 @@ def run_study(
     if study.landscape:
         if console is not None:
             console.print("loss landscape: linear mode connectivity between the unlearned models")
-        add_lmc_curves(finished, target, tokenizer, views.evaluation, settings, study, output_dir, clock)
+        add_lmc_curves(
+            finished, run.target, run.tokenizer, run.views.evaluation, settings, study, output_dir, times.clock
+        )
     rows = [row for _, cell_rows in finished for row in cell_rows]
     write_results_jsonl(output_dir / "results.jsonl", rows)
     times.save()  # the report's time table is read from the files
-    with clock.phase("report"):
+    with times.clock.phase("report"):
         write_report(
             output_dir / "results.jsonl",
             output_dir,
@@ -533,26 +552,82 @@ def run_study(
 
 
 def run_grid(run: StudyRun, cells: Sequence[Cell], times: StudyTimes) -> list[tuple[Cell, list[ResultRow]]]:
-    """Each of ``cells`` and its rows: a finished cell's read back from its ``rows.json``, the others
-    run (:func:`run_cell`), each writing its ``rows.json`` and ``results.jsonl`` as it finishes.
-    Before each cell runs, the console shows its place among those to run and the time left."""
+    """Each of ``cells`` and its rows, in the order given: a finished cell's read back from its
+    ``rows.json``, the others run (:func:`run_cell`), each writing its ``rows.json`` as it finishes,
+    and ``results.jsonl`` after each. The cells to run go to ``study.jobs`` worker processes
+    (:mod:`robustunlearn.study.parallel`), or run here one after the other when there is one.
+    The console shows each cell's place among those to run and the time left."""
     console, output_dir = run.console, run.output_dir
-    to_run = sum(not (output_dir / "cells" / cell.name / "rows.json").exists() for cell in cells)
-    finished: list[tuple[Cell, list[ResultRow]]] = []
+    finished: dict[Cell, list[ResultRow]] = {}
     for cell in cells:
-        cell_dir = output_dir / "cells" / cell.name
-        done = cell_dir / "rows.json"
-        if done.exists():
+        if _rows_path(run, cell).exists():
             if console is not None:
                 console.print(f"skipping finished cell {cell.name}")
             times.resumed(cell.name)
-            finished.append((cell, read_cell_rows(done)))
-            continue
-        if console is not None:
-            console.print(times.cell_line(cell.name, to_run), highlight=False)
-        with times.running(cell.name):
-            cell_rows = run_cell(run, cell, cell_dir)
-            write_cell_rows(done, cell_rows)
-        finished.append((cell, cell_rows))
-        write_results_jsonl(output_dir / "results.jsonl", [row for _, cell_rows in finished for row in cell_rows])
-    return finished
+            finished[cell] = read_cell_rows(_rows_path(run, cell))
+    pending = [cell for cell in cells if cell not in finished]
+
+    def done(cell: Cell) -> None:
+        finished[cell] = read_cell_rows(_rows_path(run, cell))
+        rows = [row for c in cells if c in finished for row in finished[c]]
+        write_results_jsonl(output_dir / "results.jsonl", rows)
+
+    workers, threads = plan_workers(run.study.jobs, len(pending))
+    times.processes(workers, threads if workers > 1 else torch.get_num_threads())
+    if workers > 1:
+        _run_in_workers(run, pending, times, workers, threads, done)
+    else:
+        for cell in pending:
+            if console is not None:
+                console.print(times.cell_line(cell.name, len(pending)), highlight=False)
+            with times.running(cell.name):
+                _run_and_keep(run, cell)
+            done(cell)
+    return [(cell, finished[cell]) for cell in cells]
+
+
+def _rows_path(run: StudyRun, cell: Cell) -> Path:
+    return run.output_dir / "cells" / cell.name / "rows.json"
+
+
+def _run_and_keep(run: StudyRun, cell: Cell) -> None:
+    write_cell_rows(_rows_path(run, cell), run_cell(run, cell, _rows_path(run, cell).parent))
+
+
+def _run_in_workers(run: StudyRun, cells: Sequence[Cell], times: StudyTimes, workers: int, threads: int, done) -> None:
+    """Run ``cells`` in ``workers`` processes of ``threads`` torch threads each; as each finishes,
+    take its phase times into ``times`` and call ``done(cell)``."""
+    if run.console is not None:
+        run.console.print(
+            f"running {len(cells)} cells in {workers} worker processes, {threads} torch thread(s) each", highlight=False
+        )
+    for cell in cells:
+        times.starting(cell.name)
+    args = (run.settings, run.study, run.output_dir, run.cache_dir, threads)
+    with worker_pool(workers, _open_worker, args) as pool:
+        futures = {pool.submit(_work_cell, cell): cell for cell in cells}
+        for future in as_completed(futures):
+            cell = futures[future]
+            records, seconds = future.result()
+            times.finished(cell.name, records, seconds)
+            done(cell)
+            if run.console is not None:
+                run.console.print(times.finished_line(cell.name, len(cells), workers), highlight=False)
+
+
+_WORKER_RUN: StudyRun | None = None  # in a worker process: the study it runs cells of
+
+
+def _open_worker(settings: RunSettings, study: StudySettings, output_dir: Path, cache_dir, threads: int) -> None:
+    global _WORKER_RUN
+    torch.set_num_threads(threads)
+    _WORKER_RUN = open_study_run(settings, study, output_dir, cache_dir)
+
+
+def _work_cell(cell: Cell) -> tuple[list[PhaseRecord], float]:
+    """Run ``cell`` in a worker; return its phase records (the worker's loading, the first time)
+    and its wall seconds."""
+    run = _WORKER_RUN
+    started = time.perf_counter()
+    _run_and_keep(run, cell)
+    return run.clock.take(), time.perf_counter() - started

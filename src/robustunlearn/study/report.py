@@ -978,9 +978,19 @@ def _time_blocks(time: dict[str, Any] | None) -> list[Block]:
         "attacked control (computed once per seed and attack, then read back in about 0 s); other: what no "
         "phase accounts for. A cell killed midway runs again from scratch, its lost time uncounted."
         + (f" {resumed} cell(s) were finished by an earlier run: their times are that run's." if resumed else "")
+        + _parallel_note(time)
     )
     phases = Table(["phase", "seconds", "share"], rows)
     return [Heading(2, "Where the time went"), Paragraph(note), phases, _cell_time_table(time["cells"])]
+
+
+def _parallel_note(time: dict[str, Any]) -> str:
+    if time.get("workers", 1) <= 1:
+        return ""
+    return (
+        f" Cells ran in {time['workers']} worker processes of {time['threads']} torch thread(s) each: the "
+        f"phases add up each process's seconds, so the total exceeds the {time['wall_seconds']:.1f} s of wall time."
+    )
 
 
 def _cell_time_table(cells: dict[str, dict[str, Any]]) -> Table:

@@ -140,12 +140,27 @@ class StudyTimes:
         self.run["cells"].append(name)
         self.run["resumed"].append(name)
 
-    @contextmanager
-    def running(self, name: str) -> Iterator[None]:
-        """Enter cell ``name`` in this run's grid and run it; its times are saved once it finishes.
-        Times an earlier run left for it are dropped: its rows were removed, so it is redone."""
+    def processes(self, workers: int, threads: int) -> None:
+        """Record how this run's cells ran: ``workers`` processes (1: in the study's own) of
+        ``threads`` torch threads each."""
+        self.run["workers"], self.run["threads"] = workers, threads
+
+    def starting(self, name: str) -> None:
+        """Enter cell ``name`` in this run's grid, about to run. Times an earlier run left for it
+        are dropped: its rows were removed, so it is redone."""
         self.run["cells"].append(name)
         _cell_path(self.directory, name).unlink(missing_ok=True)
+
+    def finished(self, name: str, records: Sequence[PhaseRecord], seconds: float) -> None:
+        """Cell ``name`` finished in another process in ``seconds``: take its phase ``records`` and save."""
+        self.clock.records.extend(records)
+        self.cell_seconds.append(seconds)
+        self.save()
+
+    @contextmanager
+    def running(self, name: str) -> Iterator[None]:
+        """Run cell ``name`` here (see :meth:`starting`); its times are saved once it finishes."""
+        self.starting(name)
         started = self.clock.timer()
         yield
         self.cell_seconds.append(self.clock.timer() - started)
@@ -158,8 +173,20 @@ class StudyTimes:
         line = f"cell {done + 1}/{to_run}: {name}"
         if not done:
             return line
-        left = sum(self.cell_seconds) / done * (to_run - done)
-        return f"{line} (about {format_seconds(left)} left)"
+        return f"{line} (about {format_seconds(self._left(to_run, 1))} left)"
+
+    def finished_line(self, name: str, to_run: int, workers: int) -> str:
+        """``cell 3/12 done: <name> (about 20m left)``, for cells run by ``workers`` processes: the
+        mean time of the cells done so far times those left, over the workers."""
+        done = len(self.cell_seconds)
+        line = f"cell {done}/{to_run} done: {name}"
+        if done == to_run:
+            return line
+        return f"{line} (about {format_seconds(self._left(to_run, workers))} left)"
+
+    def _left(self, to_run: int, workers: int) -> float:
+        done = len(self.cell_seconds)
+        return sum(self.cell_seconds) / done * (to_run - done) / min(workers, to_run - done)
 
     def save(self) -> None:
         """Write the clock's records: each cell's to its ``timing.json`` (after those it has), the
@@ -185,7 +212,9 @@ def study_time(directory: Path) -> dict[str, Any] | None:
 
     * ``phases``: seconds per phase (:data:`PHASES` order; ``other``: the runs' wall seconds no
       phase accounts for), over every run, for the study and the cells of the last run's grid;
-    * ``seconds``: their sum; ``runs``: how many runs the study took;
+    * ``seconds``: their sum; ``runs``: how many runs the study took; ``wall_seconds``: the runs'
+      wall time, less than ``seconds`` when cells ran in parallel; ``workers``: the most worker
+      processes a run used (1: none) and ``threads``: the torch threads of each;
     * ``attacks``/``controls``: seconds per attack (on the cells; on the control);
     * ``cells``: per cell of the grid, ``seconds``, ``phases``, ``attacks``, ``controls`` and
       ``resumed`` (finished by an earlier run); ``seconds`` is None for a cell that left no times."""
@@ -204,7 +233,15 @@ def study_time(directory: Path) -> dict[str, Any] | None:
             cells[name]["seconds"] = None
     other = sum(max(0.0, run["seconds"] - run["timed"]) for run in runs)
     table = _breakdown(records, other)
-    return {**table, "runs": len(runs), "cells": cells}
+    busiest = max(runs, key=lambda run: run.get("workers", 1))
+    return {
+        **table,
+        "runs": len(runs),
+        "wall_seconds": round(sum(run["seconds"] for run in runs), 2),
+        "workers": busiest.get("workers", 1),
+        "threads": busiest.get("threads"),
+        "cells": cells,
+    }
 
 
 def _breakdown(records: Sequence[dict[str, Any]], other: float = 0.0) -> dict[str, Any]:
@@ -265,7 +302,13 @@ def time_summary(table: dict[str, Any]) -> str:
         if label == "attacks" and phases.get("control"):
             part += f" (controls {round(100 * phases['control'] / table['seconds'])}%)"
         parts.append(part)
-    return f"time: {format_seconds(table['seconds'])} — " + (", ".join(parts) or "nothing timed")
+    total = format_seconds(table["seconds"])
+    if table.get("workers", 1) > 1:
+        total = (
+            f"{format_seconds(table['wall_seconds'])} wall, cells in {table['workers']} worker processes "
+            f"(phases add up to {total})"
+        )
+    return f"time: {total} — " + (", ".join(parts) or "nothing timed")
 
 
 def _record_json(record: PhaseRecord) -> dict[str, Any]:
