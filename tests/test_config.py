@@ -119,3 +119,12 @@ def test_relearn_beside_relearn_lr_at_the_same_rate_is_refused_in_one_line():
     with pytest.raises(UserError, match="relearn and relearn-lr1e-4 both relearn at lr 0.0001"):
         load_settings(None, {"study": {"attacks": ["relearn", "relearn-lr1e-4"], "relearn_lr": 1e-4}})
     load_settings(None, {"study": {"attacks": ["relearn", "relearn-lr2e-3"], "relearn_lr": 1e-4}})
+
+
+def test_the_engine_settings_of_a_cell_are_validated_like_a_recipe():
+    settings = load_settings(None, {})
+    assert unlearn_settings(settings, lr=1e-3, steps=5).steps == 5
+    with pytest.raises(ValueError, match="lr"):
+        unlearn_settings(settings, lr=-1.0)  # a swept or tuned lr goes through the same checks
+    with pytest.raises(ValueError, match="steps"):
+        unlearn_settings(settings, steps=0)

@@ -424,7 +424,8 @@ def unlearn_settings(settings: RunSettings, **changes: Any) -> UnlearnSettings:
         "optimizer_options": optimizer_options(settings, optimizer, objective),
         **changes,
     }
-    return options.model_copy(update=values)
+    # model_copy(update=...) would skip validation: an lr or option from the sweep is checked like a recipe's.
+    return UnlearnSettings.model_validate({**options.model_dump(), **values})
 
 
 def _first_error(error: ValidationError) -> str:
