@@ -175,6 +175,18 @@ def _hybrid(mesh, rank: int, own: torch.Tensor) -> dict:
     return {"weights": _full(model), "after": after}
 
 
+def _smoothing(mesh, rank: int, own: torch.Tensor) -> dict:
+    model = _sharded_model(mesh)
+    try:
+        hooks(build_optimizer("fo-rs", model, 1e-2)).enable_fully_sharded(model)
+    except ValueError as error:
+        refusal = str(error)
+    optimizer = build("sam", model, {"lr": 1e-2})
+    hooks(optimizer).enable_fully_sharded(model)
+    after = train(model, optimizer, own, _mean)
+    return {"weights": _full(model), "after": after, "refusal": refusal}
+
+
 def _worker(rank: int, port: int, out: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -184,7 +196,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
     try:
         mesh = init_device_mesh("cpu", (WORLD_SIZE,))
         own = GLOBAL_BATCH.chunk(WORLD_SIZE)[rank]
-        results = {run.__name__: run(mesh, rank, own) for run in (_projected_gradients, _zo_sgd, _hybrid)}
+        results = {run.__name__: run(mesh, rank, own) for run in (_projected_gradients, _zo_sgd, _hybrid, _smoothing)}
         torch.save(results, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -253,6 +265,15 @@ def test_zo_sgd_on_two_shards_matches_one_process(ranks):
 def test_hybrid_on_two_shards_matches_one_process(ranks):
     # Adam on the DTensors (gradients reduce-scattered by FSDP) alternating with R-AdaZO on the shards
     assert_matches_one_process(ranks[0]["_hybrid"], "hybrid", HYBRID)
+
+
+def test_sam_on_two_shards_matches_one_process(ranks):
+    # its perturbation θ + ρ·g/‖g‖ is DTensor arithmetic, the norm reduced over the shards by DTensor
+    assert_matches_one_process(ranks[0]["_smoothing"], "sam", {"lr": 1e-2})
+
+
+def test_fo_rs_refuses_to_draw_the_same_noise_on_every_cpu_shard(ranks):
+    assert "cannot run sharded on CPU" in ranks[0]["_smoothing"]["refusal"]
 
 
 def test_no_rank_draws_a_whole_direction(ranks):
