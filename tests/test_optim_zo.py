@@ -202,9 +202,9 @@ def test_draws_per_step(two_sided, fused, draws, tiny_llama, lm_closure):
     counts = {}
     noise = opt._noise
 
-    def counting(p, index, k, step=None):
-        counts[index] = counts.get(index, 0) + 1
-        return noise(p, index, k, step)
+    def counting(slot, k, step=None):
+        counts[slot.index] = counts.get(slot.index, 0) + 1
+        return noise(slot, k, step)
 
     opt._noise = counting
     opt.step(lm_closure(model, batch(), model_loss=True))

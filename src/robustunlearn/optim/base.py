@@ -34,9 +34,9 @@ per call: a ZO step calls its closure two or more times on the same batch.
 
 Hooks (:class:`OptimizerHooks`): what a training loop may ask of an optimizer beyond torch's
 interface: Sophia-G's batch size, values to log, where the last closure call was, whether the
-run may stop now, how to run in several processes, and precision warnings. Our optimizers that
-need one inherit the class and override it; :func:`hooks` gives every optimizer, torch's own
-included, an object to call them on.
+run may stop now, how to run in several processes (data parallel, and with sharded weights), and
+precision warnings. Our optimizers that need one inherit the class and override it; :func:`hooks`
+gives every optimizer, torch's own included, an object to call them on.
 """
 
 from __future__ import annotations
@@ -157,6 +157,16 @@ class OptimizerHooks:
         shard of the batch and average gradients over ranks after backward: reduce over ranks
         whatever else the steps compute from the closure, with ``mean`` (an in-place all-reduce
         mean). Raises ``ValueError`` if the optimizer cannot keep the ranks identical."""
+
+    def enable_fully_sharded(self, model: nn.Module) -> None:
+        """Before the first step, after :meth:`enable_data_parallel`, in a run whose ``model`` is
+        sharded by FSDP2 (``fully_shard`` on a 1-D mesh: every parameter a DTensor split along its
+        first dimension, each rank holding its shard and evaluating its shard of the batch): do on
+        the shards whatever the steps do beyond elementwise updates of parameters and gradients
+        (which torch's optimizers do on DTensors unchanged), and reshard ``model`` after any
+        forward without backward that precedes an in-place change of the weights (FSDP keeps the
+        root module's gathered weights after such a forward). Raises ``ValueError`` if the
+        optimizer cannot run sharded."""
 
     def precision_warnings(self) -> list[str]:
         """Before the first step: why the weights' dtypes make the steps inexact, each phrase

@@ -33,8 +33,8 @@ Each part keeps its own state (moments); ``state_dict`` holds both. ``lr`` is th
 rate, ``zo_lr`` the ZO one; ``param_groups`` lists the FO groups then the ZO groups (the same
 dicts the parts use), so an LR scheduler scales both. The hooks of
 :class:`~robustunlearn.optim.base.OptimizerHooks` reach the parts: Sophia-G's batch size, data
-parallelism, precision warnings and where the last closure call was; ``hybrid`` adds its own
-phase to the log and its stopping rule.
+parallelism and sharded weights (FSDP), precision warnings and where the last closure call was;
+``hybrid`` adds its own phase to the log and its stopping rule.
 """
 
 from __future__ import annotations
@@ -125,6 +125,10 @@ class _TwoPart(OptimizerHooks, torch.optim.Optimizer):
     def enable_data_parallel(self, mean: Callable[[Tensor], Tensor]) -> None:
         hooks(self.fo).enable_data_parallel(mean)
         hooks(self.zo).enable_data_parallel(mean)
+
+    def enable_fully_sharded(self, model: nn.Module) -> None:
+        hooks(self.fo).enable_fully_sharded(model)
+        hooks(self.zo).enable_fully_sharded(model)
 
     def precision_warnings(self) -> list[str]:
         return [*hooks(self.fo).precision_warnings(), *hooks(self.zo).precision_warnings()]

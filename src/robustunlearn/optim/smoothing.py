@@ -6,6 +6,10 @@
 * :class:`SAM` (``sam``): sharpness-aware minimization (Foret et al., 2021), the gradient at the
   worst-case nearby point, as used for relearning-robust unlearning by Fan et al. (2025).
 
+Both run on FSDP2-sharded weights (DTensors) unchanged: their closures run a backward, after
+which FSDP reshards, so the next forward gathers the moved shards; ``fo-rs`` only on GPU meshes
+(:meth:`RandomizedSmoothing.enable_fully_sharded`).
+
 Both default to Adam as the base optimizer, so they differ from this package's first-order
 reference (``adam``) only in where the gradient is taken; ``base=torch.optim.SGD`` (option
 ``base: sgd``) is the textbook form. The base optimizer shares the wrapper's ``param_groups``
@@ -18,7 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from robustunlearn.optim.base import OptimizerHooks
@@ -89,6 +94,16 @@ class RandomizedSmoothing(_PerturbedGradient):
     @property
     def last_closure_at(self) -> str:
         return "θ + σ·u"
+
+    def enable_fully_sharded(self, model: nn.Module) -> None:
+        """``randn_like`` of a sharded parameter draws each shard's part of one Gaussian on GPU
+        meshes (DTensor's RNG tracker); on a CPU mesh every rank would draw from its own generator,
+        seeded alike, the same noise on every shard."""
+        if any(isinstance(p, DTensor) and p.device_mesh.device_type == "cpu" for p in self._params()):
+            raise ValueError(
+                "fo-rs cannot run sharded on CPU: DTensor would draw the same Gaussian noise on every "
+                "shard; use a GPU mesh, or sam"
+            )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]

@@ -53,6 +53,20 @@ comes from a dedicated ``torch.Generator`` seeded with a hash of ``(seed, t, k, 
 that share ``seed`` draw the same directions and need to all-reduce only the ``q`` projected
 gradients (``reduce_projected_grad``). ``seed`` and ``t`` are in the ``state_dict``.
 
+Sharded weights (FSDP2, :meth:`ZerothOrderOptimizer.enable_fully_sharded`). Under
+``fully_shard`` every parameter is a DTensor split along its first dimension, and each rank moves
+only its own shard, in place: no rank ever holds a whole ``z`` or a copy of the weights, so memory
+stays at inference level. ``z`` is then drawn in chunks of ``chunk`` elements of the flattened
+parameter (:data:`SHARD_CHUNK` unless given), chunk ``c`` from a generator seeded with
+``(seed, t, k, i, c)``; a rank draws the chunks its shard overlaps and keeps its part, so ``z`` is
+the same however the rows are split (one process included) and a rank draws at most its shard plus
+two chunks. Chunk 0 has the whole-tensor seed, so a tensor of at most ``chunk`` elements draws the
+very ``z`` of an unsharded run. The ranks all-reduce the ``q`` projected gradients (means of their
+loss differences, each rank evaluating its shard of the batch), each tensor's ``max|θ|`` for its grid,
+and for sphere directions ``|n_k|²``: scalars only. Before each forward the optimizer reshards the
+model, since FSDP keeps the root module's gathered weights after a forward without backward, and
+the next forward would not see the moved shards.
+
 Where the loss is taken. The closure is called under ``torch.no_grad()`` without backward, which
 the closure protocol evaluates with dropout off (:mod:`robustunlearn.optim.base`): every call
 sees the same function of θ. ``step`` returns the loss at θ (see :meth:`ZerothOrderOptimizer.step`),
@@ -64,10 +78,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard
 
 from robustunlearn.optim.base import Closure, OptimizerHooks, check_betas
 from robustunlearn.optim.spec import OptimizerSpec
@@ -79,6 +96,9 @@ _DIGITS = {torch.float32: 24, torch.float64: 53}  # significand bits of the exac
 _GAUSSIAN_BOUND = 9.0
 _MASK64 = (1 << 64) - 1
 _ROUNDING = -1  # the "direction" index of the stochastic-rounding stream (directions are 0..q-1)
+# Elements per independently seeded chunk of a sharded draw: 4 MB of float32, large enough that
+# reseeding costs nothing next to the draw (module docstring), small next to a 7B layer's shard.
+SHARD_CHUNK = 2**20
 
 
 def _splitmix64(x: int) -> int:
@@ -89,12 +109,28 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def stream_seed(seed: int, step: int, direction: int, index: int) -> int:
-    """The generator seed of direction ``direction`` of parameter ``index`` at step ``step``."""
+def stream_seed(seed: int, step: int, direction: int, index: int, chunk: int = 0) -> int:
+    """The generator seed of direction ``direction`` of parameter ``index`` at step ``step``, for
+    its chunk ``chunk`` in a chunked draw (chunk 0 has the seed of the whole-tensor stream)."""
     x = _splitmix64(seed & _MASK64)
     for value in (step, direction, index):
         x = _splitmix64(x ^ (value & _MASK64))
-    return x
+    return x if chunk == 0 else _splitmix64(x ^ chunk)
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """The elements of ``tensor`` this rank holds and writes: a DTensor's local shard, else itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+class _Slot(NamedTuple):
+    """One parameter as this rank holds it."""
+
+    group: dict[str, Any]
+    param: Tensor  # the parameter (a DTensor under FSDP): the key of its state
+    local: Tensor  # the elements this rank moves (the parameter itself when unsharded)
+    offset: int  # flat index, within the parameter, of local's first element
+    index: int  # position in param_groups' order: picks the parameter's random streams
 
 
 class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
@@ -108,14 +144,17 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
     torch's default generator), ``term`` (passed to the closure, e.g. ``"forget"``),
     ``reduce_projected_grad`` (maps the tensor of the ``q`` projected gradients to the values to
     use, e.g. an all-reduce mean across data-parallel ranks), ``fuse`` (restore and update in one
-    pass). The closure is called as ``closure(backward=False, term=term)`` under ``no_grad``, so
+    pass), ``chunk`` (draw every tensor's ``z`` in independently seeded chunks of this many
+    elements, as sharded runs do; ``None``: one stream per tensor, or :data:`SHARD_CHUNK` once
+    sharded). The closure is called as ``closure(backward=False, term=term)`` under ``no_grad``, so
     with dropout off (the closure protocol's function values).
 
     After a step, ``projected_grads`` holds its ``q`` projected gradients and
     :meth:`direction` regenerates its directions; ``steps_taken`` counts steps (and seeds them).
 
     In several processes (:meth:`enable_data_parallel`) the ranks share ``seed``, so they draw the
-    same directions, and average their projected gradients through ``reduce_projected_grad``.
+    same directions, and average their projected gradients through ``reduce_projected_grad``;
+    with FSDP (:meth:`enable_fully_sharded`) each rank moves its shards only (module docstring).
     """
 
     def __init__(
@@ -131,6 +170,7 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
         term: str | None = None,
         reduce_projected_grad: Callable[[Tensor], Tensor] | None = None,
         fuse: bool = True,
+        chunk: int | None = None,
     ) -> None:
         if not defaults["lr"] >= 0.0:
             raise ValueError(f"lr must be >= 0, got {defaults['lr']}")
@@ -142,6 +182,8 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
             raise ValueError(f"q must be a positive integer, got {q!r}")
         if directions not in DIRECTIONS:
             raise ValueError(f"unknown directions {directions!r}; accepted: {', '.join(DIRECTIONS)}")
+        if chunk is not None and not (isinstance(chunk, int) and chunk >= 1):
+            raise ValueError(f"chunk must be a positive integer or None, got {chunk!r}")
         super().__init__(params, defaults)
         self.eps = eps
         self.q = q
@@ -151,14 +193,19 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
         self.term = term
         self.reduce_projected_grad = reduce_projected_grad
         self.fuse = fuse
+        self.chunk = chunk
         self.steps_taken = 0
         self.projected_grads: list[float] = []  # of the last step, after reduce_projected_grad
         self._norms: list[float] = []  # sphere: |n_k| of the last step's raw Gaussian draws
         self._dim = sum(p.numel() for group in self.param_groups for p in group["params"])
         self._generators: dict[torch.device, torch.Generator] = {}
         self._sign_tables: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-        # p -> (h, p._version) after our last write: while the version holds, p is on grid h
+        # p -> (h, version of p's local elements) after our last write: while it holds, p is on grid h
         self._on_grid: dict[Tensor, tuple[float, int]] = {}
+        # FSDP (enable_fully_sharded): each shard's flat offset, the ranks' group, the modules to reshard
+        self._offsets: dict[Tensor, int] = {}
+        self._shard_group: dist.ProcessGroup | None = None
+        self._fsdp_modules: list[FSDPModule] = []
 
     # -- subclass hooks ------------------------------------------------------------------------
 
@@ -167,7 +214,9 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
         return projected_grad
 
     def _delta(self, p: Tensor, group: dict[str, Any], estimate: Tensor) -> Tensor:
-        """The update of ``p`` (added to it) from its slice of ``ĝ``; may overwrite ``estimate``."""
+        """The update of ``p``'s local elements (added to them) from their slice of ``ĝ``; may
+        overwrite ``estimate``. State tensors are made like ``p`` (sharded as it is) and updated
+        through :func:`_local`."""
         return estimate.mul_(-group["lr"])
 
     # -- public ----------------------------------------------------------------------------------
@@ -175,26 +224,30 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Closure) -> Tensor:  # type: ignore[override]
         """One ZO step. Returns ``L(θ)`` (one-sided) or ``(L(θ + eps·z_1) + L(θ − eps·z_1))/2``,
-        which is ``L(θ) + O(eps²)`` (two-sided), both at the weights θ before the update."""
+        which is ``L(θ) + O(eps²)`` (two-sided), both at the weights θ before the update (under
+        data parallelism, this rank's loss)."""
         if closure is None:
             raise ValueError("zeroth-order optimizers need a closure that returns the loss")
-        params = [(group, p) for group in self.param_groups for p in group["params"]]
-        grids = self._prepare_grids(params)
+        slots = self._slots()
+        self._reshard()  # a forward outside this step may have left gathered weights behind
+        grids = self._prepare_grids(slots)
         scale = self._common_eps(grids)
         # the last move leaves θ − eps·z (two-sided) or θ + eps·z (one-sided): the restoring factor
         restore = 1.0 if self.two_sided else -1.0
 
         def loss_at() -> Tensor:
-            return closure(backward=False, term=self.term).detach()
+            loss = closure(backward=False, term=self.term).detach()
+            self._reshard()  # the next forward must gather the shards as the next move leaves them
+            return loss
 
         base = None if self.two_sided else loss_at()
         projected, self._norms = [], []
         loss = base
         for k in range(self.q):
-            norm = self._move(params, grids, k, 1.0, scale)
+            norm = self._move(slots, grids, k, 1.0, scale)
             plus = loss_at()
             if self.two_sided:
-                self._move(params, grids, k, -2.0, scale)
+                self._move(slots, grids, k, -2.0, scale)
                 minus = loss_at()
                 difference = (float(plus) - float(minus)) / 2
                 loss = (plus + minus) / 2 if loss is None else loss
@@ -206,21 +259,20 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
                 step_length = scale * norm / math.sqrt(self._dim)
             projected.append(difference / step_length)
             if k < self.q - 1 or not self.fuse:
-                self._move(params, grids, k, restore, scale)
-        self.projected_grads = self._reduce(projected, params[0][1].device)
-        self._update(params, grids, scale, restore if self.fuse else 0.0)
+                self._move(slots, grids, k, restore, scale)
+        self.projected_grads = self._reduce(projected, slots[0].local.device)
+        self._update(slots, grids, scale, restore if self.fuse else 0.0)
         self.steps_taken += 1
         return loss
 
     def direction(self, index: int, k: int = 0) -> Tensor:
         """Direction ``z_k`` that the last step used for parameter ``index`` (in the order of
-        ``param_groups``), regenerated from its seed."""
+        ``param_groups``), regenerated from its seed; under FSDP, this rank's shard of it."""
         if not self.projected_grads:
             raise RuntimeError("this optimizer has not taken a step yet")
         if not 0 <= k < self.q:
             raise ValueError(f"direction k={k} out of range; this optimizer draws q={self.q}")
-        p = [p for group in self.param_groups for p in group["params"]][index]
-        z = self._noise(p, index, k, self.steps_taken - 1)
+        z = self._noise(self._slots()[index], k, self.steps_taken - 1)
         if self.directions == "sphere":
             z.mul_(math.sqrt(self._dim) / self._norms[k])
         return z
@@ -233,6 +285,32 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
     def enable_data_parallel(self, mean: Callable[[Tensor], Tensor]) -> None:
         if self.reduce_projected_grad is None:
             self.reduce_projected_grad = mean
+
+    def enable_fully_sharded(self, model: nn.Module) -> None:
+        """Move each rank's shards only, with ``z`` drawn in chunks (module docstring); average the
+        projected gradients over the mesh unless :meth:`enable_data_parallel` chose how."""
+        mesh = None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not (isinstance(p, DTensor) and p.device_mesh.ndim == 1 and p.placements == (Shard(0),)):
+                    raise ValueError(
+                        "zeroth-order optimizers run under FSDP only with every optimized parameter sharded "
+                        f"along its first dimension on a 1-D mesh (fully_shard); got a {type(p).__name__} "
+                        f"of shape {tuple(p.shape)}" + (f" placed {p.placements}" if isinstance(p, DTensor) else "")
+                    )
+                mesh = mesh or p.device_mesh
+                if p.device_mesh != mesh:
+                    raise ValueError("zeroth-order optimizers under FSDP need all parameters on one device mesh")
+                rows, start = Shard.local_shard_size_and_offset(p.shape[0], mesh.size(), mesh.get_local_rank())
+                if rows != p.to_local().shape[0]:
+                    raise ValueError(f"a shard of {rows} rows was expected, {p.to_local().shape[0]} found")
+                self._offsets[p] = start * math.prod(p.shape[1:])
+        self._shard_group = mesh.get_group()
+        self._fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        if self.chunk is None:
+            self.chunk = SHARD_CHUNK
+        if self.reduce_projected_grad is None:
+            self.reduce_projected_grad = self._mean_over_shards
 
     def precision_warnings(self) -> list[str]:
         # the perturb-and-restore round trip is exact in float32 and float64 only (module docstring)
@@ -262,29 +340,79 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
 
     # -- internals -------------------------------------------------------------------------------
 
+    def _slots(self) -> list[_Slot]:
+        params = [(group, p) for group in self.param_groups for p in group["params"]]
+        if self._shard_group is None and any(isinstance(p, DTensor) for _, p in params):
+            raise ValueError("sharded (DTensor) parameters need enable_fully_sharded(model) before the first step")
+        return [_Slot(g, p, _local(p), self._offsets.get(p, 0), i) for i, (g, p) in enumerate(params)]
+
+    def _reshard(self) -> None:
+        for module in self._fsdp_modules:
+            module.reshard()
+
+    def _all_reduce(self, tensor: Tensor, op: dist.ReduceOp.RedOpType) -> Tensor:
+        """``tensor`` reduced in place over the ranks that hold shards (itself when unsharded)."""
+        if self._shard_group is not None:
+            dist.all_reduce(tensor, op=op, group=self._shard_group)
+        return tensor
+
+    def _mean_over_shards(self, tensor: Tensor) -> Tensor:
+        return self._all_reduce(tensor, dist.ReduceOp.SUM).div_(dist.get_world_size(self._shard_group))
+
     def _reduce(self, projected: list[float], device: torch.device) -> list[float]:
         if self.reduce_projected_grad is None:
             return projected
         reduced = self.reduce_projected_grad(torch.tensor(projected, dtype=torch.float64, device=device))
         return [float(v) for v in reduced.tolist()]
 
-    def _generator(self, device: torch.device, step: int, k: int, index: int) -> torch.Generator:
-        """This device's generator, seeded for stream ``k`` of parameter ``index`` at ``step``."""
+    def _generator(self, device: torch.device, step: int, k: int, index: int, chunk: int = 0) -> torch.Generator:
+        """This device's generator, seeded for chunk ``chunk`` of stream ``k`` of parameter ``index``
+        at ``step``."""
         generator = self._generators.get(device)
         if generator is None:
             generator = self._generators[device] = torch.Generator(device=device)
-        return generator.manual_seed(stream_seed(self.seed, step, k, index))
+        return generator.manual_seed(stream_seed(self.seed, step, k, index, chunk))
 
-    def _noise(self, p: Tensor, index: int, k: int, step: int | None = None) -> Tensor:
-        """Fresh draw of the raw direction (±1 or N(0, 1), shaped like ``p``)."""
-        generator = self._generator(p.device, self.steps_taken if step is None else step, k, index)
+    def _draw(self, slot: _Slot, k: int, step: int, fill: Callable[[Tensor, torch.Generator], None]) -> Tensor:
+        """Stream ``k`` of ``slot``'s parameter at ``step``, shaped like its local elements:
+        ``fill(out, generator)`` fills a flat tensor, the whole of it or, in chunked mode, each
+        chunk the local elements overlap (of which they keep their part)."""
+        local = slot.local
+        values = torch.empty(local.numel(), dtype=local.dtype, device=local.device)
+        if self.chunk is None:
+            fill(values, self._generator(local.device, step, k, slot.index))
+            return values.view(local.shape)
+        start, end, total = slot.offset, slot.offset + local.numel(), slot.param.numel()
+        for chunk in range(start // self.chunk, -(-end // self.chunk)):
+            low, high = chunk * self.chunk, min((chunk + 1) * self.chunk, total)
+            generator = self._generator(local.device, step, k, slot.index, chunk)
+            if start <= low and high <= end:  # a chunk wholly local: drawn in place
+                fill(values[low - start : high - start], generator)
+                continue
+            drawn = torch.empty(high - low, dtype=local.dtype, device=local.device)
+            fill(drawn, generator)
+            kept_low, kept_high = max(low, start), min(high, end)
+            values[kept_low - start : kept_high - start] = drawn[kept_low - low : kept_high - low]
+        return values.view(local.shape)
+
+    def _noise(self, slot: _Slot, k: int, step: int | None = None) -> Tensor:
+        """Fresh draw of the raw direction (±1 or N(0, 1), shaped like ``slot.local``)."""
+        step = self.steps_taken if step is None else step
         if self.directions != "rademacher":
-            return torch.empty(p.shape, dtype=p.dtype, device=p.device).normal_(generator=generator)
-        # 64 signs per draw: random words, read byte by byte through a table of 8 signs per byte
-        words = torch.empty((p.numel() + 63) // 64, dtype=torch.int64, device=p.device)
+            return self._draw(slot, k, step, lambda out, generator: out.normal_(generator=generator))
+        table = self._sign_table(slot.local)
+        return self._draw(slot, k, step, lambda out, generator: self._fill_signs(out, table, generator))
+
+    @staticmethod
+    def _fill_signs(out: Tensor, table: Tensor, generator: torch.Generator) -> None:
+        """Fair ±1 signs into the flat ``out``: 64 per random word, read byte by byte through ``table``."""
+        words = torch.empty((out.numel() + 63) // 64, dtype=torch.int64, device=out.device)
         words.random_(-(2**63), None, generator=generator)  # full 64-bit range: every bit fair
-        signs = self._sign_table(p).index_select(0, words.view(torch.uint8).int())
-        return signs.view(-1)[: p.numel()].view(p.shape)
+        codes = words.view(torch.uint8).int()
+        if out.numel() % 64 == 0:
+            torch.index_select(table, 0, codes, out=out.view(-1, 8))
+        else:
+            out.copy_(table.index_select(0, codes).view(-1)[: out.numel()])
 
     def _sign_table(self, p: Tensor) -> Tensor:
         key = (p.device, p.dtype)
@@ -294,30 +422,43 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
             self._sign_tables[key] = torch.where(byte & bits != 0, 1.0, -1.0).to(p.dtype)
         return self._sign_tables[key]
 
-    def _prepare_grids(self, params: list[tuple[dict, Tensor]]) -> list[float | None]:
-        """Each parameter's grid step ``h`` for this step (``None``: plain arithmetic); weights
-        that are off their grid are rounded onto it."""
-        exact = [p.dtype in _DIGITS and p.numel() > 0 for _, p in params]
-        device = params[0][1].device
-        # max|θ| of every tensor, fetched with one synchronisation
-        maxima = [torch.aminmax(p) for (_, p), e in zip(params, exact) if e]
-        spans = [torch.maximum(hi, -lo).to(device, torch.float64) for lo, hi in maxima]
-        spans = iter(torch.stack(spans).tolist() if spans else [])
+    @staticmethod
+    def _max_abs(local: Tensor, device: torch.device) -> Tensor:
+        """``max|local|`` in float64 (0 for no elements: a rank may hold none of a small tensor's rows)."""
+        if not local.numel():
+            return torch.zeros((), dtype=torch.float64, device=device)
+        lowest, highest = torch.aminmax(local)
+        return torch.maximum(highest, -lowest).to(device, torch.float64)
+
+    def _spans(self, slots: list[_Slot], exact: list[bool]) -> list[float]:
+        """``max|θ|`` of each exactly handled tensor over all its shards, fetched with one
+        synchronisation; NaN becomes inf, which the max over ranks keeps."""
+        device = slots[0].local.device
+        maxima = [self._max_abs(s.local, device) for s, e in zip(slots, exact) if e]
+        if not maxima:
+            return []
+        return self._all_reduce(torch.stack(maxima).nan_to_num_(nan=math.inf), dist.ReduceOp.MAX).tolist()
+
+    def _prepare_grids(self, slots: list[_Slot]) -> list[float | None]:
+        """Each parameter's grid step ``h`` for this step (``None``: plain arithmetic), from its
+        ``max|θ|`` over all shards; weights that are off their grid are rounded onto it."""
+        exact = [s.local.dtype in _DIGITS and s.param.numel() > 0 for s in slots]
+        spans = iter(self._spans(slots, exact))
         reach = self.eps * (1.0 if self.directions == "rademacher" else _GAUSSIAN_BOUND)
         grids: list[float | None] = []
-        for (_, p), e in zip(params, exact):
+        for s, e in zip(slots, exact):
             if not e:
                 grids.append(None)
                 continue
             span = next(spans)
             if not math.isfinite(span):
-                raise ValueError(f"a parameter of shape {tuple(p.shape)} holds non-finite values")
+                raise ValueError(f"a parameter of shape {tuple(s.param.shape)} holds non-finite values")
             # span + reach < 2**(exponent - 1): one spare bit below the limit 2**exponent
             exponent = math.frexp(span + reach)[1] + 1
-            h = math.ldexp(1.0, exponent - _DIGITS[p.dtype])
-            cached = self._on_grid.get(p)
-            if cached is None or cached[1] != p._version or cached[0] < h:
-                p.div_(h).round_().mul_(h)  # exact: h is a power of two
+            h = math.ldexp(1.0, exponent - _DIGITS[s.local.dtype])
+            cached = self._on_grid.get(s.param)
+            if cached is None or cached[1] != s.local._version or cached[0] < h:
+                s.local.div_(h).round_().mul_(h)  # exact: h is a power of two
             grids.append(h)
         return grids
 
@@ -331,16 +472,20 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
             raise ValueError(f"eps={self.eps} is below the resolution {coarsest} of the largest weights; raise eps")
         return scale
 
-    def _move(self, params, grids: list[float | None], k: int, coefficient: float, scale: float) -> float:
+    def _move(self, slots: list[_Slot], grids: list[float | None], k: int, coefficient: float, scale: float) -> float:
         """``θ += coefficient·eps·z_k`` for every parameter; returns |n_k| for sphere directions
-        (whose moves use the raw Gaussian draw ``n_k``, of norm ≈ √d), else 0."""
+        (whose moves use the raw Gaussian draw ``n_k``, of norm ≈ √d, summed over shards), else 0."""
         norms = []
-        for index, ((_, p), grid) in enumerate(zip(params, grids)):
-            noise = self._noise(p, index, k)
+        for slot, grid in zip(slots, grids):
+            noise = self._noise(slot, k)
             if self.directions == "sphere" and coefficient == 1.0:
                 norms.append(torch.linalg.vector_norm(noise, dtype=torch.float64))
-            self._add_perturbation(p, noise, coefficient, scale, grid)
-        return math.sqrt(sum(n.item() ** 2 for n in norms))
+            self._add_perturbation(slot.local, noise, coefficient, scale, grid)
+        squares = sum(n.item() ** 2 for n in norms)
+        if norms and self._shard_group is not None:
+            total = torch.tensor(squares, dtype=torch.float64, device=slots[0].local.device)
+            squares = self._all_reduce(total, dist.ReduceOp.SUM).item()
+        return math.sqrt(squares)
 
     def _add_perturbation(self, p: Tensor, noise: Tensor, coefficient: float, scale: float, h: float | None) -> None:
         """``p += coefficient·round_h(scale·noise)``; leaves ``noise`` intact."""
@@ -349,7 +494,7 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
         else:
             p.add_(torch.round(noise * (scale / h)), alpha=coefficient * h)
 
-    def _update(self, params, grids: list[float | None], scale: float, restore: float) -> None:
+    def _update(self, slots: list[_Slot], grids: list[float | None], scale: float, restore: float) -> None:
         """Last pass: add ``restore·eps·z_q`` (undoing the last perturbation), then the update,
         stochastically rounded onto the grid."""
         if self.directions == "sphere":
@@ -358,27 +503,28 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
             lengths = [1.0] * self.q
         weights = [self._weight(p) * c / self.q for p, c in zip(self.projected_grads, lengths)]
         last = self.q - 1
-        for index, ((group, p), h) in enumerate(zip(params, grids)):
+        for slot, h in zip(slots, grids):
             estimate = None
             for k, w in enumerate(weights):
-                noise = self._noise(p, index, k)
+                noise = self._noise(slot, k)
                 if k == last and restore:
-                    self._add_perturbation(p, noise, restore, scale, h)
+                    self._add_perturbation(slot.local, noise, restore, scale, h)
                 estimate = noise.mul_(w) if estimate is None else estimate.add_(noise, alpha=w)
-            delta = self._delta(p, group, estimate)
-            if p.ndim >= 2 and group["weight_decay"]:
-                delta.add_(p, alpha=-group["lr"] * group["weight_decay"])
+            delta = self._delta(slot.param, slot.group, estimate)
+            if slot.param.ndim >= 2 and slot.group["weight_decay"]:
+                delta.add_(slot.local, alpha=-slot.group["lr"] * slot.group["weight_decay"])
             if h is not None:
-                self._round_stochastically(delta, h, index)
-            p.add_(delta)
+                self._round_stochastically(delta, h, slot)
+            slot.local.add_(delta)
             if h is not None:
-                self._on_grid[p] = (h, p._version)
+                self._on_grid[slot.param] = (h, slot.local._version)
 
-    def _round_stochastically(self, delta: Tensor, h: float, index: int) -> None:
-        """``delta ← h·⌊delta/h + U⌋`` in place, U ~ Uniform[0, 1) from parameter ``index``'s
-        rounding stream of this step: unbiased, ``E[result] = delta``."""
-        generator = self._generator(delta.device, self.steps_taken, _ROUNDING, index)
-        uniform = torch.rand(delta.shape, generator=generator, dtype=delta.dtype, device=delta.device)
+    def _round_stochastically(self, delta: Tensor, h: float, slot: _Slot) -> None:
+        """``delta ← h·⌊delta/h + U⌋`` in place, U ~ Uniform[0, 1) from the parameter's rounding
+        stream of this step: unbiased, ``E[result] = delta``."""
+        uniform = self._draw(
+            slot, _ROUNDING, self.steps_taken, lambda out, generator: out.uniform_(generator=generator)
+        )
         delta.div_(h).add_(uniform).floor_().mul_(h)
 
 
@@ -403,10 +549,11 @@ class ZOSGD(ZerothOrderOptimizer):
             return estimate.mul_(-group["lr"])
         state = self.state[p]
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = estimate.clone()
+            state["momentum_buffer"] = torch.zeros_like(p)  # sharded as p is
+            buffer = _local(state["momentum_buffer"]).copy_(estimate)
         else:
-            state["momentum_buffer"].mul_(group["momentum"]).add_(estimate)
-        return state["momentum_buffer"].mul(-group["lr"])
+            buffer = _local(state["momentum_buffer"]).mul_(group["momentum"]).add_(estimate)
+        return buffer.mul(-group["lr"])
 
 
 class ZOAdam(ZerothOrderOptimizer):
@@ -444,7 +591,7 @@ class ZOAdam(ZerothOrderOptimizer):
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
         state["step"] += 1
-        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
         m.lerp_(estimate, 1 - beta1)
         v.mul_(beta2).addcmul_(estimate, estimate, value=1 - beta2)
         denominator = (v / (1 - beta2 ** state["step"])).sqrt_().add_(group["adam_eps"])
@@ -488,7 +635,7 @@ class ZOAdaZO(ZerothOrderOptimizer):
         if not state:
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
-        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
         m.lerp_(estimate, 1 - beta1)
         v.mul_(beta2).addcmul_(m, m, value=1 - beta2)
         denominator = torch.add(v, group["zeta"], out=estimate).sqrt_()
