@@ -8,6 +8,7 @@ import os
 import random
 import socket
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,21 @@ def make_benchmark() -> Benchmark:
     return Benchmark("equal-lengths", "1", {"forget_qa": forget, "retain_text": retain})
 
 
+def _rms_norm_in_float64(norm, hidden_states: torch.Tensor) -> torch.Tensor:
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return norm.weight * hidden_states * torch.rsqrt(variance + norm.variance_epsilon)
+
+
 def make_model():
-    return tiny_llama(0, dtype=torch.float64)
+    """The tiny Llama in float64 throughout. Llama's RMSNorm computes in float32 whatever the model's
+    dtype, so a rank's half-batch loss differs from the whole batch's in the 8th digit; a ZO step divides
+    such loss differences by eps (1e-6 apart in the weights after 4 steps), which would hide a real error
+    in the data-parallel arithmetic under the tolerance it needs."""
+    model = tiny_llama(0, dtype=torch.float64)
+    for module in model.modules():
+        if type(module).__name__ == "LlamaRMSNorm":
+            module.forward = types.MethodType(_rms_norm_in_float64, module)
+    return model
 
 
 def config(optimizer: str, objective: str = "npo", **options) -> UnlearnSettings:
