@@ -10,6 +10,7 @@ validated settings as JSON and writes nothing.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -49,6 +50,15 @@ from robustunlearn.study.loading import prepare_from_settings, prepare_summary_t
 from robustunlearn.study.pipeline import results_table, run_pipeline, unlearn_only
 from robustunlearn.train.checkpoint import run_state
 from robustunlearn.train.engine import NonFiniteLossError
+from robustunlearn.train.plan import (
+    EMBEDDED_MODEL,
+    PlanSettings,
+    fits_table,
+    load_config,
+    parse_memory,
+    plan_memory,
+    plan_table,
+)
 from robustunlearn.train.prepare import default_cache_dir
 
 app = typer.Typer(
@@ -541,6 +551,84 @@ def eval_command(
     if output is not None:
         atomic_write_json(output, report)
         console.print(f"results in {output}")
+
+
+def _setups(gpus: str, parallel: str) -> list[tuple[int, str]]:
+    """``(GPUs, mode)`` of each setup ``plan`` shows: every count with every mode, a single GPU once."""
+    try:
+        counts = tuple(int(part) for part in _names(gpus) or ())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise UserError(f"--gpus must be comma-separated positive integers, got {gpus!r}")
+    modes = _names(parallel) or ("ddp",)
+    return [(count, mode) for count in counts for mode in (modes if count > 1 else modes[:1])]
+
+
+@app.command("plan")
+def plan_command(
+    model: str = typer.Option(
+        EMBEDDED_MODEL,
+        "--model",
+        help=f"Model directory, config.json file or hub name (only its config is read); {EMBEDDED_MODEL}: the "
+        "embedded tiny Llama [default: embedded].",
+    ),
+    optimizers: Optional[str] = typer.Option(
+        None, "--optimizer", "--optimizers", help="Optimizer(s), comma-separated [default: every registered one]."
+    ),
+    objective: str = typer.Option("npo", "--objective", help="Unlearning objective [default: npo]."),
+    gpus: str = typer.Option("1", "--gpus", help="GPUs, comma-separated for several setups, e.g. 1,4,8 [default: 1]."),
+    parallel: str = typer.Option(
+        "ddp", "--parallel", help="ddp (replicated) and/or fsdp (sharded), comma-separated [default: ddp]."
+    ),
+    gpu_memory: str = typer.Option(
+        "80GB", "--gpu-memory", help="Memory of one GPU: 80GB, 40GiB, 141 (GB) [default: 80GB]."
+    ),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Train LoRA adapters of this rank."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 weights [default: float32]."),
+    batch_size: int = typer.Option(
+        8, "--batch-size", help="Forget (and retain) examples per step, over all GPUs [default: 8]."
+    ),
+    max_length: int = typer.Option(256, "--max-length", help="Tokens per sequence [default: 256]."),
+    reference: Optional[str] = typer.Option(
+        None,
+        "--reference",
+        help="live (a frozen copy) or cached (outputs computed once: npo, idk-dpo) "
+        "[default: cached where the objective allows it, else live].",
+    ),
+    attention: str = typer.Option("sdpa", "--attention", help="sdpa or eager attention kernel [default: sdpa]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plans as JSON instead of tables."),
+) -> None:
+    """Memory per GPU of an unlearning run for each optimizer: weights, gradients, optimizer state,
+    reference, activations at the batch and length, the step's peak, and whether it fits. Reads
+    the model's config only: no weights load."""
+    settings = [
+        PlanSettings(
+            objective=objective,
+            optimizers=_checked_names(optimizers, OPTIMIZERS, "optimizer") or (),
+            gpus=count,
+            parallel=mode,
+            gpu_memory=parse_memory(gpu_memory),
+            dtype=dtype,
+            batch_size=batch_size,
+            max_length=max_length,
+            lora_rank=lora_rank,
+            reference=reference,
+            attention=attention,
+        )
+        for count, mode in _setups(gpus, parallel)
+    ]
+    config = load_config(model)
+    name = Path(model).name if model != EMBEDDED_MODEL else model
+    plans = [plan_memory(config, one, name) for one in settings]
+    if as_json:
+        typer.echo(json.dumps([plan.to_json() for plan in plans], indent=2))
+        return
+    out = Console(width=max(Console().width, 140))
+    for plan in plans:
+        out.print(plan_table(plan))
+    if len(plans) > 1:
+        out.print(fits_table(plans))
 
 
 bench_app = typer.Typer(

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich import box
+from rich.table import Table
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
@@ -405,9 +407,63 @@ def plan_memory(config: PretrainedConfig, settings: PlanSettings, name: str = "m
     return MemoryPlan(name, shape.parameters, shape.trainable, reference, settings, rows)
 
 
+def human_count(count: int) -> str:
+    """``6.74B``, ``2.23M``, ``4.2k``."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g}{unit}"
+    return str(count)
+
+
 def human_bytes(count: float) -> str:
     """``13.5 GB``, ``412 MB``, ``96 kB`` (powers of 10, as GPU sizes are sold)."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if count >= size:
             return f"{count / size:.1f} {unit}" if count < 100 * size else f"{count / size:.0f} {unit}"
     return f"{math.ceil(count)} B"
+
+
+def _setup_name(settings: PlanSettings) -> str:
+    return "1 GPU" if settings.gpus == 1 else f"{settings.gpus} GPUs {settings.parallel}"
+
+
+def plan_table(plan: MemoryPlan) -> Table:
+    """One setup's plan: a row per optimizer, its bytes per GPU and whether it fits."""
+    s = plan.settings
+    lora = f", LoRA rank {s.lora_rank}" if s.lora_rank is not None else ""
+    title = (
+        f"{plan.model}: {human_count(plan.parameters)} parameters ({human_count(plan.trainable)} trained{lora}), "
+        f"{s.dtype}, {s.objective} (reference: {plan.reference}), batch {s.batch_size} x {s.max_length} tokens, "
+        f"{_setup_name(s)}, per GPU"
+    )
+    table = Table(title=title, box=box.SIMPLE, caption=TABLE_CAPTION)
+    columns = ("optimizer", "grade", "weights", "gradients", "state", "reference", "activations", "total", "fits")
+    for column in columns:
+        table.add_column(column, no_wrap=True, justify="left" if column in ("optimizer", "grade") else "right")
+    for row in plan.rows:
+        sizes = [human_bytes(getattr(row, k)) for k in columns[2:8]]
+        table.add_row(row.optimizer, row.grade, *sizes, _fits(row))
+    return table
+
+
+def fits_table(plans: list[MemoryPlan]) -> Table:
+    """Several setups side by side: each optimizer's total per GPU and whether it fits."""
+    memory = human_bytes(plans[0].settings.gpu_memory)
+    table = Table(title=f"total per GPU; fits in {memory}?", box=box.SIMPLE)
+    table.add_column("optimizer", no_wrap=True)
+    for plan in plans:
+        table.add_column(_setup_name(plan.settings), no_wrap=True, justify="right")
+    for index, row in enumerate(plans[0].rows):
+        cells = [plan.rows[index] for plan in plans]  # every plan has the same optimizers, in order
+        table.add_row(row.optimizer, *(f"{human_bytes(c.total)} {_fits(c)}" for c in cells))
+    return table
+
+
+def _fits(row: GradePlan) -> str:
+    return "yes" if row.fits else "no"
+
+
+TABLE_CAPTION = (
+    "total: the step's peak, below the columns' sum where gradients fill in as activations are freed "
+    "(docs/engine.md, 'Planning memory'); not counted: CUDA context, fragmentation"
+)
