@@ -26,7 +26,6 @@ GB), communication buffers beyond the engine's all-reduce bucket.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -80,23 +79,14 @@ def load_config(name_or_path: str) -> PretrainedConfig:
     if name_or_path == EMBEDDED_MODEL:
         return TinyModelConfig().llama_config()
     path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return _config_from(path, lambda: AutoConfig.from_dict(_json_dict(path)))
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"model directory {path} has no config.json")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UserError(f"model directory {path} has no config.json")
+    if path.exists():  # transformers reads a directory's config.json or the JSON file itself
         return _config_from(path, lambda: AutoConfig.from_pretrained(str(path)))
     if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
         raise UserError(f"model path {name_or_path} does not exist")
     check_hub_model(name_or_path)
     return _config_from(name_or_path, lambda: AutoConfig.from_pretrained(name_or_path))
-
-
-def _json_dict(path: Path) -> dict[str, Any]:
-    config = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise ValueError("not a Hugging Face config (a JSON object with model_type)")
-    return config
 
 
 def _config_from(source: Any, read) -> PretrainedConfig:
@@ -282,10 +272,10 @@ def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, attention
     other decoder blocks are estimated as Llama blocks of their sizes. Per token and block:
 
     * each of the 2 RMSNorms: its float32 input (4h), normalized and scaled outputs (2·e·h);
-    * attention: q, k, v (k and v repeated to all heads when grouped), the kernel's output and
-      its contiguous transpose, 5·e·n·d, and the kernel's log-sum-exp (4·n) with ``sdpa`` (a
-      memory-efficient kernel); ``eager`` instead keeps the float32 softmax (4·n·s, plus a copy
-      in e when e < 4) and 4·e·n·d;
+    * attention: q, k, v (k and v repeated to all heads when grouped: padded batches carry a mask,
+      with which transformers repeats them) and the output ``o_proj`` reads, 4·e·n·d; with
+      ``sdpa`` (a memory-efficient kernel) its log-sum-exp, 4·n; with ``eager`` the float32
+      softmax, 4·n·s (plus a copy in e when e < 4);
     * the SwiGLU MLP: gate, its SiLU, up and their product, 4·e·i;
 
     with e the dtype's bytes, n heads of d dimensions, s = ``max_length``. After the blocks, the
@@ -295,7 +285,7 @@ def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, attention
     h, e, heads_width = shape.hidden, dtype_bytes, shape.heads * shape.head_dim
     norm = FP32 * h + 2 * e * h
     if attention == "sdpa":
-        attn = 5 * e * heads_width + FP32 * shape.heads
+        attn = 4 * e * heads_width + FP32 * shape.heads
     else:
         attn = 4 * e * heads_width + shape.heads * max_length * (FP32 + (e if e < FP32 else 0))
     block = 2 * norm + attn + 4 * e * shape.intermediate
