@@ -26,6 +26,7 @@ from typer.exceptions import TyperException
 from robustunlearn.attacks import describe_attacks
 from robustunlearn.bench.common import BENCH_MODELS
 from robustunlearn.bench.generation import bench_generation
+from robustunlearn.bench.memory import bench_memory
 from robustunlearn.bench.objectives import BENCH_OBJECTIVES, bench_objectives, check_bench_optimizers
 from robustunlearn.bench.objectives import DEFAULT_OPTIMIZERS as OBJECTIVE_BENCH_OPTIMIZERS
 from robustunlearn.bench.optimizers import bench_optimizers
@@ -737,6 +738,24 @@ def bench_objectives_command(
         timing=_timing(time_budget),
         threads=threads,
         quick=quick,
+    )
+
+
+@bench_app.command("memory")
+def bench_memory_command(
+    sizes: Optional[str] = typer.Option(
+        None, "--sizes", help="Model sizes, comma-separated: 0.1M, 1M, 5M [default: 1M,5M]."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per forward pass [default: 8]."),
+    max_length: int = typer.Option(128, "--max-length", min=2, help="Tokens per sequence [default: 128]."),
+) -> None:
+    """robustunlearn plan's estimate against the measured peak memory of real unlearning steps on
+    tiny models on the CPU (a fresh process per row): adam, signadam, sophia-g, zo-sgd with npo and
+    its live reference, adam with graddiff; PASS when all are within 15%."""
+    bench_memory(
+        sizes=_checked_names(sizes, BENCH_MODELS, "size"),
+        shapes=[(batch_size, max_length)],
+        console=_bench_console(),
     )
 
 
