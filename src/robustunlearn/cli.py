@@ -620,7 +620,8 @@ def plan_command(
         for count, mode in _setups(gpus, parallel)
     ]
     config = load_config(model)
-    name = Path(model).name if model != EMBEDDED_MODEL else model
+    path = Path(model)
+    name = model if model == EMBEDDED_MODEL else (path.parent if path.name == "config.json" else path).name
     plans = [plan_memory(config, one, name) for one in settings]
     if as_json:
         typer.echo(json.dumps([plan.to_json() for plan in plans], indent=2))
