@@ -572,32 +572,26 @@ def plan_command(
         EMBEDDED_MODEL,
         "--model",
         help=f"Model directory, config.json file or hub name (only its config is read); {EMBEDDED_MODEL}: the "
-        "embedded tiny Llama [default: embedded].",
+        "embedded tiny Llama.",
     ),
     optimizers: Optional[str] = typer.Option(
         None, "--optimizer", "--optimizers", help="Optimizer(s), comma-separated [default: every registered one]."
     ),
-    objective: str = typer.Option("npo", "--objective", help="Unlearning objective [default: npo]."),
-    gpus: str = typer.Option("1", "--gpus", help="GPUs, comma-separated for several setups, e.g. 1,4,8 [default: 1]."),
-    parallel: str = typer.Option(
-        "ddp", "--parallel", help="ddp (replicated) and/or fsdp (sharded), comma-separated [default: ddp]."
-    ),
-    gpu_memory: str = typer.Option(
-        "80GB", "--gpu-memory", help="Memory of one GPU: 80GB, 40GiB, 141 (GB) [default: 80GB]."
-    ),
+    objective: str = typer.Option("npo", "--objective", help="Unlearning objective."),
+    gpus: str = typer.Option("1", "--gpus", help="GPUs, comma-separated for several setups, e.g. 1,4,8."),
+    parallel: str = typer.Option("ddp", "--parallel", help="ddp (replicated) and/or fsdp (sharded), comma-separated."),
+    gpu_memory: str = typer.Option("80GB", "--gpu-memory", help="Memory of one GPU: 80GB, 40GiB, 141 (GB)."),
     lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Train LoRA adapters of this rank."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 weights [default: float32]."),
-    batch_size: int = typer.Option(
-        8, "--batch-size", help="Forget (and retain) examples per step, over all GPUs [default: 8]."
-    ),
-    max_length: int = typer.Option(256, "--max-length", help="Tokens per sequence [default: 256]."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 weights."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Forget (and retain) examples per step, over all GPUs."),
+    max_length: int = typer.Option(256, "--max-length", help="Tokens per sequence."),
     reference: Optional[str] = typer.Option(
         None,
         "--reference",
         help="live (a frozen copy) or cached (outputs computed once: npo, idk-dpo) "
         "[default: cached where the objective allows it, else live].",
     ),
-    attention: str = typer.Option("sdpa", "--attention", help="sdpa or eager attention kernel [default: sdpa]."),
+    attention: str = typer.Option("sdpa", "--attention", help="sdpa or eager attention kernel."),
     as_json: bool = typer.Option(False, "--json", help="Print the plans as JSON instead of tables."),
 ) -> None:
     """Memory per GPU of an unlearning run for each optimizer: weights, gradients, optimizer state,

@@ -109,7 +109,6 @@ def meta_model(config: PretrainedConfig) -> nn.Module:
 class ModelShape:
     """What the estimate needs from one model under one objective and LoRA rank."""
 
-    name: str
     parameters: int  # distinct parameters (tied embeddings once)
     trainable: int  # what the optimizer updates
     largest_trainable: int  # elements of the largest trainable tensor
@@ -118,18 +117,17 @@ class ModelShape:
     trainable_block: int  # trainable parameters of the largest block
     hidden: int
     intermediate: int
-    layers: int
     heads: int
     head_dim: int
     vocab: int
-    forward_layers: int  # blocks a forward pass of the objective runs (RMU stops at its layer)
-    graph_layers: int  # blocks a pass keeps activations of for backward (from the first trainable)
+    graph_layers: int  # blocks a pass keeps activations of for backward: from the first trained to the last run
     logits: bool  # whether the loss reads the output distribution
     forward_passes: int
     reference_needed: bool
 
 
-def model_shape(config: PretrainedConfig, name: str, objective: str, lora_rank: int | None) -> ModelShape:
+def model_shape(config: PretrainedConfig, objective: str, lora_rank: int | None) -> ModelShape:
+    """``config``'s model as ``objective`` trains it (its parameters, or LoRA adapters of ``lora_rank``)."""
     model = meta_model(config)
     built = build_objective(objective, model=model)
     chosen = built.trainable_parameters(model)
@@ -143,7 +141,8 @@ def model_shape(config: PretrainedConfig, name: str, objective: str, lora_rank: 
         per_block = [sum(_lora_sizes(b, trainable_ids, lora_rank)) for b in blocks]
     if not sizes:
         raise UserError(f"objective {objective} with LoRA targets {', '.join(LLAMA_LINEAR_NAMES)} trains nothing")
-    # a pass keeps activations from the first trained weight on: the embeddings, or a block
+    # a pass keeps activations from the first trained weight on (the embeddings, or a block) to
+    # the last block it runs (RMU stops at its layer)
     trained_blocks = [i for i, n in enumerate(per_block) if n]
     embeddings_train = any(id(p) in trainable_ids for p in model.get_input_embeddings().parameters())
     first_trained = 0 if embeddings_train or not trained_blocks else trained_blocks[0]
@@ -152,7 +151,6 @@ def model_shape(config: PretrainedConfig, name: str, objective: str, lora_rank: 
     block = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     heads = config.num_attention_heads
     return ModelShape(
-        name=name,
         parameters=parameters,
         trainable=sum(sizes),
         largest_trainable=max(sizes),
@@ -161,11 +159,9 @@ def model_shape(config: PretrainedConfig, name: str, objective: str, lora_rank: 
         trainable_block=max(per_block),
         hidden=config.hidden_size,
         intermediate=getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
-        layers=len(blocks),
         heads=heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         vocab=config.vocab_size,
-        forward_layers=forward_layers,
         graph_layers=max(forward_layers - first_trained, 0),
         logits=built.loss_on == "outputs",
         forward_passes=FORWARD_PASSES[objective],
@@ -390,7 +386,7 @@ def plan_grade(shape: ModelShape, settings: PlanSettings, name: str, reference: 
 
 def plan_memory(config: PretrainedConfig, settings: PlanSettings, name: str = "model") -> MemoryPlan:
     """The memory per GPU of every optimizer of ``settings`` (all registered ones by default)."""
-    shape = model_shape(config, name, settings.objective, settings.lora_rank)
+    shape = model_shape(config, settings.objective, settings.lora_rank)
     reference = reference_kind(shape, settings, settings.objective)
     names = settings.optimizers or tuple(OPTIMIZERS)
     rows = [plan_grade(shape, settings, n, reference) for n in names]
