@@ -17,7 +17,7 @@ from helpers import Killed, dies_at
 from robustunlearn.config import load_settings, unlearn_settings
 from robustunlearn.core.errors import UserError
 from robustunlearn.objectives import IdkDPO
-from robustunlearn.optim import OPTIMIZERS, OptimizerSpec
+from robustunlearn.optim import OPTIMIZERS, OptimizerMemory, OptimizerSpec
 from robustunlearn.optim.base import OptimizerHooks
 from robustunlearn.train.checkpoint import restore_best
 from robustunlearn.train.engine import NonFiniteLossError, RecordStream
@@ -364,7 +364,8 @@ def test_the_engine_reaches_the_optimizer_through_its_hooks(run_unlearn, monkeyp
         built.append(HookedSGD(params, lr))
         return built[-1]
 
-    monkeypatch.setitem(OPTIMIZERS, "hooked-sgd", OptimizerSpec("hooked-sgd", "first-order", 1e-3, "test", build))
+    spec = OptimizerSpec("hooked-sgd", "first-order", 1e-3, "test", build, memory=OptimizerMemory(state=0))
+    monkeypatch.setitem(OPTIMIZERS, "hooked-sgd", spec)
     config = UnlearnSettings(objective="ga", optimizer="hooked-sgd", steps=5, batch_size=2, eval_every=1)
     result = run_unlearn(config, evaluate=lambda model, step: {}, should_stop=lambda metrics: "asked at once")
     assert [h["hooked_step"] for h in result.history] == [1, 2, 3]  # the stop waited for may_stop

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from robustunlearn.core.models import TinyModelConfig, build_tiny_model, train_tokenizer
 from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
-from robustunlearn.optim import OPTIMIZERS, OptimizerSpec
+from robustunlearn.optim import OPTIMIZERS, OptimizerMemory, OptimizerSpec
 from robustunlearn.optim.base import OptimizerHooks
 from robustunlearn.train.engine import unlearn
 from robustunlearn.train.settings import UnlearnSettings
@@ -57,8 +57,9 @@ def test_zeroth_order_npo_at_theta_ref_is_exactly_its_reference_value_despite_dr
         built.append(FunctionValues(params, lr))
         return built[-1]
 
+    memory = OptimizerMemory(state=0, backward_graphs=0)
     monkeypatch.setitem(
-        OPTIMIZERS, "function-values", OptimizerSpec("function-values", "zeroth-order", 1e-3, "", build)
+        OPTIMIZERS, "function-values", OptimizerSpec("function-values", "zeroth-order", 1e-3, "", build, memory=memory)
     )
     model = with_attention_dropout(build_tiny_model(TINY, tokenizer, seed=0), 0.5)
     config = UnlearnSettings(objective="npo", optimizer="function-values", steps=2, batch_size=4)

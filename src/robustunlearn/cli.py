@@ -10,6 +10,7 @@ validated settings as JSON and writes nothing.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from typer.exceptions import TyperException
 from robustunlearn.attacks import describe_attacks
 from robustunlearn.bench.common import BENCH_MODELS
 from robustunlearn.bench.generation import bench_generation
+from robustunlearn.bench.memory import bench_memory
 from robustunlearn.bench.objectives import BENCH_OBJECTIVES, bench_objectives, check_bench_optimizers
 from robustunlearn.bench.objectives import DEFAULT_OPTIMIZERS as OBJECTIVE_BENCH_OPTIMIZERS
 from robustunlearn.bench.optimizers import bench_optimizers
@@ -49,6 +51,15 @@ from robustunlearn.study.loading import prepare_from_settings, prepare_summary_t
 from robustunlearn.study.pipeline import results_table, run_pipeline, unlearn_only
 from robustunlearn.train.checkpoint import run_state
 from robustunlearn.train.engine import NonFiniteLossError
+from robustunlearn.train.plan import (
+    EMBEDDED_MODEL,
+    PlanSettings,
+    fits_table,
+    load_config,
+    parse_memory,
+    plan_memory,
+    plan_table,
+)
 from robustunlearn.train.prepare import default_cache_dir
 
 app = typer.Typer(
@@ -554,6 +565,79 @@ def eval_command(
         console.print(f"results in {output}")
 
 
+def _setups(gpus: str, parallel: str) -> list[tuple[int, str]]:
+    """``(GPUs, mode)`` of each setup ``plan`` shows: every count with every mode, a single GPU once."""
+    try:
+        counts = tuple(int(part) for part in _names(gpus) or ())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise UserError(f"--gpus must be comma-separated positive integers, got {gpus!r}")
+    modes = _names(parallel) or ("ddp",)
+    return [(count, mode) for count in counts for mode in (modes if count > 1 else modes[:1])]
+
+
+@app.command("plan")
+def plan_command(
+    model: str = typer.Option(
+        EMBEDDED_MODEL,
+        "--model",
+        help=f"Model directory, config.json file or hub name (only its config is read); {EMBEDDED_MODEL}: the "
+        "embedded tiny Llama.",
+    ),
+    optimizers: Optional[str] = typer.Option(
+        None, "--optimizer", "--optimizers", help="Optimizer(s), comma-separated [default: every registered one]."
+    ),
+    objective: str = typer.Option("npo", "--objective", help="Unlearning objective."),
+    gpus: str = typer.Option("1", "--gpus", help="GPUs, comma-separated for several setups, e.g. 1,4,8."),
+    parallel: str = typer.Option("ddp", "--parallel", help="ddp (replicated) and/or fsdp (sharded), comma-separated."),
+    gpu_memory: str = typer.Option("80GB", "--gpu-memory", help="Memory of one GPU: 80GB, 40GiB, 141 (GB)."),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Train LoRA adapters of this rank."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16 weights."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Forget (and retain) examples per step, over all GPUs."),
+    max_length: int = typer.Option(256, "--max-length", help="Tokens per sequence."),
+    reference: Optional[str] = typer.Option(
+        None,
+        "--reference",
+        help="live (a frozen copy) or cached (outputs computed once: npo, idk-dpo) "
+        "[default: cached where the objective allows it, else live].",
+    ),
+    attention: str = typer.Option("sdpa", "--attention", help="sdpa or eager attention kernel."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plans as JSON instead of tables."),
+) -> None:
+    """Memory per GPU of an unlearning run for each optimizer: weights, gradients, optimizer state,
+    reference, activations at the batch and length, the step's peak, and whether it fits. Reads
+    the model's config only: no weights load."""
+    settings = [
+        PlanSettings(
+            objective=objective,
+            optimizers=_checked_names(optimizers, OPTIMIZERS, "optimizer") or (),
+            gpus=count,
+            parallel=mode,
+            gpu_memory=parse_memory(gpu_memory),
+            dtype=dtype,
+            batch_size=batch_size,
+            max_length=max_length,
+            lora_rank=lora_rank,
+            reference=reference,
+            attention=attention,
+        )
+        for count, mode in _setups(gpus, parallel)
+    ]
+    config = load_config(model)
+    path = Path(model)
+    name = model if model == EMBEDDED_MODEL else (path.parent if path.name == "config.json" else path).name
+    plans = [plan_memory(config, one, name) for one in settings]
+    if as_json:
+        typer.echo(json.dumps([plan.to_json() for plan in plans], indent=2))
+        return
+    out = Console(width=max(Console().width, 140))
+    for plan in plans:
+        out.print(plan_table(plan))
+    if len(plans) > 1:
+        out.print(fits_table(plans))
+
+
 bench_app = typer.Typer(
     help="Speed and memory benchmarks (ratios measured in one run). Each row times a baseline and its "
     "candidates in turn until the median ratio holds still. --quick: optimizers sgd, adam, adamw, zo-sgd "
@@ -660,6 +744,24 @@ def bench_objectives_command(
         timing=_timing(time_budget),
         threads=threads,
         quick=quick,
+    )
+
+
+@bench_app.command("memory")
+def bench_memory_command(
+    sizes: Optional[str] = typer.Option(
+        None, "--sizes", help="Model sizes, comma-separated: 0.1M, 1M, 5M [default: 1M,5M]."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per forward pass [default: 8]."),
+    max_length: int = typer.Option(128, "--max-length", min=2, help="Tokens per sequence [default: 128]."),
+) -> None:
+    """robustunlearn plan's estimate against the measured peak memory of real unlearning steps on
+    tiny models on the CPU (a fresh process per row): adam, signadam, sophia-g, zo-sgd with npo and
+    its live reference, adam with graddiff; PASS when all are within 15%."""
+    bench_memory(
+        sizes=_checked_names(sizes, BENCH_MODELS, "size"),
+        shapes=[(batch_size, max_length)],
+        console=_bench_console(),
     )
 
 

@@ -3,6 +3,7 @@ is measured with, the progress bar, and the JSON file of a run."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -56,10 +57,26 @@ def model_configs(sizes: Sequence[str | Mapping[str, int]]) -> dict[str, dict[st
     return configs
 
 
+def bench_config(config: Mapping[str, int], max_positions: int) -> LlamaConfig:
+    """The ``LlamaConfig`` of a benchmark model (4 attention heads)."""
+    return LlamaConfig(**config, **_HEADS, max_position_embeddings=max_positions)
+
+
 def bench_model(config: Mapping[str, int], max_positions: int, device: torch.device) -> LlamaForCausalLM:
     """A Llama with ``config`` and random weights (seed 0) on ``device``."""
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**config, **_HEADS, max_position_embeddings=max_positions)).to(device)
+    return LlamaForCausalLM(bench_config(config, max_positions)).to(device)
+
+
+def set_mmap_threshold(size: int) -> None:
+    """glibc: serve allocations of ``size`` bytes or more with their own mmap (returned to the
+    system when freed) and fix that threshold (by default glibc raises it as the program frees
+    large blocks, after which freed memory stays resident and RSS stops following live memory).
+    Elsewhere a no-op."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def bench_device() -> torch.device:

@@ -89,7 +89,7 @@ def plain_nll(model: nn.Module, batch: UnlearnBatch) -> torch.Tensor:
     return sum(mean_nll(*sequence_logprobs(model, tokens)) for tokens in parts if tokens is not None)
 
 
-def _train_objective_parameters(model: nn.Module, objective: Objective) -> None:
+def train_objective_parameters(model: nn.Module, objective: Objective) -> None:
     """Let only the objective's parameters train, as the engine does."""
     trainable = objective.trainable_parameters(model)
     if trainable is not None:
@@ -152,7 +152,7 @@ def _objective_rows(
     device = bench_device()
     model = bench_model(config, max(s for _, s in shapes), device)
     objective = build_objective(objective_name, model=model)
-    _train_objective_parameters(model, objective)
+    train_objective_parameters(model, objective)
     reference_model = copy.deepcopy(model).eval().requires_grad_(False) if objective.needs_reference else None
     model.train()
     optimizer = build_optimizer(optimizer_name, model)

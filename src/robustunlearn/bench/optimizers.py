@@ -6,7 +6,6 @@ the forward pass it is built from (time and memory) and how much state it keeps.
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import resource
 from collections.abc import Mapping, Sequence
@@ -30,6 +29,7 @@ from robustunlearn.bench.common import (
     pairs_cell,
     progress_bar,
     run_threads,
+    set_mmap_threshold,
     synchronised,
     write_run,
 )
@@ -99,17 +99,6 @@ def _measure(task: dict[str, Any]) -> dict[str, Any]:
         return {"error": f"{type(error).__name__}: {error}"}
 
 
-def _set_mmap_threshold(size: int) -> None:
-    """glibc: serve allocations of ``size`` bytes or more with their own mmap (returned to the
-    system when freed) and fix that threshold (by default glibc raises it as the program frees
-    large blocks, after which freed memory stays resident and RSS stops following live memory).
-    Elsewhere a no-op."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def _measure_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
     """Build the model and optimizer, then two passes over the shapes (smallest first).
 
@@ -123,7 +112,7 @@ def _measure_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
     device = bench_device()
     shapes, name, timing = task["shapes"], task["optimizer"], task["timing"]
     if device.type == "cpu":
-        _set_mmap_threshold(64 << 10)
+        set_mmap_threshold(64 << 10)
     baseline = 0 if device.type == "cuda" else _peak_bytes(device)
     model = bench_model(task["config"], max(s for _, s in shapes), device)
     vocab_size = model.config.vocab_size
@@ -153,7 +142,7 @@ def _measure_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
     if optimizer is None:
         return [{"peak_bytes": peak} for peak in peaks]
     if device.type == "cpu":
-        _set_mmap_threshold(32 << 20)
+        set_mmap_threshold(32 << 20)
 
     clock = cost_clock(device, task["threads"])[0]
     rows = []

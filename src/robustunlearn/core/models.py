@@ -58,8 +58,18 @@ class TinyModelConfig:
     max_position_embeddings: int = 256
 
     def to_llama_config(self, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+        return self.llama_config(
+            len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+
+    def llama_config(self, vocab_size: int | None = None, **token_ids: int) -> LlamaConfig:
+        """The Llama config of these sizes; ``vocab_size`` None: :attr:`vocab_size` (what the
+        tokenizer is trained to, for a plan made before there is one)."""
         return LlamaConfig(
-            vocab_size=len(tokenizer),
+            vocab_size=self.vocab_size if vocab_size is None else vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_hidden_layers,
@@ -67,9 +77,7 @@ class TinyModelConfig:
             num_key_value_heads=self.num_attention_heads,
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            **token_ids,
         )
 
 

@@ -9,18 +9,27 @@ import torch
 
 from robustunlearn.optim import hybrid, sign, smoothing, sophia, zo
 from robustunlearn.optim.base import Closure, OptimizerHooks, hooks, make_closure
-from robustunlearn.optim.spec import GRADES, OPTIMIZERS, OptimizerSpec, build_optimizer
+from robustunlearn.optim.spec import GRADES, OPTIMIZERS, OptimizerMemory, OptimizerSpec, build_optimizer
 
 
 def _plain(cls):
     return lambda model, params, lr, options: cls(params, lr=lr, **options)
 
 
+# torch's own: SGD without momentum keeps nothing; Adam(W) keeps m and v, and on GPUs (its foreach
+# path) its update computes sqrt(v) for all parameters at once (on the CPU one tensor at a time).
+_ADAM_MEMORY = OptimizerMemory(state=2, update_copies=1)
 OPTIMIZERS.update(
     {
-        "sgd": OptimizerSpec("sgd", "first-order", 1e-2, "torch.optim.SGD", _plain(torch.optim.SGD)),
-        "adam": OptimizerSpec("adam", "first-order", 1e-4, "torch.optim.Adam", _plain(torch.optim.Adam)),
-        "adamw": OptimizerSpec("adamw", "first-order", 1e-4, "torch.optim.AdamW", _plain(torch.optim.AdamW)),
+        "sgd": OptimizerSpec(
+            "sgd", "first-order", 1e-2, "torch.optim.SGD", _plain(torch.optim.SGD), memory=OptimizerMemory(state=0)
+        ),
+        "adam": OptimizerSpec(
+            "adam", "first-order", 1e-4, "torch.optim.Adam", _plain(torch.optim.Adam), memory=_ADAM_MEMORY
+        ),
+        "adamw": OptimizerSpec(
+            "adamw", "first-order", 1e-4, "torch.optim.AdamW", _plain(torch.optim.AdamW), memory=_ADAM_MEMORY
+        ),
     }
 )
 for _module in (zo, sign, sophia, smoothing, hybrid):
@@ -31,6 +40,7 @@ __all__ = [
     "GRADES",
     "OPTIMIZERS",
     "OptimizerHooks",
+    "OptimizerMemory",
     "OptimizerSpec",
     "build_optimizer",
     "hooks",

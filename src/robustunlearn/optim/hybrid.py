@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from robustunlearn.core.modules import decoder_blocks
 from robustunlearn.optim.base import Closure, OptimizerHooks, hooks
-from robustunlearn.optim.spec import OPTIMIZERS, OptimizerSpec
+from robustunlearn.optim.spec import OPTIMIZERS, OptimizerMemory, OptimizerSpec
 
 ALIGNMENTS = ("end", "start")
 
@@ -334,6 +334,12 @@ def _build_depth(
     return DepthHybrid(fo, zo)
 
 
+# The default parts, Adam and R-AdaZO: over the same weights (hybrid, hybrid-objective) both keep
+# their m and v; split by depth each weight has one part's. Adam's foreach temporaries, R-AdaZO's
+# sphere directions.
+_SHARED = OptimizerMemory(state=4, update_copies=1, tensor_copies=3)
+_SPLIT = OptimizerMemory(state=2, update_copies=1, tensor_copies=3)
+
 SPECS: dict[str, OptimizerSpec] = {
     "hybrid": OptimizerSpec(
         "hybrid",
@@ -343,6 +349,7 @@ SPECS: dict[str, OptimizerSpec] = {
         "ending on ZO; needs total_steps (options align end|start, reset_state_each_block)",
         _build_alternating,
         {"fo": "adam", "zo": "zo-adazo", "every": 20},
+        memory=_SHARED,
     ),
     "hybrid-objective": OptimizerSpec(
         "hybrid-objective",
@@ -351,6 +358,7 @@ SPECS: dict[str, OptimizerSpec] = {
         "ZO (R-AdaZO) on the forget loss, FO (Adam) on the retain loss, every step",
         _build_objective,
         {"fo": "adam", "zo": "zo-adazo"},
+        memory=_SHARED,
     ),
     "hybrid-depth": OptimizerSpec(
         "hybrid-depth",
@@ -359,6 +367,7 @@ SPECS: dict[str, OptimizerSpec] = {
         "FO (Adam) on the last `fo_blocks` blocks and the head, ZO (R-AdaZO) below, every step",
         _build_depth,
         {"fo": "adam", "zo": "zo-adazo", "fo_blocks": 2},
+        memory=_SPLIT,
     ),
 }
 

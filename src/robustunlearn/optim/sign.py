@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from robustunlearn.optim.base import check_beta, check_betas
-from robustunlearn.optim.spec import OptimizerSpec
+from robustunlearn.optim.spec import OptimizerMemory, OptimizerSpec
 
 QUANTIZATION_BITS = (1, 2, 4, 8)
 
@@ -303,11 +303,20 @@ def _build(cls: type[Optimizer], **fixed: object) -> Callable:
 
 
 _GRADE = "compressed-first-order"
+# Each update holds one tensor-sized temporary (the sign); QAdam's holds m̂, v̂ and the quantizer's
+# magnitudes, signs and codes; 1-bit Adam's the compressed sign and the denominator.
+_NO_STATE = OptimizerMemory(state=0, tensor_copies=1)
+_MOMENTUM = OptimizerMemory(state=1, tensor_copies=1)
 
 SPECS: dict[str, OptimizerSpec] = {
-    "signsgd": OptimizerSpec("signsgd", _GRADE, 1e-4, "signSGD: θ -= lr·sign(g)", _build(SignSGD)),
+    "signsgd": OptimizerSpec("signsgd", _GRADE, 1e-4, "signSGD: θ -= lr·sign(g)", _build(SignSGD), memory=_NO_STATE),
     "signum": OptimizerSpec(
-        "signum", _GRADE, 1e-4, "Signum: θ -= lr·sign(m), m an EMA of g (beta 0.9)", _build(Signum)
+        "signum",
+        _GRADE,
+        1e-4,
+        "Signum: θ -= lr·sign(m), m an EMA of g (beta 0.9)",
+        _build(Signum),
+        memory=_MOMENTUM,
     ),
     "signadam": OptimizerSpec(
         "signadam",
@@ -315,9 +324,15 @@ SPECS: dict[str, OptimizerSpec] = {
         1e-4,
         "signAdam: θ -= lr·sign(m̂/(√v̂+ε)) = lr·sign(m), i.e. Signum with beta = β₁ = 0.9",
         _build(SignAdam),
+        memory=_MOMENTUM,
     ),
     "lion": OptimizerSpec(
-        "lion", _GRADE, 3e-5, "Lion: sign of an interpolated momentum (betas 0.9, 0.99)", _build(Lion)
+        "lion",
+        _GRADE,
+        3e-5,
+        "Lion: sign of an interpolated momentum (betas 0.9, 0.99)",
+        _build(Lion),
+        memory=_MOMENTUM,
     ),
     **{
         f"qadam-{bits}": OptimizerSpec(
@@ -326,6 +341,7 @@ SPECS: dict[str, OptimizerSpec] = {
             1e-4,
             f"Adam with its direction quantized to {bits} bit(s), one scale per tensor (option error_feedback)",
             _build(QAdam, bits=bits),
+            memory=OptimizerMemory(state=2, tensor_copies=5),
         )
         for bits in QUANTIZATION_BITS
     },
@@ -335,5 +351,6 @@ SPECS: dict[str, OptimizerSpec] = {
         1e-4,
         "1-bit Adam: Adam warm-up (warmup_steps 20), then frozen v and an error-feedback scaled-sign momentum",
         _build(OneBitAdam),
+        memory=OptimizerMemory(state=3, tensor_copies=2),
     ),
 }

@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from robustunlearn.optim.base import OptimizerHooks
-from robustunlearn.optim.spec import OptimizerSpec
+from robustunlearn.optim.spec import OptimizerMemory, OptimizerSpec
 
 BASES: dict[str, type[Optimizer]] = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
@@ -201,6 +201,9 @@ SPECS: dict[str, OptimizerSpec] = {
         "first-order randomized smoothing: gradient at θ + σu, u Gaussian (options sigma 1e-3, "
         "samples 1), then a base step from θ (option base: adam|sgd, default adam)",
         _build(RandomizedSmoothing),
+        # Adam's m and v; θ saved through the closure; then θ and the summed gradients beside the
+        # closure's, and θ beside the base Adam's foreach temporaries
+        memory=OptimizerMemory(state=2, closure_copies=1, update_copies=2, tensor_copies=1),
     ),
     "sam": OptimizerSpec(
         "sam",
@@ -209,5 +212,7 @@ SPECS: dict[str, OptimizerSpec] = {
         "sharpness-aware minimization: gradient at θ + ρ·g/‖g‖ (option rho 0.05), then a base "
         "step from θ (option base: adam|sgd, default adam)",
         _build(SAM),
+        # Adam's m and v; θ saved through the second closure and the base step (foreach temporaries)
+        memory=OptimizerMemory(state=2, closure_copies=1, update_copies=2, tensor_copies=1),
     ),
 }

@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from robustunlearn.optim.base import Closure, OptimizerHooks
-from robustunlearn.optim.spec import OptimizerSpec
+from robustunlearn.optim.spec import OptimizerMemory, OptimizerSpec
 
 HVP_METHODS = ("autograd", "finite-difference")
 
@@ -280,6 +280,8 @@ SPECS: dict[str, OptimizerSpec] = {
         "Sophia-G: momentum over a clipped Gauss-Newton-Bartlett diagonal Hessian "
         "(sampled labels; options rho 0.04, hessian_period 10, batch_size = sampled labels per loss)",
         _build(SophiaG),
+        # m and h; every parameter's curvature estimate at once; the update's denominator and ratio
+        memory=OptimizerMemory(state=2, update_copies=1, tensor_copies=3),
     ),
     "sophia-h": OptimizerSpec(
         "sophia-h",
@@ -288,5 +290,8 @@ SPECS: dict[str, OptimizerSpec] = {
         "Sophia-H: momentum over a clipped Hutchinson diagonal Hessian "
         "(options hvp autograd|finite-difference, rho 0.04, hessian_period 10)",
         _build(SophiaH),
+        # m and h; the Hessian-vector product keeps the backward's graph beside the forward's, with
+        # the probes, the gradients with their graph and the products; then the estimates
+        memory=OptimizerMemory(state=2, backward_graphs=2, closure_copies=3, update_copies=1, tensor_copies=3),
     ),
 }

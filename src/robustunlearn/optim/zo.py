@@ -87,7 +87,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
 from robustunlearn.optim.base import Closure, OptimizerHooks, check_betas
-from robustunlearn.optim.spec import OptimizerSpec
+from robustunlearn.optim.spec import OptimizerMemory, OptimizerSpec
 
 DIRECTIONS = ("rademacher", "gaussian", "sphere")
 _DIGITS = {torch.float32: 24, torch.float64: 53}  # significand bits of the exactly handled dtypes
@@ -673,11 +673,19 @@ class ZOSign(ZerothOrderOptimizer):
         return estimate.mul_(-group["lr"])
 
 
-def _spec(name: str, cls: type, lr: float, description: str, **default_options: Any) -> OptimizerSpec:
+def _memory(state: int, directions: str) -> OptimizerMemory:
+    """No gradients, ``state`` moments; a parameter's update holds its direction and its rounding
+    noise, and a Gaussian or sphere move also ``noise·(eps/h)`` and its rounding (3 copies at most)."""
+    return OptimizerMemory(state=state, backward_graphs=0, tensor_copies=2 if directions == "rademacher" else 3)
+
+
+def _spec(
+    name: str, cls: type, lr: float, description: str, memory: OptimizerMemory, **default_options: Any
+) -> OptimizerSpec:
     def build(model: nn.Module, params: list[nn.Parameter], lr: float, options: dict[str, Any]):
         return cls(params, lr=lr, **options)
 
-    return OptimizerSpec(name, "zeroth-order", lr, description, build, default_options)
+    return OptimizerSpec(name, "zeroth-order", lr, description, build, default_options, memory=memory)
 
 
 SPECS: dict[str, OptimizerSpec] = {
@@ -688,25 +696,35 @@ SPECS: dict[str, OptimizerSpec] = {
             ZOSGD,
             3e-4,
             "ZO-SGD (MeZO): two-point estimate along Rademacher directions, fused in-place passes",
+            _memory(0, "rademacher"),
         ),
-        _spec("zo-adam", ZOAdam, 3e-4, "ZO-Adam: Adam moments on a two-point Gaussian ZO estimate"),
+        _spec(
+            "zo-adam",
+            ZOAdam,
+            3e-4,
+            "ZO-Adam: Adam moments on a two-point Gaussian ZO estimate",
+            _memory(2, "gaussian"),
+        ),
         _spec(
             "zo-adazo",
             ZOAdaZO,
             3e-5,
             "R-AdaZO: adaptive ZO, second moment from the first moment, unit-sphere directions",
+            _memory(2, "sphere"),
         ),
         _spec(
             "zo-sign",
             ZOSign,
             5e-4,
             "ZO-signSGD (ZO-Bench): sign of each projected gradient times its direction",
+            _memory(0, "rademacher"),
         ),
         _spec(
             "zo-sign-elementwise",
             ZOSign,
             5e-4,
             "ZO-signSGD, elementwise sign of the ZO estimate (Gaussian directions)",
+            _memory(0, "gaussian"),
             elementwise=True,
             directions="gaussian",
         ),
