@@ -67,6 +67,7 @@ class RMU:
     name: ClassVar[str] = "rmu"
     batch_parts: ClassVar[frozenset[str]] = frozenset({"forget", "retain"})
     loss_on: ClassVar[str] = "activations"
+    sequence_reference: ClassVar[bool] = False  # its reference is activations on retain batches
     layer: int = WMDP_LAYER
     update_layers: tuple[int, ...] | None = None
     steering_coeff: float = WMDP_STEERING_COEFF

@@ -56,6 +56,7 @@ from robustunlearn.optim import build_optimizer
 from robustunlearn.optim.base import hooks, make_closure, sampled_label_loss
 from robustunlearn.optim.hybrid import AlternatingHybrid
 from robustunlearn.train.checkpoint import Checkpointer, Snapshots, best_snapshots, read_log
+from robustunlearn.train.reference import REFERENCE_CACHE, ReferenceCache, build_reference_cache
 from robustunlearn.train.settings import UnlearnSettings
 
 _RANK_SEED_STRIDE = 1_000_003  # rank r samples Sophia-G's labels from seed + r·stride
@@ -106,7 +107,11 @@ def refusal_records(records: Sequence[Record], seed: int) -> list[QA]:
     """The QA records among ``records`` with their answers replaced by refusals (for ``idk``)."""
     questions = [r for r in records if isinstance(r, QA)]
     rng = random.Random(seed)
-    return [QA(question=r.question, answer=rng.choice(REFUSAL_ANSWERS), subject=r.subject) for r in questions]
+    return [_refusal(r, rng.choice(REFUSAL_ANSWERS)) for r in questions]
+
+
+def _refusal(question: QA, answer: str) -> QA:
+    return QA(question=question.question, answer=answer, subject=question.subject)
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -190,9 +195,10 @@ def _shard_batch(
 
 @contextlib.contextmanager
 def _reference_view(model, reference_model, lora: bool) -> Iterator[Any]:
-    """The frozen reference: the deep copy taken at the start, or under LoRA the model itself
-    with its adapter disabled (in eval mode, like the copy)."""
-    if not lora:
+    """The frozen reference: the deep copy taken at the start if there is one, else the model
+    itself in eval mode (like the copy) with its LoRA adapter disabled: the reference under LoRA,
+    and before the first step (when the reference cache is built) the model as it is."""
+    if reference_model is not None:
         yield reference_model
         return
     training = model.training
@@ -200,7 +206,7 @@ def _reference_view(model, reference_model, lora: bool) -> Iterator[Any]:
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     try:
-        with model.disable_adapter():
+        with model.disable_adapter() if lora else contextlib.nullcontext():
             yield model
     finally:
         for p, flag in requires_grad:
@@ -216,7 +222,8 @@ class _Run:
     model: Any
     tokenizer: Any
     objective: Objective
-    reference_model: Any  # the frozen copy, if the objective needs one and there is no LoRA adapter to disable
+    # the frozen copy, if the objective needs a live reference and there is no LoRA adapter to disable
+    reference_model: Any
     lora: bool
     trained: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -236,6 +243,11 @@ class _Run:
     best: dict[str, Any] | None = None
     pending_stop: str | None = None  # should_stop's reason, waiting until the optimizer may stop
     passes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
+    reference_cache: ReferenceCache | None = None  # the reference's log-probabilities, once built or loaded
+
+    @property
+    def caches_reference(self) -> bool:
+        return _caches_reference(self.objective, self.config)
 
     @property
     def device(self) -> torch.device:
@@ -284,6 +296,7 @@ def unlearn(
     run = _set_up(model, tokenizer, benchmark, config, output_dir, console or Console(stderr=True))
     if resume:
         _resume(run)
+    _cache_reference(run)  # unless a checkpoint's came with it: the model has not moved yet
     _start(run)
 
     started = time.perf_counter()
@@ -389,9 +402,16 @@ def _curvature_warnings(optimizer: torch.optim.Optimizer, objective: Objective) 
     ]
 
 
+def _caches_reference(objective: Objective, config: UnlearnSettings) -> bool:
+    """Whether the run looks the reference's outputs up in a :class:`ReferenceCache`: asked for,
+    and exact (the objective reads nothing else of the reference)."""
+    return config.reference == "cached" and objective.needs_reference and objective.sequence_reference
+
+
 def _prepare_model(model, config: UnlearnSettings) -> tuple[Any, Objective, Any, bool]:
     """The model to train (with LoRA adapters, if asked), the objective, which weights train, and
-    the frozen reference model (None under LoRA, whose reference is the disabled adapter)."""
+    the frozen reference model (None under LoRA, whose reference is the disabled adapter, and with
+    a reference cache, built from the model itself before the first step)."""
     lora = lora_options(config.lora)
     if lora is not None:
         model = add_lora(model, lora)  # the base weights freeze, the adapters train
@@ -405,7 +425,7 @@ def _prepare_model(model, config: UnlearnSettings) -> tuple[Any, Objective, Any,
         for parameter in model.parameters():
             parameter.requires_grad_(id(parameter) in chosen)
     reference_model = None
-    if objective.needs_reference and lora is None:
+    if objective.needs_reference and lora is None and not _caches_reference(objective, config):
         reference_model = copy.deepcopy(model).eval().requires_grad_(False)
     model.train()
     return model, objective, reference_model, lora is not None
@@ -418,10 +438,15 @@ def _resume(run: _Run) -> None:
         raise ValueError("resume needs an output directory")
     latest = run.checkpointer.latest()
     if latest is not None:
+        stored_cache = latest / REFERENCE_CACHE
+        if not stored_cache.is_file():  # written by a version without the cache: built before the weights load
+            _cache_reference(run)
         # the stored settings are compared before anything loads: a run resumes only as itself
         state = run.checkpointer.load(
             latest, run.model, run.optimizer, run.scheduler, run.streams, run.generator, settings=run.config
         )
+        if run.caches_reference and run.reference_cache is None:  # load() has verified its checksum
+            run.reference_cache = ReferenceCache.load(stored_cache)
         run.start_step = run.resumed_from = state["step"]
         run.pending_stop = state.get("pending_stop")
         run.passes.update(state.get("passes", {}))  # a checkpoint written before passes were saved: counted from here
@@ -433,6 +458,29 @@ def _resume(run: _Run) -> None:
             run.history = [h for h in read_log(run.log_path) if h.get("step", 0) <= run.start_step]
     kept = run.keeper.current() if run.keeper is not None else None
     run.best = None if kept is None else kept[1]
+
+
+def _cache_reference(run: _Run) -> None:
+    """Build the reference cache from the model as it is (the reference: before the first step
+    and before a checkpoint's weights load), if the run caches its reference and has no cache yet.
+    Every forget record is an example, and for an objective that reads refusals every forget
+    question with every refusal answer; the passes are counted like a step's."""
+    if not run.caches_reference or run.reference_cache is not None:
+        return
+    records = list(run.streams["forget"].records)
+    if "refusal" in run.objective.batch_parts:
+        questions = [r for r in records if isinstance(r, QA)]
+        records += [_refusal(q, answer) for q in questions for answer in REFUSAL_ANSWERS]
+    with _reference_view(run.model, None, run.lora) as frozen:
+        run.reference_cache, forwards = build_reference_cache(
+            frozen,
+            run.tokenizer,
+            records,
+            max_length=run.config.max_length,
+            batch_size=run.config.batch_size // run.parallel.world_size,
+            parallel=run.parallel,
+        )
+    run.passes["forward"] += forwards
 
 
 def _start(run: _Run) -> None:
@@ -483,9 +531,13 @@ def _draw_batch(run: _Run, step: int) -> UnlearnBatch:
 
 
 def _reference_outputs(run: _Run, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
-    """What the objective needs from the frozen reference model on ``batch``, computed once per step."""
+    """What the objective needs from the frozen reference model on ``batch``: looked up in the
+    reference cache, or computed once per step."""
     if not run.objective.needs_reference:
         return {}
+    if run.reference_cache is not None:
+        sequences = run.objective.reference_sequences(batch)
+        return {name: run.reference_cache.lookup(tokens) for name, tokens in sequences.items()}
     with torch.no_grad(), _reference_view(run.model, run.reference_model, run.lora) as frozen:
         reference = run.objective.reference_outputs(frozen, batch)
     run.passes["forward"] += 1
@@ -598,7 +650,8 @@ def _checkpoint_if_due(run: _Run, step: int, last: bool) -> None:
     if run.checkpointer is None or not (last or (every and step % every == 0)):
         return
     extra = {"config": run.config.model_dump(mode="json"), "pending_stop": run.pending_stop, "passes": run.passes}
-    run.checkpointer.save(step, run.model, run.optimizer, run.scheduler, run.streams, run.generator, extra)
+    files = {} if run.reference_cache is None else {REFERENCE_CACHE: run.reference_cache.save}
+    run.checkpointer.save(step, run.model, run.optimizer, run.scheduler, run.streams, run.generator, extra, files)
 
 
 def _finish(run: _Run, step: int, stopped_early: str | None, started: float) -> UnlearnResult:
