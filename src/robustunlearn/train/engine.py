@@ -477,7 +477,7 @@ def _cache_reference(run: _Run) -> None:
             run.tokenizer,
             records,
             max_length=run.config.max_length,
-            batch_size=run.config.batch_size // run.parallel.world_size,
+            batch_size=run.config.batch_size,
             parallel=run.parallel,
         )
     run.passes["forward"] += forwards

@@ -14,7 +14,6 @@ cache lacks (other tokenization, other ``max_length``) is an error, not a silent
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -83,10 +82,14 @@ def build_reference_cache(
     parallel: DataParallel,
 ) -> tuple[ReferenceCache, int]:
     """The cache of ``records`` (encoded as the engine's batches encode them) under ``frozen``, and
-    the forward passes this rank ran. Examples are taken in order, duplicates once, in batches of
-    ``batch_size`` (a rank's share of a step's batch); rank r runs batches r, r + N, ... and every
-    rank receives every value. Each rank counts the passes of the busiest rank, so that all count
-    alike (a compute budget must stop them at the same step)."""
+    the forward passes it counts on each rank.
+
+    Examples are taken in order, duplicates once, in batches of ``batch_size``: the global batch,
+    whatever the number of ranks, so the values (which can differ in the last bits with a batch's
+    shape) do not depend on it, and a run of N processes matches one of 1. Rank r runs batches r,
+    r + N, ...; every rank receives every value. Each batch holds N ranks' shares of a step, and
+    each rank counts one pass per batch (the work of all ranks over N), so all ranks count alike,
+    as a compute budget needs to stop them at the same step."""
     examples: dict[bytes, tuple[list[int], list[int]]] = {}
     for record in records:
         ids, labels = encode_example(tokenizer, *prompt_and_completion(record), max_length)
@@ -103,4 +106,4 @@ def build_reference_cache(
     cache = ReferenceCache(
         [key for chunk, _ in gathered for key in chunk], torch.cat([values for _, values in gathered])
     )
-    return cache, math.ceil(len(chunks) / parallel.world_size)
+    return cache, len(chunks)
