@@ -14,7 +14,7 @@ from helpers import Killed, dies_at
 from robustunlearn.core.errors import SettingsError
 from robustunlearn.train.settings import UnlearnSettings
 
-# the reference cache of the synthetic benchmark's 10 forget records, in batches of 2
+# the reference cache of the synthetic benchmark's 9 forget records, in batches of 2
 CACHE_FORWARDS = 5
 # hybrid in blocks of 2 from the first step: fo fo zo zo fo fo zo zo ...; ZO-SGD takes one
 # two-sided direction per step (2 forwards)
