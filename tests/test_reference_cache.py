@@ -26,7 +26,8 @@ FORGET_RECORDS = 9  # the synthetic benchmark's forget QA pairs (8) and passage 
 
 
 def settings(**values) -> UnlearnSettings:
-    return UnlearnSettings(**{"objective": "npo", "optimizer": "adamw", "lr": 1e-3, "steps": 4, "batch_size": 4, **values})
+    defaults = {"objective": "npo", "optimizer": "adamw", "lr": 1e-3, "steps": 4, "batch_size": 4}
+    return UnlearnSettings(**{**defaults, **values})
 
 
 def assert_weights_close(actual: dict, expected: dict, atol: float) -> None:

@@ -3,7 +3,9 @@ is measured with, the progress bar, and the JSON file of a run."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -88,6 +90,25 @@ def synchronised(call: Callable[[], object], device: torch.device) -> Callable[[
         torch.cuda.synchronize(device)
 
     return finished
+
+
+def peak_bytes(device: torch.device) -> int:
+    """The process's peak memory so far: ``torch.cuda.max_memory_allocated`` on a GPU, else its
+    peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def set_mmap_threshold(size: int) -> None:
+    """glibc: serve allocations of ``size`` bytes or more with their own mmap (returned to the
+    system when freed) and fix that threshold (by default glibc raises it as the program frees
+    large blocks, after which freed memory stays resident and RSS stops following live memory).
+    Elsewhere a no-op."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def run_threads(threads: int | None) -> int:

@@ -6,9 +6,7 @@ the forward pass it is built from (time and memory) and how much state it keeps.
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
-import resource
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,8 +26,10 @@ from robustunlearn.bench.common import (
     environment,
     model_configs,
     pairs_cell,
+    peak_bytes,
     progress_bar,
     run_threads,
+    set_mmap_threshold,
     synchronised,
     write_run,
 )
@@ -85,29 +85,12 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def _peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def _measure(task: dict[str, Any]) -> dict[str, Any]:
     """Worker: ``{"rows": ...}`` of one optimizer (``None``: inference only) or ``{"error": ...}``."""
     try:
         return {"rows": _measure_rows(task)}
     except Exception as error:  # noqa: BLE001 - one failing optimizer must not end the benchmark
         return {"error": f"{type(error).__name__}: {error}"}
-
-
-def _set_mmap_threshold(size: int) -> None:
-    """glibc: serve allocations of ``size`` bytes or more with their own mmap (returned to the
-    system when freed) and fix that threshold (by default glibc raises it as the program frees
-    large blocks, after which freed memory stays resident and RSS stops following live memory).
-    Elsewhere a no-op."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def _measure_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
@@ -123,8 +106,8 @@ def _measure_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
     device = bench_device()
     shapes, name, timing = task["shapes"], task["optimizer"], task["timing"]
     if device.type == "cpu":
-        _set_mmap_threshold(64 << 10)
-    baseline = 0 if device.type == "cuda" else _peak_bytes(device)
+        set_mmap_threshold(64 << 10)
+    baseline = 0 if device.type == "cuda" else peak_bytes(device)
     model = bench_model(task["config"], max(s for _, s in shapes), device)
     vocab_size = model.config.vocab_size
     closures = [lm_closure(model, torch.randint(0, vocab_size, shape, device=device)) for shape in shapes]
@@ -149,11 +132,11 @@ def _measure_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
             forward(closure)
         else:
             steps(closure)
-        peaks.append(_peak_bytes(device) - baseline)
+        peaks.append(peak_bytes(device) - baseline)
     if optimizer is None:
         return [{"peak_bytes": peak} for peak in peaks]
     if device.type == "cpu":
-        _set_mmap_threshold(32 << 20)
+        set_mmap_threshold(32 << 20)
 
     clock = cost_clock(device, task["threads"])[0]
     rows = []

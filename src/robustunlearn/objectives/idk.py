@@ -66,7 +66,8 @@ class Idk(RetainTerm):
     def reference_sequences(self, batch: UnlearnBatch) -> dict[str, TokenBatch]:
         if self.mode != "dpo":
             return {}
-        return {"refusal_logprobs": require(batch, "forget_refusal", self.name), "forget_logprobs": self._answered(batch)}
+        refusal = require(batch, "forget_refusal", self.name)
+        return {"refusal_logprobs": refusal, "forget_logprobs": self._answered(batch)}
 
     def reference_outputs(self, reference_model: nn.Module, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
         sequences = reference_logprobs(reference_model, self.reference_sequences(batch))

@@ -38,7 +38,7 @@ def example_keys(tokens: TokenBatch) -> list[bytes]:
     """The key of each row of a right-padded batch: the SHA-256 of its real tokens and their labels."""
     lengths = tokens.attention_mask.sum(dim=1).tolist()
     ids, labels = tokens.input_ids.tolist(), tokens.labels.tolist()
-    return [_key(i[:n], l[:n]) for i, l, n in zip(ids, labels, lengths)]
+    return [_key(row_ids[:n], row_labels[:n]) for row_ids, row_labels, n in zip(ids, labels, lengths)]
 
 
 class ReferenceCache:
