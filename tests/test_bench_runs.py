@@ -156,7 +156,7 @@ def test_bench_objectives_rows_json_targets_and_threads(tmp_path):
     ]
     text = output.read_text()
     assert "npo step with a cached reference / plain step" in text and "1 torch thread(s)" in text
-    assert "peak mem cached/live" in text
+    assert "mem cached/live" in text
 
 
 def test_bench_objectives_rejects_a_hybrid_and_unknown_names():

@@ -1,7 +1,8 @@
 """The reference cache (``reference: cached``): NPO and idk-dpo look the frozen reference's forget
 log-probabilities up instead of running a frozen copy, and get the live reference's numbers (float64),
 over several steps, under LoRA and across a resume; the run keeps no copy and runs one forward fewer
-per step; objectives that need more of the reference keep the live copy."""
+per step; objectives that need more of the reference run it live, from a copy of the trained weights
+only (RMU: its down_proj matrices)."""
 
 from __future__ import annotations
 
@@ -82,9 +83,14 @@ def forward_calls(model) -> list[int]:
 def test_a_cached_run_keeps_no_copy_and_runs_one_forward_fewer_per_step(synthetic_setup, fresh_model, run_unlearn):
     benchmark, tokenizer = synthetic_setup
     console = Console(file=io.StringIO())
-    for reference, has_copy in (("cached", False), ("live", True)):
-        run = engine_module._set_up(fresh_model(), tokenizer, benchmark, settings(reference=reference), None, console)
-        assert (run.reference_model is not None) == has_copy and run.caches_reference != has_copy
+    for values, has_copy in (
+        ({"reference": "cached"}, False),
+        ({"reference": "live"}, True),
+        ({"reference": "live", "lora": {"rank": 2}}, False),  # the disabled adapter is the reference
+    ):
+        run = engine_module._set_up(fresh_model(), tokenizer, benchmark, settings(**values), None, console)
+        assert (run.frozen_weights is not None) == has_copy, values
+        assert run.caches_reference == (values["reference"] == "cached")
 
     forwards = {}
     for reference in ("cached", "live"):
@@ -109,12 +115,33 @@ def test_a_cached_run_keeps_no_copy_and_runs_one_forward_fewer_per_step(syntheti
     ],
     ids=["npo-kl", "graddiff-kl", "rmu"],
 )
-def test_objectives_that_need_more_than_forget_logprobs_keep_the_live_copy(synthetic_setup, fresh_model, values):
+def test_objectives_that_need_more_than_forget_logprobs_run_the_reference_live(synthetic_setup, fresh_model, values):
     benchmark, tokenizer = synthetic_setup
     run = engine_module._set_up(
         fresh_model(), tokenizer, benchmark, settings(**values), None, Console(file=io.StringIO())
     )
-    assert run.config.reference == "cached" and not run.caches_reference and run.reference_model is not None
+    assert run.config.reference == "cached" and not run.caches_reference
+    # the copy holds the trained weights only: all of them, or RMU's down_proj matrices
+    assert [p for p, _ in run.frozen_weights] == run.trained
+    assert all(torch.equal(p, initial) and p.data_ptr() != initial.data_ptr() for p, initial in run.frozen_weights)
+    copied = sum(initial.numel() for _, initial in run.frozen_weights)
+    total = sum(p.numel() for p in run.model.parameters())
+    assert (copied < total / 5) == (values["objective"] == "rmu") and copied <= total
+
+
+def test_the_live_reference_is_the_model_with_its_trained_weights_at_their_start_values(synthetic_setup, fresh_model):
+    benchmark, tokenizer = synthetic_setup
+    config = settings(objective="rmu", reference="live")
+    run = engine_module._set_up(fresh_model(), tokenizer, benchmark, config, None, Console(file=io.StringIO()))
+    batch = engine_module._draw_batch(run, 1)
+    before = engine_module._reference_outputs(run, batch)["retain_activations"]
+    with torch.no_grad():
+        for p in run.trained:
+            p.add_(0.1)  # the run has moved the weights
+    moved = [p.detach().clone() for p in run.trained]
+    again = engine_module._reference_outputs(run, batch)["retain_activations"]
+    assert torch.equal(again, before) and run.model.training
+    assert all(torch.equal(p, m) for p, m in zip(run.trained, moved))  # put back
 
 
 def test_the_reference_setting_is_validated():

@@ -407,9 +407,9 @@ def _table(rows: list[dict[str, Any]], threads: int) -> Table:
         "step/plain step",
         "IQR",
         "ref share",
-        "cached step/plain step",
-        "IQR ",
-        "peak mem cached/live",
+        "cached/plain step",
+        "cached IQR",
+        "mem cached/live",
     )
     for column in (*columns, "pairs"):
         table.add_column(column, no_wrap=True, justify="left" if column in columns[:2] else "right")

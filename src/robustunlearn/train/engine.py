@@ -1,14 +1,14 @@
 """The unlearning loop: one objective x one optimizer grade, read top to bottom.
 
 Each step draws a forget batch and a retain batch (with only the parts the objective reads,
-``Objective.batch_parts``), computes the frozen reference model's outputs once (under
-``no_grad``), builds the closure of :mod:`robustunlearn.optim.base` and lets the optimizer call it
-as its grade needs: backward for first-order, function values at perturbed weights for
-zeroth-order, sampled labels for Sophia-G. What else the loop asks of the optimizer (Sophia-G's
-batch size, values to log, whether it may stop, data parallelism) goes through its hooks
-(:class:`~robustunlearn.optim.base.OptimizerHooks`). Steps are logged as JSON lines; checkpoints
-(trainable weights, optimizer state, RNG states, data position) are written atomically so a
-killed run resumes to the same final weights.
+``Objective.batch_parts``), takes the frozen reference model's outputs (looked up in the reference
+cache built before the first step, or computed once under ``no_grad``), builds the closure of
+:mod:`robustunlearn.optim.base` and lets the optimizer call it as its grade needs: backward for
+first-order, function values at perturbed weights for zeroth-order, sampled labels for Sophia-G.
+What else the loop asks of the optimizer (Sophia-G's batch size, values to log, whether it may
+stop, data parallelism) goes through its hooks (:class:`~robustunlearn.optim.base.OptimizerHooks`).
+Steps are logged as JSON lines; checkpoints (trainable weights, optimizer state, RNG states, data
+position) are written atomically so a killed run resumes to the same final weights.
 
 :func:`unlearn` reads top to bottom: set-up, resume, then per step :func:`_draw_batch`,
 :func:`_reference_outputs`, :func:`_optimizer_step` and what follows it (log entry, finiteness
@@ -17,7 +17,8 @@ check, evaluation, stop, checkpoint).
 Options (:class:`UnlearnSettings`): a budget in ``steps`` or ``epochs``, and within it optionally a
 ``compute_budget`` in forward-pass equivalents (the run stops after the step that spends it); LoRA
 adapters instead of full fine-tuning (``lora``), whose reference model is the same model with its
-adapter disabled; keeping the weights with the best value of an evaluation metric
+adapter disabled; the reference of npo and idk-dpo cached or live (``reference``,
+:mod:`robustunlearn.train.reference`); keeping the weights with the best value of an evaluation metric
 (``keep_best``). Launched in several processes (``torchrun``, ``accelerate launch``), the run is
 data parallel (:mod:`robustunlearn.core.distributed`): ``batch_size`` is the global batch, each
 rank takes its shard, and rank 0 alone logs, evaluates and writes files. docs/engine.md has the details.
@@ -26,7 +27,6 @@ rank takes its shard, and rank 0 alone logs, evaluates and writes files. docs/en
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import json
 import math
@@ -60,6 +60,7 @@ from robustunlearn.train.reference import REFERENCE_CACHE, ReferenceCache, build
 from robustunlearn.train.settings import UnlearnSettings
 
 _RANK_SEED_STRIDE = 1_000_003  # rank r samples Sophia-G's labels from seed + r·stride
+FrozenWeights = list[tuple[torch.nn.Parameter, torch.Tensor]]  # a trained parameter, its value at the start
 
 
 class NonFiniteLossError(RuntimeError):
@@ -194,21 +195,24 @@ def _shard_batch(
 
 
 @contextlib.contextmanager
-def _reference_view(model, reference_model, lora: bool) -> Iterator[Any]:
-    """The frozen reference: the deep copy taken at the start if there is one, else the model
-    itself in eval mode (like the copy) with its LoRA adapter disabled: the reference under LoRA,
-    and before the first step (when the reference cache is built) the model as it is."""
-    if reference_model is not None:
-        yield reference_model
-        return
+def _reference_view(model, frozen_weights: FrozenWeights | None, lora: bool) -> Iterator[Any]:
+    """The frozen reference: the model itself in eval mode, with its trained weights swapped for
+    their values at the start (``frozen_weights``: a live reference without LoRA), or with its LoRA
+    adapter disabled (the reference under LoRA); with neither, before the first step, the model as
+    it is (what the reference cache is built from). Everything is put back on leaving."""
     training = model.training
     # re-enabling the adapter makes all of its weights trainable again (peft's set_adapter)
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    current = [(p, p.data) for p, _ in frozen_weights or ()]
     model.eval()
     try:
+        for p, initial in frozen_weights or ():
+            p.data = initial
         with model.disable_adapter() if lora else contextlib.nullcontext():
             yield model
     finally:
+        for p, data in current:
+            p.data = data
         for p, flag in requires_grad:
             p.requires_grad_(flag)
         model.train(training)
@@ -222,8 +226,9 @@ class _Run:
     model: Any
     tokenizer: Any
     objective: Objective
-    # the frozen copy, if the objective needs a live reference and there is no LoRA adapter to disable
-    reference_model: Any
+    # the trained weights' values at the start, if the objective needs a live reference and there is
+    # no LoRA adapter to disable
+    frozen_weights: FrozenWeights | None
     lora: bool
     trained: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -332,7 +337,7 @@ def _set_up(model, tokenizer, benchmark: Benchmark, config: UnlearnSettings, out
         )
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    model, objective, reference_model, lora = _prepare_model(model, config)
+    model, objective, frozen_weights, lora = _prepare_model(model, config)
     device = next(model.parameters()).device
     forget_records = _records(benchmark, config.forget_splits)
     total_steps = config.total_steps(len(forget_records))
@@ -357,7 +362,7 @@ def _set_up(model, tokenizer, benchmark: Benchmark, config: UnlearnSettings, out
         model=model,
         tokenizer=tokenizer,
         objective=objective,
-        reference_model=reference_model,
+        frozen_weights=frozen_weights,
         lora=lora,
         trained=trained,
         optimizer=optimizer,
@@ -408,10 +413,16 @@ def _caches_reference(objective: Objective, config: UnlearnSettings) -> bool:
     return config.reference == "cached" and objective.needs_reference and objective.sequence_reference
 
 
-def _prepare_model(model, config: UnlearnSettings) -> tuple[Any, Objective, Any, bool]:
+def _prepare_model(model, config: UnlearnSettings) -> tuple[Any, Objective, FrozenWeights | None, bool]:
     """The model to train (with LoRA adapters, if asked), the objective, which weights train, and
-    the frozen reference model (None under LoRA, whose reference is the disabled adapter, and with
-    a reference cache, built from the model itself before the first step)."""
+    for a live reference a copy of the trained weights (None under LoRA, whose reference is the
+    disabled adapter, and with a reference cache, built from the model itself before the first step).
+
+    The reference is the model with its trained weights at their start values: the others never
+    change, so only the trained ones are copied. For RMU, whose reference is read on every retain
+    batch, that is a copy of three ``down_proj`` matrices (2.4% of a 7B model's weights) instead of
+    the whole model; a cache of its retain activations instead would hold every retain example the
+    stream can draw (the ``RMU`` docstring has the numbers)."""
     lora = lora_options(config.lora)
     if lora is not None:
         model = add_lora(model, lora)  # the base weights freeze, the adapters train
@@ -424,11 +435,11 @@ def _prepare_model(model, config: UnlearnSettings) -> tuple[Any, Objective, Any,
         chosen = {id(p) for p in trainable}
         for parameter in model.parameters():
             parameter.requires_grad_(id(parameter) in chosen)
-    reference_model = None
+    frozen_weights = None
     if objective.needs_reference and lora is None and not _caches_reference(objective, config):
-        reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+        frozen_weights = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
     model.train()
-    return model, objective, reference_model, lora is not None
+    return model, objective, frozen_weights, lora is not None
 
 
 def _resume(run: _Run) -> None:
@@ -538,7 +549,7 @@ def _reference_outputs(run: _Run, batch: UnlearnBatch) -> dict[str, torch.Tensor
     if run.reference_cache is not None:
         sequences = run.objective.reference_sequences(batch)
         return {name: run.reference_cache.lookup(tokens) for name, tokens in sequences.items()}
-    with torch.no_grad(), _reference_view(run.model, run.reference_model, run.lora) as frozen:
+    with torch.no_grad(), _reference_view(run.model, run.frozen_weights, run.lora) as frozen:
         reference = run.objective.reference_outputs(frozen, batch)
     run.passes["forward"] += 1
     return reference
