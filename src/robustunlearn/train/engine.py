@@ -301,7 +301,7 @@ def unlearn(
     run = _set_up(model, tokenizer, benchmark, config, output_dir, console or Console(stderr=True))
     if resume:
         _resume(run)
-    _cache_reference(run)  # unless a checkpoint's came with it: the model has not moved yet
+    _cache_reference(run)  # after a checkpoint loaded, a no-op: _resume gave the run its cache before the weights
     _start(run)
 
     started = time.perf_counter()
