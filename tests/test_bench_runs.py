@@ -12,7 +12,13 @@ import torch
 from rich.console import Console
 
 from robustunlearn.bench.common import cost_clock, pairs_cell
-from robustunlearn.bench.objectives import bench_objectives, plain_nll, random_unlearn_batch, step_calls
+from robustunlearn.bench.objectives import (
+    bench_objectives,
+    plain_nll,
+    random_unlearn_batch,
+    reference_cache,
+    step_calls,
+)
 from robustunlearn.bench.optimizers import bench_optimizers
 from robustunlearn.bench.targets import check_targets, target_lines
 from robustunlearn.bench.timing import BASELINE, TimingSettings
@@ -62,8 +68,9 @@ def test_each_timed_call_does_what_its_name_says(tiny_llama):
     reference_model = tiny_llama().eval().requires_grad_(False)
     optimizer = build_optimizer("adamw", model, lr=1e-2)
     batch = random_unlearn_batch(objective.batch_parts, (2, 8), 64, torch.device("cpu"))
-    calls = step_calls(model, objective, reference_model, optimizer, batch)
-    assert list(calls) == [BASELINE, "plain_step", "step", "reference"]
+    cache = reference_cache(reference_model, objective, batch)
+    calls = step_calls(model, objective, reference_model, optimizer, batch, cache)
+    assert list(calls) == [BASELINE, "plain_step", "step", "reference", "cached_step"]
 
     def snapshot():
         return [p.detach().clone() for p in model.parameters()]
@@ -74,7 +81,8 @@ def test_each_timed_call_does_what_its_name_says(tiny_llama):
     assert all(p.grad is not None for p in model.parameters())
     reference = calls["reference"]()
     assert set(reference) == {"forget_logprobs"} and not reference["forget_logprobs"].requires_grad
-    for name in ("plain_step", "step"):
+    assert torch.equal(cache.lookup(batch.forget), reference["forget_logprobs"])  # what cached_step reads
+    for name in ("plain_step", "step", "cached_step"):
         before = snapshot()
         calls[name]()
         assert any(not torch.equal(a, b) for a, b in zip(before, snapshot())), name
@@ -125,14 +133,21 @@ def test_bench_objectives_rows_json_targets_and_threads(tmp_path):
             assert 0 < row[f"{name}_q1"] <= row[name] <= row[f"{name}_q3"]
         assert (row["reference_share"] > 0) == (row["objective"] == "npo")
         assert 0 <= row["reference_share"] < 1
+    ga, npo = rows
+    assert "cached_step_s" not in ga and "live_peak_bytes" not in ga
+    assert 0 < npo["cached_step_over_plain_step_q1"] <= npo["cached_step_over_plain_step"]
+    assert npo["cached_step_over_plain_step"] <= npo["cached_step_over_plain_step_q3"]
+    # each peak from its own process; the live one holds a copy of the model, the cached one none
+    assert 0 < npo["cached_peak_bytes"] and 0 < npo["live_peak_bytes"]
+    assert npo["cached_peak_over_live_peak"] == npo["cached_peak_bytes"] / npo["live_peak_bytes"]
     saved = json.loads(path.read_text())
     assert saved["rows"] == json.loads(json.dumps(rows))
     assert (saved["environment"]["threads"], saved["environment"]["clock"]) == (1, "process CPU time")
     assert saved["timing"]["min_pairs"] == 3
-    npo_worst = max(r["step_over_plain_step"] for r in rows if r["objective"] == "npo")
+    npo_worst = npo["cached_step_over_plain_step"]
     assert saved["targets"] == [
         {
-            "target": "npo step / plain step of the same optimizer (no reference cache yet)",
+            "target": "npo step with a cached reference / plain step of the same optimizer",
             "bound": 1.05,
             "measured": npo_worst,
             "where": saved["targets"][0]["where"],
@@ -140,7 +155,8 @@ def test_bench_objectives_rows_json_targets_and_threads(tmp_path):
         }
     ]
     text = output.read_text()
-    assert "npo step / plain step" in text and "1 torch thread(s)" in text
+    assert "npo step with a cached reference / plain step" in text and "1 torch thread(s)" in text
+    assert "mem cached/live" in text
 
 
 def test_bench_objectives_rejects_a_hybrid_and_unknown_names():
@@ -224,7 +240,7 @@ def test_targets_judge_the_worst_row_they_cover():
             "size": "1M",
             "batch": 8,
             "seq_len": 128,
-            "step_over_plain_step": 1.3,
+            "cached_step_over_plain_step": 1.3,
         },
         {
             "objective": "ga",
@@ -232,13 +248,13 @@ def test_targets_judge_the_worst_row_they_cover():
             "size": "1M",
             "batch": 8,
             "seq_len": 128,
-            "step_over_plain_step": 2.0,
+            "cached_step_over_plain_step": 2.0,
         },
     ]
     [npo] = check_targets("objectives", objective_rows)
     assert (npo["measured"], npo["where"], npo["passed"]) == (1.3, "npo adamw 1M 8x128", False)
     assert target_lines(check_targets("objectives", [])) == [
-        "SKIP npo step / plain step of the same optimizer (no reference cache yet) <= 1.05: not measured in this run"
+        "SKIP npo step with a cached reference / plain step of the same optimizer <= 1.05: not measured in this run"
     ]
 
 
@@ -305,4 +321,4 @@ def test_bench_objectives_quick_runs_from_the_command_line(monkeypatch, capsys, 
     assert code == 0, output
     [row] = json.loads(out.read_text())["rows"]
     assert (row["objective"], row["size"], row["batch"], row["seq_len"], row["pairs"]) == ("npo", "0.1M", 8, 128, 10)
-    assert "npo step / plain step" in output
+    assert "npo step with a cached reference / plain step" in output

@@ -1,7 +1,7 @@
 """Compute budgets in forward-pass equivalents: a step costs its model passes, forward +
-backward_cost · backward (the reference model's forward included); the run stops after the step at
-which the cost reaches the budget, deferred like an evaluation's stop, and a resumed run stops at
-the same step with the same cost."""
+backward_cost · backward (the reference model's forward included, or with a reference cache its
+forwards before the first step); the run stops after the step at which the cost reaches the budget,
+deferred like an evaluation's stop, and a resumed run stops at the same step with the same cost."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from helpers import Killed, dies_at
 from robustunlearn.core.errors import SettingsError
 from robustunlearn.train.settings import UnlearnSettings
 
+# the reference cache of the synthetic benchmark's 9 forget records, in batches of 2
+CACHE_FORWARDS = 5
 # hybrid in blocks of 2 from the first step: fo fo zo zo fo fo zo zo ...; ZO-SGD takes one
 # two-sided direction per step (2 forwards)
 HYBRID_FROM_START = {"every": 2, "align": "start", "zo": "zo-sgd"}
@@ -32,22 +34,30 @@ def spent(budget: float) -> str:
 
 
 @pytest.mark.parametrize(
-    "objective,forwards,backward_cost,budget,stops_at",
+    "objective,reference,before,forwards,backward_cost,budget,stops_at",
     [
-        ("ga", 1, 2.0, 10, 4),  # 1 + 2·1 = 3 a step: 3, 6, 9, 12 ≥ 10
-        ("ga", 1, 0.5, 4.5, 3),  # 1 + 0.5·1 = 1.5 a step: 1.5, 3, 4.5, reached exactly
-        ("npo", 2, 2.0, 10, 3),  # the reference model's forward too: 2 + 2·1 = 4 a step: 4, 8, 12 ≥ 10
+        ("ga", "cached", 0, 1, 2.0, 10, 4),  # 1 + 2·1 = 3 a step: 3, 6, 9, 12 ≥ 10
+        ("ga", "cached", 0, 1, 0.5, 4.5, 3),  # 1 + 0.5·1 = 1.5 a step: 1.5, 3, 4.5, reached exactly
+        ("npo", "live", 0, 2, 2.0, 10, 3),  # the reference model's forward too: 2 + 2·1 = 4 a step: 4, 8, 12 ≥ 10
+        # the cache's forwards first, then 1 + 2·1 = 3 a step: 8, 11 ≥ 10
+        ("npo", "cached", CACHE_FORWARDS, 1, 2.0, 10, 2),
     ],
 )
 def test_a_first_order_run_stops_at_the_step_that_spends_the_budget(
-    run_unlearn, objective, forwards, backward_cost, budget, stops_at
+    run_unlearn, objective, reference, before, forwards, backward_cost, budget, stops_at
 ):
-    config = settings(objective=objective, optimizer="adamw", compute_budget=budget, backward_cost=backward_cost)
+    config = settings(
+        objective=objective,
+        optimizer="adamw",
+        compute_budget=budget,
+        backward_cost=backward_cost,
+        reference=reference,
+    )
     result = run_unlearn(config)
     per_step = forwards + backward_cost
-    assert costs(result) == [per_step * step for step in range(1, stops_at + 1)]
-    assert result.passes == {"forward": forwards * stops_at, "backward": stops_at}
-    assert result.steps_done == stops_at and result.forward_equivalents == per_step * stops_at
+    assert costs(result) == [before + per_step * step for step in range(1, stops_at + 1)]
+    assert result.passes == {"forward": before + forwards * stops_at, "backward": stops_at}
+    assert result.steps_done == stops_at and result.forward_equivalents == before + per_step * stops_at
     assert result.stopped_early == spent(budget) and result.budget_spent
 
 
@@ -121,6 +131,7 @@ def test_a_resumed_run_stops_where_an_uninterrupted_one_does(
         checkpoint_every=2,
         eval_every=1,
         optimizer_options=options,
+        reference="live",  # its forward counted at every step; test_reference_cache resumes a cached run
     )
     reference = fresh_model()
     whole = run_unlearn(config, tmp_path / "whole", model=reference, evaluate=lambda m, s: {})

@@ -81,7 +81,8 @@ def config(optimizer: str, objective: str = "npo", **options) -> UnlearnSettings
 
 
 CASES = {
-    "adamw": config("adamw"),
+    "adamw": config("adamw"),  # npo's reference cache: each rank builds half, and receives all
+    "adamw-live": config("adamw", reference="live"),
     "idk-dpo": config("adamw", "idk-dpo"),  # refusals sharded along with their questions
     "zo-sgd": config("zo-sgd"),
     "hybrid": config("hybrid", optimizer_options={"every": 1}),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -68,17 +69,6 @@ def bench_model(config: Mapping[str, int], max_positions: int, device: torch.dev
     return LlamaForCausalLM(bench_config(config, max_positions)).to(device)
 
 
-def set_mmap_threshold(size: int) -> None:
-    """glibc: serve allocations of ``size`` bytes or more with their own mmap (returned to the
-    system when freed) and fix that threshold (by default glibc raises it as the program frees
-    large blocks, after which freed memory stays resident and RSS stops following live memory).
-    Elsewhere a no-op."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -105,6 +95,25 @@ def synchronised(call: Callable[[], object], device: torch.device) -> Callable[[
         torch.cuda.synchronize(device)
 
     return finished
+
+
+def peak_bytes(device: torch.device) -> int:
+    """The process's peak memory so far: ``torch.cuda.max_memory_allocated`` on a GPU, else its
+    peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def set_mmap_threshold(size: int) -> None:
+    """glibc: serve allocations of ``size`` bytes or more with their own mmap (returned to the
+    system when freed) and fix that threshold (by default glibc raises it as the program frees
+    large blocks, after which freed memory stays resident and RSS stops following live memory).
+    Elsewhere a no-op."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def run_threads(threads: int | None) -> int:

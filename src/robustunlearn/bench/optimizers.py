@@ -7,7 +7,6 @@ the forward pass it is built from (time and memory) and how much state it keeps.
 from __future__ import annotations
 
 import multiprocessing
-import resource
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from robustunlearn.bench.common import (
     environment,
     model_configs,
     pairs_cell,
+    peak_bytes,
     progress_bar,
     run_threads,
     set_mmap_threshold,
@@ -85,12 +85,6 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def _peak_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def _measure(task: dict[str, Any]) -> dict[str, Any]:
     """Worker: ``{"rows": ...}`` of one optimizer (``None``: inference only) or ``{"error": ...}``."""
     try:
@@ -113,7 +107,7 @@ def _measure_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
     shapes, name, timing = task["shapes"], task["optimizer"], task["timing"]
     if device.type == "cpu":
         set_mmap_threshold(64 << 10)
-    baseline = 0 if device.type == "cuda" else _peak_bytes(device)
+    baseline = 0 if device.type == "cuda" else peak_bytes(device)
     model = bench_model(task["config"], max(s for _, s in shapes), device)
     vocab_size = model.config.vocab_size
     closures = [lm_closure(model, torch.randint(0, vocab_size, shape, device=device)) for shape in shapes]
@@ -138,7 +132,7 @@ def _measure_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
             forward(closure)
         else:
             steps(closure)
-        peaks.append(_peak_bytes(device) - baseline)
+        peaks.append(peak_bytes(device) - baseline)
     if optimizer is None:
         return [{"peak_bytes": peak} for peak in peaks]
     if device.type == "cpu":

@@ -42,10 +42,10 @@ TARGETS: tuple[Target, ...] = (
     Target("optimizers", "adamw step / forward", "step_over_forward", 3.3, lambda row: row["optimizer"] == "adamw"),
     Target(
         "objectives",
-        "npo step / plain step of the same optimizer (no reference cache yet)",
-        "step_over_plain_step",
+        "npo step with a cached reference / plain step of the same optimizer",
+        "cached_step_over_plain_step",
         1.05,
-        lambda row: row["objective"] == "npo",
+        lambda row: row["objective"] == "npo" and "cached_step_over_plain_step" in row,
     ),
 )
 

@@ -7,6 +7,11 @@ objective reads (``objective.batch_parts``), then calls, per batch::
     out = objective.loss(model, batch, reference)   # any number of times (a ZO step: several)
     out["loss"] == out["forget"] + out["retain"]     # the LOSS_TERMS a closure(term=...) evaluates
 
+An objective whose ``sequence_reference`` is true reads the reference only as the summed
+log-probabilities of the token batches ``reference_sequences(batch)`` names, which hold fixed
+forget-side examples: the engine may then look those up in a cache built before the first step
+(robustunlearn.train.reference) instead of calling ``reference_outputs``.
+
 Formulas, defaults and sources: each class's docstring and docs/objectives.md.
 """
 
@@ -18,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from robustunlearn.core.batching import UnlearnBatch
+from robustunlearn.core.batching import TokenBatch, UnlearnBatch
 from robustunlearn.objectives.ga import GradDiff, GradientAscent
 from robustunlearn.objectives.idk import Idk, IdkDPO
 from robustunlearn.objectives.npo import NPO, SimNPO
@@ -38,11 +43,20 @@ class Objective(Protocol):
     # states, rmu); curvature estimated from sampled output labels (Sophia-G) is unrelated to the latter.
     loss_on: str
 
+    # True: reference_outputs(ref, batch) is exactly {name: log π_ref of tokens} over
+    # reference_sequences(batch).items(), each tokens a batch of forget-side examples (forget
+    # records, refusals of forget questions): nothing the cache cannot hold (no retain term's KL).
+    sequence_reference: bool
+
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter] | None:
         """The parameters to train, or None to leave ``requires_grad`` as it is."""
 
     def reference_outputs(self, reference_model: nn.Module, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
         """What the loss needs from the frozen reference on this batch ({} if nothing)."""
+
+    def reference_sequences(self, batch: UnlearnBatch) -> dict[str, TokenBatch]:
+        """With ``sequence_reference``: the token batches whose summed reference log-probabilities
+        ``reference_outputs`` returns, under the same names."""
 
     def loss(
         self, model: nn.Module, batch: UnlearnBatch, reference: dict[str, torch.Tensor]

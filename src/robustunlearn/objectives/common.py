@@ -48,6 +48,11 @@ def sequence_logprobs(model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor
     return -token_nll.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
 
 
+def reference_logprobs(reference_model: nn.Module, sequences: dict[str, TokenBatch]) -> dict[str, torch.Tensor]:
+    """``{name: log π_ref}`` (``[rows]``) of each token batch of ``sequences``, under ``reference_model``."""
+    return {name: sequence_logprobs(reference_model, tokens)[0] for name, tokens in sequences.items()}
+
+
 def mean_nll(logprob_sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood averaged over all scored tokens of the batch (what Hugging Face's
     ``model(labels=...).loss`` returns)."""
@@ -100,10 +105,15 @@ class RetainTerm:
         return self.gamma != 0 and self.retain_loss == "kl"
 
     # Defaults for objectives whose only use of the reference model is the retain term; those
-    # with more (npo, idk-dpo) override needs_reference and reference_outputs.
+    # with more (npo, idk-dpo) override needs_reference, sequence_reference and reference_outputs,
+    # and add reference_sequences.
     @property
     def needs_reference(self) -> bool:
         return self.retain_needs_reference
+
+    @property
+    def sequence_reference(self) -> bool:
+        return False
 
     def trainable_parameters(self, model: nn.Module) -> None:
         return None

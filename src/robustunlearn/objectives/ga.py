@@ -29,6 +29,7 @@ class GradientAscent:
 
     name: ClassVar[str] = "ga"
     needs_reference: ClassVar[bool] = False
+    sequence_reference: ClassVar[bool] = False
     batch_parts: ClassVar[frozenset[str]] = frozenset({"forget"})
     loss_on: ClassVar[str] = "outputs"
 

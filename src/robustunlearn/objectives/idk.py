@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustunlearn.core.batching import UnlearnBatch
+from robustunlearn.core.batching import TokenBatch, UnlearnBatch
 from robustunlearn.objectives.common import (
     RetainTerm,
     check_choice,
     check_positive,
     mean_nll,
+    reference_logprobs,
     require,
     sequence_logprobs,
 )
@@ -58,13 +59,19 @@ class Idk(RetainTerm):
     def needs_reference(self) -> bool:
         return self.mode == "dpo" or self.retain_needs_reference
 
+    @property
+    def sequence_reference(self) -> bool:
+        return self.mode == "dpo" and not self.retain_needs_reference
+
+    def reference_sequences(self, batch: UnlearnBatch) -> dict[str, TokenBatch]:
+        if self.mode != "dpo":
+            return {}
+        refusal = require(batch, "forget_refusal", self.name)
+        return {"refusal_logprobs": refusal, "forget_logprobs": self._answered(batch)}
+
     def reference_outputs(self, reference_model: nn.Module, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
-        reference = self.retain_reference(reference_model, batch)
-        if self.mode == "dpo":
-            refusal = require(batch, "forget_refusal", self.name)
-            reference["refusal_logprobs"], _ = sequence_logprobs(reference_model, refusal)
-            reference["forget_logprobs"], _ = sequence_logprobs(reference_model, self._answered(batch))
-        return reference
+        sequences = reference_logprobs(reference_model, self.reference_sequences(batch))
+        return {**self.retain_reference(reference_model, batch), **sequences}
 
     def _answered(self, batch: UnlearnBatch):
         """The dispreferred side of each DPO pair: the refusal's question with its true answer

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustunlearn.core.batching import UnlearnBatch
+from robustunlearn.core.batching import TokenBatch, UnlearnBatch
 from robustunlearn.objectives.common import (
     RetainTerm,
     check_positive,
     mean_nll,
+    reference_logprobs,
     sequence_logprobs,
 )
 
@@ -46,9 +47,16 @@ class NPO(RetainTerm):
         super().__post_init__()
         check_positive("beta", self.beta)
 
+    @property
+    def sequence_reference(self) -> bool:
+        return not self.retain_needs_reference
+
+    def reference_sequences(self, batch: UnlearnBatch) -> dict[str, TokenBatch]:
+        return {"forget_logprobs": batch.forget}
+
     def reference_outputs(self, reference_model: nn.Module, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
-        forget_logprobs, _ = sequence_logprobs(reference_model, batch.forget)
-        return {"forget_logprobs": forget_logprobs, **self.retain_reference(reference_model, batch)}
+        sequences = reference_logprobs(reference_model, self.reference_sequences(batch))
+        return {**sequences, **self.retain_reference(reference_model, batch)}
 
     def loss(
         self, model: nn.Module, batch: UnlearnBatch, reference: dict[str, torch.Tensor]

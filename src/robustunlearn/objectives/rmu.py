@@ -62,11 +62,22 @@ class RMU:
     Hyperparameters (defaults = the WMDP reference for 7B models): ``layer`` = ℓ = 7,
     ``update_layers`` = (ℓ−2, ℓ−1, ℓ), ``steering_coeff`` = c = 6.5, ``alpha`` = α = 1200,
     ``seed`` = 0. :meth:`defaults_for` scales ℓ and c to another model (see docs/objectives.md).
+
+    The reference is read live (``sequence_reference`` is false), not from a cache: h_ℓ^ref is
+    needed on every retain batch, and a cache would hold every retain example the stream can draw,
+    [scored tokens, hidden] each. Measured on the embedded tiny model (synthetic retain set, 1017
+    records, 9206 scored tokens, d = 256): 9.0 MiB of float32 activations against 8.5 MiB of
+    weights, and 128 partial forwards to build against 60 in a 60-step run. At 7B (d = 4096) the
+    150-step WMDP recipe alone draws 600 retain passages of up to 512 tokens, 4.4 GB in float32,
+    and the retain corpora it draws from hold over 60,000 documents. The engine instead keeps the
+    start values of the trained weights only, the three ``down_proj`` matrices (352 MB in bfloat16
+    at 7B, against 14.5 GB for a copy of the model), and swaps them in for the reference's forward.
     """
 
     name: ClassVar[str] = "rmu"
     batch_parts: ClassVar[frozenset[str]] = frozenset({"forget", "retain"})
     loss_on: ClassVar[str] = "activations"
+    sequence_reference: ClassVar[bool] = False  # its reference is activations on retain batches
     layer: int = WMDP_LAYER
     update_layers: tuple[int, ...] | None = None
     steering_coeff: float = WMDP_STEERING_COEFF

@@ -163,7 +163,19 @@ class Checkpointer:
         current = self.snapshots.current()
         return None if current is None else current[0]
 
-    def save(self, step: int, model, optimizer, scheduler, streams: dict[str, Any], generator, extra: dict) -> None:
+    def save(
+        self,
+        step: int,
+        model,
+        optimizer,
+        scheduler,
+        streams: dict[str, Any],
+        generator,
+        extra: dict,
+        files: dict[str, Callable[[Path], None]] | None = None,
+    ) -> None:
+        """Write checkpoint ``step``: what the class docstring lists, ``extra`` in
+        ``progress.json``, and each of ``files`` (name: a writer given its path)."""
         ranks = self.parallel.gather_objects(_rng_state(generator))
         if not self.parallel.is_main:
             return
@@ -174,6 +186,8 @@ class Checkpointer:
             torch.save(state, staging / "state.pt")
             progress = {"step": step, "streams": {k: s.state_dict() for k, s in streams.items()}, **extra}
             atomic_write_json(staging / "progress.json", progress)
+            for name, write_file in (files or {}).items():
+                write_file(staging / name)
 
         self.snapshots.commit(f"step-{step}", write, {"step": step})
 

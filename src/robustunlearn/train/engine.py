@@ -1,14 +1,14 @@
 """The unlearning loop: one objective x one optimizer grade, read top to bottom.
 
 Each step draws a forget batch and a retain batch (with only the parts the objective reads,
-``Objective.batch_parts``), computes the frozen reference model's outputs once (under
-``no_grad``), builds the closure of :mod:`robustunlearn.optim.base` and lets the optimizer call it
-as its grade needs: backward for first-order, function values at perturbed weights for
-zeroth-order, sampled labels for Sophia-G. What else the loop asks of the optimizer (Sophia-G's
-batch size, values to log, whether it may stop, data parallelism) goes through its hooks
-(:class:`~robustunlearn.optim.base.OptimizerHooks`). Steps are logged as JSON lines; checkpoints
-(trainable weights, optimizer state, RNG states, data position) are written atomically so a
-killed run resumes to the same final weights.
+``Objective.batch_parts``), takes the frozen reference model's outputs (looked up in the reference
+cache built before the first step, or computed once under ``no_grad``), builds the closure of
+:mod:`robustunlearn.optim.base` and lets the optimizer call it as its grade needs: backward for
+first-order, function values at perturbed weights for zeroth-order, sampled labels for Sophia-G.
+What else the loop asks of the optimizer (Sophia-G's batch size, values to log, whether it may
+stop, data parallelism) goes through its hooks (:class:`~robustunlearn.optim.base.OptimizerHooks`).
+Steps are logged as JSON lines; checkpoints (trainable weights, optimizer state, RNG states, data
+position) are written atomically so a killed run resumes to the same final weights.
 
 :func:`unlearn` reads top to bottom: set-up, resume, then per step :func:`_draw_batch`,
 :func:`_reference_outputs`, :func:`_optimizer_step` and what follows it (log entry, finiteness
@@ -17,7 +17,8 @@ check, evaluation, stop, checkpoint).
 Options (:class:`UnlearnSettings`): a budget in ``steps`` or ``epochs``, and within it optionally a
 ``compute_budget`` in forward-pass equivalents (the run stops after the step that spends it); LoRA
 adapters instead of full fine-tuning (``lora``), whose reference model is the same model with its
-adapter disabled; keeping the weights with the best value of an evaluation metric
+adapter disabled; the reference of npo and idk-dpo cached or live (``reference``,
+:mod:`robustunlearn.train.reference`); keeping the weights with the best value of an evaluation metric
 (``keep_best``). Launched in several processes (``torchrun``, ``accelerate launch``), the run is
 data parallel (:mod:`robustunlearn.core.distributed`): ``batch_size`` is the global batch, each
 rank takes its shard, and rank 0 alone logs, evaluates and writes files. docs/engine.md has the details.
@@ -26,7 +27,6 @@ rank takes its shard, and rank 0 alone logs, evaluates and writes files. docs/en
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import json
 import math
@@ -56,9 +56,11 @@ from robustunlearn.optim import build_optimizer
 from robustunlearn.optim.base import hooks, make_closure, sampled_label_loss
 from robustunlearn.optim.hybrid import AlternatingHybrid
 from robustunlearn.train.checkpoint import Checkpointer, Snapshots, best_snapshots, read_log
+from robustunlearn.train.reference import REFERENCE_CACHE, ReferenceCache, build_reference_cache
 from robustunlearn.train.settings import UnlearnSettings
 
 _RANK_SEED_STRIDE = 1_000_003  # rank r samples Sophia-G's labels from seed + r·stride
+FrozenWeights = list[tuple[torch.nn.Parameter, torch.Tensor]]  # a trained parameter, its value at the start
 
 
 class NonFiniteLossError(RuntimeError):
@@ -106,7 +108,11 @@ def refusal_records(records: Sequence[Record], seed: int) -> list[QA]:
     """The QA records among ``records`` with their answers replaced by refusals (for ``idk``)."""
     questions = [r for r in records if isinstance(r, QA)]
     rng = random.Random(seed)
-    return [QA(question=r.question, answer=rng.choice(REFUSAL_ANSWERS), subject=r.subject) for r in questions]
+    return [_refusal(r, rng.choice(REFUSAL_ANSWERS)) for r in questions]
+
+
+def _refusal(question: QA, answer: str) -> QA:
+    return QA(question=question.question, answer=answer, subject=question.subject)
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -189,20 +195,24 @@ def _shard_batch(
 
 
 @contextlib.contextmanager
-def _reference_view(model, reference_model, lora: bool) -> Iterator[Any]:
-    """The frozen reference: the deep copy taken at the start, or under LoRA the model itself
-    with its adapter disabled (in eval mode, like the copy)."""
-    if not lora:
-        yield reference_model
-        return
+def _reference_view(model, frozen_weights: FrozenWeights | None, lora: bool) -> Iterator[Any]:
+    """The frozen reference: the model itself in eval mode, with its trained weights swapped for
+    their values at the start (``frozen_weights``: a live reference without LoRA), or with its LoRA
+    adapter disabled (the reference under LoRA); with neither, before the first step, the model as
+    it is (what the reference cache is built from). Everything is put back on leaving."""
     training = model.training
     # re-enabling the adapter makes all of its weights trainable again (peft's set_adapter)
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    current = [(p, p.data) for p, _ in frozen_weights or ()]
     model.eval()
     try:
-        with model.disable_adapter():
+        for p, initial in frozen_weights or ():
+            p.data = initial
+        with model.disable_adapter() if lora else contextlib.nullcontext():
             yield model
     finally:
+        for p, data in current:
+            p.data = data
         for p, flag in requires_grad:
             p.requires_grad_(flag)
         model.train(training)
@@ -216,7 +226,9 @@ class _Run:
     model: Any
     tokenizer: Any
     objective: Objective
-    reference_model: Any  # the frozen copy, if the objective needs one and there is no LoRA adapter to disable
+    # the trained weights' values at the start, if the objective needs a live reference and there is
+    # no LoRA adapter to disable
+    frozen_weights: FrozenWeights | None
     lora: bool
     trained: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -236,6 +248,11 @@ class _Run:
     best: dict[str, Any] | None = None
     pending_stop: str | None = None  # should_stop's reason, waiting until the optimizer may stop
     passes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
+    reference_cache: ReferenceCache | None = None  # the reference's log-probabilities, once built or loaded
+
+    @property
+    def caches_reference(self) -> bool:
+        return _caches_reference(self.objective, self.config)
 
     @property
     def device(self) -> torch.device:
@@ -284,6 +301,7 @@ def unlearn(
     run = _set_up(model, tokenizer, benchmark, config, output_dir, console or Console(stderr=True))
     if resume:
         _resume(run)
+    _cache_reference(run)  # after a checkpoint loaded, a no-op: _resume gave the run its cache before the weights
     _start(run)
 
     started = time.perf_counter()
@@ -319,7 +337,7 @@ def _set_up(model, tokenizer, benchmark: Benchmark, config: UnlearnSettings, out
         )
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    model, objective, reference_model, lora = _prepare_model(model, config)
+    model, objective, frozen_weights, lora = _prepare_model(model, config)
     device = next(model.parameters()).device
     forget_records = _records(benchmark, config.forget_splits)
     total_steps = config.total_steps(len(forget_records))
@@ -344,7 +362,7 @@ def _set_up(model, tokenizer, benchmark: Benchmark, config: UnlearnSettings, out
         model=model,
         tokenizer=tokenizer,
         objective=objective,
-        reference_model=reference_model,
+        frozen_weights=frozen_weights,
         lora=lora,
         trained=trained,
         optimizer=optimizer,
@@ -389,9 +407,22 @@ def _curvature_warnings(optimizer: torch.optim.Optimizer, objective: Objective) 
     ]
 
 
-def _prepare_model(model, config: UnlearnSettings) -> tuple[Any, Objective, Any, bool]:
+def _caches_reference(objective: Objective, config: UnlearnSettings) -> bool:
+    """Whether the run looks the reference's outputs up in a :class:`ReferenceCache`: asked for,
+    and exact (the objective reads nothing else of the reference)."""
+    return config.reference == "cached" and objective.needs_reference and objective.sequence_reference
+
+
+def _prepare_model(model, config: UnlearnSettings) -> tuple[Any, Objective, FrozenWeights | None, bool]:
     """The model to train (with LoRA adapters, if asked), the objective, which weights train, and
-    the frozen reference model (None under LoRA, whose reference is the disabled adapter)."""
+    for a live reference a copy of the trained weights (None under LoRA, whose reference is the
+    disabled adapter, and with a reference cache, built from the model itself before the first step).
+
+    The reference is the model with its trained weights at their start values: the others never
+    change, so only the trained ones are copied. For RMU, whose reference is read on every retain
+    batch, that is a copy of three ``down_proj`` matrices (2.4% of a 7B model's weights) instead of
+    the whole model; a cache of its retain activations instead would hold every retain example the
+    stream can draw (the ``RMU`` docstring has the numbers)."""
     lora = lora_options(config.lora)
     if lora is not None:
         model = add_lora(model, lora)  # the base weights freeze, the adapters train
@@ -404,11 +435,11 @@ def _prepare_model(model, config: UnlearnSettings) -> tuple[Any, Objective, Any,
         chosen = {id(p) for p in trainable}
         for parameter in model.parameters():
             parameter.requires_grad_(id(parameter) in chosen)
-    reference_model = None
-    if objective.needs_reference and lora is None:
-        reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+    frozen_weights = None
+    if objective.needs_reference and lora is None and not _caches_reference(objective, config):
+        frozen_weights = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
     model.train()
-    return model, objective, reference_model, lora is not None
+    return model, objective, frozen_weights, lora is not None
 
 
 def _resume(run: _Run) -> None:
@@ -418,10 +449,15 @@ def _resume(run: _Run) -> None:
         raise ValueError("resume needs an output directory")
     latest = run.checkpointer.latest()
     if latest is not None:
+        stored_cache = latest / REFERENCE_CACHE
+        if not stored_cache.is_file():  # written by a version without the cache: built before the weights load
+            _cache_reference(run)
         # the stored settings are compared before anything loads: a run resumes only as itself
         state = run.checkpointer.load(
             latest, run.model, run.optimizer, run.scheduler, run.streams, run.generator, settings=run.config
         )
+        if run.caches_reference and run.reference_cache is None:  # load() has verified its checksum
+            run.reference_cache = ReferenceCache.load(stored_cache)
         run.start_step = run.resumed_from = state["step"]
         run.pending_stop = state.get("pending_stop")
         run.passes.update(state.get("passes", {}))  # a checkpoint written before passes were saved: counted from here
@@ -433,6 +469,29 @@ def _resume(run: _Run) -> None:
             run.history = [h for h in read_log(run.log_path) if h.get("step", 0) <= run.start_step]
     kept = run.keeper.current() if run.keeper is not None else None
     run.best = None if kept is None else kept[1]
+
+
+def _cache_reference(run: _Run) -> None:
+    """Build the reference cache from the model as it is (the reference: before the first step
+    and before a checkpoint's weights load), if the run caches its reference and has no cache yet.
+    Every forget record is an example, and for an objective that reads refusals every forget
+    question with every refusal answer; the passes are counted like a step's."""
+    if not run.caches_reference or run.reference_cache is not None:
+        return
+    records = list(run.streams["forget"].records)
+    if "refusal" in run.objective.batch_parts:
+        questions = [r for r in records if isinstance(r, QA)]
+        records += [_refusal(q, answer) for q in questions for answer in REFUSAL_ANSWERS]
+    with _reference_view(run.model, None, run.lora) as frozen:
+        run.reference_cache, forwards = build_reference_cache(
+            frozen,
+            run.tokenizer,
+            records,
+            max_length=run.config.max_length,
+            batch_size=run.config.batch_size,
+            parallel=run.parallel,
+        )
+    run.passes["forward"] += forwards
 
 
 def _start(run: _Run) -> None:
@@ -483,10 +542,14 @@ def _draw_batch(run: _Run, step: int) -> UnlearnBatch:
 
 
 def _reference_outputs(run: _Run, batch: UnlearnBatch) -> dict[str, torch.Tensor]:
-    """What the objective needs from the frozen reference model on ``batch``, computed once per step."""
+    """What the objective needs from the frozen reference model on ``batch``: looked up in the
+    reference cache, or computed once per step."""
     if not run.objective.needs_reference:
         return {}
-    with torch.no_grad(), _reference_view(run.model, run.reference_model, run.lora) as frozen:
+    if run.reference_cache is not None:
+        sequences = run.objective.reference_sequences(batch)
+        return {name: run.reference_cache.lookup(tokens) for name, tokens in sequences.items()}
+    with torch.no_grad(), _reference_view(run.model, run.frozen_weights, run.lora) as frozen:
         reference = run.objective.reference_outputs(frozen, batch)
     run.passes["forward"] += 1
     return reference
@@ -598,7 +661,8 @@ def _checkpoint_if_due(run: _Run, step: int, last: bool) -> None:
     if run.checkpointer is None or not (last or (every and step % every == 0)):
         return
     extra = {"config": run.config.model_dump(mode="json"), "pending_stop": run.pending_stop, "passes": run.passes}
-    run.checkpointer.save(step, run.model, run.optimizer, run.scheduler, run.streams, run.generator, extra)
+    files = {} if run.reference_cache is None else {REFERENCE_CACHE: run.reference_cache.save}
+    run.checkpointer.save(step, run.model, run.optimizer, run.scheduler, run.streams, run.generator, extra, files)
 
 
 def _finish(run: _Run, step: int, stopped_early: str | None, started: float) -> UnlearnResult:

@@ -45,6 +45,11 @@ class UnlearnSettings(Strict):
     retain_splits: tuple[str, ...] = ("retain_qa", "retain_text")
     max_length: int = Field(256, ge=2)
     lora: dict[str, Any] | None = None  # LoRA adapters: fields of core.modules.LoraOptions
+    # The frozen reference model of npo and idk-dpo (retain_loss nll): "cached", its log-probabilities
+    # of every forget example computed once before the first step (no model copy, a forward fewer
+    # per step), or "live", a frozen copy run every step. Objectives that need more of the reference
+    # (a KL retain term, rmu) run it live either way. docs/engine.md, "Reference cache".
+    reference: Literal["cached", "live"] = "cached"
     keep_best: str | None = None  # a metric of the evaluation: keep the weights of its best value
     keep_best_mode: Literal["min", "max"] = "min"  # which value of keep_best is best
 
