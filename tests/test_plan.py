@@ -132,6 +132,16 @@ def test_fsdp_shards_and_zeroth_order_holds_no_gradients():
     assert one.reference == "cached" and adam.reference == 0
 
 
+def test_a_live_reference_holds_the_start_values_of_the_trained_weights_only():
+    config = load_config(str(LLAMA_7B))
+    full = plan_memory(config, PlanSettings(optimizers=("adam",), objective="npo", reference="live"))
+    rmu = plan_memory(config, PlanSettings(optimizers=("adam",), objective="rmu"))
+    assert full.reference == rmu.reference == "live"
+    assert full.rows[0].reference == 4 * 6_738_415_616  # every weight trains: a copy of all
+    down_proj = 3 * 4096 * 11008  # RMU trains three layers' down_proj (its defaults for 32 blocks)
+    assert rmu.rows[0].reference == rmu.rows[0].state // 2 == 4 * down_proj
+
+
 def _plan(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """``robustunlearn plan ARGS`` in this process: exit code, standard output, standard error."""
     monkeypatch.setattr(sys, "argv", ["robustunlearn", "plan", *args])

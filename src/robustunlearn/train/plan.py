@@ -7,7 +7,8 @@ exact and no weight is read. For one objective and each optimizer, the bytes per
 * gradients and optimizer state: the trainable parameters (all of them, the objective's subset
   such as RMU's ``down_proj`` weights, or LoRA's adapters) times the optimizer's declared
   :class:`~robustunlearn.optim.spec.OptimizerMemory`; zeroth-order grades hold no gradients;
-* reference: the frozen copy of all weights an objective compares with (``live``), nothing when
+* reference: the start values of the trained weights, which the engine swaps in for a reference
+  pass (``live``: a copy of all weights under full fine-tuning, of RMU's few), nothing when
   its per-example outputs are computed once and cached (``cached``: a few floats per forget
   example) or under LoRA (the adapter switched off is the reference);
 * activations: what one step's forward passes keep for backward (:func:`activation_bytes`).
@@ -55,9 +56,6 @@ FP32 = 4
 # Forward passes of batch_size sequences in one evaluation of each objective's loss (with its
 # default options): forget, retain; idk trains on the refusals, idk-dpo also scores the true answers.
 FORWARD_PASSES = {"ga": 1, "graddiff": 2, "npo": 2, "simnpo": 2, "rmu": 2, "idk": 2, "idk-dpo": 3}
-# Objectives whose reference outputs are a few numbers per forget example (sequence
-# log-likelihoods), which can be computed once before training instead of by a live copy.
-CACHEABLE_REFERENCE = ("npo", "idk-dpo")
 _UNITS = {"": 1e9, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -124,6 +122,7 @@ class ModelShape:
     logits: bool  # whether the loss reads the output distribution
     forward_passes: int
     reference_needed: bool
+    reference_cacheable: bool  # the objective reads only per-example log-likelihoods (the engine's cache)
 
 
 def model_shape(config: PretrainedConfig, objective: str, lora_rank: int | None) -> ModelShape:
@@ -166,6 +165,7 @@ def model_shape(config: PretrainedConfig, objective: str, lora_rank: int | None)
         logits=built.loss_on == "outputs",
         forward_passes=FORWARD_PASSES[objective],
         reference_needed=built.needs_reference,
+        reference_cacheable=built.sequence_reference,
     )
 
 
@@ -255,10 +255,10 @@ def reference_kind(shape: ModelShape, settings: PlanSettings, objective: str) ->
         if settings.reference is not None:
             raise UserError(f"objective {objective} uses no reference model; leave --reference out")
         return "none"
-    if settings.reference == "cached" and objective not in CACHEABLE_REFERENCE:
-        accepted = ", ".join(CACHEABLE_REFERENCE)
+    if settings.reference == "cached" and not shape.reference_cacheable:
+        accepted = ", ".join(name for name, cls in OBJECTIVES.items() if cls().sequence_reference)
         raise UserError(f"objective {objective}'s reference outputs cannot be cached; accepted for: {accepted}")
-    chosen = settings.reference or ("cached" if objective in CACHEABLE_REFERENCE else "live")
+    chosen = settings.reference or ("cached" if shape.reference_cacheable else "live")
     return "adapter-off" if chosen == "live" and settings.lora_rank is not None else chosen
 
 
@@ -364,7 +364,7 @@ def plan_grade(shape: ModelShape, settings: PlanSettings, name: str, reference: 
         weights += (shape.outside_blocks + 2 * shape.block) * sizes.e
         gradients += 2 * shape.trainable_block * sizes.t if memory.gradients else 0
     state = memory.state * shape.trainable * sizes.t / sizes.shards
-    ref = shape.parameters * sizes.e / sizes.shards if reference == "live" else 0
+    ref = shape.trainable * sizes.e / sizes.shards if reference == "live" else 0
     if memory.gradients:
         activations, peak = _gradient_step(shape, settings, memory, sizes, gradients, reference == "live")
     else:
