@@ -43,11 +43,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from robustunlearn.core.batching import IGNORE_INDEX, UnlearnBatch
-from robustunlearn.core.distributed import DataParallel, data_parallel
+from robustunlearn.core.distributed import DataParallel, data_parallel, full_state_dict, shard_model
 from robustunlearn.core.errors import SettingsError, first_line
 from robustunlearn.core.io import atomic_write_json
 from robustunlearn.core.models import WEIGHTS
-from robustunlearn.core.modules import add_lora, lora_options, save_trainable_weights
+from robustunlearn.core.modules import add_lora, lora_options, save_weights
 from robustunlearn.data.base import QA, Benchmark, Record
 from robustunlearn.data.collate import collate_records
 from robustunlearn.data.prompts import REFUSAL_ANSWERS
@@ -312,6 +312,8 @@ def _set_up(model, tokenizer, benchmark: Benchmark, config: UnlearnSettings, out
     """Seed, prepare the model, and build the optimizer, its schedule, the data streams and the
     checkpointer."""
     parallel = data_parallel()
+    if config.parallel.mode == "fsdp":
+        parallel = parallel.with_sharding()
     if config.batch_size % parallel.world_size:
         raise ValueError(
             f"batch_size {config.batch_size} (the global batch) must be a multiple of the "
@@ -320,6 +322,8 @@ def _set_up(model, tokenizer, benchmark: Benchmark, config: UnlearnSettings, out
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model, objective, reference_model, lora = _prepare_model(model, config)
+    if parallel.sharded:
+        _shard(model, reference_model, lora, config, parallel.mesh)
     device = next(model.parameters()).device
     forget_records = _records(benchmark, config.forget_splits)
     total_steps = config.total_steps(len(forget_records))
@@ -337,6 +341,12 @@ def _set_up(model, tokenizer, benchmark: Benchmark, config: UnlearnSettings, out
     after_backward = None
     if parallel.enabled:
         hooks(optimizer).enable_data_parallel(parallel.mean_)
+    if parallel.sharded:  # FSDP reduce-scatters the gradients itself
+        try:
+            hooks(optimizer).enable_fsdp(parallel.mesh)
+        except ValueError as error:
+            raise SettingsError(f"optimizer {config.optimizer}: {first_line(error)}") from error
+    elif parallel.enabled:
         after_backward = functools.partial(parallel.average_gradients, trained)
     schedule = lr_lambda(config.lr_schedule, config.warmup_steps, total_steps)
     return _Run(
@@ -362,6 +372,20 @@ def _set_up(model, tokenizer, benchmark: Benchmark, config: UnlearnSettings, out
         keeper=best_snapshots(output_dir) if config.keep_best is not None else None,
         console=console,
     )
+
+
+def _shard(model, reference_model, lora: bool, config: UnlearnSettings, mesh) -> None:
+    """Shard the model and the frozen reference copy with FSDP2 (each rank keeps its shard of
+    each; under FSDP every rank's shards together make the one model, so no broadcast is needed)."""
+    if lora:
+        raise SettingsError(
+            "LoRA with parallel mode fsdp: a LoRA run holds one copy of the base weights, which fits a GPU; "
+            "use parallel mode ddp"
+        )
+    mixed_precision = config.parallel.mixed_precision == "bf16"
+    for module in (model, reference_model):
+        if module is not None:
+            shard_model(module, mesh, mixed_precision)
 
 
 def _check_layout_under_budget(optimizer: torch.optim.Optimizer, config: UnlearnSettings) -> None:
@@ -436,8 +460,10 @@ def _resume(run: _Run) -> None:
 
 
 def _start(run: _Run) -> None:
-    """Every rank starts from rank 0's weights; rank 0 writes the log of the steps kept so far."""
-    run.parallel.broadcast_([p.detach() for p in run.trained])
+    """Every rank starts from rank 0's weights (sharded: each holds its own part of the one
+    model); rank 0 writes the log of the steps kept so far."""
+    if not run.parallel.sharded:
+        run.parallel.broadcast_([p.detach() for p in run.trained])
     run.parallel.barrier()  # every rank has read the log before rank 0 rewrites it
     if run.output_dir is None or not run.parallel.is_main:
         return
@@ -556,7 +582,9 @@ def _evaluate(run: _Run, step: int, entry: dict[str, Any], evaluate: Callable | 
     every = run.config.eval_every
     if evaluate is None or not every or step % every:
         return
-    entry["eval"] = run.parallel.broadcast_object(evaluate(run.model, step) if run.parallel.is_main else None)
+    # a sharded model's forward passes need every rank (each gathers the weights with the others)
+    evaluates = run.parallel.is_main or run.parallel.sharded
+    entry["eval"] = run.parallel.broadcast_object(evaluate(run.model, step) if evaluates else None)
     run.model.train()
     if run.keeper is None:
         return
@@ -565,10 +593,9 @@ def _evaluate(run: _Run, step: int, entry: dict[str, Any], evaluate: Callable | 
     if run.best is not None and not _better(value, run.best["value"], config.keep_best_mode):
         return
     run.best = {"step": step, "metric": config.keep_best, "value": value, "mode": config.keep_best_mode}
+    weights = full_state_dict(run.model, sharded=run.parallel.sharded, trainable_only=True)  # on rank 0
     if run.parallel.is_main:
-        run.keeper.commit(
-            f"step-{step}", lambda staging: save_trainable_weights(run.model, staging / WEIGHTS), run.best
-        )
+        run.keeper.commit(f"step-{step}", lambda staging: save_weights(weights, staging / WEIGHTS), run.best)
 
 
 def _append_to_log(run: _Run, entry: dict[str, Any]) -> None:

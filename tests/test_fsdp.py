@@ -1,0 +1,192 @@
+"""FSDP2 unlearning (parallel mode fsdp): 2 gloo processes on the CPU, each holding half of every
+weight, give what 1 process gives on the same global batch, for first-order, compressed and
+second-order optimizers; a run stopped mid-way resumes from its sharded checkpoint to the weights
+of an uninterrupted one; and a sharded checkpoint's index is read without unpickling code.
+
+Sophia-G samples its labels per rank (each rank draws its shard's labels from a generator seeded by
+its rank), so no 2-process run draws what 1 process draws: it is compared with 2 data-parallel
+(ddp) processes, which draw the same labels and average the same gradients, unsharded.
+
+The model is float64 and the batch's sequences have equal token counts (test_distributed's
+tokenizer): the one difference from one process is the order of the gradient sums (each rank's
+half of the batch, then the reduce-scatter), a few ulps of float64 per step, so 1e-9 is the
+tolerance after 4 steps; the sign optimizers would differ by 2·lr in a coordinate where a sum's
+rounding flipped a sign, which float64 does not come near at these weights.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from helpers import snapshot
+from robustunlearn.core.distributed import full_state_dict
+from robustunlearn.train.engine import unlearn
+from robustunlearn.train.settings import ParallelSettings, UnlearnSettings
+from robustunlearn.train.sharded import SafeReader, UnsafeShardIndexError
+from test_distributed import WORLD_SIZE, CharTokenizer, assert_weights_close, free_port, make_benchmark, make_model
+
+DEADLINE_S = 240
+FSDP = ParallelSettings(mode="fsdp")
+
+
+def config(optimizer: str, objective: str = "npo", **options) -> UnlearnSettings:
+    return UnlearnSettings(
+        objective=objective,
+        optimizer=optimizer,
+        lr=1e-2,
+        steps=4,
+        batch_size=4,
+        forget_splits=("forget_qa",),
+        retain_splits=("retain_text",),
+        parallel=FSDP,
+        **options,
+    )
+
+
+CASES = {
+    "adamw": config("adamw"),
+    "signadam": config("signadam"),
+    "sophia-g": config("sophia-g", optimizer_options={"hessian_period": 2}),  # refreshes ĥ at steps 1 and 3
+    "sophia-g-ddp": config("sophia-g", optimizer_options={"hessian_period": 2}).model_copy(
+        update={"parallel": ParallelSettings()}
+    ),
+    "lion": config("lion"),
+    "qadam-2": config("qadam-2", optimizer_options={"error_feedback": True}),  # a per-tensor max|d| scale
+    "onebit-adam": config("onebit-adam", optimizer_options={"warmup_steps": 2}),  # then a per-tensor ‖c‖₂ scale
+    "rmu": config("adamw", "rmu"),  # a forward pass stopped after one block, on the model and the reference
+}
+RESUMED = config("sophia-g", optimizer_options={"hessian_period": 2}, eval_every=1, checkpoint_every=1)
+
+
+def run(case: UnlearnSettings, directory: Path | None = None, **options):
+    return unlearn(make_model(), CharTokenizer(), make_benchmark(), case, directory, progress=False, **options)
+
+
+def forget_loss(model, step: int) -> dict[str, float]:
+    """An evaluation that runs a forward pass (under FSDP on every rank, which gather the weights)."""
+    ids = torch.arange(3, 19).reshape(2, 8)
+    with torch.no_grad():
+        return {"step": step, "loss": float(model(input_ids=ids, labels=ids).loss)}
+
+
+class Killed(Exception):
+    pass
+
+
+def killed_at_3(model, step: int) -> dict[str, float]:
+    """An evaluation that dies during step 3, after the checkpoint of step 2 (on every rank, as
+    a kill of the launch ends them all)."""
+    if step == 3:
+        raise Killed
+    return forget_loss(model, step)
+
+
+def _worker(rank: int, port: int, out: Path) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    try:
+        for name, case in CASES.items():
+            started = time.perf_counter()
+            result = run(case)
+            sharded = case.parallel.mode == "fsdp"
+            shard = result.model.model.layers[0].mlp.down_proj.weight
+            weights = full_state_dict(result.model, sharded=sharded)  # every rank gathers, rank 0 gets them
+            if rank == 0:
+                local_rows = shard.to_local().shape[0] if sharded else shard.shape[0]
+                record = {"weights": weights, "history": result.history, "local_rows": local_rows}
+                torch.save({**record, "seconds": time.perf_counter() - started}, out / f"{name}.pt")
+        # killed during step 3, then resumed from its sharded checkpoint of step 2
+        try:
+            run(RESUMED, out / "resumed", evaluate=killed_at_3)
+        except Killed:
+            pass
+        result = run(RESUMED, out / "resumed", evaluate=forget_loss, resume=True)
+        weights = full_state_dict(result.model, sharded=True)
+        if rank == 0:
+            torch.save(
+                {"weights": weights, "history": result.history, "resumed_from": result.resumed_from},
+                out / "resumed.pt",
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp")
+    context = mp.start_processes(_worker, args=(free_port(), out), nprocs=WORLD_SIZE, join=False, start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD_SIZE} processes did not finish within {DEADLINE_S} s (deadlock?)")
+    return out
+
+
+def assert_same_run(sharded: dict, weights: dict, history: list[dict]) -> None:
+    assert sharded["local_rows"] == weights["model.layers.0.mlp.down_proj.weight"].shape[0] // WORLD_SIZE
+    start = snapshot(make_model())
+    assert any(not torch.equal(weights[k], start[k]) for k in weights)  # the run moved the weights
+    assert_weights_close(sharded["weights"], weights, atol=1e-9)
+    logged = [h["loss"] for h in sharded["history"]]  # averaged over ranks
+    assert logged == pytest.approx([h["loss"] for h in history], rel=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(set(CASES) - {"sophia-g", "sophia-g-ddp"}))
+def test_two_sharded_processes_match_one_process(two_processes, name):
+    single = run(CASES[name].model_copy(update={"parallel": ParallelSettings()}))
+    assert_same_run(torch.load(two_processes / f"{name}.pt"), snapshot(single.model), single.history)
+
+
+@pytest.mark.slow
+def test_sophia_g_sharded_matches_sophia_g_data_parallel(two_processes):
+    replicated = torch.load(two_processes / "sophia-g-ddp.pt")
+    sharded = torch.load(two_processes / "sophia-g.pt")
+    assert_same_run(sharded, replicated["weights"], replicated["history"])
+    # the unclipped share counts the coordinates of both shards
+    fractions = [h["last_unclipped_fraction"] for h in sharded["history"]]
+    assert fractions == pytest.approx([h["last_unclipped_fraction"] for h in replicated["history"]], abs=1e-12)
+    assert 0 < min(fractions) and max(fractions) < 1
+
+
+@pytest.mark.slow
+def test_a_stopped_sharded_run_resumes_to_the_uninterrupted_weights(two_processes):
+    """Sophia-G: the resumed run needs the moments, the curvature and the label sampler's state."""
+    whole, resumed = torch.load(two_processes / "sophia-g.pt"), torch.load(two_processes / "resumed.pt")
+    assert resumed["resumed_from"] == 2
+    assert_weights_close(resumed["weights"], whole["weights"], atol=0)  # bit for bit
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
+    evaluated = [h["eval"]["step"] for h in resumed["history"]]  # every rank evaluated, rank 0's metrics logged
+    assert evaluated == [1, 2, 3, 4]
+    checkpoint = two_processes / "resumed" / "checkpoints" / "step-4"
+    names = sorted(p.name for p in checkpoint.iterdir())
+    # each rank's shards, DCP's index, and no whole-model weights file
+    assert names == [".metadata", "__0_0.distcp", "__1_0.distcp", "progress.json", "sha256.json", "state.pt"]
+
+
+@pytest.mark.slow
+def test_a_sharded_index_that_would_run_code_is_refused(two_processes, tmp_path):
+    checkpoint = two_processes / "resumed" / "checkpoints" / "step-4"
+    index = SafeReader(checkpoint).read_metadata()  # the index DCP wrote reads back
+    assert any(key.startswith("model.") for key in index.state_dict_metadata)
+    assert any(key.startswith("optimizer.state.") for key in index.state_dict_metadata)
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(UnsafeShardIndexError, match="system, which is not part of a DCP index"):
+        SafeReader(tmp_path).read_metadata()
+
+
+class Exploit:
+    def __reduce__(self):
+        return os.system, ("echo unpickled",)
