@@ -243,7 +243,12 @@ def full_state_dict(model: nn.Module, *, sharded: bool, trainable_only: bool = F
             return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
         return {name: tensor.detach() for name, tensor in model.state_dict().items()}
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    return get_model_state_dict(model, options=options)
+    weights = get_model_state_dict(model, options=options)
+    # the gathered copies of tied weights (an output head sharing the embeddings) are separate
+    # tensors, which save_pretrained would write twice: keep the first name, as a plain model's state does
+    aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    aliases -= {name for name, _ in model.named_parameters()}
+    return {name: tensor for name, tensor in weights.items() if name not in aliases}
 
 
 def leave_process_group() -> None:
