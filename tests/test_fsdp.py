@@ -23,6 +23,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -33,8 +34,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from helpers import snapshot
+from robustunlearn.config import load_settings, unlearn_settings
 from robustunlearn.core.distributed import full_state_dict
+from robustunlearn.core.errors import UserError
 from robustunlearn.core.models import file_sha256
+from robustunlearn.optim import build_optimizer, hooks
 from robustunlearn.train.engine import unlearn
 from robustunlearn.train.settings import ParallelSettings, UnlearnSettings
 from robustunlearn.train.sharded import SafeReader, UnsafeShardIndexError
@@ -53,6 +57,7 @@ from test_distributed import WORLD_SIZE, CharTokenizer, assert_weights_close, fr
 
 DEADLINE_S = 240
 FSDP = ParallelSettings(mode="fsdp")
+MIXED = ParallelSettings(mode="fsdp", mixed_precision="bf16")
 
 
 def config(optimizer: str, objective: str = "npo", **options) -> UnlearnSettings:
@@ -80,6 +85,8 @@ CASES = {
     "qadam-2": config("qadam-2", optimizer_options={"error_feedback": True}),  # a per-tensor max|d| scale
     "onebit-adam": config("onebit-adam", optimizer_options={"warmup_steps": 2}),  # then a per-tensor ‖c‖₂ scale
     "rmu": config("adamw", "rmu"),  # a forward pass stopped after one block, on the model and the reference
+    # bfloat16 forward and backward, float32 reduction, the master weights in the model's dtype
+    "adamw-bf16": config("adamw").model_copy(update={"parallel": MIXED}),
 }
 RESUMED = config("sophia-g", optimizer_options={"hessian_period": 2}, eval_every=1, checkpoint_every=1)
 
@@ -162,10 +169,41 @@ def assert_same_run(sharded: dict, weights: dict, history: list[dict]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(set(CASES) - {"sophia-g", "sophia-g-ddp"}))
+@pytest.mark.parametrize("name", sorted(set(CASES) - {"sophia-g", "sophia-g-ddp", "adamw-bf16"}))
 def test_two_sharded_processes_match_one_process(two_processes, name):
     single = run(CASES[name].model_copy(update={"parallel": ParallelSettings()}))
     assert_same_run(torch.load(two_processes / f"{name}.pt"), snapshot(single.model), single.history)
+
+
+@pytest.mark.slow
+def test_mixed_precision_computes_in_bfloat16_and_keeps_the_master_weights(two_processes):
+    full = torch.load(two_processes / "adamw.pt")
+    mixed = torch.load(two_processes / "adamw-bf16.pt")
+    assert {t.dtype for t in mixed["weights"].values()} == {torch.float64}  # the masters the optimizer steps on
+    losses, exact = [h["loss"] for h in mixed["history"]], [h["loss"] for h in full["history"]]
+    assert losses != exact and losses == pytest.approx(exact, rel=1e-2)  # bfloat16 rounding, 8 bits of mantissa
+
+
+def test_optimizers_say_whether_they_run_on_sharded_parameters(tiny_llama):
+    model, mesh = tiny_llama(), SimpleNamespace(get_group=lambda: None)  # a one-rank mesh, as far as they ask
+    for name in ("adamw", "sgd", "signadam", "lion", "qadam-4", "onebit-adam", "sophia-g"):
+        hooks(build_optimizer(name, model)).enable_fsdp(mesh)  # accepted
+    for name, fragment in [("sophia-h", "sophia-g"), ("zo-sgd", "ZOSGD does not run on FSDP"), ("sam", "SAM")]:
+        with pytest.raises(ValueError, match=fragment):
+            hooks(build_optimizer(name, model)).enable_fsdp(mesh)
+
+
+def test_parallel_settings_are_checked(tmp_path):
+    assert load_settings(None, {"parallel": {"mode": "fsdp"}}).parallel.mode == "fsdp"
+    assert unlearn_settings(load_settings(None, {"parallel": {"mode": "fsdp"}})).parallel.mode == "fsdp"
+    for overrides, fragment in [
+        ({"parallel": {"mixed_precision": "bf16"}}, "needs parallel.mode fsdp"),
+        ({"parallel": {"mode": "fsdp", "mixed_precision": "bf16"}, "dtype": "bfloat16"}, "float32 master weights"),
+        ({"unlearn": {"parallel": {"mode": "fsdp"}}}, "top-level parallel"),
+        ({"parallel": {"mode": "zero3"}}, "'ddp' or 'fsdp'"),
+    ]:
+        with pytest.raises(UserError, match=fragment):
+            load_settings(None, overrides)
 
 
 @pytest.mark.slow
