@@ -255,14 +255,20 @@ RECIPES = sorted(
 
 
 def test_the_7b_recipes_are_there():
-    assert {p.stem for p in RECIPES} >= {"muse-news-npo", "wmdp-rmu", "tofu-npo"}
+    stems = {"muse-news-npo", "wmdp-rmu", "tofu-npo"}
+    assert {p.stem for p in RECIPES} >= stems | {f"{stem}-fsdp" for stem in stems}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_parses_into_an_engine_config(recipe):
     settings = load_settings(recipe)
     assert settings.benchmark in ("muse", "wmdp", "tofu") and settings.model_path is not None
-    assert settings.dtype == "bfloat16"
+    if recipe.stem.endswith("-fsdp"):  # float32 masters sharded, bfloat16 compute
+        assert settings.dtype == "float32" and settings.parallel.mixed_precision == "bf16"
+        plain = load_settings(recipe.with_name(recipe.stem.removesuffix("-fsdp") + ".yaml"))
+        assert settings.unlearn == plain.unlearn and settings.eval == plain.eval  # the same run otherwise
+    else:
+        assert settings.dtype == "bfloat16"
     config = unlearn_settings(settings)  # as the pipeline builds it
     engine_module.build_objective(config.objective, **config.objective_options)
 

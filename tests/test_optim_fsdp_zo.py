@@ -1,7 +1,7 @@
 """Zeroth-order optimizers and the hybrid on FSDP2-sharded weights: 2 gloo processes, each holding
 its row shard of every parameter (``fully_shard`` per decoder block and on the model) and its half of
 the batch, against one process with the whole model and batch. The optimizers are driven directly
-(``enable_fully_sharded``), not through the engine."""
+(``enable_fsdp``), not through the engine."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def _projected_gradients(mesh, rank: int, own: torch.Tensor) -> dict:
 
     model = _sharded_model(mesh)
     optimizer = build_optimizer("zo-sgd", model, 0.0, directions="gaussian", q=2, eps=1e-6, seed=5, chunk=CHUNK)
-    hooks(optimizer).enable_fully_sharded(model)
+    hooks(optimizer).enable_fsdp(model, mesh)
     weights = _full(model)
     with torch.no_grad():  # leaves the root's weights gathered: the step must reshard them first
         model(own)
@@ -158,7 +158,7 @@ def _zo_sgd(mesh, rank: int, own: torch.Tensor) -> dict:
         optimizer.step(closure_over(model, own))
     except ValueError as error:
         refusal = str(error)
-    hooks(optimizer).enable_fully_sharded(model)
+    hooks(optimizer).enable_fsdp(model, mesh)
     # per step, per tensor: three direction draws and one rounding draw, each of the shard's
     # elements plus at most the two chunks it starts and ends in (never more than the whole tensor)
     bound = STEPS * sum(4 * min(p.numel(), p.to_local().numel() + 2 * CHUNK) for p in model.parameters())
@@ -170,7 +170,7 @@ def _zo_sgd(mesh, rank: int, own: torch.Tensor) -> dict:
 def _hybrid(mesh, rank: int, own: torch.Tensor) -> dict:
     model = _sharded_model(mesh)
     optimizer = build("hybrid", model, HYBRID)
-    hooks(optimizer).enable_fully_sharded(model)
+    hooks(optimizer).enable_fsdp(model, mesh)
     after = train(model, optimizer, own, _mean)
     return {"weights": _full(model), "after": after}
 
@@ -178,11 +178,11 @@ def _hybrid(mesh, rank: int, own: torch.Tensor) -> dict:
 def _smoothing(mesh, rank: int, own: torch.Tensor) -> dict:
     model = _sharded_model(mesh)
     try:
-        hooks(build_optimizer("fo-rs", model, 1e-2)).enable_fully_sharded(model)
+        hooks(build_optimizer("fo-rs", model, 1e-2)).enable_fsdp(model, mesh)
     except ValueError as error:
         refusal = str(error)
     optimizer = build("sam", model, {"lr": 1e-2})
-    hooks(optimizer).enable_fully_sharded(model)
+    hooks(optimizer).enable_fsdp(model, mesh)
     after = train(model, optimizer, own, _mean)
     return {"weights": _full(model), "after": after, "refusal": refusal}
 
@@ -284,12 +284,12 @@ def test_no_rank_draws_a_whole_direction(ranks):
         assert sum(draws) <= bound + 63 * len(draws) and bound < whole
 
 
-def test_sharded_parameters_need_enable_fully_sharded(ranks):
-    assert "enable_fully_sharded(model)" in ranks[0]["_zo_sgd"]["refusal"]
+def test_sharded_parameters_need_enable_fsdp(ranks):
+    assert "enable_fsdp(model, mesh)" in ranks[0]["_zo_sgd"]["refusal"]
     model = TinyLM()
     optimizer = build_optimizer("zo-sgd", model, 1e-3)
     with pytest.raises(ValueError, match="sharded along its first dimension"):
-        hooks(optimizer).enable_fully_sharded(model)
+        hooks(optimizer).enable_fsdp(model, None)
 
 
 @pytest.mark.parametrize("directions", ["rademacher", "gaussian", "sphere"])

@@ -420,6 +420,12 @@ def unlearn_command(
         "--dtype",
         help="Load the model in float32, bfloat16, float16 or auto (its saved dtype) [default: float32].",
     ),
+    parallel: Optional[str] = typer.Option(
+        None,
+        "--parallel",
+        help="How several processes split the run: ddp (each holds the whole model) or fsdp (FSDP2 shards "
+        "weights, gradients and optimizer state) [default: ddp].",
+    ),
     model: Optional[str] = typer.Option(None, "--model", help="Model to unlearn [default: the embedded tiny target]."),
     data_dir: Optional[Path] = DataDirOption,
     forget_split: Optional[str] = ForgetSplitOption,
@@ -438,7 +444,8 @@ def unlearn_command(
     dry_run: bool = DryRunOption,
 ) -> None:
     """Unlearn only: leaves the final model in OUTPUT_DIR/final/ (model.safetensors, config, tokenizer, manifest).
-    Several processes (torchrun --nproc_per_node N -m robustunlearn.cli unlearn ...) run it data parallel."""
+    Several processes (torchrun --nproc_per_node N -m robustunlearn.cli unlearn ...) run it data parallel,
+    with --parallel fsdp on sharded weights."""
     if steps is not None and epochs is not None:
         raise UserError("give --steps or --epochs, not both")
     if resume + resume_if_exists + overwrite > 1:
@@ -463,6 +470,7 @@ def unlearn_command(
         unlearn__keep_best=keep_best,
         unlearn__keep_best_mode=keep_best_mode,
         unlearn__lora={"rank": lora_rank, "alpha": lora_alpha},
+        parallel__mode=parallel,
     )
     if lora_alpha is not None and "rank" not in settings.unlearn.lora:
         raise UserError("--lora-alpha needs --lora-rank (or unlearn.lora.rank in the --config recipe)")

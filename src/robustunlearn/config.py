@@ -36,7 +36,7 @@ from robustunlearn.metrics.suite import FORGET_METRICS, EvalSettings
 from robustunlearn.objectives import OBJECTIVES, build_objective
 from robustunlearn.optim import OPTIMIZERS
 from robustunlearn.train.prepare import TrainConfig
-from robustunlearn.train.settings import UnlearnSettings
+from robustunlearn.train.settings import ParallelSettings, UnlearnSettings
 
 EMBEDDED_RECIPE = "embedded.yaml"
 CLAIMS_RECIPE = "claims.yaml"  # the `--claims` preset: the study whose report docs/results/ holds
@@ -303,6 +303,8 @@ class RunSettings(Strict):
     eval: EvalSettings = EvalSettings()
     study: StudySettings = StudySettings()
     tuned: TunedSettings = TunedSettings()
+    # How several processes split a run: ddp (replicas) or fsdp (sharded weights); docs/engine.md.
+    parallel: ParallelSettings = ParallelSettings()
 
     @field_validator("benchmark")
     @classmethod
@@ -329,6 +331,13 @@ class RunSettings(Strict):
     def _one_seed(self) -> RunSettings:
         if "seed" in self.unlearn.model_fields_set:
             raise ValueError("unlearn.seed is set by the top-level seed; set seed instead")
+        if "parallel" in self.unlearn.model_fields_set:
+            raise ValueError("unlearn.parallel is set by the top-level parallel section; set parallel instead")
+        if self.parallel.mixed_precision == "bf16" and self.dtype != "float32":
+            raise ValueError(
+                f"parallel.mixed_precision bf16 keeps float32 master weights and computes in bfloat16: load the "
+                f"model with dtype float32, not {self.dtype}"
+            )
         return self
 
     @property
@@ -419,6 +428,7 @@ def unlearn_settings(settings: RunSettings, **changes: Any) -> UnlearnSettings:
     objective = changes.get("objective", options.objective)
     values = {
         "seed": settings.seed,
+        "parallel": settings.parallel,
         "lr": learning_rate(settings, optimizer, objective),
         "objective_options": objective_options(settings, objective),
         "optimizer_options": optimizer_options(settings, optimizer, objective),

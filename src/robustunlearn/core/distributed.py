@@ -9,10 +9,16 @@ shard of each global batch, and all ranks apply the same update, so their weight
   evaluates the loss on its shard, and only the ``q`` projected gradients (scalars) are averaged,
   through the optimizer's ``reduce_projected_grad``. No gradient tensor crosses the wire.
 
+Sharded (``parallel: {mode: fsdp}``, :meth:`DataParallel.sharded`): the same shards of the batch,
+but every parameter is split over the ranks with FSDP2 (``torch.distributed.fsdp.fully_shard``,
+each decoder block, then the root, :func:`shard_model`); a block's weights are gathered for its
+forward and backward only, and gradients are reduce-scattered (averaged) into each rank's shard,
+so the optimizer steps on the shards (DTensors) and no rank holds a whole model.
+
 Launch with ``torchrun --nproc_per_node N`` or ``accelerate launch --multi_gpu --num_processes N``:
-:func:`data_parallel` joins the process group their environment variables describe. Sharded
-schemes (accelerate's FSDP, DeepSpeed and Megatron-LM configurations) are refused: see
-docs/engine.md.
+:func:`data_parallel` joins the process group their environment variables describe. accelerate's
+own sharded configurations (FSDP, DeepSpeed, Megatron-LM) are refused: the engine shards the model
+itself (docs/engine.md).
 """
 
 from __future__ import annotations
@@ -25,7 +31,12 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from robustunlearn.core.modules import decoder_blocks
 
 T = TypeVar("T")
 
@@ -49,10 +60,24 @@ class DataParallel:
 
     rank: int = 0
     world_size: int = 1
+    mesh: DeviceMesh | None = None  # FSDP: the 1-D mesh of every rank that the parameters are sharded over
 
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are FSDP-sharded DTensors (several processes in mode fsdp)."""
+        return self.mesh is not None
+
+    def with_sharding(self) -> DataParallel:
+        """This rank with a mesh over all ranks for FSDP (one process stays unsharded: there is
+        nothing to split)."""
+        if not self.enabled:
+            return self
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        return DataParallel(self.rank, self.world_size, init_device_mesh(device_type, (self.world_size,)))
 
     @property
     def is_main(self) -> bool:
@@ -177,9 +202,10 @@ def data_parallel() -> DataParallel:
     for variable, scheme in SHARDED_LAUNCHES.items():
         if os.environ.get(variable, "").lower() in ("1", "true"):
             raise ValueError(
-                f"accelerate launched this run with {scheme}, which shards the model; the engine runs "
-                "data parallel only (every rank holds the whole model). Use a multi-GPU (DDP) "
-                "accelerate config, or torchrun; docs/engine.md lists what fits a 7B model."
+                f"accelerate launched this run with its {scheme} config, which the engine does not use; "
+                "to shard the model, run FSDP2 through the engine: parallel mode fsdp (--parallel fsdp, "
+                "or parallel: {mode: fsdp} in the recipe) with torchrun or accelerate launch --multi_gpu "
+                "(docs/engine.md)"
             )
     if dist.is_available() and dist.is_initialized():
         return DataParallel(dist.get_rank(), dist.get_world_size())
@@ -195,6 +221,45 @@ def data_parallel() -> DataParallel:
     return DataParallel(dist.get_rank(), dist.get_world_size())
 
 
+def shard_model(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool = False) -> None:
+    """Shard ``model`` in place with FSDP2 over ``mesh``: each decoder block, then the root (the
+    embeddings, final norm and head), so one block's weights are gathered at a time. With
+    ``mixed_precision`` the sharded weights stay as they are (float32 masters, which the optimizer
+    steps on) and are gathered in bfloat16 for the forward and backward passes, while gradients
+    are reduce-scattered in float32. Parameters on the CPU move to the mesh's device."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
+    options = {"mesh": mesh, "mp_policy": policy or MixedPrecisionPolicy()}
+    for block in decoder_blocks(model):
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free what FSDP gathered of ``model`` for forwards without backward (it keeps the root's
+    weights after one): the next forward then gathers the shards as they are now, and the next
+    backward's gradients land in the shards, not in the gathered copies."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def full_state_dict(model: nn.Module, *, sharded: bool, trainable_only: bool = False) -> dict[str, Tensor]:
+    """``model``'s weights (``trainable_only``: those that require grad) as whole tensors. An
+    FSDP-``sharded`` model's are gathered on rank 0's CPU: every rank must call it, and ranks other
+    than 0 get ``{}``. Unsharded: the model's own tensors, detached."""
+    if not sharded:
+        if trainable_only:
+            return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+        return {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    weights = get_model_state_dict(model, options=options)
+    # the gathered copies of tied weights (an output head sharing the embeddings) are separate
+    # tensors, which save_pretrained would write twice: keep the first name, as a plain model's state does
+    aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    aliases -= {name for name, _ in model.named_parameters()}
+    return {name: tensor for name, tensor in weights.items() if name not in aliases}
+
+
 def leave_process_group() -> None:
     """Destroy the process group, if one is initialized: the last act of a launched command
     (NCCL warns about pending operations at exit otherwise)."""
@@ -202,4 +267,12 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["DataParallel", "data_parallel", "is_main_process", "leave_process_group", "local_device"]
+__all__ = [
+    "DataParallel",
+    "data_parallel",
+    "full_state_dict",
+    "is_main_process",
+    "leave_process_group",
+    "local_device",
+    "shard_model",
+]

@@ -129,15 +129,22 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_model(model, tokenizer, directory: str | Path, manifest: dict[str, Any] | None = None) -> Path:
+def save_model(
+    model,
+    tokenizer,
+    directory: str | Path,
+    manifest: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Save weights (safetensors), config, tokenizer and a manifest, atomically as a directory:
-    everything is written to a temporary sibling that is renamed into place at the end."""
+    everything is written to a temporary sibling that is renamed into place at the end.
+    ``weights``: the state dict to save instead of the model's own (an FSDP model's, gathered)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar is noise
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=weights)
         tokenizer.save_pretrained(staging)
         if not (staging / WEIGHTS).exists():
             raise RuntimeError(f"save_pretrained wrote no {WEIGHTS} in {staging}")

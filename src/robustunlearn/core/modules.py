@@ -127,7 +127,12 @@ def add_lora(model: nn.Module, lora: LoraOptions) -> nn.Module:
 
 def save_trainable_weights(model: nn.Module, path: Path) -> None:
     """Write the weights that require grad (the ones a run changes) to a safetensors file."""
-    save_file({name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}, str(path))
+    save_weights({name: p for name, p in model.named_parameters() if p.requires_grad}, path)
+
+
+def save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Write named tensors to a safetensors file."""
+    save_file({name: tensor.detach().contiguous() for name, tensor in weights.items()}, str(path))
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

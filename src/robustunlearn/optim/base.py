@@ -34,9 +34,9 @@ per call: a ZO step calls its closure two or more times on the same batch.
 
 Hooks (:class:`OptimizerHooks`): what a training loop may ask of an optimizer beyond torch's
 interface: Sophia-G's batch size, values to log, where the last closure call was, whether the
-run may stop now, how to run in several processes (data parallel, and with sharded weights), and
-precision warnings. Our optimizers that need one inherit the class and override it; :func:`hooks`
-gives every optimizer, torch's own included, an object to call them on.
+run may stop now, how to run in several processes (data parallel, and on FSDP-sharded
+parameters), and precision warnings. Our optimizers that need one inherit the class and override
+it; :func:`hooks` gives every optimizer, torch's own included, an object to call them on.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
 
@@ -158,15 +160,19 @@ class OptimizerHooks:
         whatever else the steps compute from the closure, with ``mean`` (an in-place all-reduce
         mean). Raises ``ValueError`` if the optimizer cannot keep the ranks identical."""
 
-    def enable_fully_sharded(self, model: nn.Module) -> None:
-        """Before the first step, after :meth:`enable_data_parallel`, in a run whose ``model`` is
-        sharded by FSDP2 (``fully_shard`` on a 1-D mesh: every parameter a DTensor split along its
-        first dimension, each rank holding its shard and evaluating its shard of the batch): do on
-        the shards whatever the steps do beyond elementwise updates of parameters and gradients
-        (which torch's optimizers do on DTensors unchanged), and reshard ``model`` after any
-        forward without backward that precedes an in-place change of the weights (FSDP keeps the
-        root module's gathered weights after such a forward). Raises ``ValueError`` if the
-        optimizer cannot run sharded."""
+    def enable_fsdp(self, model: nn.Module, mesh: DeviceMesh) -> None:
+        """Before the first step (after :meth:`enable_data_parallel`), in a run whose ``model`` is
+        FSDP2-sharded over the 1-D ``mesh`` (``fully_shard``): each parameter and its ``.grad`` are
+        DTensors split along their first dimension, of which this rank holds one shard, and the
+        closure's backward leaves in each shard the gradient averaged over ranks. Whatever a step
+        computes from a whole tensor or from all of them (a norm, a per-tensor scale, a count) must
+        then combine every rank's shard, through DTensor reductions or a collective over
+        ``mesh.get_group()``; anything drawn at random must be the shard of one tensor drawn alike
+        for all ranks; and an optimizer that changes the weights in place between forwards without
+        backward must reshard ``model`` in between (FSDP keeps the root's gathered weights after such
+        a forward). Raises ``ValueError`` if the optimizer cannot run so: the default, until an
+        optimizer says it can."""
+        raise ValueError(f"{type(self).__name__} does not run on FSDP-sharded parameters; use parallel mode ddp")
 
     def precision_warnings(self) -> list[str]:
         """Before the first step: why the weights' dtypes make the steps inexact, each phrase
@@ -174,13 +180,28 @@ class OptimizerHooks:
         return []
 
 
-_NO_HOOKS = OptimizerHooks()
+class _PlainOptimizerHooks(OptimizerHooks):
+    """The hooks of an optimizer that does not inherit :class:`OptimizerHooks`: torch's own and
+    this package's sign family. Their steps are elementwise on each parameter, and the whole-tensor
+    statistics of qadam (``max|d|``) and 1-bit Adam (``‖c‖₂``) are DTensor reductions, which
+    combine the shards of every rank; so they run on FSDP-sharded parameters as they are."""
+
+    def enable_fsdp(self, model: nn.Module, mesh: DeviceMesh) -> None:
+        pass
+
+
+_NO_HOOKS = _PlainOptimizerHooks()
 
 
 def hooks(optimizer: torch.optim.Optimizer) -> OptimizerHooks:
     """``optimizer``'s hooks: the optimizer itself if it inherits :class:`OptimizerHooks`, else
-    (torch's own optimizers) the defaults."""
+    (torch's own optimizers, the sign family) the defaults, which accept FSDP."""
     return optimizer if isinstance(optimizer, OptimizerHooks) else _NO_HOOKS
+
+
+def local_shard(tensor: Tensor) -> Tensor:
+    """The part of ``tensor`` this rank holds: a DTensor's local shard, any other tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def check_beta(name: str, beta: float) -> None:

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from robustunlearn.core.modules import decoder_blocks
 from robustunlearn.optim.base import Closure, OptimizerHooks, hooks
@@ -126,9 +127,9 @@ class _TwoPart(OptimizerHooks, torch.optim.Optimizer):
         hooks(self.fo).enable_data_parallel(mean)
         hooks(self.zo).enable_data_parallel(mean)
 
-    def enable_fully_sharded(self, model: nn.Module) -> None:
-        hooks(self.fo).enable_fully_sharded(model)
-        hooks(self.zo).enable_fully_sharded(model)
+    def enable_fsdp(self, model: nn.Module, mesh: DeviceMesh) -> None:
+        hooks(self.fo).enable_fsdp(model, mesh)
+        hooks(self.zo).enable_fsdp(model, mesh)
 
     def precision_warnings(self) -> list[str]:
         return [*hooks(self.fo).precision_warnings(), *hooks(self.zo).precision_warnings()]

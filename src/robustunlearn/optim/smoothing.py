@@ -8,7 +8,7 @@
 
 Both run on FSDP2-sharded weights (DTensors) unchanged: their closures run a backward, after
 which FSDP reshards, so the next forward gathers the moved shards; ``fo-rs`` only on GPU meshes
-(:meth:`RandomizedSmoothing.enable_fully_sharded`).
+(:meth:`RandomizedSmoothing.enable_fsdp`).
 
 Both default to Adam as the base optimizer, so they differ from this package's first-order
 reference (``adam``) only in where the gradient is taken; ``base=torch.optim.SGD`` (option
@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
@@ -95,7 +96,7 @@ class RandomizedSmoothing(_PerturbedGradient):
     def last_closure_at(self) -> str:
         return "θ + σ·u"
 
-    def enable_fully_sharded(self, model: nn.Module) -> None:
+    def enable_fsdp(self, model: nn.Module, mesh: DeviceMesh) -> None:
         """``randn_like`` of a sharded parameter draws each shard's part of one Gaussian on GPU
         meshes (DTensor's RNG tracker); on a CPU mesh every rank would draw from its own generator,
         seeded alike, the same noise on every shard."""
@@ -140,6 +141,10 @@ class SAM(_PerturbedGradient):
     Two closure calls per step; ``step`` returns the loss at θ, and afterwards ``p.grad`` holds
     ``∇L(θ + ε̂)``. ``rho`` is per group, the norm global.
     """
+
+    def enable_fsdp(self, model: nn.Module, mesh: DeviceMesh) -> None:
+        """Nothing to do: ‖g‖₂ of DTensor gradients reduces over every rank's shard, and the rest is
+        elementwise."""
 
     def __init__(
         self,

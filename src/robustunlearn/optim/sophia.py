@@ -12,7 +12,9 @@ this grade the most fragile under quantization and relearning.
 
 After each step ``last_unclipped_fraction`` holds the share of coordinates whose ratio stayed
 inside ``(−1, 1)`` (the paper's "win rate"); the optimizers hand it to the engine's log through
-:meth:`~robustunlearn.optim.base.OptimizerHooks.log_fields`.
+:meth:`~robustunlearn.optim.base.OptimizerHooks.log_fields`. On FSDP-sharded parameters every
+step is elementwise on the shards, and that share counts the coordinates of all shards (one
+all-reduce per step).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from robustunlearn.optim.base import Closure, OptimizerHooks
+from robustunlearn.optim.base import Closure, OptimizerHooks, local_shard
 from robustunlearn.optim.spec import OptimizerMemory, OptimizerSpec
 
 HVP_METHODS = ("autograd", "finite-difference")
@@ -65,6 +69,7 @@ class _Sophia(OptimizerHooks, Optimizer):
         }
         super().__init__(params, defaults)
         self.last_unclipped_fraction: float | None = None
+        self._shard_group: dist.ProcessGroup | None = None  # FSDP: the ranks whose shards make up each tensor
 
     def _hessian_diagonal(self, closure: Closure, groups: list[dict]) -> list[list[Tensor]]:
         """One ``ĥ`` per parameter of each group in ``groups``, estimated at the current θ."""
@@ -72,6 +77,9 @@ class _Sophia(OptimizerHooks, Optimizer):
 
     def log_fields(self) -> dict[str, Any]:
         return {"last_unclipped_fraction": self.last_unclipped_fraction}
+
+    def enable_fsdp(self, model: nn.Module, mesh: DeviceMesh) -> None:
+        self._shard_group = mesh.get_group()
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
@@ -116,13 +124,22 @@ class _Sophia(OptimizerHooks, Optimizer):
                 eps = max(group["eps"], torch.finfo(p.dtype).tiny)
                 denominator = (group["rho"] * state["hessian"]).clamp_min_(eps)
                 ratio = (state["exp_avg"] / denominator).clamp_(-1.0, 1.0)
-                unclipped.append((ratio.abs() < 1.0).sum())
-                total += ratio.numel()
+                unclipped.append((local_shard(ratio).abs() < 1.0).sum())
+                total += ratio.numel()  # a DTensor's numel is the whole tensor's
                 if group["weight_decay"]:
                     p.mul_(1.0 - group["lr"] * group["weight_decay"])
                 p.add_(ratio, alpha=-group["lr"])
-        self.last_unclipped_fraction = sum(int(n) for n in unclipped) / total if total else None
+        self.last_unclipped_fraction = self._count(unclipped) / total if total else None
         return loss
+
+    def _count(self, counts: list[Tensor]) -> int:
+        """The sum of ``counts``, over the shards of every rank under FSDP."""
+        if not counts:
+            return 0
+        count = torch.stack(counts).sum()
+        if self._shard_group is not None:
+            dist.all_reduce(count, group=self._shard_group)
+        return int(count)
 
 
 class SophiaG(_Sophia):
@@ -215,6 +232,10 @@ class SophiaH(_Sophia):
         # One Hessian-vector product serves every group, so these are not per-group options.
         self.hvp = hvp
         self.hvp_radius = hvp_radius
+
+    def enable_fsdp(self, model: nn.Module, mesh: DeviceMesh) -> None:
+        # torch's global RNG draws each rank's shard of u alike: the shards' probes would repeat
+        raise ValueError("sophia-h does not run on FSDP-sharded parameters; use sophia-g, or parallel mode ddp")
 
     def enable_data_parallel(self, mean: Callable[[Tensor], Tensor]) -> None:
         if self.hvp == "autograd":

@@ -53,7 +53,7 @@ comes from a dedicated ``torch.Generator`` seeded with a hash of ``(seed, t, k, 
 that share ``seed`` draw the same directions and need to all-reduce only the ``q`` projected
 gradients (``reduce_projected_grad``). ``seed`` and ``t`` are in the ``state_dict``.
 
-Sharded weights (FSDP2, :meth:`ZerothOrderOptimizer.enable_fully_sharded`). Under
+Sharded weights (FSDP2, :meth:`ZerothOrderOptimizer.enable_fsdp`). Under
 ``fully_shard`` every parameter is a DTensor split along its first dimension, and each rank moves
 only its own shard, in place: no rank ever holds a whole ``z`` or a copy of the weights, so memory
 stays at inference level. ``z`` is then drawn in chunks of ``chunk`` elements of the flattened
@@ -83,6 +83,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
@@ -154,7 +155,7 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
 
     In several processes (:meth:`enable_data_parallel`) the ranks share ``seed``, so they draw the
     same directions, and average their projected gradients through ``reduce_projected_grad``;
-    with FSDP (:meth:`enable_fully_sharded`) each rank moves its shards only (module docstring).
+    with FSDP (:meth:`enable_fsdp`) each rank moves its shards only (module docstring).
     """
 
     def __init__(
@@ -202,7 +203,7 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
         self._sign_tables: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         # p -> (h, version of p's local elements) after our last write: while it holds, p is on grid h
         self._on_grid: dict[Tensor, tuple[float, int]] = {}
-        # FSDP (enable_fully_sharded): each shard's flat offset, the ranks' group, the modules to reshard
+        # FSDP (enable_fsdp): each shard's flat offset, the ranks' group, the modules to reshard
         self._offsets: dict[Tensor, int] = {}
         self._shard_group: dist.ProcessGroup | None = None
         self._fsdp_modules: list[FSDPModule] = []
@@ -286,7 +287,7 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
         if self.reduce_projected_grad is None:
             self.reduce_projected_grad = mean
 
-    def enable_fully_sharded(self, model: nn.Module) -> None:
+    def enable_fsdp(self, model: nn.Module, mesh: DeviceMesh) -> None:
         """Move each rank's shards only, with ``z`` drawn in chunks (module docstring); average the
         projected gradients over the mesh unless :meth:`enable_data_parallel` chose how."""
         mesh = None
@@ -343,7 +344,7 @@ class ZerothOrderOptimizer(OptimizerHooks, torch.optim.Optimizer):
     def _slots(self) -> list[_Slot]:
         params = [(group, p) for group in self.param_groups for p in group["params"]]
         if self._shard_group is None and any(isinstance(p, DTensor) for _, p in params):
-            raise ValueError("sharded (DTensor) parameters need enable_fully_sharded(model) before the first step")
+            raise ValueError("sharded (DTensor) parameters need enable_fsdp(model, mesh) before the first step")
         return [_Slot(g, p, _local(p), self._offsets.get(p, 0), i) for i, (g, p) in enumerate(params)]
 
     def _reshard(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from rich.table import Table
 
 from robustunlearn.config import RunSettings, unlearn_settings
-from robustunlearn.core.distributed import data_parallel, local_device
+from robustunlearn.core.distributed import data_parallel, full_state_dict, local_device
 from robustunlearn.core.errors import UserError
 from robustunlearn.core.io import atomic_write_json
 from robustunlearn.core.lock import LOCK_NAME
@@ -23,7 +23,7 @@ from robustunlearn.study.grid import run_study
 from robustunlearn.study.loading import load_target, prepare_from_settings
 from robustunlearn.study.rows import NO_ATTACK
 from robustunlearn.study.timing import study_time, time_summary
-from robustunlearn.train.checkpoint import clear_run, restore_best
+from robustunlearn.train.checkpoint import best_weights, clear_run, restore_best
 from robustunlearn.train.engine import unlearn
 
 
@@ -45,15 +45,20 @@ def unlearn_only(
 
     Launched in several processes (torchrun, accelerate launch), each loads the model on its
     :func:`~robustunlearn.core.distributed.local_device` and the run is data parallel; rank 0 alone
-    prepares the target (the others wait, then read its cache entry), evaluates and writes the files."""
+    prepares the target (the others wait, then read its cache entry), evaluates and writes the files.
+    In parallel mode fsdp each loads the model on the CPU, the engine moves its shards to the device,
+    every rank evaluates (each forward pass gathers the weights), and ``final/`` is the model
+    gathered on rank 0."""
     parallel = data_parallel()  # joins the launcher's process group, if any
+    sharded = parallel.enabled and settings.parallel.mode == "fsdp"
     if parallel.is_main:
         if overwrite and not resume:
             clear_run(output_dir)
         if parallel.enabled and settings.model_path is None:
             prepare_from_settings(settings, cache_dir, console=console)
     parallel.barrier()  # the others read the run directory and the cache entry once rank 0 is done with them
-    model, tokenizer, benchmark, _ = load_target(settings, cache_dir, console, device=local_device())
+    device = "cpu" if sharded else local_device()  # fully_shard moves each block's shards to the GPU
+    model, tokenizer, benchmark, _ = load_target(settings, cache_dir, console, device=device)
     options = settings.unlearn
     if options.keep_best is not None and not benchmark.get(METRICS[options.keep_best].split):
         raise UserError(
@@ -75,7 +80,9 @@ def unlearn_only(
         console=console,
     )
     final_dir = output_dir / "final"
-    if parallel.is_main:
+    if sharded:
+        _save_gathered(result, tokenizer, final_dir, output_dir, {"kind": "unlearned", **options.model_dump()})
+    elif parallel.is_main:
         manifest = {"kind": "unlearned", **options.model_dump()}
         if result.best is not None:
             restore_best(result.model, output_dir)
@@ -84,6 +91,19 @@ def unlearn_only(
         save_model(final, tokenizer, final_dir, manifest)
     parallel.barrier()  # every rank returns once the final model is there
     return final_dir
+
+
+def _save_gathered(result, tokenizer, final_dir: Path, output_dir: Path, manifest: dict[str, Any]) -> None:
+    """Save an FSDP run's model to ``final_dir`` as a plain Hugging Face directory: every rank
+    takes part in gathering the whole weights on rank 0's CPU, which writes them (with the kept
+    best weights in place of the last ones, if any)."""
+    weights = full_state_dict(result.model, sharded=True)
+    if not data_parallel().is_main:
+        return
+    if result.best is not None:
+        weights.update(best_weights(output_dir))
+        manifest["best"] = result.best
+    save_model(result.model, tokenizer, final_dir, manifest, weights=weights)
 
 
 def run_pipeline(

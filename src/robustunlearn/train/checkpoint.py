@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from robustunlearn.core.distributed import DataParallel
 from robustunlearn.core.errors import UserError
@@ -28,6 +29,7 @@ from robustunlearn.core.io import atomic_write_json
 from robustunlearn.core.models import WEIGHTS, file_sha256
 from robustunlearn.core.modules import load_weights, save_trainable_weights
 from robustunlearn.train.settings import UnlearnSettings
+from robustunlearn.train.sharded import load_shards, save_shards
 
 CHECKSUMS = "sha256.json"  # in each snapshot: the SHA-256 of each of its other files
 _SNAPSHOT_NAME = re.compile(r"step-\d+")
@@ -75,14 +77,26 @@ class Snapshots:
         return path, record
 
     def commit(self, name: str, write: Callable[[Path], None], record: dict[str, Any]) -> Path:
-        final = self._path(name)
-        previous = self.read_pointer()  # refused before anything is written if it is unsafe
+        staging = self.stage(name)
+        write(staging)
+        return self.publish(name, staging, record)
+
+    def stage(self, name: str) -> Path:
+        """A fresh staging directory for the snapshot ``name`` (after removing those of a writer
+        killed mid-write), to fill and then :meth:`publish`."""
+        self._path(name)
+        self.read_pointer()  # refused before anything is written if it is unsafe
         self.root.mkdir(parents=True, exist_ok=True)
         for leftover in self.root.iterdir():  # staging of a writer killed mid-write (one writer at a time)
             if _STAGING_NAME.fullmatch(leftover.name) and leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.root))
-        write(staging)
+        return Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.root))
+
+    def publish(self, name: str, staging: Path, record: dict[str, Any]) -> Path:
+        """Record the SHA-256 of the files in ``staging``, rename it to ``name``, point the pointer
+        at it and delete the previous snapshot."""
+        final = self._path(name)
+        previous = self.read_pointer()
         checksums = {file.name: file_sha256(file) for file in sorted(staging.iterdir())}
         atomic_write_json(staging / CHECKSUMS, checksums)
         if final.exists():  # a snapshot of this step from an earlier run: moved aside, then deleted
@@ -151,7 +165,9 @@ class Checkpointer:
 
     A checkpoint holds the trainable weights (the others never change; under LoRA these are the
     adapter weights), optimizer and scheduler state, every rank's RNG states and the data
-    position. All ranks call :meth:`save` (it gathers their RNG states); rank 0 writes."""
+    position. All ranks call :meth:`save` (it gathers their RNG states); rank 0 writes. Under FSDP
+    every rank writes its shards of the weights and optimizer state (:mod:`.sharded`) into the
+    staging directory rank 0 made, and rank 0 the rest."""
 
     def __init__(self, directory: Path, parallel: DataParallel | None = None):
         self.snapshots = Snapshots(directory / "checkpoints", "latest.json")
@@ -177,19 +193,26 @@ class Checkpointer:
         """Write checkpoint ``step``: what the class docstring lists, ``extra`` in
         ``progress.json``, and each of ``files`` (name: a writer given its path)."""
         ranks = self.parallel.gather_objects(_rng_state(generator))
-        if not self.parallel.is_main:
-            return
-
-        def write(staging: Path) -> None:
-            save_trainable_weights(model, staging / WEIGHTS)
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ranks": ranks}
+        name = f"step-{step}"
+        staging = None
+        if self.parallel.is_main:
+            staging = self.snapshots.stage(name)
+        if self.parallel.sharded:
+            staging = Path(self.parallel.broadcast_object(None if staging is None else str(staging)))
+            optimizer_state = save_shards(staging, model, optimizer)
+        else:
+            optimizer_state = optimizer.state_dict()
+        if self.parallel.is_main:
+            if not self.parallel.sharded:
+                save_trainable_weights(model, staging / WEIGHTS)
+            state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "ranks": ranks}
             torch.save(state, staging / "state.pt")
             progress = {"step": step, "streams": {k: s.state_dict() for k, s in streams.items()}, **extra}
             atomic_write_json(staging / "progress.json", progress)
-            for name, write_file in (files or {}).items():
-                write_file(staging / name)
-
-        self.snapshots.commit(f"step-{step}", write, {"step": step})
+            for file_name, write_file in (files or {}).items():
+                write_file(staging / file_name)
+            self.snapshots.publish(name, staging, {"step": step})
+        self.parallel.barrier()  # no rank goes on (or stages the next checkpoint) before this one is published
 
     def load(
         self,
@@ -205,7 +228,7 @@ class Checkpointer:
         resuming run's), first :func:`check_resume_settings`: a run with other settings is refused
         before anything is loaded into it, and the notes on allowed changes are in the record's
         ``resume_notes``."""
-        self.snapshots.verify(path)
+        self._verify(path)
         progress = json.loads((path / "progress.json").read_text())
         if settings is not None:
             progress["resume_notes"] = check_resume_settings(progress.get("config"), settings)
@@ -221,13 +244,29 @@ class Checkpointer:
                 f"checkpoint {path} was written by a run of {len(state['ranks'])} process(es); "
                 f"resume it with as many, not {self.parallel.world_size}"
             )
-        load_weights(model, path / WEIGHTS)
-        optimizer.load_state_dict(state["optimizer"])
+        if self.parallel.sharded:
+            load_shards(path, model, optimizer, state["optimizer"], self.parallel.mesh)
+        else:
+            load_weights(model, path / WEIGHTS)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["ranks"][self.parallel.rank], generator)
         for name, stream in streams.items():
             stream.load_state_dict(progress["streams"][name])
         return progress
+
+    def _verify(self, path: Path) -> None:
+        """:meth:`Snapshots.verify` on rank 0 (under FSDP each rank reads only its shards, so one
+        reader checks every file); its error is raised on every rank."""
+        error = None
+        if self.parallel.is_main:
+            try:
+                self.snapshots.verify(path)
+            except CheckpointError as raised:
+                error = str(raised)
+        error = self.parallel.broadcast_object(error)
+        if error is not None:
+            raise CheckpointError(error)
 
 
 def best_snapshots(output_dir: str | Path) -> Snapshots:
@@ -239,14 +278,25 @@ def best_snapshots(output_dir: str | Path) -> Snapshots:
 def restore_best(model, output_dir: str | Path) -> dict[str, Any]:
     """Load the weights ``keep_best`` kept into ``model`` (the model :func:`unlearn` returned:
     under LoRA the peft model, before merging) and return their record."""
+    path, record = _best(output_dir)
+    load_weights(model, path / WEIGHTS)
+    return record
+
+
+def best_weights(output_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The weights ``keep_best`` kept, by name (verified against their SHA-256)."""
+    path, _ = _best(output_dir)
+    return load_file(str(path / WEIGHTS))
+
+
+def _best(output_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     best = best_snapshots(output_dir)
     current = best.current()
     if current is None:
         raise ValueError(f"{output_dir} holds no best weights (best/best.json); run with keep_best and eval_every")
     path, record = current
     best.verify(path)
-    load_weights(model, path / WEIGHTS)
-    return record
+    return path, record
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

@@ -41,13 +41,14 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.distributed.tensor import DTensor
 
 from robustunlearn.core.batching import IGNORE_INDEX, UnlearnBatch
-from robustunlearn.core.distributed import DataParallel, data_parallel
+from robustunlearn.core.distributed import DataParallel, data_parallel, full_state_dict, reshard, shard_model
 from robustunlearn.core.errors import SettingsError, first_line
 from robustunlearn.core.io import atomic_write_json
 from robustunlearn.core.models import WEIGHTS
-from robustunlearn.core.modules import add_lora, lora_options, save_trainable_weights
+from robustunlearn.core.modules import add_lora, lora_options, save_weights
 from robustunlearn.data.base import QA, Benchmark, Record
 from robustunlearn.data.collate import collate_records
 from robustunlearn.data.prompts import REFUSAL_ANSWERS
@@ -199,23 +200,38 @@ def _reference_view(model, frozen_weights: FrozenWeights | None, lora: bool) -> 
     """The frozen reference: the model itself in eval mode, with its trained weights swapped for
     their values at the start (``frozen_weights``: a live reference without LoRA), or with its LoRA
     adapter disabled (the reference under LoRA); with neither, before the first step, the model as
-    it is (what the reference cache is built from). Everything is put back on leaving."""
+    it is (what the reference cache is built from). Everything is put back on leaving.
+
+    Under FSDP the values are copied into each rank's shards and back (FSDP gathers its own
+    buffers, not a swapped ``.data``), and the model is resharded after the reference's forward."""
     training = model.training
     # re-enabling the adapter makes all of its weights trainable again (peft's set_adapter)
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    current = [(p, p.data) for p, _ in frozen_weights or ()]
+    swapped = _swap_weights(frozen_weights or ())
     model.eval()
     try:
-        for p, initial in frozen_weights or ():
-            p.data = initial
         with model.disable_adapter() if lora else contextlib.nullcontext():
             yield model
     finally:
-        for p, data in current:
-            p.data = data
+        _swap_weights(swapped)
         for p, flag in requires_grad:
             p.requires_grad_(flag)
         model.train(training)
+        reshard(model)
+
+
+@torch.no_grad()
+def _swap_weights(weights: FrozenWeights) -> FrozenWeights:
+    """Give each parameter of ``weights`` its paired value; return the values they had."""
+    previous = []
+    for p, value in weights:
+        if isinstance(p, DTensor):
+            previous.append((p, p.to_local().clone()))
+            p.to_local().copy_(value.to_local())
+        else:
+            previous.append((p, p.data))
+            p.data = value
+    return previous
 
 
 @dataclass
@@ -330,6 +346,8 @@ def _set_up(model, tokenizer, benchmark: Benchmark, config: UnlearnSettings, out
     """Seed, prepare the model, and build the optimizer, its schedule, the data streams and the
     checkpointer."""
     parallel = data_parallel()
+    if config.parallel.mode == "fsdp":
+        parallel = parallel.with_sharding()
     if config.batch_size % parallel.world_size:
         raise ValueError(
             f"batch_size {config.batch_size} (the global batch) must be a multiple of the "
@@ -337,7 +355,7 @@ def _set_up(model, tokenizer, benchmark: Benchmark, config: UnlearnSettings, out
         )
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    model, objective, frozen_weights, lora = _prepare_model(model, config)
+    model, objective, frozen_weights, lora = _prepare_model(model, config, parallel)
     device = next(model.parameters()).device
     forget_records = _records(benchmark, config.forget_splits)
     total_steps = config.total_steps(len(forget_records))
@@ -355,6 +373,12 @@ def _set_up(model, tokenizer, benchmark: Benchmark, config: UnlearnSettings, out
     after_backward = None
     if parallel.enabled:
         hooks(optimizer).enable_data_parallel(parallel.mean_)
+    if parallel.sharded:  # FSDP reduce-scatters the gradients itself
+        try:
+            hooks(optimizer).enable_fsdp(model, parallel.mesh)
+        except ValueError as error:
+            raise SettingsError(f"optimizer {config.optimizer}: {first_line(error)}") from error
+    elif parallel.enabled:
         after_backward = functools.partial(parallel.average_gradients, trained)
     schedule = lr_lambda(config.lr_schedule, config.warmup_steps, total_steps)
     return _Run(
@@ -380,6 +404,17 @@ def _set_up(model, tokenizer, benchmark: Benchmark, config: UnlearnSettings, out
         keeper=best_snapshots(output_dir) if config.keep_best is not None else None,
         console=console,
     )
+
+
+def _shard(model, lora: bool, config: UnlearnSettings, mesh) -> None:
+    """Shard the model with FSDP2 (each rank keeps its shards; under FSDP every rank's shards
+    together make the one model, so no broadcast is needed)."""
+    if lora:
+        raise SettingsError(
+            "LoRA with parallel mode fsdp: a LoRA run holds one copy of the base weights, which fits a GPU; "
+            "use parallel mode ddp"
+        )
+    shard_model(model, mesh, config.parallel.mixed_precision == "bf16")
 
 
 def _check_layout_under_budget(optimizer: torch.optim.Optimizer, config: UnlearnSettings) -> None:
@@ -413,8 +448,11 @@ def _caches_reference(objective: Objective, config: UnlearnSettings) -> bool:
     return config.reference == "cached" and objective.needs_reference and objective.sequence_reference
 
 
-def _prepare_model(model, config: UnlearnSettings) -> tuple[Any, Objective, FrozenWeights | None, bool]:
-    """The model to train (with LoRA adapters, if asked), the objective, which weights train, and
+def _prepare_model(
+    model, config: UnlearnSettings, parallel: DataParallel
+) -> tuple[Any, Objective, FrozenWeights | None, bool]:
+    """The model to train (with LoRA adapters, if asked; sharded under FSDP), the objective, which
+    weights train, and
     for a live reference a copy of the trained weights (None under LoRA, whose reference is the
     disabled adapter, and with a reference cache, built from the model itself before the first step).
 
@@ -435,6 +473,8 @@ def _prepare_model(model, config: UnlearnSettings) -> tuple[Any, Objective, Froz
         chosen = {id(p) for p in trainable}
         for parameter in model.parameters():
             parameter.requires_grad_(id(parameter) in chosen)
+    if parallel.sharded:
+        _shard(model, lora is not None, config, parallel.mesh)  # the copy below is then of each rank's shards
     frozen_weights = None
     if objective.needs_reference and lora is None and not _caches_reference(objective, config):
         frozen_weights = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
@@ -495,8 +535,10 @@ def _cache_reference(run: _Run) -> None:
 
 
 def _start(run: _Run) -> None:
-    """Every rank starts from rank 0's weights; rank 0 writes the log of the steps kept so far."""
-    run.parallel.broadcast_([p.detach() for p in run.trained])
+    """Every rank starts from rank 0's weights (sharded: each holds its own part of the one
+    model); rank 0 writes the log of the steps kept so far."""
+    if not run.parallel.sharded:
+        run.parallel.broadcast_([p.detach() for p in run.trained])
     run.parallel.barrier()  # every rank has read the log before rank 0 rewrites it
     if run.output_dir is None or not run.parallel.is_main:
         return
@@ -619,8 +661,11 @@ def _evaluate(run: _Run, step: int, entry: dict[str, Any], evaluate: Callable | 
     every = run.config.eval_every
     if evaluate is None or not every or step % every:
         return
-    entry["eval"] = run.parallel.broadcast_object(evaluate(run.model, step) if run.parallel.is_main else None)
+    # a sharded model's forward passes need every rank (each gathers the weights with the others)
+    evaluates = run.parallel.is_main or run.parallel.sharded
+    entry["eval"] = run.parallel.broadcast_object(evaluate(run.model, step) if evaluates else None)
     run.model.train()
+    reshard(run.model)
     if run.keeper is None:
         return
     config = run.config
@@ -628,10 +673,9 @@ def _evaluate(run: _Run, step: int, entry: dict[str, Any], evaluate: Callable | 
     if run.best is not None and not _better(value, run.best["value"], config.keep_best_mode):
         return
     run.best = {"step": step, "metric": config.keep_best, "value": value, "mode": config.keep_best_mode}
+    weights = full_state_dict(run.model, sharded=run.parallel.sharded, trainable_only=True)  # on rank 0
     if run.parallel.is_main:
-        run.keeper.commit(
-            f"step-{step}", lambda staging: save_trainable_weights(run.model, staging / WEIGHTS), run.best
-        )
+        run.keeper.commit(f"step-{step}", lambda staging: save_weights(weights, staging / WEIGHTS), run.best)
 
 
 def _append_to_log(run: _Run, entry: dict[str, Any]) -> None:

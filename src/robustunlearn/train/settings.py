@@ -17,6 +17,26 @@ from robustunlearn.optim import OPTIMIZERS
 SCHEDULES = ("constant", "linear", "cosine")
 
 
+class ParallelSettings(Strict):
+    """How a run launched in several processes splits the work (one process ignores it).
+
+    ``mode``: ``ddp``, every rank holds the whole model and gradients are all-reduced; ``fsdp``,
+    FSDP2 shards every weight, gradient and optimizer state over the ranks (docs/engine.md).
+    ``mixed_precision`` (fsdp only): ``bf16`` gathers the weights in bfloat16 for the forward and
+    backward passes and reduces gradients in float32, while the sharded weights the optimizer
+    steps on (zeroth-order steps included) stay float32 masters; ``none`` computes in the
+    weights' own dtype."""
+
+    mode: Literal["ddp", "fsdp"] = "ddp"
+    mixed_precision: Literal["none", "bf16"] = "none"
+
+    @model_validator(mode="after")
+    def _mixed_precision_needs_fsdp(self) -> ParallelSettings:
+        if self.mixed_precision != "none" and self.mode != "fsdp":
+            raise ValueError("parallel.mixed_precision needs parallel.mode fsdp")
+        return self
+
+
 class UnlearnSettings(Strict):
     """One objective x one optimizer on a benchmark's forget and retain splits."""
 
@@ -52,6 +72,7 @@ class UnlearnSettings(Strict):
     reference: Literal["cached", "live"] = "cached"
     keep_best: str | None = None  # a metric of the evaluation: keep the weights of its best value
     keep_best_mode: Literal["min", "max"] = "min"  # which value of keep_best is best
+    parallel: ParallelSettings = ParallelSettings()  # a recipe sets it at its top level (RunSettings.parallel)
 
     @model_validator(mode="after")
     def _budget_and_best(self) -> UnlearnSettings:
