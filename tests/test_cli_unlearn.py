@@ -367,7 +367,9 @@ def test_two_processes_match_one_process(model_dir, recipe, one_process_run, tmp
     assert one.keys() == two.keys()
     moved = max(float((one[name] - start[name]).abs().max()) for name in one)
     apart = max(float((one[name] - two[name]).abs().max()) for name in one)
-    assert moved > 1e-3 and apart < 1e-5, (moved, apart)
+    # float32 gradients summed in another order, which Adam's m/sqrt(v) magnifies where a gradient is
+    # near 0: 1.4e-5 apart after 6 steps that moved the weights by 6e-3 (transformers 5.24, torch 2.13)
+    assert moved > 1e-3 and apart < 1e-2 * moved, (moved, apart)
 
 
 # -- kill -9 and resume -------------------------------------------------------------------------------------

@@ -435,7 +435,8 @@ def unlearn_settings(settings: RunSettings, **changes: Any) -> UnlearnSettings:
         **changes,
     }
     # model_copy(update=...) would skip validation: an lr or option from the sweep is checked like a recipe's.
-    return UnlearnSettings.model_validate({**options.model_dump(), **values})
+    # Only the fields the recipe set are passed on, so the others keep deriving from them (epochs or steps).
+    return UnlearnSettings.model_validate({**options.model_dump(exclude_unset=True), **values})
 
 
 def _first_error(error: ValidationError) -> str:
