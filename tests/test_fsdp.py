@@ -186,9 +186,10 @@ def test_mixed_precision_computes_in_bfloat16_and_keeps_the_master_weights(two_p
 
 def test_optimizers_say_whether_they_run_on_sharded_parameters(tiny_llama):
     model, mesh = tiny_llama(), SimpleNamespace(get_group=lambda: None)  # a one-rank mesh, as far as they ask
-    for name in ("adamw", "sgd", "signadam", "lion", "qadam-4", "onebit-adam", "sophia-g"):
+    for name in ("adamw", "sgd", "signadam", "lion", "qadam-4", "onebit-adam", "sophia-g", "sam"):
         hooks(build_optimizer(name, model)).enable_fsdp(model, mesh)  # accepted
-    for name, fragment in [("sophia-h", "sophia-g"), ("zo-sgd", "ZOSGD does not run on FSDP"), ("sam", "SAM")]:
+    # sophia-h refuses; zo-sgd accepts sharded parameters only (tests/test_optim_fsdp_zo.py runs it sharded)
+    for name, fragment in [("sophia-h", "sophia-g"), ("zo-sgd", "sharded along its first dimension")]:
         with pytest.raises(ValueError, match=fragment):
             hooks(build_optimizer(name, model)).enable_fsdp(model, mesh)
 
@@ -228,8 +229,9 @@ def test_a_stopped_sharded_run_resumes_to_the_uninterrupted_weights(two_processe
     assert evaluated == [1, 2, 3, 4]
     checkpoint = two_processes / "resumed" / "checkpoints" / "step-4"
     names = sorted(p.name for p in checkpoint.iterdir())
-    # each rank's shards, DCP's index, and no whole-model weights file
-    assert names == [".metadata", "__0_0.distcp", "__1_0.distcp", "progress.json", "sha256.json", "state.pt"]
+    # each rank's shards, DCP's index, NPO's reference cache (the same on every rank), no whole-model weights
+    shards = [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert names == [*shards, "progress.json", "reference.safetensors", "sha256.json", "state.pt"]
 
 
 @pytest.mark.slow

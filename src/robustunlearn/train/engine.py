@@ -54,7 +54,7 @@ from robustunlearn.data.collate import collate_records
 from robustunlearn.data.prompts import REFUSAL_ANSWERS
 from robustunlearn.objectives import LOSS_TERMS, Objective, build_objective
 from robustunlearn.optim import build_optimizer
-from robustunlearn.optim.base import hooks, make_closure, sampled_label_loss
+from robustunlearn.optim.base import hooks, local_shard, make_closure, sampled_label_loss
 from robustunlearn.optim.hybrid import AlternatingHybrid
 from robustunlearn.train.checkpoint import Checkpointer, Snapshots, best_snapshots, read_log
 from robustunlearn.train.reference import REFERENCE_CACHE, ReferenceCache, build_reference_cache
@@ -227,7 +227,7 @@ def _swap_weights(weights: FrozenWeights) -> FrozenWeights:
     for p, value in weights:
         if isinstance(p, DTensor):
             previous.append((p, p.to_local().clone()))
-            p.to_local().copy_(value.to_local())
+            p.to_local().copy_(local_shard(value))
         else:
             previous.append((p, p.data))
             p.data = value

@@ -87,7 +87,9 @@ def build_reference_cache(
     Examples are taken in order, duplicates once, in batches of ``batch_size``: the global batch,
     whatever the number of ranks, so the values (which can differ in the last bits with a batch's
     shape) do not depend on it, and a run of N processes matches one of 1. Rank r runs batches r,
-    r + N, ...; every rank receives every value. Each batch holds N ranks' shares of a step, and
+    r + N, ...; every rank receives every value. Under FSDP every forward needs every rank (each
+    gathers the weights with the others), so each rank runs every batch and no values are sent: N
+    times the work, once per run, for the same values. Each batch holds N ranks' shares of a step, and
     each rank counts one pass per batch (the work of all ranks over N), so all ranks count alike,
     as a compute budget needs to stop them at the same step."""
     examples: dict[bytes, tuple[list[int], list[int]]] = {}
@@ -99,10 +101,10 @@ def build_reference_cache(
     device = next(frozen.parameters()).device
     mine: list[tuple[list[bytes], torch.Tensor]] = []
     with torch.no_grad():
-        for chunk in chunks[parallel.rank :: parallel.world_size]:
+        for chunk in chunks if parallel.sharded else chunks[parallel.rank :: parallel.world_size]:
             tokens = pad_examples([examples[key] for key in chunk], tokenizer.pad_token_id).to(device)
             mine.append((chunk, sequence_logprobs(frozen, tokens)[0].cpu()))
-    gathered = [pair for rank in parallel.gather_objects(mine) for pair in rank]
+    gathered = mine if parallel.sharded else [pair for rank in parallel.gather_objects(mine) for pair in rank]
     cache = ReferenceCache(
         [key for chunk, _ in gathered for key in chunk], torch.cat([values for _, values in gathered])
     )
