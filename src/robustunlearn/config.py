@@ -168,8 +168,9 @@ class StudySettings(Strict):
     # Each cell's budget in forward-pass equivalents (forwards + unlearn.backward_cost x backwards);
     # max_steps only caps the step count. None: the step budget alone.
     # The default is 10x what adam needed to reach the level in the lr sweep at its chosen lr (200 steps
-    # of 4 forward-pass equivalents: NPO's forward, its reference forward and a backward); max_steps
-    # caps the step count (R-AdaZO at 3 per step: 2667 steps).
+    # of 4 forward-pass equivalents when NPO's reference ran every step; with the reference cache, 3:
+    # NPO's forward and a backward, plus the cache's one pass over the forget set); max_steps caps the
+    # step count (R-AdaZO at 2 per step: 3000 steps = 6000 FPE).
     compute_budget: float | None = Field(8000.0, gt=0)
     max_steps: int = Field(3000, ge=1)
     check_every: int = Field(10, ge=1)  # steps between checks of the forget level, the same for every optimizer
