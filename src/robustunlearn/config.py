@@ -170,9 +170,9 @@ class StudySettings(Strict):
     # The default is 10x what adam needed to reach the level in the lr sweep at its chosen lr (200 steps
     # of 4 forward-pass equivalents when NPO's reference ran every step; with the reference cache, 3:
     # NPO's forward and a backward, plus the cache's one pass over the forget set); max_steps caps the
-    # step count (R-AdaZO at 2 per step: 3000 steps = 6000 FPE).
+    # step count above what the budget buys (R-AdaZO at 2 per step: 4000 steps).
     compute_budget: float | None = Field(8000.0, gt=0)
-    max_steps: int = Field(3000, ge=1)
+    max_steps: int = Field(4000, ge=1)
     check_every: int = Field(10, ge=1)  # steps between checks of the forget level, the same for every optimizer
     level_metric: str = "forget_qa_rouge"
     # Retain subjects split, seeded by split_seed, into the unlearning loss's regulariser, the lr
