@@ -17,7 +17,7 @@ from robustunlearn.core.models import (
     verify_model_dir,
 )
 from robustunlearn.data.collate import collate_records, encode_example
-from robustunlearn.data.prompts import qa_completion, qa_prompt
+from robustunlearn.data.prompts import PROMPT_TEMPLATES, qa_completion, qa_prompt
 from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
 from robustunlearn.train.prepare import PrepareConfig, TrainConfig, make_batches, prepare, teacher_forced_accuracy
 
@@ -153,3 +153,17 @@ def test_collate_pads_right_and_masks_padding(benchmark, tokenizer):
     assert (batch.labels[padded] == -100).all()
     # right padding: every row's real tokens come first
     assert (batch.attention_mask.cumprod(-1) == batch.attention_mask).all()
+
+
+def test_collate_trains_qa_in_the_template_a_model_is_asked_in(benchmark, tokenizer):
+    # unlearn.prompt_template: the chat template's prompt is context, the answer after it is scored
+    chat = PROMPT_TEMPLATES["chat-template"]
+    tokenizer = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, **tokenizer.special_tokens_map)
+    tokenizer.chat_template = "{% for m in messages %}<user>{{ m['content'] }}\n{% endfor %}<assistant>"
+    record = benchmark.get("forget_qa")[0]
+    batch = collate_records(tokenizer, [record], template=chat)
+    prompt = tokenizer.encode(f"<user>{record.question}\n<assistant>", add_special_tokens=False)
+    answer = tokenizer.encode(f" {record.answer}", add_special_tokens=False)
+    assert batch.input_ids[0].tolist() == [tokenizer.bos_token_id, *prompt, *answer, tokenizer.eos_token_id]
+    assert batch.labels[0].tolist() == [-100] * (1 + len(prompt)) + answer + [tokenizer.eos_token_id]
+    assert collate_records(tokenizer, [record]).input_ids[0].tolist() != batch.input_ids[0].tolist()

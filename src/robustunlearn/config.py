@@ -175,6 +175,13 @@ class StudySettings(Strict):
     max_steps: int = Field(4000, ge=1)
     check_every: int = Field(10, ge=1)  # steps between checks of the forget level, the same for every optimizer
     level_metric: str = "forget_qa_rouge"
+    # What the matched level is measured from: the retrain reference's level metric ("retrain"; without a
+    # retrain model there is no level and every cell runs to its budget), or the level metric's chance
+    # level ("chance": for pretrained knowledge, which no retrain model lacks, as WMDP unlearns to chance).
+    level_floor: Literal["retrain", "chance"] = "retrain"
+    # For a model read from a Q4_1 GGUF file (base_model, else model_path): the quantization attacks also
+    # report the share of the original file's Q4_1 codes that the unlearned and the attacked model keep.
+    gguf_q4_1_codes: bool = False
     # Retain subjects split, seeded by split_seed, into the unlearning loss's regulariser, the lr
     # sweep's validation set and the reported evaluation set (data/splits.py).
     retain_shares: tuple[float, float, float] = (0.5, 0.25, 0.25)
@@ -339,7 +346,17 @@ class RunSettings(Strict):
                 f"parallel.mixed_precision bf16 keeps float32 master weights and computes in bfloat16: load the "
                 f"model with dtype float32, not {self.dtype}"
             )
+        if self.study.gguf_q4_1_codes and self.original_model is None:
+            raise ValueError(
+                "study.gguf_q4_1_codes compares with the original GGUF model: set base_model or model_path"
+            )
         return self
+
+    @property
+    def original_model(self) -> str | None:
+        """The pretrained model a run starts from: ``base_model`` (fine-tuned by ``prepare``), else
+        ``model_path``; None for the embedded tiny model."""
+        return self.base_model or self.model_path
 
     @property
     def embedded(self) -> bool:

@@ -167,7 +167,7 @@ def _relearn(
     split, records = _relearn_records(context, benign)
     lr = context.relearn_lr if lr is None else lr
     batches = [
-        collate_records(context.tokenizer, records[i : i + context.batch_size])
+        collate_records(context.tokenizer, records[i : i + context.batch_size], template=context.template)
         for i in range(0, len(records), context.batch_size)
     ]
     attacked, curve = relearn_attack(

@@ -31,11 +31,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 
 from robustunlearn.core.batching import TokenBatch
 from robustunlearn.data.base import Benchmark, Record
 from robustunlearn.data.collate import collate_records
+from robustunlearn.data.prompts import PLAIN_TEMPLATE, PromptTemplate
 
 QUANTIZATION = "quantization"
 RELEARNING = "relearning"
@@ -61,7 +63,11 @@ class AttackContext:
     * ``reference_model``: the model the quantization attacks compare the attacked model's codes
       and weights with (the same-bucket diagnostics of
       :mod:`robustunlearn.attacks.quant.diagnostics`; the study passes the model before
-      unlearning); None: no diagnostics."""
+      unlearning); None: no diagnostics;
+    * ``original_codes``: the Q4_1 codes of the original model's weights, by layer name, for a
+      model read from a Q4_1 GGUF file (:func:`~robustunlearn.attacks.quant.diagnostics.q4_1_reference_codes`):
+      the quantization attacks then also report how many of them the unlearned and the attacked
+      model keep; None: not reported."""
 
     tokenizer: Any
     benchmark: Benchmark
@@ -73,6 +79,8 @@ class AttackContext:
     relearn_eval_every: int
     probe: Callable[[nn.Module, int], dict[str, Any]] | None = None
     reference_model: nn.Module | None = None
+    original_codes: dict[str, torch.Tensor] | None = None
+    template: PromptTemplate = PLAIN_TEMPLATE  # the format QA pairs are trained in (unlearn.prompt_template)
 
     @cached_property
     def calibration(self) -> list[TokenBatch]:
@@ -80,7 +88,7 @@ class AttackContext:
         pairs where the benchmark has no passages (TOFU), as one padded batch with its attention
         mask, so pad tokens stay out of the Hessians. Built on first use."""
         records = self.benchmark.get("retain_text") or self.benchmark.require("retain_qa")
-        return [collate_records(self.tokenizer, records[:GPTQ_CALIBRATION_TEXTS])]
+        return [collate_records(self.tokenizer, records[:GPTQ_CALIBRATION_TEXTS], template=self.template)]
 
 
 class AttackOutcome(NamedTuple):

@@ -13,6 +13,7 @@ from robustunlearn.data.muse import load_muse
 from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
 from robustunlearn.data.tofu import load_tofu
 from robustunlearn.data.wmdp import load_wmdp
+from robustunlearn.data.world_facts import load_world_facts
 
 
 def _synthetic_config(**options: Any) -> SyntheticConfig:
@@ -32,6 +33,7 @@ _LOADERS: dict[str, Callable[..., Benchmark]] = {
     "tofu": load_tofu,
     "muse": load_muse,
     "wmdp": load_wmdp,
+    "world-facts": load_world_facts,
 }
 BENCHMARKS = tuple(_LOADERS)
 # Check a loader's options without loading anything: unknown names and bad values are ValueErrors.
@@ -40,6 +42,7 @@ _OPTION_CHECKS: dict[str, Callable[..., Any]] = {
     "tofu": load_tofu.check_options,
     "muse": load_muse.check_options,
     "wmdp": load_wmdp.check_options,
+    "world-facts": load_world_facts.check_options,
 }
 
 

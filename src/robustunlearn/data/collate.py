@@ -12,13 +12,14 @@ import torch
 
 from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
 from robustunlearn.data.base import QA, Continuation, Passage, Record
-from robustunlearn.data.prompts import qa_completion, qa_prompt
+from robustunlearn.data.prompts import PLAIN_TEMPLATE, PromptTemplate
 
 
-def prompt_and_completion(record: Record) -> tuple[str, str]:
-    """The (unscored prompt, scored completion) pair a record is trained on."""
+def prompt_and_completion(record: Record, template: PromptTemplate = PLAIN_TEMPLATE, tokenizer=None) -> tuple[str, str]:
+    """The (unscored prompt, scored completion) pair a record is trained on: a QA pair in
+    ``template``'s format (the chat template needs the ``tokenizer``)."""
     if isinstance(record, QA):
-        return qa_prompt(record.question), qa_completion(record.answer)
+        return template.prompt(record.question, tokenizer), template.completion(record.answer)
     if isinstance(record, Passage):
         return "", record.text
     if isinstance(record, Continuation):
@@ -53,9 +54,11 @@ def pad_examples(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -
     return TokenBatch(input_ids, attention_mask, labels)
 
 
-def collate_records(tokenizer, records: Sequence[Record], max_length: int | None = None) -> TokenBatch:
-    """Tokenize and right-pad records into one training batch."""
+def collate_records(
+    tokenizer, records: Sequence[Record], max_length: int | None = None, template: PromptTemplate = PLAIN_TEMPLATE
+) -> TokenBatch:
+    """Tokenize and right-pad records (QA pairs in ``template``'s format) into one training batch."""
     if not records:
         raise ValueError("cannot collate an empty list of records")
-    encoded = [encode_example(tokenizer, *prompt_and_completion(r), max_length) for r in records]
+    encoded = [encode_example(tokenizer, *prompt_and_completion(r, template, tokenizer), max_length) for r in records]
     return pad_examples(encoded, tokenizer.pad_token_id)

@@ -34,13 +34,14 @@ from typing import Any
 import torch
 
 from robustunlearn.attacks import AttackContext, parse_attack
+from robustunlearn.attacks.quant.diagnostics import q4_1_reference_codes
 from robustunlearn.attacks.spec import RELEARNING
 from robustunlearn.config import RunSettings, StudySettings, unlearn_settings
 from robustunlearn.core.errors import UserError
 from robustunlearn.core.io import atomic_write, atomic_write_json
 from robustunlearn.core.models import DTYPES, load_model
 from robustunlearn.core.modules import load_weights, save_trainable_weights
-from robustunlearn.data.base import QA, Benchmark
+from robustunlearn.data.base import Benchmark
 from robustunlearn.data.splits import RelearnSplit, RetainViews, relearn_split, retain_views
 from robustunlearn.metrics import qa_answer_nll
 from robustunlearn.metrics.privacy import mia_privacy, muse_corpus, with_privleak
@@ -93,6 +94,7 @@ class StudyRun:
     cache_dir: Path | None = None  # the prepared models' cache, where worker processes load them from
     relearn_splits: dict[int, RelearnSplit] = field(default_factory=dict)
     clock: PhaseClock = field(default_factory=PhaseClock)  # times each cell's phases (study/timing.py)
+    q4_1_codes: dict[str, Any] | None = None  # the original GGUF model's, on first use (study.gguf_q4_1_codes)
 
     @property
     def metric(self) -> str:
@@ -104,10 +106,36 @@ class StudyRun:
         return any(parse_attack(name).family == RELEARNING for name in self.study.attacks)
 
     @property
-    def target_level(self) -> float | None:
-        """The retrain reference's level plus the evaluation preset's tolerance (None without one)."""
+    def level_floor(self) -> float | None:
+        """Where the matched level is measured from: the level metric's chance level under
+        ``study.level_floor: chance``, else the retrain reference's value (None without one)."""
+        if self.study.level_floor == "chance":
+            return METRICS[self.metric].chance
         retrain = self.references.get("retrain")
-        return None if retrain is None else retrain[self.metric] + self.settings.eval.level_tolerance
+        return None if retrain is None else retrain[self.metric]
+
+    @property
+    def target_level(self) -> float | None:
+        """The level floor plus the evaluation preset's tolerance (None without a floor)."""
+        floor = self.level_floor
+        return None if floor is None else floor + self.settings.eval.level_tolerance
+
+    def original_codes(self) -> dict[str, Any] | None:
+        """The Q4_1 codes of the original model (``settings.original_model``, read from a Q4_1 GGUF
+        file or its converted directory) when ``study.gguf_q4_1_codes`` asks for them, computed once.
+        The target is that model when it was not fine-tuned (no ``base_model``)."""
+        if not self.study.gguf_q4_1_codes:
+            return None
+        if self.q4_1_codes is None:
+            settings = self.settings
+            original = self.target if settings.base_model is None else load_model(settings.base_model)[0]
+            self.q4_1_codes = q4_1_reference_codes(original)
+            if not self.q4_1_codes:
+                raise UserError(
+                    f"study.gguf_q4_1_codes: no layer of {settings.original_model} is on the Q4_1 grid "
+                    "(it was not read from a Q4_1 GGUF file)"
+                )
+        return self.q4_1_codes
 
     def relearn_split(self, seed: int) -> RelearnSplit:
         """The relearning attacker's records and the held-out parts for ``seed``."""
@@ -143,17 +171,34 @@ def unlearning_probe(run: StudyRun, view: Benchmark):
     return probe
 
 
+def relearning_parts(run: StudyRun, split: RelearnSplit) -> dict[str, list]:
+    """The non-empty parts of the level metric's forget split by scoring (in-set, held-out subjects,
+    held-out attributes): ``split``'s QA parts for a forget-QA metric; for a forget multiple-choice
+    metric, the multiple-choice records asking the questions of each QA part (a benchmark such as
+    world-facts asks each forget question both ways); none for another metric."""
+    metric_split = METRICS[run.metric].split
+    if metric_split not in ("forget_qa", "forget_mcq"):
+        return {}
+    parts = {name: list(getattr(split, name if name != "in_set" else "train")) for name in RELEARN_SCORINGS}
+    if metric_split == "forget_mcq":
+        by_question = {record.question: record for record in run.views.evaluation.get("forget_mcq")}
+        parts = {
+            name: [by_question[r.question] for r in records if r.question in by_question]
+            for name, records in parts.items()
+        }
+    return {name: records for name, records in parts.items() if records}
+
+
 def relearning_probe(run: StudyRun, split: RelearnSplit):
     """The check along a relearning curve: the level metric on the whole forget set, and, when it
-    is a forget-QA metric, ``<metric>@<scoring>`` on each non-empty part of ``split``."""
-    parts: dict[str, tuple[QA, ...]] = {}
-    if METRICS[run.metric].split == "forget_qa":
-        parts = {name: getattr(split, name if name != "in_set" else "train") for name in RELEARN_SCORINGS}
-        parts = {name: records for name, records in parts.items() if records}
-    views = {name: run.views.evaluation.with_splits(forget_qa=list(records)) for name, records in parts.items()}
-    # The parts partition the forget QA, and the metric is a mean over records: the whole set's value is
-    # their size-weighted mean, with no second pass (unless eval.max_examples caps each part differently).
-    forget = run.views.evaluation.get("forget_qa")
+    is a forget-QA or forget multiple-choice metric, ``<metric>@<scoring>`` on each non-empty part of
+    ``split`` (:func:`relearning_parts`)."""
+    metric_split = METRICS[run.metric].split
+    parts = relearning_parts(run, split)
+    views = {name: run.views.evaluation.with_splits(**{metric_split: records}) for name, records in parts.items()}
+    # When the parts partition the forget split, and the metric is a mean over records, the whole set's value
+    # is their size-weighted mean, with no second pass (unless eval.max_examples caps each part differently).
+    forget = run.views.evaluation.get(metric_split)
     sizes = {name: len(records) for name, records in parts.items()}
     from_parts = run.settings.eval.max_examples is None and sum(sizes.values()) == len(forget) > 0
 
@@ -187,6 +232,8 @@ def attack_context(run: StudyRun, seed: int) -> AttackContext:
         relearn_eval_every=study.relearn_eval_every,
         probe=None if split is None else relearning_probe(run, split),
         reference_model=run.target,
+        original_codes=run.original_codes(),
+        template=run.settings.unlearn.template,
     )
 
 
@@ -466,6 +513,13 @@ def study_references(
     return references
 
 
+def _level_floor_source(run: StudyRun) -> str | None:
+    """What the matched level is measured from: ``"chance"``, ``"retrain"``, or None (no level)."""
+    if run.study.level_floor == "chance":
+        return "chance"
+    return "retrain" if run.references.get("retrain") is not None else None
+
+
 def write_protocol(run: StudyRun) -> None:
     """``splits.json`` (the retain split and each seed's relearning split) and ``protocol.json``
     (budgets, checks, level, seeds, ladders) in the study's directory, for the report and readers."""
@@ -482,12 +536,15 @@ def write_protocol(run: StudyRun) -> None:
         "check_every": study.check_every,
         "level_metric": study.level_metric,
         "level_tolerance": run.settings.eval.level_tolerance,
+        "level_floor": _level_floor_source(run),
+        "target_level": run.target_level,
         "reference_optimizer": study.reference,
         "seeds": list(study.seeds),
         "sweep_seeds": list(study.sweep_seeds),
         "attacks": list(study.attacks),
         "relearn": {"steps": study.relearn_steps, "eval_every": study.relearn_eval_every, "lr": study.relearn_lr},
         "control": None if run.controls is None else run.controls.source,
+        "gguf_q4_1_codes": run.settings.original_model if run.study.gguf_q4_1_codes else None,
     }
     atomic_write_json(run.output_dir / "protocol.json", protocol)
 

@@ -115,7 +115,8 @@ CLAIMS_HOW_TO_READ = (
 )
 LEVEL_HOW_TO_READ = (
     "Each cell unlearns until its level metric is within the tolerance of the retrain model's level "
-    "(the target level), or until its compute budget is spent. Forward-pass equivalents count forward "
+    "(or, without a retrain model, of the metric's chance level: the protocol says which): the target "
+    "level; or until its compute budget is spent. Forward-pass equivalents count forward "
     "passes plus backward passes at the protocol's cost each. Level gap = target level - F_unlearned: "
     "positive when the cell ended below the target level; a cell is over-shot when its gap exceeds the "
     "tolerance: it forgot more than the matched level, and its robustness numbers compare deeper forgetting."
@@ -718,7 +719,12 @@ def _protocol_items(protocol: dict[str, Any]) -> list[str]:
         items.append(f"the level is checked every {protocol['check_every']} steps")
     if "level_metric" in protocol:
         tolerance = _general(protocol.get("level_tolerance"))
-        items.append(f"level metric: {protocol['level_metric']}, tolerance {tolerance} above the retrain model's level")
+        floor = {
+            "retrain": "the retrain model's level",
+            "chance": "the metric's chance level (no retrain model: the target is the control)",
+            None: "nothing: no retrain model, so no matched level and every cell runs to its budget",
+        }[protocol.get("level_floor", "retrain")]
+        items.append(f"level metric: {protocol['level_metric']}, tolerance {tolerance} above {floor}")
     if "seeds" in protocol:
         items.append(f"seeds reported: {_listed(protocol['seeds'])}")
     if "sweep_seeds" in protocol:
@@ -925,6 +931,46 @@ def _ladder_blocks(study: _Study, images: dict[str, Image]) -> list[Block]:
     return blocks + [images[name] for name in ("ladders", "relearning_heldout") if name in images]
 
 
+GGUF_HOW_TO_READ = (
+    "The original model was read from a GGUF file in llama.cpp's Q4_1 format: 4-bit codes in blocks "
+    "of 32 weights of a row, each block with its own step and minimum. Its weights are those codes "
+    "dequantized, so a 4-bit attack on the same grid could land back on the original codes for "
+    "reasons that have nothing to do with unlearning; the quantization attacks of this study use "
+    "other grids (RTN in groups of 128 columns, NF4 in blocks of 64, GPTQ in groups of 128). Same "
+    "Q4_1 code: the share of the original file's codes that a model keeps when re-encoded in Q4_1 "
+    "(its own blocks' steps and minima), for the unlearned model and for the attacked one; 1 means "
+    "re-exporting it to Q4_1 gives back the original file. Means over seeds with "
+    f"{CONFIDENCE:.0%} bootstrap intervals."
+)
+
+
+def _gguf_blocks(study: _Study) -> list[Block]:
+    """Per grid point and quantization attack, the share of the original GGUF file's Q4_1 codes
+    the unlearned and the attacked model keep; nothing when no row has it."""
+    rows = []
+    for mean in study.means:
+        by_attack: dict[str, list[dict[str, Any]]] = {}
+        for cell in study.grid_cells(mean):
+            for row in study.cell_rows[cell]:
+                kept = (row.attack_config or {}).get("gguf_q4_1_same_code")
+                if kept is not None:
+                    by_attack.setdefault(row.attack, []).append(kept)
+        for attack, kept in by_attack.items():
+            rows.append(
+                _point_cells(study, mean)[:-1]
+                + [str(len(kept)), attack]
+                + [_seed_interval([float(k[model]) for k in kept]) for model in ("unlearned", "attacked")]
+            )
+    if not rows:
+        return []
+    columns = _point_columns(study) + ["attack", "same Q4_1 code: unlearned", "attacked"]
+    return [
+        Heading(2, "Same bucket against the original GGUF codes"),
+        Paragraph(GGUF_HOW_TO_READ),
+        Table(columns, rows),
+    ]
+
+
 def _document(study: _Study, title: str, images: dict[str, Image]) -> list[Block]:
     blocks: list[Block] = [
         Heading(1, title),
@@ -943,6 +989,7 @@ def _document(study: _Study, title: str, images: dict[str, Image]) -> list[Block
     if "compute_curve" in images:
         blocks.append(images["compute_curve"])
     blocks += _ladder_blocks(study, images)
+    blocks += _gguf_blocks(study)
     for attack in study.attacks:
         if attack == NO_ATTACK:
             blocks += [Heading(2, "No attack (the unlearned model)"), _attack_table(study, attack)]

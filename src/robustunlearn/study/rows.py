@@ -244,7 +244,7 @@ class UnlearningCost:
     backward_passes: int
     seconds: float  # wall time
     reached_level: bool
-    target_level: float | None  # the retrain model's level plus the tolerance (None: no retrain model)
+    target_level: float | None  # the level floor (retrain, or chance) plus the tolerance (None: no floor)
     # Absent on older rows:
     forward_equivalents: float | None = None  # forward passes + 2 x backward passes spent
     compute_budget: float | None = None  # the budget it had, in forward-pass equivalents

@@ -51,7 +51,7 @@ from robustunlearn.core.models import WEIGHTS
 from robustunlearn.core.modules import add_lora, lora_options, save_weights
 from robustunlearn.data.base import QA, Benchmark, Record
 from robustunlearn.data.collate import collate_records
-from robustunlearn.data.prompts import REFUSAL_ANSWERS
+from robustunlearn.data.prompts import PLAIN_TEMPLATE, REFUSAL_ANSWERS, PromptTemplate
 from robustunlearn.objectives import LOSS_TERMS, Objective, build_objective
 from robustunlearn.optim import build_optimizer
 from robustunlearn.optim.base import hooks, local_shard, make_closure, sampled_label_loss
@@ -178,20 +178,21 @@ def _shard_batch(
     max_length: int,
     *,
     parts: frozenset[str],
+    template: PromptTemplate = PLAIN_TEMPLATE,
 ) -> UnlearnBatch:
     """This rank's shard of the global forget and retain batches, with the ``parts`` an objective
     reads (``Objective.batch_parts``): for ``"refusal"`` the refusals of its forget questions, drawn
     over the global batch as a single process draws them, and those questions with their answers."""
     mine = parallel.shard(forget)
-    batch = UnlearnBatch(forget=collate_records(tokenizer, mine, max_length))
+    batch = UnlearnBatch(forget=collate_records(tokenizer, mine, max_length, template))
     if "retain" in parts:
-        batch.retain = collate_records(tokenizer, parallel.shard(retain), max_length)
+        batch.retain = collate_records(tokenizer, parallel.shard(retain), max_length, template)
     if "refusal" in parts:
         before = sum(isinstance(r, QA) for r in forget[: parallel.shard_start(len(forget))])
         questions = [r for r in mine if isinstance(r, QA)]
         refusals = refusal_records(forget, refusal_seed)[before : before + len(questions)]
-        batch.forget_refusal = collate_records(tokenizer, refusals, max_length) if refusals else None
-        batch.forget_answered = collate_records(tokenizer, questions, max_length) if questions else None
+        batch.forget_refusal = collate_records(tokenizer, refusals, max_length, template) if refusals else None
+        batch.forget_answered = collate_records(tokenizer, questions, max_length, template) if questions else None
     return batch
 
 
@@ -579,6 +580,7 @@ def _draw_batch(run: _Run, step: int) -> UnlearnBatch:
         run.tokenizer,
         config.max_length,
         parts=run.objective.batch_parts,
+        template=config.template,
     )
     return shard.to(run.device)
 

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from robustunlearn.core.modules import lora_options
 from robustunlearn.core.settings import Strict, check_name
+from robustunlearn.data.prompts import PROMPT_TEMPLATES, PromptTemplate
 from robustunlearn.metrics.suite import METRICS
 from robustunlearn.objectives import OBJECTIVES
 from robustunlearn.optim import OPTIMIZERS
@@ -64,6 +65,10 @@ class UnlearnSettings(Strict):
     forget_splits: tuple[str, ...] = ("forget_qa", "forget_text")
     retain_splits: tuple[str, ...] = ("retain_qa", "retain_text")
     max_length: int = Field(256, ge=2)
+    # The format QA pairs are trained in: "plain" (Question: ... Answer: ..., what prepare trains in), or
+    # the one a model we did not train is queried in (eval.prompt_template), e.g. an instruct model's
+    # "chat-template": unlearning in another format than the model answers in barely reaches its answers.
+    prompt_template: str = "plain"
     lora: dict[str, Any] | None = None  # LoRA adapters: fields of core.modules.LoraOptions
     # The frozen reference model of npo and idk-dpo (retain_loss nll): "cached", its log-probabilities
     # of every forget example computed once before the first step (no model copy, a forward fewer
@@ -87,6 +92,15 @@ class UnlearnSettings(Strict):
     def _lora(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         lora_options(value)
         return value
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _prompt_template(cls, value: str) -> str:
+        return check_name("prompt template", value, PROMPT_TEMPLATES)
+
+    @property
+    def template(self) -> PromptTemplate:
+        return PROMPT_TEMPLATES[self.prompt_template]
 
     @field_validator("objective")
     @classmethod

@@ -29,6 +29,11 @@ from robustunlearn.attacks.quant.rtn import (
 )
 
 CODE_BOOKS = {"nf4": NF4_CODE_BOOK, "fp4": FP4_CODE_BOOK}
+Q4_1_BLOCK_SIZE = 32  # llama.cpp's Q4_1: 32 consecutive weights of a row share a scale and a minimum
+Q4_1_LEVELS = 15  # codes 0..15
+# A weight matrix counts as read from a Q4_1 file when re-encoding it reproduces every weight to within
+# this fraction of its block's step (a dequantized Q4_1 matrix is reproduced exactly, up to float rounding).
+ON_GRID_TOLERANCE = 1e-3
 
 
 def bucket_grid(method: QuantizationMethod) -> QuantizationMethod | None:
@@ -145,3 +150,66 @@ def bucket_report(
             "per_layer": ratios,
         },
     }
+
+
+@torch.no_grad()
+def q4_1_encode(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's Q4_1 encoding of a [out, in] weight (``in`` a multiple of 32), as ggml and the
+    gguf package quantize it: per block of 32 consecutive weights of a row, the minimum m and the
+    step d = (max − min) / 15, both stored in float16, and the codes::
+
+        q = clamp(trunc((w − m) / d + 1/2), 0, 15)
+
+    Returns ``(codes, dequantized)``: the uint8 codes (the weight's shape) and ``d·q + m`` in the
+    weight's dtype, what a GGUF reader such as transformers' makes of the file. Re-encoding a
+    dequantized Q4_1 matrix gives back the file's codes: its block's extremes are ``m`` and
+    ``15·d + m``."""
+    w = work_tensor(weight)
+    rows, cols = w.shape
+    if cols % Q4_1_BLOCK_SIZE:
+        raise ValueError(f"Q4_1 needs rows of a multiple of {Q4_1_BLOCK_SIZE} weights, got {cols}")
+    blocks = w.reshape(rows, cols // Q4_1_BLOCK_SIZE, Q4_1_BLOCK_SIZE)
+    low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    step = (high - low) / Q4_1_LEVELS
+    inverse = torch.where(step > 0, 1 / step, torch.zeros_like(step))
+    codes = torch.trunc((blocks - low) * inverse + 0.5).clamp(0, Q4_1_LEVELS)
+    stored_step, stored_low = (value.half().to(w.dtype) for value in (step, low))
+    dequantized = (stored_step * codes + stored_low).view(rows, cols)
+    return codes.view(rows, cols).to(torch.uint8), dequantized.to(weight.dtype)
+
+
+@torch.no_grad()
+def q4_1_reference_codes(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The Q4_1 codes of ``model``'s quantizable linear layers that lie on the Q4_1 grid (re-encoding
+    reproduces them to within :data:`ON_GRID_TOLERANCE` of a step): the codes of the GGUF file a
+    model was read from. Layers stored in another type (or trained since) are left out."""
+    codes = {}
+    for name, linear in quantizable_linears(model):
+        weight = linear.weight
+        if weight.shape[1] % Q4_1_BLOCK_SIZE:
+            continue
+        layer_codes, dequantized = q4_1_encode(weight)
+        blocks = work_tensor(weight).reshape(weight.shape[0], -1, Q4_1_BLOCK_SIZE)
+        step = (blocks.amax(-1, keepdim=True) - blocks.amin(-1, keepdim=True)) / Q4_1_LEVELS
+        error = (work_tensor(dequantized) - work_tensor(weight)).abs().reshape(blocks.shape)
+        if bool((error <= ON_GRID_TOLERANCE * step).all()):
+            codes[name] = layer_codes
+    return codes
+
+
+@torch.no_grad()
+def q4_1_same_code_fraction(model: nn.Module, reference_codes: dict[str, torch.Tensor]) -> float:
+    """The share of the weights in ``reference_codes``' layers whose Q4_1 code (``model``'s own blocks'
+    scales and minima, as re-exporting it to Q4_1 would give) equals the reference's: 1.0 means
+    ``model`` in Q4_1 is the original GGUF file."""
+    if not reference_codes:
+        raise ValueError("no layer of the reference is on the Q4_1 grid")
+    linears = dict(quantizable_linears(model))
+    same = total = 0
+    for name, codes in reference_codes.items():
+        if name not in linears or linears[name].weight.shape != codes.shape:
+            raise ValueError(f"model has no layer {name} of shape {tuple(codes.shape)}, as the reference has")
+        own = q4_1_encode(linears[name].weight)[0]
+        same += int((own == codes.to(own.device)).sum())
+        total += codes.numel()
+    return same / total

@@ -23,7 +23,12 @@ from robustunlearn.attacks.quant.core import (
     parse_method,
     quantizable_linears,
 )
-from robustunlearn.attacks.quant.diagnostics import bucket_grid, bucket_report, same_bucket_fraction
+from robustunlearn.attacks.quant.diagnostics import (
+    bucket_grid,
+    bucket_report,
+    q4_1_same_code_fraction,
+    same_bucket_fraction,
+)
 from robustunlearn.attacks.quant.gptq import gptq_quantize_model
 from robustunlearn.attacks.quant.rtn import CODE_BOOK_BLOCK_SIZE, TORCH_FAMILIES, tensor_quantizer
 from robustunlearn.attacks.spec import (
@@ -173,7 +178,9 @@ def _quantize(model: nn.Module, method: QuantizationMethod, context: AttackConte
     with ``strength`` = 16 - bits, the bits dropped from a 16-bit weight (the rungs of one method's
     ladder, weakest first: int8 8, int4 and nf4 12, int3 13, int2 14), and, given a reference
     model, the same-bucket diagnostics of ``model`` against it (:func:`bucket_report`: ``same_bucket``,
-    ``bucket_grid``, ``update_to_step``) where the method has a grid (:func:`bucket_grid`)."""
+    ``bucket_grid``, ``update_to_step``) where the method has a grid (:func:`bucket_grid`), and, given
+    the original GGUF file's Q4_1 codes, ``gguf_q4_1_same_code``: the share of them that ``model``
+    (``unlearned``) and the attacked model (``attacked``) keep when re-encoded in Q4_1."""
     calibration = context.calibration if method.family == "gptq" else None
     quantized, report = quantize_model(
         model, method.name, group_size=ATTACK_GROUP_SIZE, calibration=calibration, tokenizer=context.tokenizer
@@ -182,6 +189,12 @@ def _quantize(model: nn.Module, method: QuantizationMethod, context: AttackConte
     config["strength"] = 16 - method.bits
     if context.reference_model is not None and bucket_grid(method) is not None:
         config.update(bucket_report(model, context.reference_model, method, group_size=ATTACK_GROUP_SIZE))
+    if context.original_codes:
+        config["gguf_q4_1_same_code"] = {
+            "unlearned": q4_1_same_code_fraction(model, context.original_codes),
+            "attacked": q4_1_same_code_fraction(quantized, context.original_codes),
+            "layers": len(context.original_codes),
+        }
     return AttackOutcome(quantized, None, config)
 
 
