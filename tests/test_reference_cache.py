@@ -55,8 +55,13 @@ def test_the_cache_holds_what_the_reference_computes_in_any_batch(synthetic_setu
 
 @pytest.mark.parametrize(
     "values",
-    [{"objective": "npo"}, {"objective": "idk-dpo"}, {"objective": "npo", "lora": {"rank": 2}}],
-    ids=["npo", "idk-dpo", "npo-lora"],
+    [
+        {"objective": "npo"},
+        {"objective": "idk-dpo"},
+        {"objective": "npo", "lora": {"rank": 2}},
+        {"objective": "npo", "prompt_template": "llama2-chat"},  # the cache encodes in the run's format
+    ],
+    ids=["npo", "idk-dpo", "npo-lora", "npo-chat-format"],
 )
 def test_cached_and_live_references_give_the_same_losses_and_weights(run_unlearn, fresh_model, values):
     runs = {}

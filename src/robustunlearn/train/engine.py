@@ -531,6 +531,7 @@ def _cache_reference(run: _Run) -> None:
             max_length=run.config.max_length,
             batch_size=run.config.batch_size,
             parallel=run.parallel,
+            template=run.config.template,
         )
     run.passes["forward"] += forwards
 

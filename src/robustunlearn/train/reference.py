@@ -25,6 +25,7 @@ from robustunlearn.core.batching import TokenBatch
 from robustunlearn.core.distributed import DataParallel
 from robustunlearn.data.base import Record
 from robustunlearn.data.collate import encode_example, pad_examples, prompt_and_completion
+from robustunlearn.data.prompts import PLAIN_TEMPLATE, PromptTemplate
 from robustunlearn.objectives.common import sequence_logprobs
 
 REFERENCE_CACHE = "reference.safetensors"  # in each checkpoint of a run that caches its reference
@@ -80,8 +81,10 @@ def build_reference_cache(
     max_length: int,
     batch_size: int,
     parallel: DataParallel,
+    template: PromptTemplate = PLAIN_TEMPLATE,
 ) -> tuple[ReferenceCache, int]:
-    """The cache of ``records`` (encoded as the engine's batches encode them) under ``frozen``, and
+    """The cache of ``records`` (encoded as the engine's batches encode them: in ``template``'s
+    format) under ``frozen``, and
     the forward passes it counts on each rank.
 
     Examples are taken in order, duplicates once, in batches of ``batch_size``: the global batch,
@@ -94,7 +97,7 @@ def build_reference_cache(
     as a compute budget needs to stop them at the same step."""
     examples: dict[bytes, tuple[list[int], list[int]]] = {}
     for record in records:
-        ids, labels = encode_example(tokenizer, *prompt_and_completion(record), max_length)
+        ids, labels = encode_example(tokenizer, *prompt_and_completion(record, template, tokenizer), max_length)
         examples.setdefault(_key(ids, labels), (ids, labels))
     keys = list(examples)
     chunks = [keys[start : start + batch_size] for start in range(0, len(keys), batch_size)]
