@@ -304,6 +304,7 @@ def unlearn_cell(run: StudyRun, cell: Cell, view: Benchmark, directory: Path):
         evaluate=unlearning_probe(run, view),
         should_stop=reached,
         console=run.console,
+        progress=run.console is not None,  # cells in worker processes run quietly: the study reports each as it ends
     )
     start = {"step": 0, "forward_equivalents": 0.0, metric: run.references["target"][metric]}
     curve = [start] + [
