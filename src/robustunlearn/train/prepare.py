@@ -71,6 +71,9 @@ class TrainConfig:
     target_accuracy: float = 0.95
     check_every_epochs: int = 3
     max_length: int = 256
+    # Matrix products in bfloat16 under torch.autocast (weights, AdamW state and the accuracy checks
+    # stay float32): about twice as fast on CPUs with AVX512-BF16 or AMX and on GPUs, slower elsewhere.
+    bf16_autocast: bool = False
     seed: int = 0
 
 
@@ -201,7 +204,8 @@ def train_lm(
         epoch_loss = 0.0
         for index in order:
             batch = batches[index]
-            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.bf16_autocast):
+                loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -223,6 +227,46 @@ def train_lm(
         "seconds": round(time.perf_counter() - start, 1),
         "train_accuracy_teacher_forced": accuracy,
     }
+
+
+@dataclass
+class EpochClock:
+    """Times training epochs and estimates the time left were training to run all ``max_epochs``
+    (it stops earlier when a check reaches the target accuracy, so the estimate is an upper bound)."""
+
+    max_epochs: int
+    clock: Callable[[], float] = time.perf_counter
+    started: float = field(init=False)
+    last: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.started = self.last = self.clock()
+
+    def lap(self, epoch: int) -> tuple[float, float]:
+        """The seconds of the epoch that just ended (its accuracy check included) and the seconds
+        left at the mean epoch time so far."""
+        now = self.clock()
+        seconds, self.last = now - self.last, now
+        return seconds, (now - self.started) / epoch * (self.max_epochs - epoch)
+
+
+def format_duration(seconds: float) -> str:
+    """``45 s`` under a minute, ``4 min`` under an hour (rounded), ``1 h 05 min`` beyond."""
+    if seconds < 59.5:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def epoch_line(
+    name: str, epoch: int, max_epochs: int, seconds: float, loss: float, accuracy: float | None, left: float
+) -> str:
+    """One line per training epoch: ``target: epoch 7/30 12.3 s, loss 0.412, QA accuracy 81.2%, ETA 4 min``
+    (the accuracy on check epochs only; no ETA after the last epoch)."""
+    line = f"{name}: epoch {epoch}/{max_epochs} {seconds:.1f} s, loss {loss:.3f}"
+    if accuracy is not None:
+        line += f", QA accuracy {accuracy:.1%}"
+    return line + (f", ETA {format_duration(left)}" if epoch < max_epochs else "")
 
 
 def _checksums(directory: Path) -> dict[str, str]:
@@ -319,12 +363,14 @@ def _build(config: PrepareConfig, directory: Path, console) -> Prepared:
             console=console,
         ) as progress:
             task = progress.add_task(name, total=config.train.max_epochs, loss=float("nan"), acc="-")
+            epoch_clock = EpochClock(config.train.max_epochs)
 
             def on_epoch(epoch: int, loss: float, accuracy: float | None) -> None:
                 fields = {"loss": loss} if accuracy is None else {"loss": loss, "acc": f"{accuracy:.2%}"}
                 progress.update(task, completed=epoch, **fields)
-                if accuracy is not None and not console.is_terminal:  # logs get a line per check
-                    console.print(f"{name}: epoch {epoch} loss {loss:.3f} QA accuracy {accuracy:.2%}")
+                seconds, left = epoch_clock.lap(epoch)
+                line = epoch_line(name, epoch, config.train.max_epochs, seconds, loss, accuracy, left)
+                console.print(line, highlight=False, soft_wrap=True)
 
             stats = train_lm(model, tokenizer, training_records(benchmark, roles), questions, config.train, on_epoch)
         stats["parameters"] = count_parameters(model)
