@@ -103,7 +103,8 @@ class PrepareConfig:
             "benchmark": self.benchmark,
             "data": asdict(self.data) if self.benchmark == "synthetic" else dict(self.benchmark_options),
             "model": {"base_model": self.base_model, "dtype": self.dtype} if self.base_model else asdict(self.model),
-            "train": asdict(self.train),
+            # bf16_autocast off is left out: entries prepared before the option existed keep their key
+            "train": {k: v for k, v in asdict(self.train).items() if k != "bf16_autocast" or v},
         }
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
