@@ -10,11 +10,14 @@ import torch
 from rich.console import Console
 
 from robustunlearn.core.models import TinyModelConfig, build_tiny_model, load_model, train_tokenizer
+from robustunlearn.data.base import Benchmark
 from robustunlearn.data.collate import prompt_and_completion
 from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
+from robustunlearn.study.loading import prepare_summary_table
 from robustunlearn.train.prepare import (
     EpochClock,
     PrepareConfig,
+    Prepared,
     TrainConfig,
     epoch_line,
     format_duration,
@@ -91,3 +94,18 @@ def test_bf16_autocast_changes_the_training_arithmetic_not_the_weights_dtype(ben
         trained[bf16] = torch.cat([parameter.detach().flatten() for parameter in model.parameters()])
         assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
     assert not torch.equal(trained[False], trained[True])
+
+
+def test_the_summary_table_shows_a_dash_for_a_split_the_benchmark_lacks(tmp_path):
+    stats = {
+        "parameters": 1000,
+        "epochs": 2,
+        "seconds": 3.0,
+        "qa_accuracy_teacher_forced": {"forget": 0.9, "retain": 1},
+    }
+    report = {"key": "k", "target": stats, "retrain": stats}
+    prepared = Prepared(tmp_path, Benchmark("tofu", "1", {}), tmp_path, tmp_path, report)
+    output = io.StringIO()
+    Console(file=output, width=200).print(prepare_summary_table(prepared))
+    rows = [line for line in output.getvalue().splitlines() if line.lstrip("│ ").startswith(("target", "retrain"))]
+    assert len(rows) == 2 and all("90.0%" in row and "100.0%" in row and " - " in row for row in rows)
