@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from robustunlearn.cli import main
+from robustunlearn.config import TOFU_TINY_RECIPE, packaged_recipe
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
@@ -122,3 +123,21 @@ def test_claims_and_a_recipe_together_and_a_zero_budget_are_one_line_errors(monk
     code, output = run_cli(monkeypatch, capsys, "run", "--budget", "0", "--output-dir", output_dir)
     assert code == 2
     assert_one_line_error(output, "compute_budget")
+
+
+def test_a_dry_run_names_the_tofu_recipe_for_the_tiny_model_and_none_for_a_given_model(monkeypatch, capsys, tmp_path):
+    tofu = ["study", "--benchmark", "tofu", "--data-dir", str(tmp_path), "--forget-split", "forget01"]
+    monkeypatch.setattr(sys, "argv", ["robustunlearn", *tofu, "--output-dir", str(tmp_path / "o"), "--dry-run"])
+    main()
+    captured = capsys.readouterr()
+    assert f"base recipe: {packaged_recipe(TOFU_TINY_RECIPE)}" in captured.err
+    assert json.loads(captured.out)["train"]["bf16_autocast"] is True  # a value only the TOFU recipe sets
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    monkeypatch.setattr(
+        sys, "argv", ["robustunlearn", *tofu, "--model", str(model), "--output-dir", str(tmp_path / "o"), "--dry-run"]
+    )
+    main()
+    captured = capsys.readouterr()
+    assert "base recipe" not in captured.err and json.loads(captured.out)["train"]["bf16_autocast"] is False

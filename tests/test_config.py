@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from robustunlearn.config import check_training_options, embedded_recipe, load_settings, unlearn_settings
+from robustunlearn.config import (
+    check_training_options,
+    embedded_recipe,
+    load_settings,
+    tofu_tiny_recipe,
+    unlearn_settings,
+)
 from robustunlearn.core.errors import UserError
 
 
@@ -56,11 +62,36 @@ def test_the_tuned_recipe_is_the_base_layer_of_embedded_runs_only(tmp_path):
     embedded = load_settings()
     assert embedded.tuned.learning_rates == tuned["learning_rates"]
     assert unlearn_settings(embedded).objective_options == tuned["objective_options"]["npo"]
-    for other in ({"model_path": "some/model"}, {"base_model": "some/model"}, {"benchmark": "tofu"}):
+    for other in ({"model_path": "some/model"}, {"base_model": "some/model"}, {"benchmark": "muse"}):
         assert load_settings(None, other).tuned.learning_rates == {}, other
     # a recipe's own tuned value wins over the shipped one, the others stay
     mine = load_settings(recipe(tmp_path, "tuned: {learning_rates: {npo: {adam: 0.002}}}"))
     assert mine.tuned.learning_rates == {"npo": {**tuned["learning_rates"]["npo"], "adam": 0.002}}
+
+
+TOFU = {"benchmark": "tofu", "benchmark_options": {"data_dir": "tofu", "forget_split": "forget01"}}
+
+
+def test_a_tofu_run_of_the_tiny_model_starts_from_the_tofu_recipe_whose_every_value_is_taken():
+    shipped = tofu_tiny_recipe()
+    settings = load_settings(None, TOFU).model_dump()
+    for section, values in shipped.items():
+        for name, value in values.items():
+            taken = settings[section][name]
+            assert (list(taken) if isinstance(taken, tuple) else taken) == value, f"{section}.{name}"
+    assert {"model", "train", "study", "tuned"} <= set(shipped)
+
+
+def test_the_tofu_recipe_is_not_used_for_a_given_model_and_loses_to_the_run_s_recipe_and_flags(tmp_path):
+    defaults = load_settings(None, {"benchmark": "muse"})
+    for given in ({"model_path": "some/model"}, {"base_model": "some/model"}):
+        settings = load_settings(None, {**TOFU, **given})
+        for section in ("model", "train", "study", "tuned"):
+            assert getattr(settings, section) == getattr(defaults, section), (given, section)
+    mine = load_settings(recipe(tmp_path, "train: {max_epochs: 3}\nstudy: {seeds: [5]}\n"), {**TOFU, "seed": 2})
+    shipped = tofu_tiny_recipe()
+    assert (mine.train.max_epochs, mine.study.seeds, mine.seed) == (3, (5,), 2)
+    assert mine.train.lr == shipped["train"]["lr"] and mine.model.vocab_size == shipped["model"]["vocab_size"]
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ def test_tuned_defaults_apply_to_the_embedded_benchmark_only_and_settings_win(mo
     pinned = load_settings(None, {"unlearn": {"optimizer_options": {"zo_lr": 2e-5}}})
     assert optimizer_options(pinned, "hybrid", "npo", swept) == {"zo_lr": 2e-5, "every": 5}  # the recipe wins
 
-    for other in ({"model_path": "some/model"}, {"base_model": "some/model"}, {"benchmark": "tofu"}):
+    for other in ({"model_path": "some/model"}, {"base_model": "some/model"}, {"benchmark": "muse"}):
         settings = load_settings(None, other)
         assert learning_rate(settings, "adam", "npo") == OPTIMIZERS["adam"].default_lr, other
         assert objective_options(settings, "npo") == {} and optimizer_options(settings, "hybrid", "npo") == {}, other

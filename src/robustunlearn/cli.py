@@ -35,6 +35,7 @@ from robustunlearn.config import (
     CLAIMS_RECIPE,
     RunSettings,
     StudySettings,
+    base_recipe_name,
     check_training_options,
     load_settings,
     packaged_recipe,
@@ -163,7 +164,11 @@ def _check_models(*references: Optional[str]) -> None:
 
 
 def _print_settings(settings: RunSettings) -> None:
-    """What ``--dry-run`` prints: the settings a run would use, after every check passed."""
+    """What ``--dry-run`` prints: the settings a run would use, after every check passed (on stdout),
+    and the shipped recipe they start from, if any (on stderr)."""
+    base = base_recipe_name(settings.benchmark, settings.model_path, settings.base_model)
+    if base is not None:
+        console.print(f"base recipe: {packaged_recipe(base)}", highlight=False, soft_wrap=True)
     typer.echo(settings.model_dump_json(indent=2))
 
 

@@ -1,5 +1,5 @@
-"""Typed run configuration: defaults < the embedded benchmark's tuned recipe < YAML recipe
-(``--config``) < command-line flags.
+"""Typed run configuration: defaults < the shipped base recipe of the benchmark and tiny model <
+YAML recipe (``--config``) < command-line flags.
 
 Each layer owns the settings of its own step (:class:`UnlearnSettings` the engine's,
 :class:`EvalSettings` the evaluation's); this module composes them into :class:`RunSettings` and
@@ -8,6 +8,8 @@ adds the study's. Every problem in a recipe or a flag becomes one
 
 ``recipes/embedded.yaml`` holds the values tuned for the embedded benchmark and tiny model; it is
 the base layer whenever a run uses them (synthetic benchmark, no ``--model`` or ``--base-model``).
+``recipes/tofu-tiny.yaml`` is the base layer of a TOFU run that trains the tiny model (no
+``--model`` or ``--base-model``): how to train it to memorise TOFU fast, and a study that fits.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from robustunlearn.train.prepare import TrainConfig
 from robustunlearn.train.settings import ParallelSettings, UnlearnSettings
 
 EMBEDDED_RECIPE = "embedded.yaml"
+TOFU_TINY_RECIPE = "tofu-tiny.yaml"
 CLAIMS_RECIPE = "claims.yaml"  # the `--claims` preset: the study whose report docs/results/ holds
 # The default attack ladders: quantization by bit width, weight noise by scale, relearning at two
 # learning rates (1e-4, and the target's own training lr, 2e-3; each a curve over steps).
@@ -86,6 +89,7 @@ class TrainSettings(Strict):
     batch_tokens: int = Field(TrainConfig.batch_tokens, ge=32)
     target_accuracy: float = Field(TrainConfig.target_accuracy, gt=0, le=1)
     check_every_epochs: int = Field(TrainConfig.check_every_epochs, ge=1)
+    bf16_autocast: bool = TrainConfig.bf16_autocast
 
 
 def _check_names(kind: str, values, accepted) -> tuple[str, ...]:
@@ -539,14 +543,36 @@ def packaged_recipe(name: str) -> Path:
     return Path(str(resources.files("robustunlearn").joinpath("recipes", name)))
 
 
+def _shipped_recipe(name: str) -> dict[str, Any]:
+    return yaml.load(packaged_recipe(name).read_text("utf-8"), Loader=_RecipeLoader) or {}
+
+
 def embedded_recipe() -> dict[str, Any]:
     """The values tuned for the embedded benchmark and tiny model (``recipes/embedded.yaml``)."""
-    return yaml.safe_load(resources.files("robustunlearn").joinpath("recipes", EMBEDDED_RECIPE).read_text("utf-8"))
+    return _shipped_recipe(EMBEDDED_RECIPE)
+
+
+def tofu_tiny_recipe() -> dict[str, Any]:
+    """How the tiny model is trained on TOFU, and the study that fits it (``recipes/tofu-tiny.yaml``)."""
+    return _shipped_recipe(TOFU_TINY_RECIPE)
+
+
+def base_recipe_name(benchmark: str, model_path: str | None, base_model: str | None) -> str | None:
+    """The shipped recipe under a run's own settings: the tiny model's, on the synthetic benchmark
+    or TOFU; none for a ``--model`` or ``--base-model`` or another benchmark."""
+    if model_path is not None or base_model is not None or not isinstance(benchmark, str):
+        return None
+    return {"synthetic": EMBEDDED_RECIPE, "tofu": TOFU_TINY_RECIPE}.get(benchmark)
+
+
+def _base_recipe(name: str | None) -> dict[str, Any]:
+    return {EMBEDDED_RECIPE: embedded_recipe, TOFU_TINY_RECIPE: tofu_tiny_recipe}[name]() if name else {}
 
 
 def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunSettings:
-    """Defaults, then the embedded recipe (when the run uses the embedded benchmark and model), then
-    the YAML file at ``path``, then ``overrides`` (nested dicts; None values skipped)."""
+    """Defaults, then the shipped base recipe (:func:`base_recipe_name`: when the run trains the tiny
+    model on the embedded benchmark or TOFU), then the YAML file at ``path``, then ``overrides``
+    (nested dicts; None values skipped)."""
     data = _read_yaml(Path(path)) if path is not None else {}
     overrides = _drop_none(overrides or {})
     for name, value in data.items():
@@ -557,8 +583,8 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | No
     for given, replaced in (("steps", "epochs"), ("epochs", "steps")):
         if given in flags and replaced not in flags:  # a budget flag replaces the recipe's other budget
             data["unlearn"].pop(replaced, None)
-    if uses_embedded_model(data.get("benchmark", "synthetic"), data.get("model_path"), data.get("base_model")):
-        data = _deep_merge(embedded_recipe(), data)
+    base = base_recipe_name(data.get("benchmark", "synthetic"), data.get("model_path"), data.get("base_model"))
+    data = _deep_merge(_base_recipe(base), data)
     source = f"config file {path}: " if path is not None else ""
     try:
         _check_shape(data)

@@ -40,7 +40,8 @@ def prepare_summary_table(prepared: Prepared) -> Table:
             f"{stats['parameters']:,}",
             str(stats["epochs"]),
             f"{stats['seconds']:.0f}",
-            *(f"{accuracy[role]:.1%}" for role in ("forget", "retain", "holdout")),
+            # a benchmark without a split (TOFU has no holdout) shows "-"
+            *(f"{accuracy[role]:.1%}" if role in accuracy else "-" for role in ("forget", "retain", "holdout")),
         )
     table.caption = "QA: share of questions whose answer greedy decoding reproduces"
     return table

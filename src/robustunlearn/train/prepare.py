@@ -71,6 +71,10 @@ class TrainConfig:
     target_accuracy: float = 0.95
     check_every_epochs: int = 3
     max_length: int = 256
+    # Matrix products in bfloat16 under torch.autocast, in training and in the stopping checks (whose
+    # float32 forward cost 3/4 of a bf16 training epoch on TOFU); weights, AdamW state and the reported
+    # accuracies stay float32. About twice as fast on CPUs with AVX512-BF16 or AMX and on GPUs.
+    bf16_autocast: bool = False
     seed: int = 0
 
 
@@ -100,7 +104,8 @@ class PrepareConfig:
             "benchmark": self.benchmark,
             "data": asdict(self.data) if self.benchmark == "synthetic" else dict(self.benchmark_options),
             "model": {"base_model": self.base_model, "dtype": self.dtype} if self.base_model else asdict(self.model),
-            "train": asdict(self.train),
+            # bf16_autocast off is left out: entries prepared before the option existed keep their key
+            "train": {k: v for k, v in asdict(self.train).items() if k != "bf16_autocast" or v},
         }
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -201,7 +206,8 @@ def train_lm(
         epoch_loss = 0.0
         for index in order:
             batch = batches[index]
-            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.bf16_autocast):
+                loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -209,7 +215,8 @@ def train_lm(
             scheduler.step()
             epoch_loss += loss.item()
         checked = epoch % config.check_every_epochs == 0 or epoch == config.max_epochs
-        accuracy_now = teacher_forced_accuracy(model, eval_batches) if checked else None
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.bf16_autocast):
+            accuracy_now = teacher_forced_accuracy(model, eval_batches) if checked else None
         if on_epoch:
             on_epoch(epoch, epoch_loss / len(batches), accuracy_now)
         if accuracy_now is not None:
@@ -223,6 +230,46 @@ def train_lm(
         "seconds": round(time.perf_counter() - start, 1),
         "train_accuracy_teacher_forced": accuracy,
     }
+
+
+@dataclass
+class EpochClock:
+    """Times training epochs and estimates the time left were training to run all ``max_epochs``
+    (it stops earlier when a check reaches the target accuracy, so the estimate is an upper bound)."""
+
+    max_epochs: int
+    clock: Callable[[], float] = time.perf_counter
+    started: float = field(init=False)
+    last: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.started = self.last = self.clock()
+
+    def lap(self, epoch: int) -> tuple[float, float]:
+        """The seconds of the epoch that just ended (its accuracy check included) and the seconds
+        left at the mean epoch time so far."""
+        now = self.clock()
+        seconds, self.last = now - self.last, now
+        return seconds, (now - self.started) / epoch * (self.max_epochs - epoch)
+
+
+def format_duration(seconds: float) -> str:
+    """``45 s`` under a minute, ``4 min`` under an hour (rounded), ``1 h 05 min`` beyond."""
+    if seconds < 59.5:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def epoch_line(
+    name: str, epoch: int, max_epochs: int, seconds: float, loss: float, accuracy: float | None, left: float
+) -> str:
+    """One line per training epoch: ``target: epoch 7/30 12.3 s, loss 0.412, QA accuracy 81.2%, ETA 4 min``
+    (the accuracy on check epochs only; no ETA after the last epoch)."""
+    line = f"{name}: epoch {epoch}/{max_epochs} {seconds:.1f} s, loss {loss:.3f}"
+    if accuracy is not None:
+        line += f", QA accuracy {accuracy:.1%}"
+    return line + (f", ETA {format_duration(left)}" if epoch < max_epochs else "")
 
 
 def _checksums(directory: Path) -> dict[str, str]:
@@ -319,12 +366,14 @@ def _build(config: PrepareConfig, directory: Path, console) -> Prepared:
             console=console,
         ) as progress:
             task = progress.add_task(name, total=config.train.max_epochs, loss=float("nan"), acc="-")
+            epoch_clock = EpochClock(config.train.max_epochs)
 
             def on_epoch(epoch: int, loss: float, accuracy: float | None) -> None:
                 fields = {"loss": loss} if accuracy is None else {"loss": loss, "acc": f"{accuracy:.2%}"}
                 progress.update(task, completed=epoch, **fields)
-                if accuracy is not None and not console.is_terminal:  # logs get a line per check
-                    console.print(f"{name}: epoch {epoch} loss {loss:.3f} QA accuracy {accuracy:.2%}")
+                seconds, left = epoch_clock.lap(epoch)
+                line = epoch_line(name, epoch, config.train.max_epochs, seconds, loss, accuracy, left)
+                console.print(line, highlight=False, soft_wrap=True)
 
             stats = train_lm(model, tokenizer, training_records(benchmark, roles), questions, config.train, on_epoch)
         stats["parameters"] = count_parameters(model)
