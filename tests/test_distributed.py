@@ -103,9 +103,9 @@ def record_batches(seen: list[list[str]]) -> None:
     """Make the engine note the records of every batch it collates (forget, retain, refusals)."""
     collate = engine_module.collate_records
 
-    def noting(tokenizer, records, max_length=None):
+    def noting(tokenizer, records, *options):
         seen.append([r.question if isinstance(r, QA) else r.text for r in records])
-        return collate(tokenizer, records, max_length)
+        return collate(tokenizer, records, *options)
 
     engine_module.collate_records = noting
 

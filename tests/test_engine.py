@@ -248,10 +248,9 @@ def test_settings_refuse_conflicting_budgets_and_unknown_lora_options():
         UnlearnSettings(lora={"rnk": 8})
 
 
-# The 7B recipes; embedded.yaml (tuned values) and claims.yaml (the embedded claims study) are not.
-# The unlearning recipes of 7B models; the others are the embedded model's and the studies' (the SmolLM2
-# studies run in test_smollm2_recipes.py).
-NOT_7B = ("embedded", "claims", "smollm2-facts", "smollm2-knowledge")
+# The unlearning recipes of 7B models; the others are the tiny model's base layers (embedded, tofu-tiny:
+# test_config.py) and the studies' (claims; the SmolLM2 studies run in test_smollm2_recipes.py).
+NOT_7B = ("embedded", "tofu-tiny", "claims", "smollm2-facts", "smollm2-knowledge")
 RECIPES = sorted(p for p in (Path(robustunlearn.__file__).parent / "recipes").glob("*.yaml") if p.stem not in NOT_7B)
 
 
