@@ -121,6 +121,6 @@ def tiny_random(synthetic_setup):
 def _one_core_for_studies(monkeypatch):
     # A study runs its cells in one worker process per core; the tests' tiny studies would spend
     # more time starting workers than running cells. Tests of the workers ask for them themselves.
-    import robustunlearn.study.parallel as parallel
+    import robustunlearn.core.parallel as parallel
 
     monkeypatch.setattr(parallel, "available_cores", lambda: 1)

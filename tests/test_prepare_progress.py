@@ -109,3 +109,24 @@ def test_the_summary_table_shows_a_dash_for_a_split_the_benchmark_lacks(tmp_path
     Console(file=output, width=200).print(prepare_summary_table(prepared))
     rows = [line for line in output.getvalue().splitlines() if line.lstrip("│ ").startswith(("target", "retrain"))]
     assert len(rows) == 2 and all("90.0%" in row and "100.0%" in row and " - " in row for row in rows)
+
+
+def test_target_and_retrain_trained_in_two_worker_processes_equal_those_trained_here(tmp_path, capfd):
+    # Workers run one torch thread each; the same thread count here must give the same weights.
+    config = PrepareConfig(data=SMALL_DATA, model=SMALL_MODEL, train=TrainConfig(max_epochs=2, batch_tokens=2048))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = prepare(config, cache_dir=tmp_path / "here", console=Console(file=io.StringIO()), jobs=1)
+    finally:
+        torch.set_num_threads(threads)
+    in_workers = prepare(config, cache_dir=tmp_path / "workers", console=Console(file=io.StringIO()), jobs=2)
+    assert (here.report["workers"], in_workers.report["workers"], in_workers.report["threads"]) == (1, 2, 1)
+    for which in ("target_dir", "retrain_dir"):
+        expected, _ = load_model(getattr(here, which))
+        got, _ = load_model(getattr(in_workers, which))
+        for (name, a), b in zip(expected.state_dict().items(), got.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+    assert in_workers.report["target"]["epochs"] == here.report["target"]["epochs"] == 2
+    printed = capfd.readouterr().err  # each worker prints its epoch lines to the inherited stderr
+    assert all(f"{name}: epoch {epoch}/2" in printed for name in ("target", "retrain") for epoch in (1, 2))

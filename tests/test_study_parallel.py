@@ -1,4 +1,4 @@
-"""Cells in worker processes (study/parallel.py): how many workers and threads, and a study whose
+"""Cells in worker processes (core/parallel.py): how many workers and threads, and a study whose
 cells ran in two spawned workers giving the numbers of the same study run one cell after the other."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-import robustunlearn.study.parallel as parallel
+import robustunlearn.core.parallel as parallel
 from robustunlearn.cli import main
-from robustunlearn.study.parallel import plan_workers
+from robustunlearn.core.parallel import plan_workers
 
 TINY_RECIPE = """
 seed: 0

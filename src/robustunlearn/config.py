@@ -208,7 +208,7 @@ class StudySettings(Strict):
     # optimizer's model to each other one's (same objective and seed). Keeps each cell's weights on disk.
     landscape: bool = True
     lmc_points: int = Field(6, ge=2)  # points on each interpolation path, endpoints included
-    # Worker processes the cells run in (study/parallel.py); None: one per CPU core, at most one per cell,
+    # Worker processes the cells run in (core/parallel.py); None: one per CPU core, at most one per cell,
     # the cores shared out as torch threads. 1: one cell after the other in the study's own process.
     jobs: int | None = Field(None, ge=1)
     # The optimizer every other one is compared with (paired differences, claims, LMC anchors);

@@ -41,6 +41,7 @@ from robustunlearn.core.errors import UserError
 from robustunlearn.core.io import atomic_write, atomic_write_json
 from robustunlearn.core.models import DTYPES, load_model
 from robustunlearn.core.modules import load_weights, save_trainable_weights
+from robustunlearn.core.parallel import plan_workers, worker_pool
 from robustunlearn.data.base import Benchmark
 from robustunlearn.data.splits import RelearnSplit, RetainViews, relearn_split, retain_views
 from robustunlearn.metrics import qa_answer_nll
@@ -51,7 +52,6 @@ from robustunlearn.study.cells import Cell, cell_optimizer_options, grid_cells
 from robustunlearn.study.controls import RETRAIN, TARGET, Controls, final_scorings
 from robustunlearn.study.landscape import linear_interpolation, sharpness
 from robustunlearn.study.loading import load_target
-from robustunlearn.study.parallel import plan_workers, worker_pool
 from robustunlearn.study.report import write_report
 from robustunlearn.study.rows import (
     Landscape,
@@ -613,7 +613,7 @@ def run_grid(run: StudyRun, cells: Sequence[Cell], times: StudyTimes) -> list[tu
     """Each of ``cells`` and its rows, in the order given: a finished cell's read back from its
     ``rows.json``, the others run (:func:`run_cell`), each writing its ``rows.json`` as it finishes,
     and ``results.jsonl`` after each. The cells to run go to ``study.jobs`` worker processes
-    (:mod:`robustunlearn.study.parallel`), or run here one after the other when there is one.
+    (:mod:`robustunlearn.core.parallel`), or run here one after the other when there is one.
     The console shows each cell's place among those to run and the time left."""
     console, output_dir = run.console, run.output_dir
     finished: dict[Cell, list[ResultRow]] = {}

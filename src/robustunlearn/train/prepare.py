@@ -23,7 +23,8 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from robustunlearn.core.models import (
     train_tokenizer,
     verify_model_dir,
 )
+from robustunlearn.core.parallel import plan_workers, worker_pool
 from robustunlearn.data import load_benchmark
 from robustunlearn.data.base import QA, Benchmark, Record
 from robustunlearn.data.collate import encode_example, pad_examples, prompt_and_completion
@@ -55,6 +57,8 @@ from robustunlearn.data.synthetic import GENERATOR_VERSION, SyntheticConfig
 PREPARE_VERSION = "1"  # bump when training changes in a way the cache key does not capture
 PREPARED = "prepared.json"
 BENCHMARK = "benchmark.json"
+# The models prepare trains, and the roles of the benchmark each trains and is checked on.
+TRAINED = {"target": ("forget", "retain"), "retrain": ("retain",)}
 CHECKSUMS = "sha256.json"  # the SHA-256 of BENCHMARK and PREPARED; written last, it marks the entry complete
 
 
@@ -300,8 +304,12 @@ def prepare(
     cache_dir: str | Path | None = None,
     console=None,
     force: bool = False,
+    jobs: int | None = None,
 ) -> Prepared:
     """Build (or load from cache) the benchmark, tokenizer, target and retrain models.
+
+    The two models train in two worker processes when there are two cores or more (``jobs`` as in
+    :func:`~robustunlearn.core.parallel.plan_workers`; 1: one after the other in this process).
 
     While another process builds the same entry, wait for it, then reuse what it built. A build
     that fails removes its incomplete entry and the cache folders it created."""
@@ -324,7 +332,7 @@ def prepare(
                 shutil.rmtree(directory)
             directory.mkdir()
             try:
-                return _build(config, directory, console)
+                return _build(config, directory, console, jobs)
             except BaseException:  # an incomplete entry is never reused: remove it
                 shutil.rmtree(directory, ignore_errors=True)
                 raise
@@ -333,66 +341,94 @@ def prepare(
         raise
 
 
-def _build(config: PrepareConfig, directory: Path, console) -> Prepared:
+def _build(config: PrepareConfig, directory: Path, console, jobs: int | None) -> Prepared:
     benchmark = config.load_benchmark()
     benchmark.save(directory / BENCHMARK)
+    tokenizer = base_model = None
     if config.base_model is None:
         all_records = training_records(benchmark, ("forget", "retain", "holdout"))
         tokenizer = train_tokenizer(
             (prompt + completion for prompt, completion in map(prompt_and_completion, all_records)),
             config.model.vocab_size,
         )
-    else:
-        # Loaded once (a GGUF file takes about a minute to read on two cores); target and retrain each
-        # fine-tune a copy.
-        base_model, tokenizer = load_model(config.base_model, dtype=DTYPES[config.dtype])
     report: dict[str, Any] = {"key": config.key(), "version": __version__, "config": asdict(config)}
-    plans = {
-        "target": (("forget", "retain"), benchmark.require("forget_qa") + benchmark.require("retain_qa")),
-        "retrain": (("retain",), benchmark.require("retain_qa")),
-    }
-    for name, (roles, questions) in plans.items():
-        if config.base_model is None:
-            model = build_tiny_model(config.model, tokenizer, seed=config.train.seed)
-        else:
-            model = copy.deepcopy(base_model)
-        with Progress(
-            TextColumn(f"training {name:<7}"),
-            BarColumn(),
-            TextColumn(
-                "epoch {task.completed:.0f}/{task.total:.0f}  loss {task.fields[loss]:.3f}  acc {task.fields[acc]}"
-            ),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
-            task = progress.add_task(name, total=config.train.max_epochs, loss=float("nan"), acc="-")
-            epoch_clock = EpochClock(config.train.max_epochs)
-
-            def on_epoch(epoch: int, loss: float, accuracy: float | None) -> None:
-                fields = {"loss": loss} if accuracy is None else {"loss": loss, "acc": f"{accuracy:.2%}"}
-                progress.update(task, completed=epoch, **fields)
-                seconds, left = epoch_clock.lap(epoch)
-                line = epoch_line(name, epoch, config.train.max_epochs, seconds, loss, accuracy, left)
-                console.print(line, highlight=False, soft_wrap=True)
-
-            stats = train_lm(model, tokenizer, training_records(benchmark, roles), questions, config.train, on_epoch)
-        stats["parameters"] = count_parameters(model)
-        stats["trained_on"] = list(roles) + ["utility"]
-        eval_batches = {
-            role: make_batches(
-                tokenizer, benchmark.get(f"{role}_qa"), 8 * config.train.batch_tokens, config.train.max_length
-            )
-            for role in ("forget", "retain", "holdout")
-            if benchmark.get(f"{role}_qa")
-        }
-        stats["qa_accuracy_teacher_forced"] = {
-            role: teacher_forced_accuracy(model, batches) for role, batches in eval_batches.items()
-        }
-        save_model(model, tokenizer, directory / name, {"kind": name, "benchmark": benchmark.name, **stats})
-        report[name] = stats
+    workers, threads = plan_workers(jobs, len(TRAINED))
+    if workers > 1:
+        # Target and retrain are independent: each in its own process, on its own cores.
+        with worker_pool(workers, torch.set_num_threads, (threads,)) as pool:
+            futures = {
+                name: pool.submit(_train_one, config, benchmark, tokenizer, None, name, directory) for name in TRAINED
+            }
+            report.update({name: future.result() for name, future in futures.items()})
+    else:
+        if config.base_model is not None:
+            # Loaded once (a GGUF file takes about a minute to read on two cores); each model fine-tunes a copy.
+            base_model, tokenizer = load_model(config.base_model, dtype=DTYPES[config.dtype])
+        for name in TRAINED:
+            report[name] = _train_one(config, benchmark, tokenizer, base_model, name, directory, console)
+    report["workers"], report["threads"] = workers, threads if workers > 1 else torch.get_num_threads()
     atomic_write_json(directory / PREPARED, report)
     atomic_write_json(directory / CHECKSUMS, _checksums(directory))
     return Prepared(directory, benchmark, directory / "target", directory / "retrain", report)
+
+
+def _train_one(
+    config: PrepareConfig, benchmark: Benchmark, tokenizer, base_model, name: str, directory: Path, console=None
+) -> dict[str, Any]:
+    """Train the ``name`` model (``target`` or ``retrain``), save it under ``directory / name`` and
+    return its statistics. In a worker process (no ``console``) it prints a line per epoch and
+    loads the base model itself; in this process it also draws a progress bar."""
+    if config.base_model is None:
+        model = build_tiny_model(config.model, tokenizer, seed=config.train.seed)
+    elif base_model is None:
+        model, tokenizer = load_model(config.base_model, dtype=DTYPES[config.dtype])
+    else:
+        model = copy.deepcopy(base_model)
+    roles = TRAINED[name]
+    questions = [qa for role in roles for qa in benchmark.require(f"{role}_qa")]
+    with _epoch_display(name, config.train.max_epochs, console) as on_epoch:
+        stats = train_lm(model, tokenizer, training_records(benchmark, roles), questions, config.train, on_epoch)
+    stats["parameters"] = count_parameters(model)
+    stats["trained_on"] = list(roles) + ["utility"]
+    eval_batches = {
+        role: make_batches(
+            tokenizer, benchmark.get(f"{role}_qa"), 8 * config.train.batch_tokens, config.train.max_length
+        )
+        for role in ("forget", "retain", "holdout")
+        if benchmark.get(f"{role}_qa")
+    }
+    stats["qa_accuracy_teacher_forced"] = {
+        role: teacher_forced_accuracy(model, batches) for role, batches in eval_batches.items()
+    }
+    save_model(model, tokenizer, directory / name, {"kind": name, "benchmark": benchmark.name, **stats})
+    return stats
+
+
+@contextmanager
+def _epoch_display(name: str, max_epochs: int, console) -> Iterator[Callable[[int, float, float | None], None]]:
+    """An ``on_epoch`` callback printing one line per epoch, under a progress bar when ``console``
+    is given (a worker process draws no bar: two bars from two processes would overwrite each other)."""
+    epoch_clock = EpochClock(max_epochs)
+    printer = console or Console(stderr=True)
+    with Progress(
+        TextColumn(f"training {name:<7}"),
+        BarColumn(),
+        TextColumn("epoch {task.completed:.0f}/{task.total:.0f}  loss {task.fields[loss]:.3f}  acc {task.fields[acc]}"),
+        TimeElapsedColumn(),
+        console=printer,
+        disable=console is None,
+    ) as progress:
+        task = progress.add_task(name, total=max_epochs, loss=float("nan"), acc="-")
+
+        def on_epoch(epoch: int, loss: float, accuracy: float | None) -> None:
+            fields = {"loss": loss} if accuracy is None else {"loss": loss, "acc": f"{accuracy:.2%}"}
+            progress.update(task, completed=epoch, **fields)
+            seconds, left = epoch_clock.lap(epoch)
+            printer.print(
+                epoch_line(name, epoch, max_epochs, seconds, loss, accuracy, left), highlight=False, soft_wrap=True
+            )
+
+        yield on_epoch
 
 
 def load_prepared_model(prepared: Prepared, which: str = "target"):

@@ -1,14 +1,15 @@
-"""Cells of a study in worker processes, one torch thread each by default.
+"""Independent jobs in worker processes, one torch thread each by default: a study's cells, or
+the target and retrain models that ``prepare`` trains.
 
 A tiny model gains little from a second torch thread (its matrices are too small to split well),
-while two cells in two processes run almost twice as fast as one. A cell's numbers depend on its
+while two jobs in two processes run almost twice as fast as one. A job's numbers depend on its
 seed and on its torch thread count (floating-point sums change with the number of threads), never
-on which process runs it or in what order, so ``study.jobs`` changes the time, not the results,
-whenever the thread count per cell stays the same.
+on which process runs it or in what order, so the worker count changes the time, not the
+results, whenever the thread count per job stays the same.
 
 Workers are started with ``spawn`` (forking a process whose OpenMP threads already ran can hang
-the child), each loads the study's models once, and on Linux each is killed with its parent: a
-killed study leaves no worker writing into a directory that a resumed run then uses.
+the child), and on Linux each is killed with its parent: a killed run leaves no worker writing
+into a directory that a resumed run then uses.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ def available_cores() -> int:
 
 
 def plan_workers(jobs: int | None, cells: int, cores: int | None = None) -> tuple[int, int]:
-    """``(workers, torch threads per worker)`` for ``cells`` cells to run.
+    """``(workers, torch threads per worker)`` for ``cells`` independent jobs to run.
 
-    ``jobs`` None (auto): one worker per core, at most one per cell, the cores shared out among
-    them. An explicit ``jobs``: that many workers (at most one per cell), the cores shared out, at
-    least one thread each. One worker means the cells run in this process, at torch's own threads."""
+    ``jobs`` None (auto): one worker per core, at most one per job, the cores shared out among
+    them. An explicit ``jobs``: that many workers (at most one per job), the cores shared out, at
+    least one thread each. One worker means the jobs run in this process, at torch's own threads."""
     cores = available_cores() if cores is None else cores
     workers = max(1, min(cores if jobs is None else jobs, cells))
     return workers, max(1, cores // workers)
