@@ -25,6 +25,7 @@ from typer.exceptions import TyperException
 
 from robustunlearn.attacks import describe_attacks
 from robustunlearn.bench.common import BENCH_MODELS
+from robustunlearn.bench.compare import DEFAULT_TOLERANCE, compare_runs, comparison_table, load_run, verdict_lines
 from robustunlearn.bench.generation import bench_generation
 from robustunlearn.bench.memory import bench_memory
 from robustunlearn.bench.objectives import BENCH_OBJECTIVES, bench_objectives, check_bench_optimizers
@@ -778,6 +779,28 @@ def bench_memory_command(
     )
 
 
+@bench_app.command("compare")
+def bench_compare_command(
+    first: Path = typer.Argument(..., help="A run written by a benchmark's --output."),
+    second: Path = typer.Argument(..., help="Another run of the same benchmark."),
+    tolerance: float = typer.Option(
+        DEFAULT_TOLERANCE, "--tolerance", min=0.0, help="Largest relative difference that agrees [default: 0.05]."
+    ),
+) -> None:
+    """Every timed ratio of two runs side by side, largest relative difference first; PASS when
+    each differs by at most --tolerance and the runs measured the same rows, else FAIL and exit code 1."""
+    try:
+        comparison = compare_runs(load_run(first), load_run(second), tolerance)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    out = _bench_console()
+    out.print(comparison_table(comparison))
+    for line in verdict_lines(comparison):
+        out.print(line, highlight=False, soft_wrap=True)
+    if not comparison.agree:
+        raise typer.Exit(1)
+
+
 @bench_app.command("generation")
 def bench_generation_command(
     prompts: int = typer.Option(64, "--prompts", min=1, help="Number of prompts."),
@@ -799,7 +822,7 @@ def main() -> None:
     """Console-script entry point: one-line errors with exit code 2 for user mistakes and 3 for a
     diverged run."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's typer.Exit(code) comes back as its return value
     except UserError as error:
         _print_error(str(error))
         sys.exit(2)
@@ -816,6 +839,8 @@ def main() -> None:
             sys.exit(0)
         _print_error(error.format_message() if hasattr(error, "format_message") else str(error))
         sys.exit(getattr(error, "exit_code", 2))
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
