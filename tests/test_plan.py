@@ -4,19 +4,17 @@ formula against the tensors autograd saves, the objectives' forward passes, and 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers import cli_result
 from robustunlearn.bench.objectives import random_unlearn_batch
-from robustunlearn.cli import main
 from robustunlearn.core.models import TinyModelConfig
 from robustunlearn.objectives import OBJECTIVES, build_objective
 from robustunlearn.train.plan import (
-    FORWARD_PASSES,
     PlanSettings,
     activation_bytes,
     load_config,
@@ -70,18 +68,18 @@ def test_lora_and_rmu_train_what_peft_and_the_objective_train():
     assert plan_memory(config, PlanSettings(objective="rmu", optimizers=("adam",))).trainable == down_projs
 
 
-@pytest.mark.parametrize("name", sorted(OBJECTIVES))
-def test_forward_passes_per_loss(name):
-    """FORWARD_PASSES counts the model calls of one evaluation of each objective's loss."""
+@pytest.mark.parametrize(("name", "options"), [(name, {}) for name in sorted(OBJECTIVES)] + [("idk", {"mode": "dpo"})])
+def test_forward_passes_per_loss(name, options):
+    """An objective's forward_passes counts the model calls of one evaluation of its loss."""
     config = _config()
     model = LlamaForCausalLM(config)
-    objective = build_objective(name, model=model)
+    objective = build_objective(name, model=model, **options)
     batch = random_unlearn_batch(objective.batch_parts, (2, 8), 96, torch.device("cpu"))
     reference = objective.reference_outputs(model, batch) if objective.needs_reference else {}
     calls = []
     model.register_forward_pre_hook(lambda *_: calls.append(1))
     objective.loss(model, batch, reference)
-    assert len(calls) == FORWARD_PASSES[name]
+    assert len(calls) == objective.forward_passes
 
 
 def _saved_bytes(model, loss) -> int:
@@ -144,15 +142,8 @@ def test_a_live_reference_holds_the_start_values_of_the_trained_weights_only():
 
 def _plan(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """``robustunlearn plan ARGS`` in this process: exit code, standard output, standard error."""
-    monkeypatch.setattr(sys, "argv", ["robustunlearn", "plan", *args])
     monkeypatch.setenv("COLUMNS", "200")
-    try:
-        main()
-        code = 0
-    except SystemExit as done:
-        code = done.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return cli_result(monkeypatch, capsys, "plan", *args)
 
 
 def test_plan_command_prints_a_table_per_setup_and_json(monkeypatch, capsys):

@@ -39,6 +39,9 @@ class Objective(Protocol):
     # "retain" (batch.retain), "refusal" (batch.forget_refusal and batch.forget_answered, for idk).
     # The engine builds only these; the others stay None.
     batch_parts: frozenset[str]
+    # Forward passes of the trained model, each over one batch of sequences, in one evaluation of
+    # the loss with its default options (what memory planning counts activations for).
+    forward_passes: int
     # What the loss is computed on: "outputs" (token log-probabilities) or "activations" (hidden
     # states, rmu); curvature estimated from sampled output labels (Sophia-G) is unrelated to the latter.
     loss_on: str

@@ -92,6 +92,7 @@ class RetainTerm:
 
     name: ClassVar[str]
     batch_parts: ClassVar[frozenset[str]] = frozenset({"forget", "retain"})
+    forward_passes: ClassVar[int] = 2  # forget, retain
     loss_on: ClassVar[str] = "outputs"
     gamma: float = 1.0
     retain_loss: str = "nll"

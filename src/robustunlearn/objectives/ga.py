@@ -31,6 +31,7 @@ class GradientAscent:
     needs_reference: ClassVar[bool] = False
     sequence_reference: ClassVar[bool] = False
     batch_parts: ClassVar[frozenset[str]] = frozenset({"forget"})
+    forward_passes: ClassVar[int] = 1
     loss_on: ClassVar[str] = "outputs"
 
     def trainable_parameters(self, model: nn.Module) -> None:

@@ -56,6 +56,11 @@ class Idk(RetainTerm):
         check_positive("beta", self.beta)
 
     @property
+    def forward_passes(self) -> int:
+        """The refusals and retain; DPO also scores the true answers (the forget records take no part)."""
+        return 3 if self.mode == "dpo" else 2
+
+    @property
     def needs_reference(self) -> bool:
         return self.mode == "dpo" or self.retain_needs_reference
 

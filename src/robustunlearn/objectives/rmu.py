@@ -76,6 +76,7 @@ class RMU:
 
     name: ClassVar[str] = "rmu"
     batch_parts: ClassVar[frozenset[str]] = frozenset({"forget", "retain"})
+    forward_passes: ClassVar[int] = 2  # forget, retain (each truncated at the steered layer)
     loss_on: ClassVar[str] = "activations"
     sequence_reference: ClassVar[bool] = False  # its reference is activations on retain batches
     layer: int = WMDP_LAYER

@@ -53,9 +53,6 @@ ATTENTION = ("sdpa", "eager")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 LORA_BYTES = 4  # adapters stay float32 on a bfloat16 base (peft's autocast_adapter_dtype)
 FP32 = 4
-# Forward passes of batch_size sequences in one evaluation of each objective's loss (with its
-# default options): forget, retain; idk trains on the refusals, idk-dpo also scores the true answers.
-FORWARD_PASSES = {"ga": 1, "graddiff": 2, "npo": 2, "simnpo": 2, "rmu": 2, "idk": 2, "idk-dpo": 3}
 _UNITS = {"": 1e9, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -163,7 +160,7 @@ def model_shape(config: PretrainedConfig, objective: str, lora_rank: int | None)
         vocab=config.vocab_size,
         graph_layers=max(forward_layers - first_trained, 0),
         logits=built.loss_on == "outputs",
-        forward_passes=FORWARD_PASSES[objective],
+        forward_passes=built.forward_passes,
         reference_needed=built.needs_reference,
         reference_cacheable=built.sequence_reference,
     )
