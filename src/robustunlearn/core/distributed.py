@@ -237,7 +237,10 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool = Fals
 def reshard(model: nn.Module) -> None:
     """Free what FSDP gathered of ``model`` for forwards without backward (it keeps the root's
     weights after one): the next forward then gathers the shards as they are now, and the next
-    backward's gradients land in the shards, not in the gathered copies."""
+    backward's gradients land in the shards, not in the gathered copies. A model that is not
+    sharded (its root is not an FSDP module: :func:`shard_model` shards the root last) is left as it is."""
+    if not isinstance(model, FSDPModule):
+        return
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
