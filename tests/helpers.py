@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
@@ -290,3 +295,48 @@ def save_cli_model(directory: Path) -> Path:
     benchmark = generate_synthetic(SyntheticConfig(**CLI_DATA))
     tokenizer = train_tokenizer([r.text for r in benchmark.get("forget_text") + benchmark.get("retain_text")] * 2, 400)
     return save_model(build_tiny_model(CLI_MODEL, tokenizer, seed=0), tokenizer, directory)
+
+
+# ---- several processes on the CPU (gloo) ---------------------------------------------------------
+
+WORLD_SIZE = 2
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_ranks(worker: Callable[..., None], args: tuple, deadline_s: float, poll_s: float = 2.0) -> None:
+    """Run ``worker(rank, *args)`` in ``WORLD_SIZE`` spawned processes and wait for them all; fail the
+    test (killing them) if they are not done within ``deadline_s``, as a deadlock would leave them."""
+    context = mp.start_processes(worker, args=args, nprocs=WORLD_SIZE, join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    while not context.join(timeout=poll_s):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD_SIZE} processes did not finish within {deadline_s} s (deadlock?)")
+
+
+def assert_weights_close(actual: dict, expected: dict, atol: float) -> None:
+    """The same tensor names, each within ``atol`` (no relative tolerance)."""
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=0, atol=atol, msg=name)
+
+
+def cli_result(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """``robustunlearn ARGS`` in this process: its exit code, standard output and standard error."""
+    from robustunlearn.cli import main  # the CLI imports every layer: only the tests that run it pay
+
+    monkeypatch.setattr(sys, "argv", ["robustunlearn", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -4,13 +4,13 @@ targets' verdicts on built rows, and the bench command's options."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import pytest
 import torch
 from rich.console import Console
 
+from helpers import cli_result
 from robustunlearn.bench.common import cost_clock, pairs_cell
 from robustunlearn.bench.objectives import (
     bench_objectives,
@@ -22,7 +22,6 @@ from robustunlearn.bench.objectives import (
 from robustunlearn.bench.optimizers import bench_optimizers
 from robustunlearn.bench.targets import check_targets, target_lines
 from robustunlearn.bench.timing import BASELINE, TimingSettings
-from robustunlearn.cli import main
 from robustunlearn.objectives import build_objective
 from robustunlearn.optim import build_optimizer
 
@@ -31,14 +30,8 @@ FAST = TimingSettings(min_pairs=3, window=1, budget_s=0.0)
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["robustunlearn", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as done:
-        code = done.code
-    captured = capsys.readouterr()
-    return code, captured.err + captured.out
+    code, out, err = cli_result(monkeypatch, capsys, *args)
+    return code, err + out
 
 
 # ---- what is timed -------------------------------------------------------------------------------

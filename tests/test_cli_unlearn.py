@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import robustunlearn.cli as cli_module
 import robustunlearn.study.loading as loading_module
 import robustunlearn.study.pipeline as pipeline_module
-from helpers import CLI_DATA, CLI_MODEL, save_cli_model
+from helpers import CLI_DATA, CLI_MODEL, free_port, save_cli_model
 from robustunlearn.cli import main
 from robustunlearn.config import load_settings, unlearn_settings
 from robustunlearn.core.models import file_sha256, save_model
@@ -32,7 +32,6 @@ from robustunlearn.study.loading import load_target
 from robustunlearn.train.engine import unlearn
 from robustunlearn.train.settings import UnlearnSettings
 from test_cli import assert_one_line_error, run_cli
-from test_distributed import free_port
 
 DATA, TINY = CLI_DATA, CLI_MODEL
 

@@ -6,25 +6,21 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
-import time
 import types
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import robustunlearn.core.distributed as distributed_module
 import robustunlearn.train.engine as engine_module
-from helpers import snapshot, tiny_llama
+from helpers import WORLD_SIZE, assert_weights_close, free_port, join_ranks, snapshot, tiny_llama
 from robustunlearn.core.distributed import DataParallel
 from robustunlearn.data.base import QA, Benchmark, Passage
 from robustunlearn.train.engine import unlearn
 from robustunlearn.train.settings import UnlearnSettings
 
-WORLD_SIZE = 2
 DEADLINE_S = 150
 
 
@@ -136,29 +132,11 @@ def _worker(rank: int, port: int, out: Path) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ranks")
-    context = mp.start_processes(_worker, args=(free_port(), out), nprocs=WORLD_SIZE, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD_SIZE} processes did not finish within {DEADLINE_S} s (deadlock?)")
+    join_ranks(_worker, (free_port(), out), DEADLINE_S, poll_s=5)
     return out
-
-
-def assert_weights_close(actual: dict, expected: dict, atol: float) -> None:
-    assert actual.keys() == expected.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(actual[name], tensor, rtol=0, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -29,11 +29,10 @@ import psutil
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import snapshot
+from helpers import WORLD_SIZE, assert_weights_close, free_port, join_ranks, snapshot
 from robustunlearn.config import load_settings, unlearn_settings
 from robustunlearn.core.distributed import full_state_dict
 from robustunlearn.core.errors import UserError
@@ -53,7 +52,7 @@ from test_cli_unlearn import (
     wait_for_checkpoint,
 )
 from test_cli_unlearn import model_dir as model_dir  # a fixture
-from test_distributed import WORLD_SIZE, CharTokenizer, assert_weights_close, free_port, make_benchmark, make_model
+from test_distributed import CharTokenizer, make_benchmark, make_model
 
 DEADLINE_S = 240
 FSDP = ParallelSettings(mode="fsdp")
@@ -149,13 +148,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
-    context = mp.start_processes(_worker, args=(free_port(), out), nprocs=WORLD_SIZE, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD_SIZE} processes did not finish within {DEADLINE_S} s (deadlock?)")
+    join_ranks(_worker, (free_port(), out), DEADLINE_S, poll_s=5)
     return out
 
 

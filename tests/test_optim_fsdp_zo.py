@@ -6,21 +6,18 @@ the batch, against one process with the whole model and batch. The optimizers ar
 from __future__ import annotations
 
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import WORLD_SIZE, free_port, join_ranks
 from robustunlearn.optim import build_optimizer, hooks, make_closure
 
-WORLD_SIZE = 2
 DEADLINE_S = 120
 # Small chunks, so that shards start inside a chunk and tensors span several (the default, 2**20,
 # would put every tensor of the tiny model in one chunk).
@@ -202,22 +199,10 @@ def _worker(rank: int, port: int, out: Path) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("fsdp-ranks")
-    context = mp.start_processes(_worker, args=(free_port(), out), nprocs=WORLD_SIZE, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD_SIZE} processes did not finish within {DEADLINE_S} s (deadlock?)")
+    join_ranks(_worker, (free_port(), out), DEADLINE_S)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 
 

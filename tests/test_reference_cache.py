@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 import robustunlearn.train.engine as engine_module
-from helpers import Killed, dies_at, snapshot
+from helpers import Killed, assert_weights_close, dies_at, snapshot
 from robustunlearn.core.distributed import DataParallel
 from robustunlearn.data.collate import collate_records
 from robustunlearn.objectives.common import sequence_logprobs
@@ -29,12 +29,6 @@ FORGET_RECORDS = 9  # the synthetic benchmark's forget QA pairs (8) and passage 
 def settings(**values) -> UnlearnSettings:
     defaults = {"objective": "npo", "optimizer": "adamw", "lr": 1e-3, "steps": 4, "batch_size": 4}
     return UnlearnSettings(**{**defaults, **values})
-
-
-def assert_weights_close(actual: dict, expected: dict, atol: float) -> None:
-    assert actual.keys() == expected.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(actual[name], tensor, rtol=0, atol=atol, msg=name)
 
 
 def test_the_cache_holds_what_the_reference_computes_in_any_batch(synthetic_setup, fresh_model):

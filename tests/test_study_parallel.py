@@ -7,29 +7,22 @@ import json
 import sys
 
 import pytest
+import yaml
 
 import robustunlearn.core.parallel as parallel
 from robustunlearn.cli import main
 from robustunlearn.core.parallel import plan_workers
+from test_e2e import TINY_RECIPE
 
-TINY_RECIPE = """
-seed: 0
-data: {num_people: 12, forget_fraction: 0.2, num_utility_passages: 4, num_utility_qa: 2}
-model: {vocab_size: 400, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4}
-train: {lr: 1.0e-2, max_epochs: 40, batch_tokens: 256, check_every_epochs: 10}
-unlearn: {lr: 1.0e-3, batch_size: 4}
-eval: {max_examples: 12, verbmem_max_new_tokens: 8}
-study:
-  optimizers: [adamw, zo-sgd]
-  seeds: [0, 1]
-  attacks: [noise-0.1, relearn]
-  max_steps: 6
-  check_every: 3
-  relearn_steps: 4
-  relearn_eval_every: 2
-  relearn_subjects: 1
-  landscape: false
-"""
+
+def two_seed_recipe() -> str:
+    """test_e2e's tiny study, with two seeds (so that two cells share each seed's controls), a
+    noise rung for the quantization one, no landscape and a shorter prepare."""
+    recipe = yaml.safe_load(TINY_RECIPE)
+    recipe["train"]["max_epochs"] = 40
+    recipe["eval"]["verbmem_max_new_tokens"] = 8
+    recipe["study"].update(seeds=[0, 1], attacks=["noise-0.1", "relearn"], landscape=False)
+    return yaml.safe_dump(recipe)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +54,7 @@ def numbers(output) -> dict[tuple, dict]:
 @pytest.mark.slow
 def test_cells_in_two_workers_give_the_numbers_of_one_process(tmp_path, monkeypatch, capsys):
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(TINY_RECIPE)
+    recipe.write_text(two_seed_recipe())
     cache = tmp_path / "cache"
 
     def study(output, jobs: int) -> None:
