@@ -27,15 +27,18 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from robustunlearn.attacks.spec import RELEARNING, AttackContext, AttackOutcome, AttackSpec, positive_number
 from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
+from robustunlearn.core.distributed import DataParallel, reshard, shard_model
 from robustunlearn.core.modules import LoraOptions, add_lora
 from robustunlearn.data.base import Record
 from robustunlearn.data.collate import collate_records
 from robustunlearn.optim import build_optimizer
-from robustunlearn.optim.base import make_closure
+from robustunlearn.optim.base import hooks, make_closure
 
 
 def _token_batches(batches: Sequence[TokenBatch | str], tokenizer: Any) -> list[TokenBatch]:
@@ -58,12 +61,38 @@ def _token_batches(batches: Sequence[TokenBatch | str], tokenizer: Any) -> list[
     return result
 
 
-def _causal_lm_loss(model: nn.Module, batch: TokenBatch, losses: list[torch.Tensor], term: str | None) -> torch.Tensor:
-    """The causal-LM loss on ``batch``'s labels (the loss has no terms: ``term`` is None); its
-    value is appended to ``losses``."""
-    loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+def _causal_lm_loss(
+    model: nn.Module, batch: TokenBatch, scale: float, losses: list[torch.Tensor], term: str | None
+) -> torch.Tensor:
+    """The summed negative log-likelihood of ``batch``'s scored labels times ``scale`` (1 / their
+    count: the causal-LM loss; a rank's rows of a shared batch: :func:`_rank_rows`), the loss
+    having no terms (``term`` is None). Computed in float32 at least, as the models' own loss is,
+    and in float64 for a float64 model. Its value is appended to ``losses``."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1)
+    labels = batch.labels[:, 1:].flatten()
+    loss = scale * F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
     losses.append(loss.detach())
     return loss
+
+
+def _scored_tokens(batch: TokenBatch) -> int:
+    """The tokens a causal-LM loss averages over: labels other than IGNORE_INDEX after the shift."""
+    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _rank_rows(batch: TokenBatch, parallel: DataParallel) -> tuple[TokenBatch, float]:
+    """This rank's contiguous rows of ``batch`` (every rank holds the whole batch) and the scale of
+    their summed loss: world size / the batch's scored tokens. FSDP averages the ranks' gradients,
+    so the scaled sums give the gradient of the whole batch's mean however the scored tokens fall
+    across the ranks (a rank whose rows score none adds zero)."""
+    if len(batch) < parallel.world_size:
+        raise ValueError(
+            f"a relearning batch of {len(batch)} rows cannot give each of {parallel.world_size} processes a row"
+        )
+    rows = torch.arange(len(batch)).tensor_split(parallel.world_size)[parallel.rank]
+    mine = TokenBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows])
+    return mine, parallel.world_size / max(_scored_tokens(batch), 1)  # a batch scoring nothing adds 0
 
 
 def relearn_attack(
@@ -78,6 +107,7 @@ def relearn_attack(
     eval_fn: Callable[[nn.Module, int], dict[str, Any]] | None = None,
     eval_every: int | None = None,
     seed: int = 0,
+    parallel: DataParallel | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Fine-tune a copy of ``model`` for ``steps`` steps on ``batches`` (cycled in order, step t
     uses batch t mod N) with the causal-LM loss on their labels, and return it with a curve.
@@ -90,6 +120,11 @@ def relearn_attack(
     * ``eval_fn(model, step) -> dict``: called in eval mode and without gradients at step 0,
       every ``eval_every`` steps (``None``: never in between) and after the last step. Under
       LoRA it sees the model with its unmerged adapters.
+    * ``parallel``: a sharded :class:`~robustunlearn.core.distributed.DataParallel` (parallel mode
+      fsdp, every rank calling with the same arguments): the copy is sharded with FSDP2 over its
+      mesh, each rank trains on its contiguous rows of every batch (:func:`_rank_rows`: the
+      gradient is the whole batch's), ``eval_fn`` runs on every rank (its forward passes gather the
+      weights), and every rank gets the relearned weights back in a plain model. LoRA is refused.
 
     ``curve`` has one dict per evaluation: ``step``, ``train_loss`` (the mean loss of the steps
     since the previous entry; absent at step 0) and ``eval_fn``'s values. The result is
@@ -101,6 +136,9 @@ def relearn_attack(
         raise ValueError(f"eval_every must be a positive number of steps or None, got {eval_every}")
 
     token_batches = _token_batches(batches, tokenizer)
+    sharded = parallel is not None and parallel.sharded
+    if sharded and lora is not None:
+        raise ValueError("relearning with LoRA adapters runs in one process: LoRA keeps one copy of the weights")
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     attacked = copy.deepcopy(model)
     device = next(attacked.parameters()).device
@@ -118,6 +156,7 @@ def relearn_attack(
             with torch.no_grad():
                 entry.update(eval_fn(attacked, step))
             attacked.train()
+            reshard(attacked)  # FSDP keeps the root gathered after a forward without backward
         curve.append(entry)
 
     with torch.random.fork_rng(devices=cuda_devices):
@@ -127,16 +166,24 @@ def relearn_attack(
         else:
             peft_model = add_lora(attacked, lora)  # injects the adapters into `attacked`
         attacked.train()
+        if sharded:
+            shard_model(attacked, parallel.mesh)
         optim = build_optimizer(optimizer, attacked, lr)
+        if sharded:
+            hooks(optim).enable_fsdp(attacked, parallel.mesh)
         record(0)
         for step in range(1, steps + 1):
             batch = token_batches[(step - 1) % len(token_batches)].to(device)
+            batch, scale = _rank_rows(batch, parallel) if sharded else (batch, 1 / max(_scored_tokens(batch), 1))
             step_losses: list[torch.Tensor] = []  # one per closure call; the first is at the step's weights
-            optim.step(make_closure(attacked, partial(_causal_lm_loss, attacked, batch, step_losses)))
-            losses.append(float(step_losses[0]))
+            optim.step(make_closure(attacked, partial(_causal_lm_loss, attacked, batch, scale, step_losses)))
+            # the whole batch's mean loss: the ranks' scaled sums, averaged
+            losses.append(float(parallel.mean_(step_losses[0].clone())) if sharded else float(step_losses[0]))
             if step == steps or (eval_every is not None and step % eval_every == 0):
                 record(step)
 
+    if sharded:
+        attacked = _gathered(attacked, model)
     if lora is not None:
         attacked = peft_model.merge_and_unload()
     attacked.zero_grad(set_to_none=True)
@@ -144,6 +191,14 @@ def relearn_attack(
         parameter.requires_grad_(requires_grad.get(name, True))
     attacked.eval()
     return attacked, curve
+
+
+def _gathered(sharded: nn.Module, like: nn.Module) -> nn.Module:
+    """A plain copy of ``like`` holding ``sharded``'s weights, on every rank (each gathers them all)."""
+    weights = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    plain = copy.deepcopy(like)
+    plain.load_state_dict(weights)
+    return plain
 
 
 def _relearn_records(context: AttackContext, benign: bool) -> tuple[str, Sequence[Record]]:
