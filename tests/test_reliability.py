@@ -353,7 +353,7 @@ def test_a_corrupt_cache_entry_is_rebuilt(prepared_cache, tmp_path, monkeypatch,
     cache, entry = copy_of(prepared_cache, tmp_path)
     (entry / corrupted).write_bytes(b"{garbage")
     rebuilt = []
-    monkeypatch.setattr(prepare_module, "_build", lambda config, directory, console: rebuilt.append(directory))
+    monkeypatch.setattr(prepare_module, "_build", lambda config, directory, console, jobs: rebuilt.append(directory))
     console = Console(record=True, file=io.StringIO(), width=300)
     prepare_from_settings(load_settings(None, PREPARED), cache, console=console)
     assert rebuilt == [entry] and "rebuilding incomplete or corrupted cache entry" in console.export_text()
