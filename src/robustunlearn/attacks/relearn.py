@@ -27,7 +27,6 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -37,6 +36,7 @@ from robustunlearn.core.distributed import DataParallel, reshard, shard_model
 from robustunlearn.core.modules import LoraOptions, add_lora
 from robustunlearn.data.base import Record
 from robustunlearn.data.collate import collate_records
+from robustunlearn.objectives.common import sequence_logprobs
 from robustunlearn.optim import build_optimizer
 from robustunlearn.optim.base import hooks, make_closure
 
@@ -64,21 +64,13 @@ def _token_batches(batches: Sequence[TokenBatch | str], tokenizer: Any) -> list[
 def _causal_lm_loss(
     model: nn.Module, batch: TokenBatch, scale: float, losses: list[torch.Tensor], term: str | None
 ) -> torch.Tensor:
-    """The summed negative log-likelihood of ``batch``'s scored labels times ``scale`` (1 / their
-    count: the causal-LM loss; a rank's rows of a shared batch: :func:`_rank_rows`), the loss
-    having no terms (``term`` is None). Computed in float32 at least, as the models' own loss is,
-    and in float64 for a float64 model. Its value is appended to ``losses``."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1)
-    labels = batch.labels[:, 1:].flatten()
-    loss = scale * F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    """The summed negative log-likelihood of ``batch``'s scored labels (float32 at least, float64 for
+    a float64 model) times ``scale``: 1 / their count gives the causal-LM loss; a rank's rows of a
+    shared batch take :func:`_rank_rows`' scale. The loss has no terms (``term`` is None). Its
+    value is appended to ``losses``."""
+    loss = -scale * sequence_logprobs(model, batch)[0].sum()
     losses.append(loss.detach())
     return loss
-
-
-def _scored_tokens(batch: TokenBatch) -> int:
-    """The tokens a causal-LM loss averages over: labels other than IGNORE_INDEX after the shift."""
-    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def _rank_rows(batch: TokenBatch, parallel: DataParallel) -> tuple[TokenBatch, float]:
@@ -92,7 +84,7 @@ def _rank_rows(batch: TokenBatch, parallel: DataParallel) -> tuple[TokenBatch, f
         )
     rows = torch.arange(len(batch)).tensor_split(parallel.world_size)[parallel.rank]
     mine = TokenBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows])
-    return mine, parallel.world_size / max(_scored_tokens(batch), 1)  # a batch scoring nothing adds 0
+    return mine, parallel.world_size / max(batch.scored_tokens, 1)  # a batch scoring nothing adds 0
 
 
 def relearn_attack(
@@ -174,7 +166,7 @@ def relearn_attack(
         record(0)
         for step in range(1, steps + 1):
             batch = token_batches[(step - 1) % len(token_batches)].to(device)
-            batch, scale = _rank_rows(batch, parallel) if sharded else (batch, 1 / max(_scored_tokens(batch), 1))
+            batch, scale = _rank_rows(batch, parallel) if sharded else (batch, 1 / max(batch.scored_tokens, 1))
             step_losses: list[torch.Tensor] = []  # one per closure call; the first is at the step's weights
             optim.step(make_closure(attacked, partial(_causal_lm_loss, attacked, batch, scale, step_losses)))
             # the whole batch's mean loss: the ranks' scaled sums, averaged

@@ -50,7 +50,7 @@ from robustunlearn.bench.common import (
 )
 from robustunlearn.bench.targets import check_targets, target_lines
 from robustunlearn.bench.timing import BASELINE, RatioStats, TimingSettings, time_interleaved
-from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch, UnlearnBatch
+from robustunlearn.core.batching import TokenBatch, UnlearnBatch
 from robustunlearn.objectives import LOSS_TERMS, OBJECTIVES, Objective, build_objective
 from robustunlearn.objectives.common import mean_nll, sequence_logprobs
 from robustunlearn.optim import OPTIMIZERS, build_optimizer
@@ -137,7 +137,7 @@ def step_calls(
     :data:`~robustunlearn.bench.timing.BASELINE`; ``cached_step`` with a ``cache``)."""
     optimizer_hooks = hooks(optimizer)
     generator = torch.Generator(device=batch.forget.input_ids.device).manual_seed(0)
-    scored = int((batch.forget.labels[:, 1:] != IGNORE_INDEX).sum())
+    scored = batch.forget.scored_tokens
 
     def sampled(term: str | None) -> torch.Tensor:
         return sampled_label_loss(model, batch.forget, generator)

@@ -33,6 +33,12 @@ class TokenBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def scored_tokens(self) -> int:
+        """The tokens a causal-LM loss averages over: labels other than IGNORE_INDEX after the shift
+        (position 0 has no prefix to predict it from)."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
 
 @dataclass
 class UnlearnBatch:
