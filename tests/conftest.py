@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import robustunlearn.core.parallel as parallel  # standard library only: light
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
@@ -121,6 +123,4 @@ def tiny_random(synthetic_setup):
 def _one_core_for_studies(monkeypatch):
     # A study runs its cells in one worker process per core; the tests' tiny studies would spend
     # more time starting workers than running cells. Tests of the workers ask for them themselves.
-    import robustunlearn.core.parallel as parallel
-
     monkeypatch.setattr(parallel, "available_cores", lambda: 1)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from robustunlearn.cli import main
 from robustunlearn.core.models import TinyModelConfig, build_tiny_model, save_model, train_tokenizer
 from robustunlearn.data.base import Benchmark
 from robustunlearn.data.prompts import mcq_prompt
@@ -330,8 +331,6 @@ def assert_weights_close(actual: dict, expected: dict, atol: float) -> None:
 
 def cli_result(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """``robustunlearn ARGS`` in this process: its exit code, standard output and standard error."""
-    from robustunlearn.cli import main  # the CLI imports every layer: only the tests that run it pay
-
     monkeypatch.setattr(sys, "argv", ["robustunlearn", *args])
     try:
         main()

@@ -14,9 +14,10 @@ import torch
 import torch.distributed as dist
 
 from helpers import WORLD_SIZE, assert_weights_close, free_port, join_ranks, snapshot
-from robustunlearn.attacks.relearn import relearn_attack
+from robustunlearn.attacks.relearn import _rank_rows, relearn_attack
 from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
 from robustunlearn.core.distributed import DataParallel, data_parallel
+from robustunlearn.core.modules import LoraOptions
 from test_distributed import make_model
 
 DEADLINE_S = 120
@@ -79,9 +80,6 @@ def test_two_sharded_processes_relearn_to_the_one_process_weights_and_curve(rank
 
 
 def test_sharded_relearning_refuses_lora_and_batches_smaller_than_the_world():
-    from robustunlearn.attacks.relearn import _rank_rows
-    from robustunlearn.core.modules import LoraOptions
-
     sharded = DataParallel(rank=0, world_size=2, mesh=object())
     with pytest.raises(ValueError, match="LoRA"):
         relearn_attack(make_model(), None, BATCHES, steps=1, lora=LoraOptions(), parallel=sharded)
