@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import sys
 import time
@@ -308,6 +309,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rank_environment(rank: int, port: int) -> None:
+    """The variables a launcher (torchrun) sets for ``rank`` of ``WORLD_SIZE`` on this host, which
+    ``data_parallel()`` reads to join the process group."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank)
+    )
 
 
 def join_ranks(worker: Callable[..., None], args: tuple, deadline_s: float, poll_s: float = 2.0) -> None:

@@ -4,7 +4,6 @@ global batch, for first-order, zeroth-order and hybrid optimizers, with LoRA, an
 from __future__ import annotations
 
 import json
-import os
 import random
 import types
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch.distributed as dist
 
 import robustunlearn.core.distributed as distributed_module
 import robustunlearn.train.engine as engine_module
-from helpers import WORLD_SIZE, assert_weights_close, free_port, join_ranks, snapshot, tiny_llama
+from helpers import WORLD_SIZE, assert_weights_close, free_port, join_ranks, rank_environment, snapshot, tiny_llama
 from robustunlearn.core.distributed import DataParallel
 from robustunlearn.data.base import QA, Benchmark, Passage
 from robustunlearn.train.engine import unlearn
@@ -107,9 +106,7 @@ def record_batches(seen: list[list[str]]) -> None:
 
 
 def _worker(rank: int, port: int, out: Path) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank)
-    )
+    rank_environment(rank, port)
     torch.set_num_threads(1)
     distributed_module.BUCKET_ELEMENTS = 1000  # many buckets, and tensors larger than one
     seen: list[list[str]] = []

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import WORLD_SIZE, assert_weights_close, free_port, join_ranks, snapshot
+from helpers import WORLD_SIZE, assert_weights_close, free_port, join_ranks, rank_environment, snapshot
 from robustunlearn.config import load_settings, unlearn_settings
 from robustunlearn.core.distributed import full_state_dict
 from robustunlearn.core.errors import UserError
@@ -114,9 +114,7 @@ def killed_at_3(model, step: int) -> dict[str, float]:
 
 
 def _worker(rank: int, port: int, out: Path) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank)
-    )
+    rank_environment(rank, port)
     torch.set_num_threads(1)
     try:
         for name, case in CASES.items():

@@ -5,7 +5,6 @@ the batch, against one process with the whole model and batch. The optimizers ar
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import WORLD_SIZE, free_port, join_ranks
+from helpers import WORLD_SIZE, free_port, join_ranks, rank_environment
 from robustunlearn.optim import build_optimizer, hooks, make_closure
 
 DEADLINE_S = 120
@@ -188,7 +187,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank_environment(rank, port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     try:
         mesh = init_device_mesh("cpu", (WORLD_SIZE,))

@@ -6,14 +6,13 @@ losses would get wrong."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import WORLD_SIZE, assert_weights_close, free_port, join_ranks, snapshot
+from helpers import WORLD_SIZE, assert_weights_close, free_port, join_ranks, rank_environment, snapshot
 from robustunlearn.attacks.relearn import _rank_rows, relearn_attack
 from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
 from robustunlearn.core.distributed import DataParallel, data_parallel
@@ -49,9 +48,7 @@ def relearn(parallel: DataParallel | None):
 
 
 def _worker(rank: int, port: int, out: Path) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank)
-    )
+    rank_environment(rank, port)
     torch.set_num_threads(1)
     try:
         parallel = data_parallel().with_sharding()
