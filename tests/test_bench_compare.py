@@ -50,6 +50,22 @@ def test_ratios_are_paired_by_row_and_the_worst_relative_difference_decides():
     assert not compare_runs(first, second, tolerance=0.03).agree
 
 
+def test_pairs_say_whether_the_runs_95_percent_intervals_overlap():
+    def with_interval(optimizer: str, ratio: float, low: float, high: float) -> dict:
+        return row(optimizer, 128, ratio, step_over_forward_ci_low=low, step_over_forward_ci_high=high)
+
+    first = run(with_interval("adam", 3.0, 2.9, 3.1), with_interval("sgd", 3.0, 2.9, 3.1), row("lion", 128, 3.0))
+    second = run(with_interval("adam", 3.15, 3.1, 3.2), with_interval("sgd", 3.3, 3.2, 3.4), row("lion", 128, 3.0))
+    overlap = {pair.row: pair.overlap for pair in compare_runs(first, second).pairs}
+    assert overlap == {"adam 1M 8x128": True, "sgd 1M 8x128": False, "lion 1M 8x128": None}  # touching ends overlap
+    assert "1 of 3 timed ratios have disjoint 95% intervals in the two runs" in verdict_lines(
+        compare_runs(first, second)
+    )
+    assert not any(
+        "disjoint" in line for line in verdict_lines(compare_runs(run(row("a", 128, 3.0)), run(row("a", 128, 3.0))))
+    )
+
+
 def test_a_row_one_run_lacks_fails_the_comparison_and_environment_changes_are_named():
     first = run(row("adam", 128, 3.0), row("sgd", 128, 3.0))
     second = run(row("adam", 128, 3.0), threads=2)

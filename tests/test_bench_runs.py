@@ -26,7 +26,7 @@ from robustunlearn.objectives import build_objective
 from robustunlearn.optim import build_optimizer
 
 MICRO = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
-FAST = TimingSettings(min_pairs=3, window=1, budget_s=0.0)
+FAST = TimingSettings(min_pairs=3, budget_s=0.0)
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
@@ -94,7 +94,7 @@ def test_one_thread_is_timed_in_cpu_time_several_in_wall_time():
     assert cost_clock(cpu, 1) == (time.process_time, "process CPU time")
     assert cost_clock(cpu, 2) == (time.perf_counter, "wall time")
     assert cost_clock(torch.device("cuda"), 1) == (time.perf_counter, "wall time")
-    assert [pairs_cell({"pairs": 12, "stop": stop}) for stop in ("stable", "budget")] == ["12", "12*"]
+    assert [pairs_cell({"pairs": 12, "stop": stop}) for stop in ("precise", "budget")] == ["12", "12*"]
 
 
 # ---- end to end ----------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def test_bench_objectives_rows_json_targets_and_threads(tmp_path):
     assert [(r["objective"], r["optimizer"]) for r in rows] == [("ga", "zo-sgd"), ("npo", "zo-sgd")]
     for row in rows:
         assert (row["size"], row["batch"], row["seq_len"], row["threads"]) == ("custom-0", 2, 16, 1)
-        assert row["pairs"] == 3 and row["stop"] in ("stable", "budget")  # budget 0: min_pairs rounds
+        assert row["pairs"] == 3 and row["stop"] in ("precise", "budget")  # budget 0: min_pairs rounds
         for name in ("step_over_forward_backward", "plain_step_over_forward_backward", "step_over_plain_step"):
             assert 0 < row[f"{name}_q1"] <= row[name] <= row[f"{name}_q3"]
         assert (row["reference_share"] > 0) == (row["objective"] == "npo")

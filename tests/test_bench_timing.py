@@ -11,6 +11,7 @@ from robustunlearn.bench.timing import (
     RatioStats,
     Timings,
     TimingSettings,
+    median_interval,
     quantile,
     ratio_stats,
     time_interleaved,
@@ -43,28 +44,42 @@ def test_constant_ratio_stops_at_min_pairs_and_warmup_is_not_timed():
     baseline = clock.call("base", itertools.chain([100.0], itertools.repeat(1.0)))
     step = clock.call("step", itertools.chain([50.0], itertools.repeat(3.0)))
     timings = time_interleaved(baseline, {"step": step}, TimingSettings(min_pairs=10, warmup=1), clock)
-    assert timings.stop == "stable"
+    assert timings.stop == "precise"
     assert timings.pairs == 10
     assert timings.seconds == {BASELINE: (1.0,) * 10, "step": (3.0,) * 10}
-    assert timings.ratio("step") == RatioStats(3.0, 3.0, 3.0, 10)
+    assert timings.ratio("step") == RatioStats(3.0, 3.0, 3.0, 10, 3.0, 3.0)
     assert clock.calls == ["base", "step"] * 11  # forward, step, forward, step, ...
 
 
-def test_stops_at_the_first_round_whose_median_moved_less_than_stable_rel_over_the_window():
-    # ratios 1, 2, 3, 4, 4, 4, ...; window 2, 10%: the medians of the first n and n - 2 ratios are
-    # n=4: 2.5 vs 1.5; n=5: 3 vs 2; n=6: 3.5 vs 2.5; n=7: 4 vs 3; n=8: 4 vs 3.5 (0.5 > 0.4); n=9: 4 vs 4.
+def test_the_median_interval_is_the_order_statistics_the_binomial_law_picks():
+    values = [float(i) for i in range(30)]
+    # n = 6: P(B <= 0) = 1/64 <= 2.5%, so the extremes; n = 10: P(B <= 1) = 11/1024, P(B <= 2) =
+    # 56/1024 > 2.5%: ranks 2 and 9 (from 1); n = 20: P(B <= 5) = 0.0207, P(B <= 6) = 0.0577
+    assert median_interval(values[:5]) is None  # P(B <= 0) = 1/32 > 2.5%
+    assert median_interval(values[:6]) == (0.0, 5.0)
+    assert median_interval(values[:10]) == (1.0, 8.0)
+    assert median_interval(values[:20]) == (5.0, 14.0)
+    assert median_interval(values[:10], confidence=0.5) == (3.0, 6.0)  # P(B <= 3) = 176/1024 <= 25%
+    assert median_interval(values[:2], confidence=0.4) == (0.0, 1.0)
+
+
+def test_stops_at_the_first_round_whose_median_interval_is_within_interval_rel():
+    # ratios 10, 10, then 1 forever: the interval's upper end stays at 10 until it picks a 1, which
+    # first happens at n = 12 (j = 2: index 9 of 10 ones then two tens; at n = 11, j = 1: index 9 = 10)
     clock = FakeClock()
-    step = clock.call("step", itertools.chain([1.0, 2.0, 3.0], itertools.repeat(4.0)))
-    settings = TimingSettings(min_pairs=4, window=2, stable_rel=0.1, budget_s=1e9, warmup=0)
+    step = clock.call("step", itertools.chain([10.0, 10.0], itertools.repeat(1.0)))
+    settings = TimingSettings(min_pairs=4, interval_rel=0.1, budget_s=1e9, warmup=0)
     timings = time_interleaved(clock.call("base", itertools.repeat(1.0)), {"step": step}, settings, clock)
-    assert (timings.stop, timings.pairs) == ("stable", 9)
+    assert (timings.stop, timings.pairs) == ("precise", 12)
+    assert timings.ratio("step") == RatioStats(1.0, 1.0, 1.0, 12, 1.0, 1.0)
+    assert timings.ratio("step").fields("r") == {"r": 1.0, "r_q1": 1.0, "r_q3": 1.0, "r_ci_low": 1.0, "r_ci_high": 1.0}
 
 
 def test_a_median_that_never_settles_stops_when_the_budget_is_spent():
     # candidate i seconds in round i, baseline 1 s: after round n, n + n(n+1)/2 seconds are spent:
     # 9 after round 3, 14 after 4, 20 after 5
     clock = FakeClock()
-    settings = TimingSettings(min_pairs=3, window=1, stable_rel=0.01, budget_s=20.0, warmup=0)
+    settings = TimingSettings(min_pairs=3, interval_rel=0.01, budget_s=20.0, warmup=0)
     step = clock.call("step", itertools.count(1.0))
     timings = time_interleaved(clock.call("base", itertools.repeat(1.0)), {"step": step}, settings, clock)
     assert (timings.stop, timings.pairs) == ("budget", 5)
@@ -72,41 +87,48 @@ def test_a_median_that_never_settles_stops_when_the_budget_is_spent():
 
 def test_max_pairs_caps_the_rounds_and_min_pairs_holds_against_the_budget():
     clock = FakeClock()
-    settings = TimingSettings(min_pairs=3, window=1, budget_s=1e9, max_pairs=7, warmup=0)
+    settings = TimingSettings(min_pairs=3, budget_s=1e9, max_pairs=7, warmup=0)
     step = clock.call("step", itertools.count(1.0))
     timings = time_interleaved(clock.call("base", itertools.repeat(1.0)), {"step": step}, settings, clock)
     assert (timings.stop, timings.pairs) == ("max_pairs", 7)
 
     clock = FakeClock()
-    settings = TimingSettings(min_pairs=4, window=1, budget_s=1.0, warmup=0)  # spent in the first round
+    settings = TimingSettings(min_pairs=4, budget_s=1.0, warmup=0)  # spent in the first round
     step = clock.call("step", itertools.count(1.0))
     timings = time_interleaved(clock.call("base", itertools.repeat(1.0)), {"step": step}, settings, clock)
     assert (timings.stop, timings.pairs) == ("budget", 4)
 
 
-def test_every_candidate_must_settle_and_rounds_call_them_in_order():
+def test_every_candidate_must_be_precise_and_rounds_call_them_in_order():
     clock = FakeClock()
-    settled = clock.call("a", itertools.repeat(2.0))
-    drifting = clock.call("b", itertools.chain([1.0, 2.0, 3.0], itertools.repeat(4.0)))
-    settings = TimingSettings(min_pairs=4, window=2, stable_rel=0.1, budget_s=1e9, warmup=0)
+    steady = clock.call("a", itertools.repeat(2.0))
+    noisy = clock.call("b", itertools.chain([10.0, 10.0], itertools.repeat(1.0)))
+    settings = TimingSettings(min_pairs=4, interval_rel=0.1, budget_s=1e9, warmup=0)
     baseline = clock.call("base", itertools.repeat(1.0))
-    timings = time_interleaved(baseline, {"a": settled, "b": drifting}, settings, clock)
-    assert (timings.stop, timings.pairs) == ("stable", 9)  # as "b" alone (test above); "a" settled at 4
-    assert clock.calls == ["base", "a", "b"] * 9
-    assert timings.ratio("b", over="a") == ratio_stats([1.0, 2.0, 3.0] + [4.0] * 6, [2.0] * 9)
+    timings = time_interleaved(baseline, {"a": steady, "b": noisy}, settings, clock)
+    assert (timings.stop, timings.pairs) == ("precise", 12)  # as "b" alone (test above); "a" was at 6
+    assert clock.calls == ["base", "a", "b"] * 12
+    assert timings.ratio("b", over="a") == ratio_stats([10.0, 10.0] + [1.0] * 10, [2.0] * 12)
 
 
 def test_ratios_are_taken_within_rounds_and_summarised_by_median_and_quartiles():
-    assert ratio_stats([1.0, 2.0, 3.0, 4.0, 10.0], [1.0] * 5) == RatioStats(3.0, 2.0, 4.0, 5)
+    assert ratio_stats([1.0, 2.0, 3.0, 4.0, 10.0], [1.0] * 5) == RatioStats(3.0, 2.0, 4.0, 5)  # no interval
     # ratios 1, 2, 3, 4: quartiles at positions 0.75 and 2.25 of the sorted ratios
     assert ratio_stats([2.0, 8.0, 4.0, 6.0], [2.0] * 4) == RatioStats(2.5, 1.75, 3.25, 4)
+    assert ratio_stats([6.0, 1.0, 5.0, 2.0, 4.0, 3.0], [1.0] * 6) == RatioStats(3.5, 2.25, 4.75, 6, 1.0, 6.0)
     # per round: 2/1 and 9/3, median 2.5 (the ratio of the medians would be 5.5 / 2 = 2.75)
     assert ratio_stats([2.0, 9.0], [1.0, 3.0]).median == 2.5
     assert quantile([5.0], 0.25) == 5.0
-    timings = Timings({BASELINE: (1.0, 2.0, 4.0), "a": (2.0, 4.0, 8.0)}, "stable")
+    timings = Timings({BASELINE: (1.0, 2.0, 4.0), "a": (2.0, 4.0, 8.0)}, "precise")
     assert timings.ratio("a") == RatioStats(2.0, 2.0, 2.0, 3)
     assert timings.median_s("a") == 4.0
-    assert RatioStats(2.0, 1.5, 2.5, 3).fields("x") == {"x": 2.0, "x_q1": 1.5, "x_q3": 2.5}
+    assert RatioStats(2.0, 1.5, 2.5, 3).fields("x") == {
+        "x": 2.0,
+        "x_q1": 1.5,
+        "x_q3": 2.5,
+        "x_ci_low": None,
+        "x_ci_high": None,
+    }
 
 
 def test_calls_too_short_for_the_clock_are_an_error_not_an_infinite_ratio():
@@ -123,10 +145,10 @@ def test_calls_too_short_for_the_clock_are_an_error_not_an_infinite_ratio():
 @pytest.mark.parametrize(
     "options, match",
     [
-        ({"min_pairs": 5, "window": 5}, "window < min_pairs"),
-        ({"window": 0}, "1 <= window"),
+        ({"min_pairs": 0}, "1 <= min_pairs"),
         ({"min_pairs": 20, "max_pairs": 10}, "min_pairs <= max_pairs"),
-        ({"stable_rel": 0.0}, "stable_rel"),
+        ({"interval_rel": 0.0}, "interval_rel"),
+        ({"confidence": 1.0}, "confidence"),
         ({"budget_s": -1.0}, "budget_s"),
         ({"warmup": -1}, "warmup"),
     ],

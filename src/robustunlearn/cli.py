@@ -672,7 +672,8 @@ TimeBudgetOption = typer.Option(
     None,
     "--time-budget",
     min=0.0,
-    help="Seconds of timed calls per row after which it stops without a stable median [default: 20; --quick: 10].",
+    help="Seconds of timed calls per row after which it stops before its median's 95% interval is within ±2% "
+    "[default: 30; --quick: 10].",
 )
 
 

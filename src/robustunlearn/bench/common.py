@@ -131,12 +131,21 @@ def environment(device: torch.device, threads: int) -> dict[str, Any]:
     return {"torch": torch.__version__, "device": name, "threads": threads, "clock": cost_clock(device, threads)[1]}
 
 
-UNSETTLED_CAPTION = "pairs: timed rounds (*: the row stopped before its median settled)"
+UNSETTLED_CAPTION = (
+    "95% CI: of the median over the rounds; pairs: timed rounds "
+    "(*: the time budget or the round cap ended them before the interval was narrow enough)"
+)
 
 
 def pairs_cell(row: dict[str, Any]) -> str:
-    """A row's rounds, starred unless its median settled."""
-    return f"{row['pairs']}{'' if row['stop'] == 'stable' else '*'}"
+    """A row's rounds, starred unless its medians' intervals got narrow enough."""
+    return f"{row['pairs']}{'' if row['stop'] == 'precise' else '*'}"
+
+
+def interval_cell(row: dict[str, Any], name: str) -> str:
+    """The 95% interval of the median ``name`` of ``row``, or a dash with too few rounds for one."""
+    low, high = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
+    return "-" if low is None or high is None else f"{low:.2f}-{high:.2f}"
 
 
 def progress_bar(console: Any) -> Progress:

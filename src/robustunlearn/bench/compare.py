@@ -6,6 +6,10 @@ on what they measured (objective, optimizer, model size, batch shape); a timed r
 that comes with its quartiles (``name``, ``name_q1``, ``name_q3``: the median over interleaved
 rounds). Their relative difference is ``|second − first| / first``; the runs agree when every
 matched ratio differs by at most the tolerance and neither run has a row the other lacks.
+
+Where both runs recorded the medians' 95% intervals (``name_ci_low``, ``name_ci_high``), each pair
+also says whether the two intervals overlap: disjoint intervals mean the machine itself changed
+between the runs (more than each run's own rounds varied), not that a run took too few rounds.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class RatioPair:
     ratio: str  # the column, e.g. "step_over_forward"
     first: float
     second: float
+    overlap: bool | None = None  # whether the runs' 95% intervals overlap; None: a run has none
 
     @property
     def relative(self) -> float:
@@ -76,7 +81,7 @@ def compare_runs(first: dict[str, Any], second: dict[str, Any], tolerance: float
         raise ValueError(f"the tolerance must be > 0, got {tolerance!r}")
     rows = [{_key(row): row for row in run["rows"]} for run in (first, second)]
     pairs = [
-        RatioPair(row_label(row), ratio, row[ratio], rows[1][key][ratio])
+        RatioPair(row_label(row), ratio, row[ratio], rows[1][key][ratio], _overlap(row, rows[1][key], ratio))
         for key, row in rows[0].items()
         if key in rows[1]
         for ratio in timed_ratios(row)
@@ -87,13 +92,21 @@ def compare_runs(first: dict[str, Any], second: dict[str, Any], tolerance: float
     return Comparison(pairs, only[0], only[1], (first["environment"], second["environment"]), tolerance)
 
 
+def _overlap(first: dict[str, Any], second: dict[str, Any], ratio: str) -> bool | None:
+    """Whether the 95% intervals of ``ratio`` in the two rows overlap (None: a row has none)."""
+    bounds = [(row.get(f"{ratio}_ci_low"), row.get(f"{ratio}_ci_high")) for row in (first, second)]
+    if any(low is None or high is None for low, high in bounds):
+        return None
+    return bounds[0][0] <= bounds[1][1] and bounds[1][0] <= bounds[0][1]
+
+
 def _key(row: dict[str, Any]) -> tuple:
     return tuple(row.get(field) for field in KEY_FIELDS)
 
 
 def comparison_table(comparison: Comparison) -> Table:
     table = Table(title="timed ratios of two runs, largest difference first", box=box.SIMPLE)
-    for column in ("row", "ratio", "first", "second", "difference"):
+    for column in ("row", "ratio", "first", "second", "difference", "95% CIs overlap"):
         table.add_column(column, no_wrap=True, justify="left" if column in ("row", "ratio") else "right")
     for pair in comparison.pairs:
         over = pair.relative > comparison.tolerance
@@ -103,6 +116,7 @@ def comparison_table(comparison: Comparison) -> Table:
             f"{pair.first:.3f}",
             f"{pair.second:.3f}",
             f"[red]{pair.relative:.1%}[/red]" if over else f"{pair.relative:.1%}",
+            {None: "-", True: "yes", False: "no"}[pair.overlap],
         )
     return table
 
@@ -122,6 +136,9 @@ def verdict_lines(comparison: Comparison) -> list[str]:
     worst = comparison.pairs[0]
     within = sum(pair.relative <= comparison.tolerance for pair in comparison.pairs)
     head = "PASS" if comparison.agree else "FAIL"
+    disjoint = sum(pair.overlap is False for pair in comparison.pairs)
+    if any(pair.overlap is not None for pair in comparison.pairs):
+        lines.append(f"{disjoint} of {len(comparison.pairs)} timed ratios have disjoint 95% intervals in the two runs")
     return [
         *lines,
         f"{head}: {within} of {len(comparison.pairs)} timed ratios agree within {comparison.tolerance:.0%} "

@@ -39,6 +39,7 @@ from robustunlearn.bench.common import (
     bench_model,
     cost_clock,
     environment,
+    interval_cell,
     model_configs,
     pairs_cell,
     peak_bytes,
@@ -323,7 +324,8 @@ def bench_objectives(
     unset ones among ``sizes``, ``shapes`` and ``timing`` take the quick preset (1M, 8x128,
     :data:`QUICK_TIMING`). Each row has ``objective``, ``optimizer``, ``size``, ``params``,
     ``batch``, ``seq_len``, ``threads``, ``pairs``, ``stop``, the median seconds of each call
-    (module docstring) and these per-round ratios, each with its quartiles (``_q1``, ``_q3``):
+    (module docstring) and these per-round ratios, each with its quartiles (``_q1``, ``_q3``) and
+    its median's 95% interval (``_ci_low``, ``_ci_high``):
 
     * ``step_over_forward_backward``: unlearning step / plain forward and backward;
     * ``plain_step_over_forward_backward``: plain step / plain forward and backward;
@@ -405,10 +407,10 @@ def _table(rows: list[dict[str, Any]], threads: int) -> Table:
         "shape",
         "step/(fwd+bwd)",
         "step/plain step",
-        "IQR",
+        "95% CI",
         "ref share",
         "cached/plain step",
-        "cached IQR",
+        "cached 95% CI",
         "mem cached/live",
     )
     for column in (*columns, "pairs"):
@@ -421,7 +423,7 @@ def _table(rows: list[dict[str, Any]], threads: int) -> Table:
             f"{row['batch']}x{row['seq_len']}",
             f"{row['step_over_forward_backward']:.2f}",
             f"{row['step_over_plain_step']:.2f}",
-            f"{row['step_over_plain_step_q1']:.2f}-{row['step_over_plain_step_q3']:.2f}",
+            interval_cell(row, "step_over_plain_step"),
             f"{row['reference_share']:.2f}",
             *_cached_cells(row),
             pairs_cell(row),
@@ -430,13 +432,13 @@ def _table(rows: list[dict[str, Any]], threads: int) -> Table:
 
 
 def _cached_cells(row: dict[str, Any]) -> tuple[str, str, str]:
-    """The cached step's ratio, its IQR and the peak memory ratio; dashes where there is no cache."""
+    """The cached step's ratio, its 95% interval and the peak memory ratio; dashes where there is no
+    cache."""
     if "cached_step_s" not in row:
         return "-", "-", "-"
-    q1, q3 = row["cached_step_over_plain_step_q1"], row["cached_step_over_plain_step_q3"]
     memory = row.get("cached_peak_over_live_peak")
     return (
         f"{row['cached_step_over_plain_step']:.2f}",
-        f"{q1:.2f}-{q3:.2f}",
+        interval_cell(row, "cached_step_over_plain_step"),
         "-" if memory is None else f"{memory:.2f}",
     )

@@ -24,6 +24,7 @@ from robustunlearn.bench.common import (
     bench_model,
     cost_clock,
     environment,
+    interval_cell,
     model_configs,
     pairs_cell,
     peak_bytes,
@@ -147,7 +148,9 @@ def _measure_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
             timing,
             clock,
         )
-        ratio = ratio_stats([t / per_round for t in timings.seconds["step"]], timings.seconds[BASELINE])
+        ratio = ratio_stats(
+            [t / per_round for t in timings.seconds["step"]], timings.seconds[BASELINE], timings.confidence
+        )
         rows.append(
             {
                 "params": sum(p.numel() for p in model.parameters()),
@@ -186,7 +189,8 @@ def bench_optimizers(
     :data:`QUICK_OPTIMIZERS`, :data:`QUICK_TIMING`). Each row has ``optimizer``, ``grade``,
     ``size``, ``params``, ``batch``, ``seq_len``, ``threads`` and:
 
-    * ``step_over_forward`` (``_q1``, ``_q3``): the median (quartiles) over ``pairs`` rounds of
+    * ``step_over_forward`` (``_q1``, ``_q3``; ``_ci_low``, ``_ci_high``): the median (quartiles; its
+      95% interval) over ``pairs`` rounds of
       step time / forward time (no-grad forward of the same batch), the two timed in turn by
       :func:`~robustunlearn.bench.timing.time_interleaved` with ``timing`` (``stop``: why the
       rounds ended), on the clock :func:`~robustunlearn.bench.common.cost_clock` picks (CPU time
@@ -246,13 +250,13 @@ def bench_optimizers(
 
 def _row(name: str, label: str, threads: int, measured: dict[str, Any], inference_peak: int) -> dict[str, Any]:
     """A measured row with its names and ratios."""
-    fields = ("params", "batch", "seq_len", "step_over_forward", "step_over_forward_q1", "step_over_forward_q3")
+    ratio = [key for key in measured if key.startswith("step_over_forward")]
     return {
         "optimizer": name,
         "grade": OPTIMIZERS[name].grade,
         "size": label,
         "threads": threads,
-        **{key: measured[key] for key in fields},
+        **{key: measured[key] for key in ("params", "batch", "seq_len", *ratio)},
         "pairs": measured["pairs"],
         "stop": measured["stop"],
         "peak_mem_over_inference": measured["peak_bytes"] / inference_peak,
@@ -267,7 +271,7 @@ def _row(name: str, label: str, threads: int, measured: dict[str, Any], inferenc
 def _table(rows: list[dict[str, Any]], threads: int) -> Table:
     title = f"optimizer cost per step, tiny Llama, {threads} torch thread(s)"
     table = Table(title=title, box=box.SIMPLE, caption=UNSETTLED_CAPTION)
-    for column in ("optimizer", "params", "shape", "step/fwd", "IQR", "pairs", "mem/inference", "state/params"):
+    for column in ("optimizer", "params", "shape", "step/fwd", "95% CI", "pairs", "mem/inference", "state/params"):
         table.add_column(column, no_wrap=True, justify="left" if column == "optimizer" else "right")
     for row in rows:
         table.add_row(
@@ -275,7 +279,7 @@ def _table(rows: list[dict[str, Any]], threads: int) -> Table:
             f"{row['params'] / 1e6:.1f}M",
             f"{row['batch']}x{row['seq_len']}",
             f"{row['step_over_forward']:.2f}",
-            f"{row['step_over_forward_q1']:.2f}-{row['step_over_forward_q3']:.2f}",
+            interval_cell(row, "step_over_forward"),
             pairs_cell(row),
             f"{row['peak_mem_over_inference']:.2f}",
             f"{row['state_over_params']:.2f}",

@@ -5,13 +5,18 @@ within a round (candidate / baseline of the same round), so a slow spell of the 
 spans a round slows both sides and cancels. After ``warmup`` untimed rounds, rounds repeat until
 one of these holds, checked after each round n ≥ ``min_pairs``:
 
-* ``"stable"``: for every candidate, the median of its first n ratios and the median of its first
-  n − ``window`` ratios differ by at most ``stable_rel`` × the former (the median moved less than
-  that over the last ``window`` rounds);
+* ``"precise"``: for every candidate, the ``confidence`` interval of the median of its n ratios
+  reaches at most ``interval_rel`` × that median on either side of it;
 * ``"budget"``: the timed calls have taken ``budget_s`` seconds of the clock in all;
 * ``"max_pairs"``: n = ``max_pairs``.
 
-The summary of a ratio is its median and quartiles over the rounds (:func:`ratio_stats`).
+The interval is distribution-free: two order statistics of the ratios, chosen from the
+Binomial(n, 1/2) law of how many ratios fall below the true median (:func:`median_interval`).
+A rule on the interval's width, unlike one on how far the median moved over the last few rounds,
+is not met by chance while the median is still uncertain: at the spread a 2-core machine shows
+(an interquartile range of 5-20% of the median) it takes about 20 to 300 rounds.
+
+The summary of a ratio is its median, quartiles and that interval (:func:`ratio_stats`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+from scipy.stats import binom
 
 BASELINE = "baseline"  # the baseline's name in Timings.seconds
 _TOO_COARSE = "a call took no measurable time: the clock is too coarse for it"
@@ -30,20 +37,21 @@ class TimingSettings:
     """When :func:`time_interleaved` stops (module docstring)."""
 
     min_pairs: int = 10
-    window: int = 5
-    stable_rel: float = 0.01
-    budget_s: float = 20.0
-    max_pairs: int = 200
+    interval_rel: float = 0.02
+    confidence: float = 0.95
+    budget_s: float = 30.0
+    max_pairs: int = 400
     warmup: int = 1
 
     def __post_init__(self) -> None:
-        if not 1 <= self.window < self.min_pairs <= self.max_pairs:
+        if not 1 <= self.min_pairs <= self.max_pairs:
             raise ValueError(
-                f"need 1 <= window < min_pairs <= max_pairs, got window={self.window}, "
-                f"min_pairs={self.min_pairs}, max_pairs={self.max_pairs}"
+                f"need 1 <= min_pairs <= max_pairs, got min_pairs={self.min_pairs}, max_pairs={self.max_pairs}"
             )
-        if not self.stable_rel > 0:
-            raise ValueError(f"stable_rel must be > 0, got {self.stable_rel!r}")
+        if not self.interval_rel > 0:
+            raise ValueError(f"interval_rel must be > 0, got {self.interval_rel!r}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must be between 0 and 1, got {self.confidence!r}")
         if not self.budget_s >= 0:
             raise ValueError(f"budget_s must be >= 0, got {self.budget_s!r}")
         if self.warmup < 0:
@@ -52,16 +60,25 @@ class TimingSettings:
 
 @dataclass(frozen=True)
 class RatioStats:
-    """Median, first and third quartile of per-round ratios, and how many rounds they cover."""
+    """Median, first and third quartile of per-round ratios, how many rounds they cover, and the
+    median's interval (None when there are too few rounds for one: fewer than 6 at 95%)."""
 
     median: float
     q1: float
     q3: float
     pairs: int
+    ci_low: float | None = None
+    ci_high: float | None = None
 
-    def fields(self, name: str) -> dict[str, float]:
-        """``{name: median, name_q1: q1, name_q3: q3}``: the columns of a row."""
-        return {name: self.median, f"{name}_q1": self.q1, f"{name}_q3": self.q3}
+    def fields(self, name: str) -> dict[str, float | None]:
+        """``{name: median, name_q1, name_q3, name_ci_low, name_ci_high}``: the columns of a row."""
+        return {
+            name: self.median,
+            f"{name}_q1": self.q1,
+            f"{name}_q3": self.q3,
+            f"{name}_ci_low": self.ci_low,
+            f"{name}_ci_high": self.ci_high,
+        }
 
 
 def quantile(sorted_values: Sequence[float], p: float) -> float:
@@ -73,14 +90,30 @@ def quantile(sorted_values: Sequence[float], p: float) -> float:
     return sorted_values[low] + (position - low) * (sorted_values[high] - sorted_values[low])
 
 
-def ratio_stats(numerators: Sequence[float], denominators: Sequence[float]) -> RatioStats:
+def median_interval(sorted_values: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """The distribution-free ``confidence`` interval of the median of ``sorted_values``:
+    ``(x[j], x[n − 1 − j])`` (counted from 0) with the largest j for which at most
+    (1 − confidence) / 2 of the Binomial(n, 1/2) law lies below j, so that the interval covers the
+    true median with probability at least ``confidence``; None when no j qualifies (n < 6 at 95%)."""
+    n = len(sorted_values)
+    tail = (1 - confidence) / 2
+    j = int(binom.ppf(tail, n, 0.5))  # the smallest j with P(B <= j) >= tail
+    if binom.cdf(j, n, 0.5) > tail:
+        j -= 1
+    if j < 0:
+        return None
+    return sorted_values[j], sorted_values[n - 1 - j]
+
+
+def ratio_stats(numerators: Sequence[float], denominators: Sequence[float], confidence: float = 0.95) -> RatioStats:
     """:class:`RatioStats` of ``numerators[i] / denominators[i]`` over the rounds i."""
     if not denominators or len(numerators) != len(denominators):
         raise ValueError(f"need equally many numerators and denominators, got {len(numerators)}, {len(denominators)}")
     if min(denominators) <= 0:
         raise ValueError(_TOO_COARSE)
     ratios = sorted(n / d for n, d in zip(numerators, denominators))
-    return RatioStats(quantile(ratios, 0.5), quantile(ratios, 0.25), quantile(ratios, 0.75), len(ratios))
+    interval = median_interval(ratios, confidence) or (None, None)
+    return RatioStats(quantile(ratios, 0.5), quantile(ratios, 0.25), quantile(ratios, 0.75), len(ratios), *interval)
 
 
 @dataclass(frozen=True)
@@ -90,24 +123,28 @@ class Timings:
 
     seconds: dict[str, tuple[float, ...]]
     stop: str
+    confidence: float = 0.95  # of the medians' intervals
 
     @property
     def pairs(self) -> int:
         return len(self.seconds[BASELINE])
 
     def ratio(self, name: str, over: str = BASELINE) -> RatioStats:
-        return ratio_stats(self.seconds[name], self.seconds[over])
+        return ratio_stats(self.seconds[name], self.seconds[over], self.confidence)
 
     def median_s(self, name: str) -> float:
         return statistics.median(self.seconds[name])
 
 
-def median_settled(ratios: Sequence[float], window: int, stable_rel: float) -> bool:
-    """Whether the median of ``ratios`` moved by at most ``stable_rel`` (relative) over the last
-    ``window`` of them."""
-    now = statistics.median(ratios)
-    before = statistics.median(ratios[:-window])
-    return abs(now - before) <= stable_rel * abs(now)
+def interval_within(ratios: Sequence[float], interval_rel: float, confidence: float) -> bool:
+    """Whether the ``confidence`` interval of the median of ``ratios`` reaches at most
+    ``interval_rel`` (relative to the median) on either side of it."""
+    ordered = sorted(ratios)
+    interval = median_interval(ordered, confidence)
+    if interval is None:
+        return False
+    median = statistics.median(ordered)
+    return max(median - interval[0], interval[1] - median) <= interval_rel * abs(median)
 
 
 def time_interleaved(
@@ -138,7 +175,7 @@ def time_interleaved(
             raise ValueError(_TOO_COARSE)
         stop = _stop_reason(seconds, spent, settings)
         if stop is not None:
-            return Timings({name: tuple(times) for name, times in seconds.items()}, stop)
+            return Timings({name: tuple(times) for name, times in seconds.items()}, stop, settings.confidence)
 
 
 def _stop_reason(seconds: dict[str, list[float]], spent: float, settings: TimingSettings) -> str | None:
@@ -147,8 +184,8 @@ def _stop_reason(seconds: dict[str, list[float]], spent: float, settings: Timing
         return None
     base = seconds[BASELINE]
     ratios = {name: [t / b for t, b in zip(times, base)] for name, times in seconds.items() if name != BASELINE}
-    if all(median_settled(r, settings.window, settings.stable_rel) for r in ratios.values()):
-        return "stable"
+    if all(interval_within(r, settings.interval_rel, settings.confidence) for r in ratios.values()):
+        return "precise"
     if spent >= settings.budget_s:
         return "budget"
     if pairs >= settings.max_pairs:
