@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 
 import pytest
@@ -156,6 +157,27 @@ def test_calls_too_short_for_the_clock_are_an_error_not_an_infinite_ratio():
 def test_invalid_settings_are_rejected(options, match):
     with pytest.raises(ValueError, match=match):
         TimingSettings(**options)
+
+
+def test_the_garbage_collector_is_off_during_timed_calls_only():
+    clock = FakeClock()
+    seen = []
+    baseline = clock.call("base", itertools.repeat(1.0))
+
+    def step() -> None:
+        seen.append(gc.isenabled())
+        clock.now += 2.0
+
+    settings = TimingSettings(min_pairs=6, warmup=1)
+    time_interleaved(baseline, {"step": step}, settings, clock)
+    assert seen == [True] + [False] * 6 and gc.isenabled()  # the warm-up round ran with it on
+
+    def failing() -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        time_interleaved(baseline, {"step": failing}, TimingSettings(warmup=0), clock)
+    assert gc.isenabled()
 
 
 def test_the_baseline_name_is_reserved():

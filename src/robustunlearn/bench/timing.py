@@ -21,6 +21,7 @@ The summary of a ratio is its median, quartiles and that interval (:func:`ratio_
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -155,13 +156,24 @@ def time_interleaved(
 ) -> Timings:
     """Call ``baseline`` and the ``candidates`` in rounds and time each call with ``clock``
     (module docstring: warm-up, stopping rule). The callables must finish their work before
-    returning (on a GPU: synchronise)."""
+    returning (on a GPU: synchronise). Python's garbage collector is off during the timed rounds."""
     if BASELINE in candidates:
         raise ValueError(f"{BASELINE!r} names the baseline; give the candidates other names")
     calls = {BASELINE: baseline, **candidates}
     for _ in range(settings.warmup):
         for call in calls.values():
             call()
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()  # as timeit does: a collection would land in whichever call happened to trigger it
+    try:
+        return _timed_rounds(calls, settings, clock)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _timed_rounds(calls: dict[str, Callable[[], object]], settings: TimingSettings, clock) -> Timings:
     seconds: dict[str, list[float]] = {name: [] for name in calls}
     spent = 0.0
     while True:
