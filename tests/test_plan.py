@@ -4,6 +4,7 @@ formula against the tensors autograd saves, the objectives' forward passes, and 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,22 @@ def test_fsdp_shards_and_zeroth_order_holds_no_gradients():
     assert one.reference == "cached" and adam.reference == 0
 
 
+def test_mixed_precision_gathers_and_computes_in_bfloat16_over_float32_shards():
+    config = load_config(str(LLAMA_7B))
+    settings = PlanSettings(optimizers=("adam",), gpus=8, parallel="fsdp")
+    plain = plan_memory(config, settings).rows[0]
+    mixed = plan_memory(config, replace(settings, mixed_precision="bf16")).rows[0]
+    parameters, block = 6_738_415_616, 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # Llama-2-7B
+    outside = parameters - 32 * block  # embeddings, output head, final norm
+    # float32 shards; the gathered outside modules and two blocks in bfloat16
+    assert mixed.weights == parameters * 4 // 8 + (outside + 2 * block) * 2
+    # float32 gradient shards, two gathered blocks' gradients in bfloat16, one block's float32 copy to reduce
+    assert mixed.gradients == parameters * 4 // 8 + 2 * block * 2 + block * 4
+    assert mixed.state == plain.state and mixed.activations < plain.activations
+    one_gpu = replace(settings, gpus=1, mixed_precision="bf16")  # one process shards nothing: plain float32
+    assert plan_memory(config, one_gpu).rows[0] == plan_memory(config, replace(one_gpu, mixed_precision=None)).rows[0]
+
+
 def test_a_live_reference_holds_the_start_values_of_the_trained_weights_only():
     config = load_config(str(LLAMA_7B))
     full = plan_memory(config, PlanSettings(optimizers=("adam",), objective="npo", reference="live"))
@@ -171,6 +188,9 @@ def test_plan_command_prints_a_table_per_setup_and_json(monkeypatch, capsys):
         (["--objective", "ga", "--reference", "live"], "uses no reference model"),
         (["--gpus", "3"], "must be a multiple of the 3 GPUs"),
         (["--parallel", "zero3", "--gpus", "2"], "unknown parallel mode 'zero3'"),
+        (["--gpus", "2", "--mixed-precision", "bf16"], "add --parallel fsdp"),
+        (["--gpus", "2", "--parallel", "fsdp", "--mixed-precision", "fp8"], "unknown mixed precision 'fp8'"),
+        (["--parallel", "fsdp", "--gpus", "2", "--mixed-precision", "bf16", "--dtype", "bfloat16"], "--dtype float32"),
         (["--model", "meta-llama/Llama-2-7b-hf"], "HF_HUB_OFFLINE is set"),
         (["--model", "./missing"], "does not exist"),
     ],

@@ -21,8 +21,12 @@ below the sum of the columns. Parallelism: ``ddp`` replicates everything on ever
 engine's data parallelism; the global batch is split over the GPUs); ``fsdp`` shards weights,
 gradients, state and the reference over the GPUs and gathers the modules outside the blocks and
 two blocks (the current and the prefetched one) at a time, whose gradients are also held whole
-until reduced. Not counted: the CUDA context and allocator fragmentation (leave a margin of a few
-GB), communication buffers beyond the engine's all-reduce bucket.
+until reduced. Mixed precision (``mixed_precision`` bf16, fsdp on several GPUs, float32 weights):
+the shards, their gradients, the optimizer state and a live reference stay float32, while the
+gathered modules, their gradients and the activations are bfloat16, and the block being reduced
+gets a float32 copy of its gradients (FSDP2's reduce dtype). Not counted: the CUDA context and
+allocator fragmentation (leave a margin of a few GB), communication buffers beyond the engine's
+all-reduce bucket.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ PARALLEL_MODES = ("ddp", "fsdp")
 REFERENCES = ("live", "cached")
 ATTENTION = ("sdpa", "eager")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+MIXED_PRECISION = ("bf16",)
 LORA_BYTES = 4  # adapters stay float32 on a bfloat16 base (peft's autocast_adapter_dtype)
 FP32 = 4
 _UNITS = {"": 1e9, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -192,6 +197,7 @@ class PlanSettings:
     lora_rank: int | None = None
     reference: str | None = None  # None: cached where the objective allows it, else live
     attention: str = "sdpa"
+    mixed_precision: str | None = None  # bf16: FSDP2 gathers and computes in bfloat16 (module docstring)
 
     def __post_init__(self) -> None:
         checks = {
@@ -200,6 +206,7 @@ class PlanSettings:
             "dtype": (self.dtype, DTYPE_BYTES),
             "attention": (self.attention, ATTENTION),
             "reference": (self.reference, (None, *REFERENCES)),
+            "mixed precision": (self.mixed_precision, (None, *MIXED_PRECISION)),
             **{"optimizer": (name, OPTIMIZERS) for name in self.optimizers if name not in OPTIMIZERS},
         }
         for what, (value, accepted) in checks.items():
@@ -211,6 +218,11 @@ class PlanSettings:
                 raise UserError(f"{what} must be a positive integer, got {value}")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise UserError(f"lora rank must be a positive integer, got {self.lora_rank}")
+        if self.mixed_precision is not None and (self.parallel != "fsdp" or self.dtype != "float32"):
+            raise UserError(
+                "mixed precision bf16 gathers float32 FSDP shards in bfloat16: it needs --parallel fsdp and "
+                f"--dtype float32, got {self.parallel} and {self.dtype}"
+            )
         if self.batch_size % self.gpus:
             raise UserError(
                 f"batch size {self.batch_size} (the global batch) must be a multiple of the {self.gpus} GPUs"
@@ -307,22 +319,32 @@ def _loss_gradient_bytes(shape: ModelShape, tokens: int) -> int:
 @dataclass(frozen=True)
 class _Sizes:
     """One GPU's bytes per element and counts for a plan: the run's dtype ``e``, the trainable
-    weights' bytes ``t`` (LoRA: float32), the shards (fsdp: the GPUs), the tokens of one pass."""
+    weights' bytes ``t`` (LoRA: float32), the shards (fsdp: the GPUs), the tokens of one pass, and
+    the bytes ``c`` of what is computed on: gathered weights, their gradients, activations (``e``;
+    bfloat16 under mixed precision, which shards only when there are several GPUs)."""
 
     e: int
     t: int
     shards: int
     tokens: int
+    c: int
 
     @classmethod
     def of(cls, settings: PlanSettings) -> _Sizes:
         e = DTYPE_BYTES[settings.dtype]
+        shards = settings.gpus if settings.parallel == "fsdp" else 1
+        mixed = settings.mixed_precision is not None and shards > 1
         return cls(
             e=e,
             t=e if settings.lora_rank is None else LORA_BYTES,
-            shards=settings.gpus if settings.parallel == "fsdp" else 1,
+            shards=shards,
             tokens=settings.batch_size // settings.gpus * settings.max_length,
+            c=DTYPE_BYTES["bfloat16"] if mixed else e,
         )
+
+    @property
+    def mixed(self) -> bool:
+        return self.c != self.e
 
 
 def _gradient_step(
@@ -335,7 +357,7 @@ def _gradient_step(
     the optimizer's temporaries; the next step's live reference pass also sees the gradients)."""
     passes = shape.forward_passes
     per_pass = memory.backward_graphs * activation_bytes(
-        shape, sizes.tokens, sizes.e, settings.attention, settings.max_length
+        shape, sizes.tokens, sizes.c, settings.attention, settings.max_length
     )
     transient = _loss_gradient_bytes(shape, sizes.tokens)
     activations = passes * per_pass + transient
@@ -347,7 +369,7 @@ def _gradient_step(
     ddp = settings.parallel == "ddp" and settings.gpus > 1
     bucket = min(max(BUCKET_ELEMENTS * sizes.t, largest), trainable) if ddp else 0
     temporaries = memory.update_copies * trainable + max(memory.tensor_copies * largest, bucket)
-    reference_pass = forward_only_bytes(shape, sizes.tokens, sizes.e) if live else 0
+    reference_pass = forward_only_bytes(shape, sizes.tokens, sizes.c) if live else 0
     return activations, max(closure, gradients + max(temporaries, reference_pass))
 
 
@@ -358,14 +380,16 @@ def plan_grade(shape: ModelShape, settings: PlanSettings, name: str, reference: 
     weights = shape.parameters * sizes.e / sizes.shards
     gradients = shape.trainable * sizes.t / sizes.shards if memory.gradients else 0
     if sizes.shards > 1:  # gathered: the modules outside the blocks and two blocks; two blocks' gradients
-        weights += (shape.outside_blocks + 2 * shape.block) * sizes.e
-        gradients += 2 * shape.trainable_block * sizes.t if memory.gradients else 0
+        weights += (shape.outside_blocks + 2 * shape.block) * sizes.c
+        gathered = 2 * shape.trainable_block * (sizes.c if sizes.mixed else sizes.t)
+        reduced = shape.trainable_block * FP32 if sizes.mixed else 0  # the float32 copy FSDP reduces
+        gradients += gathered + reduced if memory.gradients else 0
     state = memory.state * shape.trainable * sizes.t / sizes.shards
     ref = shape.trainable * sizes.e / sizes.shards if reference == "live" else 0
     if memory.gradients:
         activations, peak = _gradient_step(shape, settings, memory, sizes, gradients, reference == "live")
     else:
-        activations = forward_only_bytes(shape, sizes.tokens, sizes.e)
+        activations = forward_only_bytes(shape, sizes.tokens, sizes.c)
         peak = max(activations, memory.tensor_copies * shape.largest_trainable * sizes.t)
     total = weights + state + ref + peak
     return GradePlan(
@@ -407,7 +431,10 @@ def human_bytes(count: float) -> str:
 
 
 def _setup_name(settings: PlanSettings) -> str:
-    return "1 GPU" if settings.gpus == 1 else f"{settings.gpus} GPUs {settings.parallel}"
+    if settings.gpus == 1:
+        return "1 GPU"
+    mixed = f" {settings.mixed_precision}" if settings.mixed_precision else ""
+    return f"{settings.gpus} GPUs {settings.parallel}{mixed}"
 
 
 def plan_table(plan: MemoryPlan) -> Table:
