@@ -49,6 +49,7 @@ from robustunlearn.core.models import check_model_reference
 from robustunlearn.objectives import OBJECTIVES
 from robustunlearn.optim import OPTIMIZERS
 from robustunlearn.study.evaluation import evaluate_from_settings, evaluation_table
+from robustunlearn.study.grid import check_launch
 from robustunlearn.study.loading import prepare_from_settings, prepare_summary_table
 from robustunlearn.study.pipeline import results_table, run_pipeline, unlearn_only
 from robustunlearn.train.checkpoint import run_state
@@ -264,6 +265,12 @@ JobsOption = typer.Option(
     help="Worker processes the cells run in [default: one per CPU core, at most one per cell, the cores "
     "shared out as torch threads]; 1: one cell after the other, in this process.",
 )
+ParallelOption = typer.Option(
+    None,
+    "--parallel",
+    help="How several processes (torchrun) split the unlearning: ddp (each holds the whole model) or fsdp "
+    "(FSDP2 shards weights, gradients and optimizer state) [default: ddp].",
+)
 SweepOption = typer.Option(
     False, "--lr-sweep", help="Choose each optimizer's lr by a small sweep at matched forgetting."
 )
@@ -291,8 +298,10 @@ def _study(
     lr: Optional[float] = None,
     claims: bool = False,
     jobs: Optional[int] = None,
+    parallel: Optional[str] = None,
 ) -> None:
-    """What ``run`` and ``study`` share: validate everything, then run the grid and print its table."""
+    """What ``run`` and ``study`` share: validate everything, then run the grid and print its table.
+    Launched in several processes (torchrun), rank 0 alone holds the directory's lock and prints."""
     if claims and config is not None:
         raise UserError("give --claims or --config, not both (--claims is the recipe recipes/claims.yaml)")
     settings = _settings(
@@ -310,7 +319,9 @@ def _study(
         study__max_steps=steps,
         study__compute_budget=budget,
         study__jobs=jobs,
+        parallel__mode=parallel,
     )
+    check_launch(settings.study, lr_sweep)
     check_training_options(settings, settings.study.objectives, settings.study.optimizers)
     _check_models(settings.model_path, settings.base_model)
     _check_writable(output_dir)
@@ -318,11 +329,13 @@ def _study(
     if dry_run:
         _print_settings(settings)
         return
-    with _output_dir(output_dir):
+    with _output_dir(output_dir, lock=is_main_process()):  # the other ranks of a launch share rank 0's directory
         results = run_pipeline(settings, output_dir, cache_dir, console=console, lr_sweep=lr_sweep)
-    # Eight columns of numbers need ~110 characters; pipes and CI logs default to 80 and would truncate.
-    Console(width=max(Console().width, 120)).print(results_table(results))
-    console.print(f"results, report and plots in {output_dir}")
+    if is_main_process():
+        # Eight columns of numbers need ~110 characters; pipes and CI logs default to 80 and would truncate.
+        Console(width=max(Console().width, 120)).print(results_table(results))
+        console.print(f"results, report and plots in {output_dir}")
+    leave_process_group()
 
 
 @app.command()
@@ -337,6 +350,7 @@ def run(
     attacks: Optional[str] = AttacksOption,
     claims: bool = ClaimsOption,
     jobs: Optional[int] = JobsOption,
+    parallel: Optional[str] = ParallelOption,
     model: Optional[str] = ModelOption,
     output_dir: Path = typer.Option(Path("runs/latest"), "--output-dir", help="Where results and the report go."),
     cache_dir: Optional[Path] = CacheOption,
@@ -367,6 +381,7 @@ def study(
     lr_sweep: bool = SweepOption,
     claims: bool = ClaimsOption,
     jobs: Optional[int] = JobsOption,
+    parallel: Optional[str] = ParallelOption,
     model: Optional[str] = ModelOption,
     data_dir: Optional[Path] = DataDirOption,
     forget_split: Optional[str] = ForgetSplitOption,
@@ -375,7 +390,10 @@ def study(
     seed: Optional[int] = SeedOption,
     dry_run: bool = DryRunOption,
 ) -> None:
-    """A grid of optimizers x objectives x seeds with the attack suite."""
+    """A grid of optimizers x objectives x seeds with the attack suite.
+
+    Several processes (torchrun --nproc_per_node N -m robustunlearn.cli study ...) run each cell
+    together, data parallel, with --parallel fsdp on sharded weights; rank 0 writes the files."""
     _study(**locals())  # every option of study is a parameter of _study
 
 
@@ -426,12 +444,7 @@ def unlearn_command(
         "--dtype",
         help="Load the model in float32, bfloat16, float16 or auto (its saved dtype) [default: float32].",
     ),
-    parallel: Optional[str] = typer.Option(
-        None,
-        "--parallel",
-        help="How several processes split the run: ddp (each holds the whole model) or fsdp (FSDP2 shards "
-        "weights, gradients and optimizer state) [default: ddp].",
-    ),
+    parallel: Optional[str] = ParallelOption,
     model: Optional[str] = typer.Option(None, "--model", help="Model to unlearn [default: the embedded tiny target]."),
     data_dir: Optional[Path] = DataDirOption,
     forget_split: Optional[str] = ForgetSplitOption,
@@ -617,11 +630,19 @@ def plan_command(
         "[default: cached where the objective allows it, else live].",
     ),
     attention: str = typer.Option("sdpa", "--attention", help="sdpa or eager attention kernel."),
+    mixed_precision: Optional[str] = typer.Option(
+        None,
+        "--mixed-precision",
+        help="bf16: the fsdp setups gather float32 shards and compute in bfloat16 (parallel.mixed_precision).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the plans as JSON instead of tables."),
 ) -> None:
     """Memory per GPU of an unlearning run for each optimizer: weights, gradients, optimizer state,
     reference, activations at the batch and length, the step's peak, and whether it fits. Reads
     the model's config only: no weights load."""
+    setups = _setups(gpus, parallel)
+    if mixed_precision is not None and all(mode != "fsdp" for _, mode in setups):
+        raise UserError("--mixed-precision applies to sharded setups: add --parallel fsdp")
     settings = [
         PlanSettings(
             objective=objective,
@@ -635,8 +656,9 @@ def plan_command(
             lora_rank=lora_rank,
             reference=reference,
             attention=attention,
+            mixed_precision=mixed_precision if mode == "fsdp" else None,
         )
-        for count, mode in _setups(gpus, parallel)
+        for count, mode in setups
     ]
     config = load_config(model)
     path = Path(model)

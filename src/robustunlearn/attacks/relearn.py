@@ -28,11 +28,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from robustunlearn.attacks.spec import RELEARNING, AttackContext, AttackOutcome, AttackSpec, positive_number
 from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
-from robustunlearn.core.distributed import DataParallel, reshard, shard_model
+from robustunlearn.core.distributed import DataParallel, gathered_copy, reshard, shard_model
 from robustunlearn.core.modules import LoraOptions, add_lora
 from robustunlearn.data.base import Record
 from robustunlearn.data.collate import collate_records
@@ -175,7 +174,7 @@ def relearn_attack(
                 record(step)
 
     if sharded:
-        attacked = _gathered(attacked, model)
+        attacked = gathered_copy(attacked, model)
     if lora is not None:
         attacked = peft_model.merge_and_unload()
     attacked.zero_grad(set_to_none=True)
@@ -183,14 +182,6 @@ def relearn_attack(
         parameter.requires_grad_(requires_grad.get(name, True))
     attacked.eval()
     return attacked, curve
-
-
-def _gathered(sharded: nn.Module, like: nn.Module) -> nn.Module:
-    """A plain copy of ``like`` holding ``sharded``'s weights, on every rank (each gathers them all)."""
-    weights = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
-    plain = copy.deepcopy(like)
-    plain.load_state_dict(weights)
-    return plain
 
 
 def _relearn_records(context: AttackContext, benign: bool) -> tuple[str, Sequence[Record]]:
@@ -227,6 +218,7 @@ def _relearn(
         eval_fn=context.probe,
         eval_every=context.relearn_eval_every,
         seed=context.seed,
+        parallel=None if lora is not None else context.parallel,  # LoRA: each rank relearns alone, alike
     )
     config = {
         "split": split,

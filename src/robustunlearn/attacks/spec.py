@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from robustunlearn.core.batching import TokenBatch
+from robustunlearn.core.distributed import DataParallel
 from robustunlearn.data.base import Benchmark, Record
 from robustunlearn.data.collate import collate_records
 from robustunlearn.data.prompts import PLAIN_TEMPLATE, PromptTemplate
@@ -67,7 +68,10 @@ class AttackContext:
     * ``original_codes``: the Q4_1 codes of the original model's weights, by layer name, for a
       model read from a Q4_1 GGUF file (:func:`~robustunlearn.attacks.quant.diagnostics.q4_1_reference_codes`):
       the quantization attacks then also report how many of them the unlearned and the attacked
-      model keep; None: not reported."""
+      model keep; None: not reported;
+    * ``parallel``: a sharded :class:`~robustunlearn.core.distributed.DataParallel` when every rank of
+      an FSDP launch runs the attack alike: relearning then trains on sharded weights (its probe runs
+      on every rank); None: each process attacks on its own."""
 
     tokenizer: Any
     benchmark: Benchmark
@@ -81,6 +85,7 @@ class AttackContext:
     reference_model: nn.Module | None = None
     original_codes: dict[str, torch.Tensor] | None = None
     template: PromptTemplate = PLAIN_TEMPLATE  # the format QA pairs are trained in (unlearn.prompt_template)
+    parallel: DataParallel | None = None
 
     @cached_property
     def calibration(self) -> list[TokenBatch]:

@@ -23,6 +23,7 @@ itself (docs/engine.md).
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 from collections.abc import Sequence
@@ -194,6 +195,14 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate launch) started: its ``WORLD_SIZE``, or
+    the initialized process group's size; 1 without a launcher."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def data_parallel() -> DataParallel:
     """This process's :class:`DataParallel`: the initialized process group if there is one, else
     one initialized from the launcher's environment (``WORLD_SIZE`` > 1, ``RANK``,
@@ -246,6 +255,16 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
+def gathered_copy(sharded: nn.Module, like: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """A plain (unsharded) copy of ``like`` holding the FSDP-``sharded`` model's weights, on every
+    rank: each gathers them all (every rank must call it). The copy stays on ``like``'s device, or
+    moves to ``device``."""
+    weights = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    plain = copy.deepcopy(like)
+    plain.load_state_dict(weights)
+    return plain if device is None else plain.to(device)
+
+
 def full_state_dict(model: nn.Module, *, sharded: bool, trainable_only: bool = False) -> dict[str, Tensor]:
     """``model``'s weights (``trainable_only``: those that require grad) as whole tensors. An
     FSDP-``sharded`` model's are gathered on rank 0's CPU: every rank must call it, and ranks other
@@ -274,7 +293,9 @@ __all__ = [
     "DataParallel",
     "data_parallel",
     "full_state_dict",
+    "gathered_copy",
     "is_main_process",
+    "launched_processes",
     "leave_process_group",
     "local_device",
     "shard_model",

@@ -6,7 +6,9 @@ retrain model (a given ``--model``, WMDP) the target stands in: an upper bound, 
 the rows say so (``control.source``).
 
 Each (seed, attack) control is computed once per study and kept in ``controls/seed<k>/<attack>.json``,
-so a resumed study does not attack the control again.
+so a resumed study does not attack the control again. Under a launch of several processes every
+rank computes a missing control alike (a sharded relearning attack needs them all) and rank 0
+writes it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from robustunlearn.attacks import AttackContext, parse_attack
+from robustunlearn.core.distributed import DataParallel
 from robustunlearn.core.io import atomic_write_json
 from robustunlearn.core.lock import directory_lock
 from robustunlearn.metrics.suite import METRICS
@@ -41,17 +44,28 @@ class Controls:
 
     ``evaluate(model) -> metrics`` scores a model as the cells' rows are scored (the evaluation view)."""
 
-    def __init__(self, model, source: str, directory: Path, evaluate: Callable[[Any], dict[str, float]], metric: str):
+    def __init__(
+        self,
+        model,
+        source: str,
+        directory: Path,
+        evaluate: Callable[[Any], dict[str, float]],
+        metric: str,
+        parallel: DataParallel = DataParallel(),
+    ):
         self.model = model
         self.source = source
         self.directory = directory
         self.evaluate = evaluate
         self.metric = metric
+        self.parallel = parallel
 
     def get(self, attack: str, context: AttackContext) -> Control:
         """The control under ``attack`` (``"none"``: the control itself) with ``context`` (its
         seed, relearning records and probe are the cell's, so the two are attacked alike)."""
         path = self.directory / f"seed{context.seed}" / f"{attack}.json"
+        if self.parallel.enabled:
+            return self._get_in_step(path, attack, context)
         if not path.exists():
             # Cells of one seed in several worker processes need the same control: one computes it.
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +73,18 @@ class Controls:
                 if not path.exists():
                     atomic_write_json(path, self._attack(attack, context).to_json())
         return Control(**json.loads(path.read_text()))
+
+    def _get_in_step(self, path: Path, attack: str, context: AttackContext) -> Control:
+        """Every rank of a launch: read the control, or compute it on every rank, rank 0 writing it.
+        Rank 0 decides which: a rank that looked at the directory itself, later than rank 0 wrote
+        the file, would skip the collectives the others run."""
+        if self.parallel.broadcast_object(path.exists()):
+            return Control(**json.loads(path.read_text()))
+        control = self._attack(attack, context)
+        if self.parallel.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, control.to_json())
+        return control
 
     def _attack(self, attack: str, context: AttackContext) -> Control:
         curve = None

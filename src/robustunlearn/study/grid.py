@@ -18,6 +18,13 @@ The protocol (README "The study's protocol"):
   seeds that are never reported.
 
 A finished cell leaves ``cells/<id>/rows.json``; a rerun skips it, so a killed study resumes.
+
+**Several processes** (``torchrun``, ``accelerate launch``: :func:`~robustunlearn.core.distributed.data_parallel`):
+the cells run one after the other, each on every rank. Rank 0 prepares and evaluates the
+references first (the others then read them); every rank unlearns (data parallel, or on FSDP-sharded
+weights in parallel mode fsdp), gathers the unlearned model whole, and runs the rest of the cell
+alike on it (evaluations, attacks; relearning trains on sharded weights in mode fsdp); rank 0
+alone writes the files. The ranks must see one filesystem (the output and cache directories).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from robustunlearn.attacks import AttackContext, parse_attack
 from robustunlearn.attacks.quant.diagnostics import q4_1_reference_codes
 from robustunlearn.attacks.spec import RELEARNING
 from robustunlearn.config import RunSettings, StudySettings, unlearn_settings
+from robustunlearn.core.distributed import DataParallel, data_parallel, gathered_copy, launched_processes, local_device
 from robustunlearn.core.errors import UserError
 from robustunlearn.core.io import atomic_write, atomic_write_json
 from robustunlearn.core.models import DTYPES, load_model
@@ -95,6 +103,17 @@ class StudyRun:
     relearn_splits: dict[int, RelearnSplit] = field(default_factory=dict)
     clock: PhaseClock = field(default_factory=PhaseClock)  # times each cell's phases (study/timing.py)
     q4_1_codes: dict[str, Any] | None = None  # the original GGUF model's, on first use (study.gguf_q4_1_codes)
+    parallel: DataParallel = field(default_factory=DataParallel)  # this rank of a launch (module docstring)
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the study's files: rank 0, or the only process."""
+        return self.parallel.is_main
+
+    @property
+    def attack_parallel(self) -> DataParallel | None:
+        """What the attacks shard over: the launch's ranks in parallel mode fsdp, else nothing."""
+        return self.parallel if self.parallel.sharded else None
 
     @property
     def metric(self) -> str:
@@ -234,6 +253,7 @@ def attack_context(run: StudyRun, seed: int) -> AttackContext:
         reference_model=run.target,
         original_codes=run.original_codes(),
         template=run.settings.unlearn.template,
+        parallel=run.attack_parallel,
     )
 
 
@@ -265,6 +285,20 @@ def check_stop_alignment(settings: RunSettings, study: StudySettings) -> None:
                     f"({study.check_every}) and study.max_steps ({study.max_steps}); it has every {every}, "
                     f"align {align}"
                 )
+
+
+def check_launch(study: StudySettings, lr_sweep: bool) -> None:
+    """One-line UserError for what a launch of several processes (torchrun) cannot run: cells in
+    worker processes (``study.jobs`` > 1) and the lr sweep."""
+    if launched_processes() <= 1:
+        return
+    if (study.jobs or 1) > 1:
+        raise UserError(
+            "--jobs (study.jobs) runs cells in worker processes of one machine; under torchrun every process "
+            "works on each cell: leave it unset"
+        )
+    if lr_sweep:
+        raise UserError("the lr sweep runs in one process: run it without torchrun, then launch the study")
 
 
 def cell_settings(run: StudyRun, cell: Cell) -> UnlearnSettings:
@@ -306,6 +340,8 @@ def unlearn_cell(run: StudyRun, cell: Cell, view: Benchmark, directory: Path):
         console=run.console,
         progress=run.console is not None,  # cells in worker processes run quietly: the study reports each as it ends
     )
+    if run.parallel.sharded:  # the rest of the cell (evaluations, attacks) runs on the whole model
+        model = gathered_copy(outcome.model, run.target, local_device())
     start = {"step": 0, "forward_equivalents": 0.0, metric: run.references["target"][metric]}
     curve = [start] + [
         {"step": entry["step"], "forward_equivalents": entry["forward_equivalents"], **entry["eval"]}
@@ -367,7 +403,8 @@ def run_cell(
     if landscape and run.study.landscape and settings.unlearn.lora is None:
         with clock.phase("landscape", cell=cell.name, detail="sharpness"):
             cell_landscape = Landscape(**cell_sharpness(model, run.tokenizer, views.evaluation, cell.seed))
-            atomic_write(directory / UNLEARNED_WEIGHTS, lambda path: save_trainable_weights(model, path))
+            if run.writes:
+                atomic_write(directory / UNLEARNED_WEIGHTS, lambda path: save_trainable_weights(model, path))
     reference = References(target=references["target"], unlearned=unlearned, retrain=references.get("retrain"))
     retrain_ratios = (references.get("tofu_retrain") or {}).get("forget_truth_ratios")
     retrain_mia = (references.get("privacy") or {}).get("retrain")
@@ -551,15 +588,37 @@ def write_protocol(run: StudyRun) -> None:
 
 
 def open_study_run(
-    settings: RunSettings, study: StudySettings, output_dir: Path, cache_dir=None, console=None, clock=None
+    settings: RunSettings,
+    study: StudySettings,
+    output_dir: Path,
+    cache_dir=None,
+    console=None,
+    clock=None,
+    parallel: DataParallel = DataParallel(),
 ) -> StudyRun:
     """Load (or prepare) the models, split the retain subjects, evaluate the references (once:
     ``references.json``) and set up the controls: what every cell of the study shares. Timed on
-    ``clock`` (a new one by default) as ``load`` (``prepare`` when it trained) and ``references``."""
+    ``clock`` (a new one by default) as ``load`` (``prepare`` when it trained) and ``references``.
+    Under a launch (``parallel`` enabled) rank 0 does it first, the others once it is done."""
+    if parallel.enabled:
+        if parallel.is_main:
+            opened = _open_study_run(settings, study, output_dir, cache_dir, console, clock, parallel)
+        parallel.barrier()  # the prepared models and references.json are there for the other ranks
+        if not parallel.is_main:
+            opened = _open_study_run(settings, study, output_dir, cache_dir, None, clock, parallel)
+        return opened
+    return _open_study_run(settings, study, output_dir, cache_dir, console, clock, parallel)
+
+
+def _open_study_run(
+    settings: RunSettings, study: StudySettings, output_dir: Path, cache_dir, console, clock, parallel: DataParallel
+) -> StudyRun:
     clock = clock or PhaseClock()
     loading_since = time.time()
+    # data parallel: each rank's model on its own GPU; fsdp: on the CPU, the engine moves its shards there
+    device = local_device() if parallel.enabled and settings.parallel.mode != "fsdp" else "cpu"
     with clock.phase("load") as loading:
-        target, tokenizer, benchmark, prepared = load_target(settings, cache_dir, console)
+        target, tokenizer, benchmark, prepared = load_target(settings, cache_dir, console, device=device)
         retrain = None if prepared is None else load_model(prepared.retrain_dir, dtype=DTYPES[settings.dtype])[0]
         loading.phase = load_phase(prepared, loading_since)
     if console is not None:  # printed once the model loaded: a loading error stays the only line
@@ -569,10 +628,23 @@ def open_study_run(
         references = study_references(
             target, retrain, tokenizer, views.evaluation, settings, output_dir / "references.json", console
         )
-    run = StudyRun(settings, study, target, tokenizer, views, references, output_dir, console=console, clock=clock)
+    if parallel.enabled and settings.parallel.mode == "fsdp":
+        parallel = parallel.with_sharding()
+    run = StudyRun(
+        settings,
+        study,
+        target,
+        tokenizer,
+        views,
+        references,
+        output_dir,
+        console=console,
+        clock=clock,
+        parallel=parallel,
+    )
     run.cache_dir = cache_dir
     control, source = (target, TARGET) if retrain is None else (retrain, RETRAIN)
-    run.controls = Controls(control, source, output_dir / "controls", run.evaluate, run.metric)
+    run.controls = Controls(control, source, output_dir / "controls", run.evaluate, run.metric, parallel)
     return run
 
 
@@ -580,15 +652,22 @@ def run_study(
     settings: RunSettings, study: StudySettings, output_dir: Path, cache_dir=None, console=None, lr_sweep: bool = False
 ) -> list[ResultRow]:
     """Run (or resume) the grid; write ``results.jsonl``, ``report.md``/``report.html``, plots and
-    ``timing.json`` (:mod:`robustunlearn.study.timing`: where the time went, each cell's beside it)."""
+    ``timing.json`` (:mod:`robustunlearn.study.timing`: where the time went, each cell's beside it).
+    Under a launch of several processes (module docstring) every rank returns the rows; rank 0's
+    carry the mode-connectivity curves, and rank 0 alone writes."""
     check_stop_alignment(settings, study)
-    times = StudyTimes(output_dir)
-    run = open_study_run(settings, study, output_dir, cache_dir, console, times.clock)
-    write_protocol(run)
+    check_launch(study, lr_sweep)
+    parallel = data_parallel()  # joins the launcher's process group, if any
+    times = StudyTimes(output_dir, writes=parallel.is_main)
+    run = open_study_run(settings, study, output_dir, cache_dir, console, times.clock, parallel)
+    if run.writes:
+        write_protocol(run)
 
     chosen = sweep_learning_rates(settings, study, sweep_trial(run), output_dir, console) if lr_sweep else {}
     times.save()
     finished = run_grid(run, grid_cells(settings, study, chosen), times)
+    if not run.writes:
+        return [row for _, cell_rows in finished for row in cell_rows]
     if study.landscape:
         if console is not None:
             console.print("loss landscape: linear mode connectivity between the unlearned models")
@@ -617,21 +696,26 @@ def run_grid(run: StudyRun, cells: Sequence[Cell], times: StudyTimes) -> list[tu
     The console shows each cell's place among those to run and the time left."""
     console, output_dir = run.console, run.output_dir
     finished: dict[Cell, list[ResultRow]] = {}
-    for cell in cells:
-        if _rows_path(run, cell).exists():
+    # rank 0 says which cells are done: every rank of a launch must run the same ones
+    done_before = run.parallel.broadcast_object([_rows_path(run, cell).exists() for cell in cells])
+    for cell, finished_before in zip(cells, done_before):
+        if finished_before:
             if console is not None:
                 console.print(f"skipping finished cell {cell.name}")
             times.resumed(cell.name)
             finished[cell] = read_cell_rows(_rows_path(run, cell))
     pending = [cell for cell in cells if cell not in finished]
 
-    def done(cell: Cell) -> None:
-        finished[cell] = read_cell_rows(_rows_path(run, cell))
-        rows = [row for c in cells if c in finished for row in finished[c]]
-        write_results_jsonl(output_dir / "results.jsonl", rows)
+    def done(cell: Cell, rows: list[ResultRow] | None = None) -> None:
+        finished[cell] = read_cell_rows(_rows_path(run, cell)) if rows is None else rows
+        if run.writes:
+            write_results_jsonl(
+                output_dir / "results.jsonl", [row for c in cells if c in finished for row in finished[c]]
+            )
 
-    workers, threads = plan_workers(run.study.jobs, len(pending))
-    times.processes(workers, threads if workers > 1 else torch.get_num_threads())
+    # a launch's ranks work on each cell together: no worker processes
+    workers, threads = plan_workers(1 if run.parallel.enabled else run.study.jobs, len(pending))
+    times.processes(workers, threads if workers > 1 else torch.get_num_threads(), run.parallel.world_size)
     if workers > 1:
         _run_in_workers(run, pending, times, workers, threads, done)
     else:
@@ -639,8 +723,8 @@ def run_grid(run: StudyRun, cells: Sequence[Cell], times: StudyTimes) -> list[tu
             if console is not None:
                 console.print(times.cell_line(cell.name, len(pending)), highlight=False)
             with times.running(cell.name):
-                _run_and_keep(run, cell)
-            done(cell)
+                rows = _run_and_keep(run, cell)
+            done(cell, rows)
     return [(cell, finished[cell]) for cell in cells]
 
 
@@ -648,8 +732,12 @@ def _rows_path(run: StudyRun, cell: Cell) -> Path:
     return run.output_dir / "cells" / cell.name / "rows.json"
 
 
-def _run_and_keep(run: StudyRun, cell: Cell) -> None:
-    write_cell_rows(_rows_path(run, cell), run_cell(run, cell, _rows_path(run, cell).parent))
+def _run_and_keep(run: StudyRun, cell: Cell) -> list[ResultRow]:
+    """Run ``cell``, write its ``rows.json`` (rank 0) and return its rows."""
+    rows = run_cell(run, cell, _rows_path(run, cell).parent)
+    if run.writes:
+        write_cell_rows(_rows_path(run, cell), rows)
+    return rows
 
 
 def _run_in_workers(run: StudyRun, cells: Sequence[Cell], times: StudyTimes, workers: int, threads: int, done) -> None:

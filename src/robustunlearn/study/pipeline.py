@@ -112,9 +112,11 @@ def run_pipeline(
     """The main job: a small grade study (``settings.study``) on one benchmark; writes the study's
     files (results.jsonl, report.md/html, plots) and ``results.json``, a summary per model with
     ``time``, where the study's time went (:func:`robustunlearn.study.timing.study_time`), which
-    the console gets as one line (:func:`robustunlearn.study.timing.time_summary`)."""
+    the console gets as one line (:func:`robustunlearn.study.timing.time_summary`). Under a launch
+    of several processes, rank 0 writes ``results.json``; every rank returns the summary."""
     started = time.perf_counter()
     rows = run_study(settings, settings.study, output_dir, cache_dir, console, lr_sweep=lr_sweep)
+    main = data_parallel().is_main
     references = rows[0].reference
     scores: dict[str, dict[str, float]] = {"target": references.target}
     if references.retrain is not None:
@@ -133,8 +135,10 @@ def run_pipeline(
         "seconds": round(time.perf_counter() - started, 1),
         "time": study_time(output_dir),
     }
-    atomic_write_json(output_dir / "results.json", results)
-    if console is not None and results["time"] is not None:
+    if main:
+        atomic_write_json(output_dir / "results.json", results)
+    data_parallel().barrier()  # every rank returns once the study's files are there
+    if console is not None and main and results["time"] is not None:
         console.print(time_summary(results["time"]), highlight=False, soft_wrap=True)
     return results
 

@@ -118,11 +118,13 @@ def load_phase(prepared: Prepared | None, since: float) -> str:
 
 
 class StudyTimes:
-    """The time ledger of the study in ``directory`` (see the module's docstring), kept with ``clock``."""
+    """The time ledger of the study in ``directory`` (see the module's docstring), kept with ``clock``.
+    Without ``writes`` (a rank other than 0 of a launch) it keeps the clock but writes no file."""
 
-    def __init__(self, directory: Path, clock: PhaseClock | None = None):
+    def __init__(self, directory: Path, clock: PhaseClock | None = None, writes: bool = True):
         self.directory = Path(directory)
         self.clock = clock or PhaseClock()
+        self.writes = writes
         self.runs: list[dict[str, Any]] = _read(self.directory / TIMING_FILE).get("runs", [])
         self.run: dict[str, Any] = {
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -140,16 +142,19 @@ class StudyTimes:
         self.run["cells"].append(name)
         self.run["resumed"].append(name)
 
-    def processes(self, workers: int, threads: int) -> None:
+    def processes(self, workers: int, threads: int, ranks: int = 1) -> None:
         """Record how this run's cells ran: ``workers`` processes (1: in the study's own) of
-        ``threads`` torch threads each."""
+        ``threads`` torch threads each, in each of the ``ranks`` processes of a launch (torchrun)."""
         self.run["workers"], self.run["threads"] = workers, threads
+        if ranks > 1:
+            self.run["ranks"] = ranks
 
     def starting(self, name: str) -> None:
         """Enter cell ``name`` in this run's grid, about to run. Times an earlier run left for it
         are dropped: its rows were removed, so it is redone."""
         self.run["cells"].append(name)
-        _cell_path(self.directory, name).unlink(missing_ok=True)
+        if self.writes:
+            _cell_path(self.directory, name).unlink(missing_ok=True)
 
     def finished(self, name: str, records: Sequence[PhaseRecord], seconds: float) -> None:
         """Cell ``name`` finished in another process in ``seconds``: take its phase ``records`` and save."""
@@ -192,6 +197,8 @@ class StudyTimes:
         """Write the clock's records: each cell's to its ``timing.json`` (after those it has), the
         study's to this run's entry. Call it between phases, not inside one."""
         records = self.clock.take()
+        if not self.writes:
+            return
         by_cell: dict[str, list[PhaseRecord]] = defaultdict(list)
         for record in records:
             if record.cell is None:
