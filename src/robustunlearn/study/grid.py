@@ -600,6 +600,8 @@ def open_study_run(
     ``references.json``) and set up the controls: what every cell of the study shares. Timed on
     ``clock`` (a new one by default) as ``load`` (``prepare`` when it trained) and ``references``.
     Under a launch (``parallel`` enabled) rank 0 does it first, the others once it is done."""
+    if parallel.enabled and settings.parallel.mode == "fsdp":
+        parallel = parallel.with_sharding()  # a collective: every rank at the same point
     if parallel.enabled:
         if parallel.is_main:
             opened = _open_study_run(settings, study, output_dir, cache_dir, console, clock, parallel)
@@ -628,8 +630,6 @@ def _open_study_run(
         references = study_references(
             target, retrain, tokenizer, views.evaluation, settings, output_dir / "references.json", console
         )
-    if parallel.enabled and settings.parallel.mode == "fsdp":
-        parallel = parallel.with_sharding()
     run = StudyRun(
         settings,
         study,
