@@ -17,11 +17,11 @@ from test_e2e import TINY_RECIPE
 
 def two_seed_recipe() -> str:
     """test_e2e's tiny study, with two seeds (so that two cells share each seed's controls), a
-    noise rung for the quantization one, no landscape and a shorter prepare."""
+    noise rung for the quantization one, 3-point LMC curves and a shorter prepare."""
     recipe = yaml.safe_load(TINY_RECIPE)
     recipe["train"]["max_epochs"] = 40
     recipe["eval"]["verbmem_max_new_tokens"] = 8
-    recipe["study"].update(seeds=[0, 1], attacks=["noise-0.1", "relearn"], landscape=False)
+    recipe["study"].update(seeds=[0, 1], attacks=["noise-0.1", "relearn"], lmc_points=3)
     return yaml.safe_dump(recipe)
 
 
@@ -46,7 +46,7 @@ def numbers(output) -> dict[tuple, dict]:
     keyed = {}
     for row in rows:
         cost = {k: v for k, v in row["cost"].items() if k != "seconds"}
-        kept = {k: row[k] for k in ("forget", "utility", "curve", "unlearning_curve", "control", "scores")}
+        kept = {k: row[k] for k in ("forget", "utility", "curve", "unlearning_curve", "control", "scores", "landscape")}
         keyed[(row["cell"]["optimizer"], row["cell"]["seed"], row["attack"])] = {**kept, "cost": cost}
     return keyed
 
@@ -70,7 +70,8 @@ def test_cells_in_two_workers_give_the_numbers_of_one_process(tmp_path, monkeypa
     assert "cell 4/4 done" in printed
 
     sequential, parallel_rows = numbers(tmp_path / "one"), numbers(tmp_path / "two")
-    assert len(sequential) == 12 and parallel_rows == sequential
+    assert len(sequential) == 12 and parallel_rows == sequential  # the LMC curves too, drawn in the workers
+    assert [len(sequential[("zo-sgd", seed, "none")]["landscape"]["lmc"]) for seed in (0, 1)] == [3, 3]
     # The controls were computed once per seed and attack, by whichever worker came first.
     assert sorted(p.name for p in (tmp_path / "two" / "controls" / "seed1").glob("*.json")) == [
         "noise-0.1.json",
@@ -80,4 +81,5 @@ def test_cells_in_two_workers_give_the_numbers_of_one_process(tmp_path, monkeypa
     time = json.loads((tmp_path / "two" / "results.json").read_text())["time"]
     assert time["workers"] == 2 and time["threads"] == 1
     assert all(cell["seconds"] > 0 and "unlearn" in cell["phases"] for cell in time["cells"].values())
+    assert all(time["cells"][f"npo-zo-sgd-seed{seed}-lr0.001"]["phases"]["landscape"] > 0 for seed in (0, 1))
     assert "worker processes" in (tmp_path / "two" / "report.md").read_text()

@@ -465,56 +465,74 @@ def sweep_trial(run: StudyRun):
     return trial
 
 
-def add_lmc_curves(
-    finished: Sequence[tuple[Cell, list[ResultRow]]],
-    target,
-    tokenizer,
-    benchmark: Benchmark,
-    settings: RunSettings,
-    study: StudySettings,
-    output_dir: Path,
-    clock: PhaseClock | None = None,
-) -> None:
+def add_lmc_curves(run: StudyRun, finished: Sequence[tuple[Cell, list[ResultRow]]]) -> None:
     """Linear mode connectivity from the reference optimizer's unlearned model to each other cell's with
     the same objective and seed: the level metric and the QA losses along the line. Stored in the
     cell's rows (``landscape.pair``, ``landscape.lmc``) and its ``rows.json``; cells that have one skip.
-    Each curve is timed on ``clock`` as the cell's ``landscape`` phase."""
-    clock = clock or PhaseClock()
+    The curves run in ``study.jobs`` worker processes as the cells do (or here, one after the other);
+    each is timed on ``run.clock`` as its cell's ``landscape`` phase."""
+    pending = _lmc_pairs(run, finished)
+    workers, threads = plan_workers(1 if run.parallel.enabled else run.study.jobs, len(pending))
+    if workers > 1:
+        args = (run.settings, run.study, run.output_dir, run.cache_dir, threads)
+        with worker_pool(workers, _open_worker, args) as pool:
+            done = [pool.submit(_work_lmc, anchor, cell) for anchor, cell in pending]
+            curves = [future.result() for future in done]
+        for _, records in curves:
+            run.clock.records.extend(records)
+        curves = [curve for curve, _ in curves]
+    else:
+        loaded: dict[Cell, Any] = {}
+        curves = [lmc_curve(run, anchor, cell, loaded) for anchor, cell in pending]
+    rows_of = dict(finished)
+    for (anchor, cell), curve in zip(pending, curves):
+        pair = f"{anchor.optimizer}-vs-{cell.optimizer}"
+        pair = pair if len(run.study.objectives) == 1 else f"{cell.objective}: {pair}"
+        landscape = replace(rows_of[cell][0].landscape, pair=pair, lmc=curve)
+        for row in rows_of[cell]:
+            row.landscape = landscape
+        write_cell_rows(run.output_dir / "cells" / cell.name / "rows.json", rows_of[cell])
 
-    anchors = {(cell.objective, cell.seed): cell for cell, _ in finished if cell.optimizer == study.reference}
-    losses = qa_losses(tokenizer, benchmark)
 
-    def evaluate(model) -> dict[str, float]:
-        return {
-            **evaluate_model(model, tokenizer, benchmark, settings.eval, metrics=(study.level_metric,)),
-            **losses(model),
-        }
-
-    def unlearned(cell: Cell):
-        model = copy.deepcopy(target)
-        load_weights(model, output_dir / "cells" / cell.name / UNLEARNED_WEIGHTS)
-        return model
-
-    loaded_anchors: dict[Cell, Any] = {}  # each anchor is one end of several curves: load it once
+def _lmc_pairs(run: StudyRun, finished: Sequence[tuple[Cell, list[ResultRow]]]) -> list[tuple[Cell, Cell]]:
+    """``(anchor, cell)`` of every curve still to draw: a cell with a landscape and no curve yet, the
+    reference optimizer's cell of its objective and seed, and both unlearned models' weights kept
+    (a cell finished before weights were kept gets no curve rather than failing the study)."""
+    anchors = {(cell.objective, cell.seed): cell for cell, _ in finished if cell.optimizer == run.study.reference}
+    weights = run.output_dir / "cells"
+    pairs = []
     for cell, rows in finished:
         anchor = anchors.get((cell.objective, cell.seed))
         landscape = rows[0].landscape
         if anchor is None or anchor == cell or landscape is None or landscape.lmc is not None:
             continue
-        if not all((output_dir / "cells" / c.name / UNLEARNED_WEIGHTS).is_file() for c in (anchor, cell)):
-            continue  # a cell finished before weights were kept: no curve rather than a failed study
-        with clock.phase("landscape", cell=cell.name, detail="lmc"):
-            if anchor not in loaded_anchors:
-                loaded_anchors[anchor] = unlearned(anchor)
-            pair = f"{anchor.optimizer}-vs-{cell.optimizer}"
-            landscape = replace(
-                landscape,
-                pair=pair if len(study.objectives) == 1 else f"{cell.objective}: {pair}",
-                lmc=linear_interpolation(loaded_anchors[anchor], unlearned(cell), evaluate, points=study.lmc_points),
-            )
-        for row in rows:
-            row.landscape = landscape
-        write_cell_rows(output_dir / "cells" / cell.name / "rows.json", rows)
+        if all((weights / c.name / UNLEARNED_WEIGHTS).is_file() for c in (anchor, cell)):
+            pairs.append((anchor, cell))
+    return pairs
+
+
+def lmc_curve(run: StudyRun, anchor: Cell, cell: Cell, loaded: dict[Cell, Any]) -> list[dict[str, float]]:
+    """The curve from ``anchor``'s unlearned model to ``cell``'s (``loaded`` keeps the last anchor:
+    one end of several curves)."""
+    losses = qa_losses(run.tokenizer, run.views.evaluation)
+
+    def evaluate(model) -> dict[str, float]:
+        metrics = (run.study.level_metric,)
+        return {
+            **evaluate_model(model, run.tokenizer, run.views.evaluation, run.settings.eval, metrics),
+            **losses(model),
+        }
+
+    def unlearned(which: Cell):
+        model = copy.deepcopy(run.target)
+        load_weights(model, run.output_dir / "cells" / which.name / UNLEARNED_WEIGHTS)
+        return model
+
+    with run.clock.phase("landscape", cell=cell.name, detail="lmc"):
+        if anchor not in loaded:
+            loaded.clear()
+            loaded[anchor] = unlearned(anchor)
+        return linear_interpolation(loaded[anchor], unlearned(cell), evaluate, points=run.study.lmc_points)
 
 
 def reference_privacy(target, retrain, tokenizer, benchmark: Benchmark, settings: RunSettings) -> dict[str, Any]:
@@ -671,9 +689,7 @@ def run_study(
     if study.landscape:
         if console is not None:
             console.print("loss landscape: linear mode connectivity between the unlearned models")
-        add_lmc_curves(
-            finished, run.target, run.tokenizer, run.views.evaluation, settings, study, output_dir, times.clock
-        )
+        add_lmc_curves(run, finished)
     rows = [row for _, cell_rows in finished for row in cell_rows]
     write_results_jsonl(output_dir / "results.jsonl", rows)
     times.save()  # the report's time table is read from the files
@@ -768,6 +784,15 @@ def _open_worker(settings: RunSettings, study: StudySettings, output_dir: Path, 
     global _WORKER_RUN
     torch.set_num_threads(threads)
     _WORKER_RUN = open_study_run(settings, study, output_dir, cache_dir)
+
+
+_WORKER_ANCHOR: dict[Cell, Any] = {}  # in a worker process: the last LMC anchor it loaded
+
+
+def _work_lmc(anchor: Cell, cell: Cell) -> tuple[list[dict[str, float]], list[PhaseRecord]]:
+    """Draw the LMC curve of ``cell`` in a worker; return it and the worker's phase records."""
+    curve = lmc_curve(_WORKER_RUN, anchor, cell, _WORKER_ANCHOR)
+    return curve, _WORKER_RUN.clock.take()
 
 
 def _work_cell(cell: Cell) -> tuple[list[PhaseRecord], float]:
