@@ -476,11 +476,10 @@ def add_lmc_curves(run: StudyRun, finished: Sequence[tuple[Cell, list[ResultRow]
     if workers > 1:
         args = (run.settings, run.study, run.output_dir, run.cache_dir, threads)
         with worker_pool(workers, _open_worker, args) as pool:
-            done = [pool.submit(_work_lmc, anchor, cell) for anchor, cell in pending]
-            curves = [future.result() for future in done]
-        for _, records in curves:
+            drawn = [future.result() for future in [pool.submit(_work_lmc, *pair) for pair in pending]]
+        curves = [curve for curve, _ in drawn]
+        for _, records in drawn:
             run.clock.records.extend(records)
-        curves = [curve for curve, _ in curves]
     else:
         loaded: dict[Cell, Any] = {}
         curves = [lmc_curve(run, anchor, cell, loaded) for anchor, cell in pending]

@@ -116,7 +116,7 @@ def run_pipeline(
     of several processes, rank 0 writes ``results.json``; every rank returns the summary."""
     started = time.perf_counter()
     rows = run_study(settings, settings.study, output_dir, cache_dir, console, lr_sweep=lr_sweep)
-    main = data_parallel().is_main
+    parallel = data_parallel()  # the process group run_study joined, if any
     references = rows[0].reference
     scores: dict[str, dict[str, float]] = {"target": references.target}
     if references.retrain is not None:
@@ -135,10 +135,10 @@ def run_pipeline(
         "seconds": round(time.perf_counter() - started, 1),
         "time": study_time(output_dir),
     }
-    if main:
+    if parallel.is_main:
         atomic_write_json(output_dir / "results.json", results)
-    data_parallel().barrier()  # every rank returns once the study's files are there
-    if console is not None and main and results["time"] is not None:
+    parallel.barrier()  # every rank returns once the study's files are there
+    if console is not None and parallel.is_main and results["time"] is not None:
         console.print(time_summary(results["time"]), highlight=False, soft_wrap=True)
     return results
 
