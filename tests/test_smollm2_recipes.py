@@ -57,7 +57,7 @@ def run_cli(monkeypatch, *args: str) -> None:
     main()
 
 
-def check_report(output) -> list[dict]:
+def check_report(output, quantization: set[str]) -> list[dict]:
     report = (output / "report.md").read_text()
     assert (
         "## Claims" in report
@@ -66,13 +66,13 @@ def check_report(output) -> list[dict]:
     assert "## Same bucket against the original GGUF codes" in report
     rows = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
     quantized = [row for row in rows if row["attack_family"] == "quantization"]
-    assert {"rtn-int4", "rtn-int3", "rtn-int2", "nf4", "gptq-int4"} <= {row["attack"] for row in quantized}
+    assert {row["attack"] for row in quantized} == quantization
     for row in quantized:
         kept = row["attack_config"]["gguf_q4_1_same_code"]
         assert kept["layers"] == 7 and 0 < kept["attacked"] <= 1 and 0 < kept["unlearned"] <= 1
-    # 2 bits keep fewer of the original codes than 4 bits do
+    # fewer bits keep fewer of the original codes
     by_attack = {row["attack"]: row["attack_config"]["gguf_q4_1_same_code"]["attacked"] for row in quantized}
-    assert by_attack["rtn-int2"] < by_attack["rtn-int4"]
+    assert by_attack["rtn-int2"] < by_attack["rtn-int4"] and by_attack["rtn-int4"] <= by_attack.get("rtn-int8", 1)
     return rows
 
 
@@ -87,7 +87,7 @@ def test_knowledge_recipe_runs_end_to_end(stand_in, tmp_path, monkeypatch):
     tiny_recipe("smollm2-knowledge.yaml", recipe)
     command = ("study", "--config", str(recipe), "--model", str(stand_in), "--data-dir", str(data))
     run_cli(monkeypatch, *command, "--output-dir", str(output))
-    results = check_report(output)
+    results = check_report(output, {"rtn-int4", "rtn-int3", "rtn-int2", "nf4", "gptq-int4"})
     protocol = json.loads((output / "protocol.json").read_text())
     # no retrain model: the target is the control and the level is chance (0.25) plus the tolerance
     assert protocol["level_floor"] == "chance" and protocol["target_level"] == pytest.approx(0.3)
@@ -108,7 +108,7 @@ def test_facts_recipe_runs_end_to_end(stand_in, tmp_path, monkeypatch):
     tiny_recipe("smollm2-facts.yaml", recipe, train={"max_epochs": 1, "check_every_epochs": 1})
     command = ("study", "--config", str(recipe), "--base-model", str(stand_in), "--cache-dir", str(tmp_path / "cache"))
     run_cli(monkeypatch, *command, "--output-dir", str(output))
-    results = check_report(output)
+    results = check_report(output, {"rtn-int8", "rtn-int4", "rtn-int3", "rtn-int2", "nf4", "gptq-int4"})
     protocol = json.loads((output / "protocol.json").read_text())
     assert protocol["level_floor"] == "retrain" and protocol["control"] == "retrain"
     # fine-tuning moved the target off the base model's grid: its codes are the base model's, not the target's
