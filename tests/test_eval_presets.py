@@ -127,7 +127,8 @@ def test_the_benchmark_selects_its_preset_and_the_recipe_overrides_it_field_by_f
     settings = load_settings(recipe).eval
     assert (settings.preset, settings.max_new_tokens, settings.prompt_template) == ("tofu", 64, "llama2-chat")
     assert settings.rouge_stemmer and settings.stop_strings == () and settings.tofu_eval_size == 300  # the preset's
-    assert "overrides: max_new_tokens=64, prompt_template='llama2-chat'" in describe_eval(settings)
+    # batch_size=64 is tofu-tiny.yaml's, the base layer of a TOFU run without a model
+    assert "overrides: batch_size=64, max_new_tokens=64, prompt_template='llama2-chat'" in describe_eval(settings)
     recipe.write_text("benchmark: tofu\neval: {preset: tofu-openunlearning, batch_size: 4}\n", encoding="utf-8")
     settings = load_settings(recipe).eval
     assert (settings.tofu_eval_size, settings.tofu_max_new_tokens, settings.batch_size) == (400, 200, 4)
