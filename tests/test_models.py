@@ -142,13 +142,15 @@ def test_cache_key_depends_on_every_config_part():
         PrepareConfig(data=SMALL_DATA, model=TinyModelConfig()).key(),
         PrepareConfig(data=SMALL_DATA, model=SMALL_MODEL, train=TrainConfig(lr=1e-3)).key(),
         PrepareConfig(data=SMALL_DATA, model=SMALL_MODEL, train=TrainConfig(bf16_autocast=True)).key(),
+        PrepareConfig(data=SMALL_DATA, model=SMALL_MODEL, train=TrainConfig(check_questions=400)).key(),
     }
-    assert len(keys) == 5
+    assert len(keys) == 6
 
 
 def test_the_cache_key_of_a_float32_training_is_the_one_before_bf16_autocast_existed():
     # the key of the default embedded entry at commit c26459b: its cached models stay valid
     assert PrepareConfig().key() == "049a8f54b446d24d"
+    assert PrepareConfig(train=TrainConfig(check_questions=0)).key() == "049a8f54b446d24d"
 
 
 def test_collate_pads_right_and_masks_padding(benchmark, tokenizer):

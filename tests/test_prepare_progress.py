@@ -22,6 +22,7 @@ from robustunlearn.train.prepare import (
     epoch_line,
     format_duration,
     prepare,
+    stopping_check_questions,
     train_lm,
 )
 
@@ -130,3 +131,23 @@ def test_target_and_retrain_trained_in_two_worker_processes_equal_those_trained_
     assert in_workers.report["target"]["epochs"] == here.report["target"]["epochs"] == 2
     printed = capfd.readouterr().err  # each worker prints its epoch lines to the inherited stderr
     assert all(f"{name}: epoch {epoch}/2" in printed for name in ("target", "retrain") for epoch in (1, 2))
+
+
+def test_the_stopping_check_scores_a_seeded_sample_of_each_larger_role(benchmark_and_tokenizer):
+    benchmark = benchmark_and_tokenizer[0]
+    forget, retain = benchmark.get("forget_qa"), benchmark.get("retain_qa")
+    size = len(forget) - 1  # forget is sampled; retain, at most this size, is kept whole
+    retain = retain[:size]
+    benchmark = benchmark.with_splits(retain_qa=retain)
+    sampled = stopping_check_questions(benchmark, ("forget", "retain"), TrainConfig(check_questions=size, seed=0))
+    chosen_forget, chosen_retain = sampled[:size], sampled[size:]
+    assert len(set(map(id, chosen_forget))) == size and all(qa in forget for qa in chosen_forget)
+    assert chosen_retain == list(retain)
+    assert sampled == stopping_check_questions(benchmark, ("forget", "retain"), TrainConfig(check_questions=size))
+    reseeded = [
+        stopping_check_questions(benchmark, ("forget",), TrainConfig(check_questions=size, seed=seed))
+        for seed in range(1, 6)
+    ]
+    assert any(set(map(id, other)) != set(map(id, chosen_forget)) for other in reseeded)
+    every = stopping_check_questions(benchmark, ("forget", "retain"), TrainConfig())
+    assert every == list(forget) + list(retain)

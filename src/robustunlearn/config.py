@@ -89,6 +89,7 @@ class TrainSettings(Strict):
     batch_tokens: int = Field(TrainConfig.batch_tokens, ge=32)
     target_accuracy: float = Field(TrainConfig.target_accuracy, gt=0, le=1)
     check_every_epochs: int = Field(TrainConfig.check_every_epochs, ge=1)
+    check_questions: int = Field(TrainConfig.check_questions, ge=0)
     bf16_autocast: bool = TrainConfig.bf16_autocast
 
 

@@ -59,6 +59,7 @@ PREPARED = "prepared.json"
 BENCHMARK = "benchmark.json"
 # The models prepare trains, and the roles of the benchmark each trains and is checked on.
 TRAINED = {"target": ("forget", "retain"), "retrain": ("retain",)}
+KEYLESS_WHEN_OFF = ("bf16_autocast", "check_questions")  # TrainConfig options added after entries existed
 CHECKSUMS = "sha256.json"  # the SHA-256 of BENCHMARK and PREPARED; written last, it marks the entry complete
 
 
@@ -74,6 +75,9 @@ class TrainConfig:
     min_lr_fraction: float = 0.1
     target_accuracy: float = 0.95
     check_every_epochs: int = 3
+    # The stopping checks score a seeded sample of this many questions of each trained role (a
+    # smaller role whole); 0 scores them all. The accuracies saved with the model are always on all.
+    check_questions: int = 0
     max_length: int = 256
     # Matrix products in bfloat16 under torch.autocast, in training and in the stopping checks (whose
     # float32 forward cost 3/4 of a bf16 training epoch on TOFU); weights, AdamW state and the reported
@@ -108,8 +112,9 @@ class PrepareConfig:
             "benchmark": self.benchmark,
             "data": asdict(self.data) if self.benchmark == "synthetic" else dict(self.benchmark_options),
             "model": {"base_model": self.base_model, "dtype": self.dtype} if self.base_model else asdict(self.model),
-            # bf16_autocast off is left out: entries prepared before the option existed keep their key
-            "train": {k: v for k, v in asdict(self.train).items() if k != "bf16_autocast" or v},
+            # bf16_autocast off and check_questions 0 are left out: entries prepared before these
+            # options existed keep their key
+            "train": {k: v for k, v in asdict(self.train).items() if k not in KEYLESS_WHEN_OFF or v},
         }
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -178,6 +183,19 @@ def teacher_forced_accuracy(model, batches: Sequence[TokenBatch]) -> float:
     return correct / max(total, 1)
 
 
+def stopping_check_questions(benchmark: Benchmark, roles: Sequence[str], config: TrainConfig) -> list[QA]:
+    """The questions the stopping checks score: every QA of each role in ``roles``, or a sample of
+    ``config.check_questions`` of each larger role, drawn with ``config.seed``."""
+    rng = random.Random(config.seed)
+    questions: list[QA] = []
+    for role in roles:
+        role_questions = list(benchmark.require(f"{role}_qa"))
+        if 0 < config.check_questions < len(role_questions):
+            role_questions = rng.sample(role_questions, config.check_questions)
+        questions += role_questions
+    return questions
+
+
 def train_lm(
     model,
     tokenizer,
@@ -233,6 +251,7 @@ def train_lm(
         "steps": epoch * len(batches),
         "seconds": round(time.perf_counter() - start, 1),
         "train_accuracy_teacher_forced": accuracy,
+        "checked_questions": len(eval_questions),
     }
 
 
@@ -385,7 +404,7 @@ def _train_one(
     else:
         model = copy.deepcopy(base_model)
     roles = TRAINED[name]
-    questions = [qa for role in roles for qa in benchmark.require(f"{role}_qa")]
+    questions = stopping_check_questions(benchmark, roles, config.train)
     with _epoch_display(name, config.train.max_epochs, console) as on_epoch:
         stats = train_lm(model, tokenizer, training_records(benchmark, roles), questions, config.train, on_epoch)
     stats["parameters"] = count_parameters(model)
