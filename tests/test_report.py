@@ -204,3 +204,13 @@ def test_bad_input_names_the_line(tmp_path, content, message):
     with pytest.raises(ValueError, match=message):
         write_report(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_swept_lr_reads_as_the_value_it_stands_for(tmp_path):
+    # a sweep's candidate is base x factor: 1e-05 * 3 is 3.0000000000000004e-05 in binary floating point
+    swept = 1e-05 * 3
+    rows = [replace(r, cell=replace(r.cell, lr=swept if r.cell.optimizer == "adam" else 1e-4)) for r in ROWS]
+    markdown = write_report(write_jsonl(tmp_path / "results.jsonl", rows), tmp_path / "out")["markdown"].read_text()
+    assert repr(swept) not in markdown
+    assert "lr: 3e-05, 0.0001" in markdown
+    assert table_row(markdown, "## Matched level", "adam")[2] == "3e-05"

@@ -314,7 +314,7 @@ class _Study:
         return (_grade_rank(grade), grade, str(summary["objective"]), str(summary["optimizer"]))
 
     def label(self, cell: dict[str, Any]) -> str:
-        return " / ".join([str(cell["optimizer"])] + [f"{key} {cell.get(key)}" for key in self.varying])
+        return " / ".join([str(cell["optimizer"])] + [f"{key} {_setting(cell.get(key))}" for key in self.varying])
 
     def grid_rows(self, mean: dict[str, Any]) -> list[ResultRow]:
         return [row for row in self.rows if row.cell.grid_point() == mean["cell"]]
@@ -367,6 +367,12 @@ def _number(value: Any) -> str:
     return str(value)
 
 
+def _setting(value: Any) -> str:
+    """A cell's setting as text; a float with at most 6 significant digits, so that a swept lr
+    computed as base x factor (3.0000000000000004e-05) reads as the 3e-05 it stands for."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 def _general(value: float | None) -> str:
     """Three significant digits, for numbers of any size (noise scales, loss increases)."""
     return MISSING if value is None else f"{value:.3g}"
@@ -393,7 +399,7 @@ def _point_cells(study: _Study, mean: dict[str, Any]) -> list[str]:
     return [
         str(cell["optimizer"]),
         str(cell["grade"]),
-        *(str(cell.get(k)) for k in study.varying),
+        *(_setting(cell.get(k)) for k in study.varying),
         str(len(mean["seeds"])),
     ]
 
@@ -679,7 +685,7 @@ def _settings(study: _Study) -> list[str]:
     settings = []
     cells = [row.cell.to_json() for row in study.rows]
     for key in cells[0]:
-        values = list(dict.fromkeys(str(cell[key]) for cell in cells))
+        values = list(dict.fromkeys(_setting(cell[key]) for cell in cells))
         settings.append(f"{key}: {', '.join(values)}")
     settings += [
         f"attacks: {', '.join(study.attacks)}",
