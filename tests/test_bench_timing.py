@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import itertools
+import subprocess
+import sys
 
 import pytest
 
@@ -184,3 +186,32 @@ def test_the_baseline_name_is_reserved():
     clock = FakeClock()
     with pytest.raises(ValueError, match="baseline"):
         time_interleaved(clock.call("a", [1.0]), {BASELINE: clock.call("b", [1.0])}, clock=clock)
+
+
+# Allocates, touches and frees 8 MiB 30 times under the memory measurement's thresholds, then under
+# settle_malloc's, and prints the minor page faults of each 30.
+_FAULTS = """
+import resource, sys, torch
+from robustunlearn.bench.common import set_mmap_threshold, settle_malloc
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(30):
+        block = torch.empty(2 << 20).fill_(1.0)
+        del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+set_mmap_threshold(64 << 10)
+measuring = faults()
+settle_malloc()
+faults()  # the first allocation under the new thresholds grows the heap once
+print(measuring, faults())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc thresholds")
+def test_settled_malloc_reuses_freed_memory_instead_of_faulting_it_back():
+    result = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True)
+    measuring, settled = map(int, result.stdout.split())
+    assert measuring >= 30 * 2000  # 8 MiB is 2,048 pages: mapped and faulted in on every allocation
+    assert settled < 2000  # reused: not one allocation's worth of faults over 30

@@ -105,15 +105,38 @@ def peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+# The largest mmap threshold glibc's dynamic rule reaches on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)
+_MMAP_THRESHOLD_MAX = 32 << 20
+
+
+def _mallopt(parameter: int, value: int) -> None:
+    """glibc's ``mallopt``; elsewhere a no-op."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(parameter, value)
+    except (OSError, AttributeError):
+        pass
+
+
 def set_mmap_threshold(size: int) -> None:
     """glibc: serve allocations of ``size`` bytes or more with their own mmap (returned to the
     system when freed) and fix that threshold (by default glibc raises it as the program frees
     large blocks, after which freed memory stays resident and RSS stops following live memory).
     Elsewhere a no-op."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    _mallopt(_M_MMAP_THRESHOLD, size)
+
+
+def settle_malloc() -> None:
+    """glibc, before timing in a process whose thresholds a memory measurement fixed: the ones a
+    long-running process settles on by itself (glibc raises the mmap threshold to the largest
+    freed mmapped block, up to 32 MiB, and the trim threshold to twice that), so that memory freed
+    by one call is reused by the next rather than returned to the system and faulted back in.
+    Measured (1M model, 8x128, one thread): with the trim threshold left at its 128 KiB default, a
+    forward pass in a zo-sgd worker took 8,800 page faults and 16 of its 60 ms in the kernel, and
+    the per-round step/forward ratio spread by 18% of its median (interquartile range); settled,
+    no faults, 43 ms, and 8%. Elsewhere a no-op."""
+    _mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+    _mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD_MAX)
 
 
 def run_threads(threads: int | None) -> int:

@@ -31,6 +31,7 @@ from robustunlearn.bench.common import (
     progress_bar,
     run_threads,
     set_mmap_threshold,
+    settle_malloc,
     synchronised,
     write_run,
 )
@@ -100,8 +101,9 @@ def _measure_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
     Memory: a step per shape (a forward for the inference baseline), with every large
     allocation mapped and unmapped on its own so that the process's peak RSS, read after each
     shape, is that shape's peak (a larger shape has the larger peak).
-    Time (optimizers only): forwards and steps interleaved by :func:`time_interleaved`, whose
-    warm-up also lets freed memory be reused, as in any long run, rather than mapped afresh."""
+    Time (optimizers only): under the malloc thresholds a long run settles on
+    (:func:`~robustunlearn.bench.common.settle_malloc`), forwards and steps interleaved by
+    :func:`time_interleaved`, whose warm-up lets freed memory be reused rather than mapped afresh."""
 
     torch.set_num_threads(task["threads"])
     device = bench_device()
@@ -137,7 +139,7 @@ def _measure_rows(task: dict[str, Any]) -> list[dict[str, Any]]:
     if optimizer is None:
         return [{"peak_bytes": peak} for peak in peaks]
     if device.type == "cpu":
-        set_mmap_threshold(32 << 20)
+        settle_malloc()
 
     clock = cost_clock(device, task["threads"])[0]
     rows = []
