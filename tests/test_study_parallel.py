@@ -66,11 +66,14 @@ def test_cells_in_two_workers_give_the_numbers_of_one_process(tmp_path, monkeypa
     monkeypatch.setattr(parallel, "available_cores", lambda: 2)
     study(tmp_path / "two", jobs=2)  # two workers of 2 // 2 = 1 thread
     printed = capsys.readouterr().err
-    assert "running 4 cells in 2 worker processes, 1 torch thread(s) each" in printed
+    # each cell's unlearning, then each of its two attacks, as a task of its own
+    assert "running 4 cells (12 tasks) in 2 worker processes, 1 torch thread(s) each" in " ".join(printed.split())
     assert "cell 4/4 done" in printed
 
     sequential, parallel_rows = numbers(tmp_path / "one"), numbers(tmp_path / "two")
     assert len(sequential) == 12 and parallel_rows == sequential  # the LMC curves too, drawn in the workers
+    rows = [json.loads(line) for line in (tmp_path / "two" / "results.jsonl").read_text().splitlines()]
+    assert [row["attack"] for row in rows[:3]] == ["none", "noise-0.1", "relearn"]  # a cell's rows in ladder order
     assert [len(sequential[("zo-sgd", seed, "none")]["landscape"]["lmc"]) for seed in (0, 1)] == [3, 3]
     # The controls were computed once per seed and attack, by whichever worker came first.
     assert sorted(p.name for p in (tmp_path / "two" / "controls" / "seed1").glob("*.json")) == [

@@ -33,7 +33,7 @@ import copy
 import json
 import time
 from collections.abc import Sequence
-from concurrent.futures import as_completed
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ from robustunlearn.study.landscape import linear_interpolation, sharpness
 from robustunlearn.study.loading import load_target
 from robustunlearn.study.report import write_report
 from robustunlearn.study.rows import (
+    NO_ATTACK,
     Landscape,
     References,
     ResultRow,
@@ -384,17 +385,39 @@ def qa_losses(tokenizer, benchmark: Benchmark):
     return losses
 
 
+@dataclass(frozen=True)
+class UnlearnedCell:
+    """What every row of a cell carries about its unlearned model: the cost and curve of its
+    unlearning, its evaluation beside the references, and its landscape."""
+
+    cost: UnlearningCost
+    curve: list[dict[str, float]]
+    reference: References
+    landscape: Landscape | None
+
+
 def run_cell(
     run: StudyRun, cell: Cell, directory: Path, attacks: bool = True, landscape: bool = True
 ) -> list[ResultRow]:
     """Unlearn one cell to the matched level, evaluate it, run the attack ladders on it and on the
-    control; return its rows. With ``landscape`` (and ``study.landscape``, not under LoRA) the rows
-    carry the model's sharpness and its weights are kept in ``directory``/UNLEARNED_WEIGHTS for
-    :func:`add_lmc_curves`. Each row carries its model's membership-inference AUCs and PrivLeak
-    against the retrain model's AUC (MUSE's published one on MUSE without it)."""
-    settings, views, references, clock = run.settings, run.views, run.references, run.clock
+    control; return its rows (:func:`unlearn_and_evaluate`, :func:`attacked_row`). Each row
+    carries its model's membership-inference AUCs and PrivLeak against the retrain model's AUC
+    (MUSE's published one on MUSE without it)."""
+    model, unlearned = unlearn_and_evaluate(run, cell, directory, landscape)
+    rows = [cell_row(run, cell, unlearned, NO_ATTACK, "none", model, unlearned.reference.unlearned)]
+    return rows + [attacked_row(run, cell, model, unlearned, name) for name in (run.study.attacks if attacks else ())]
+
+
+def unlearn_and_evaluate(
+    run: StudyRun, cell: Cell, directory: Path, landscape: bool = True, keep_weights: bool = False
+) -> tuple[Any, UnlearnedCell]:
+    """Unlearn ``cell`` to the matched level and evaluate it; return the model and what its rows
+    share. With ``landscape`` (and ``study.landscape``, not under LoRA) that includes the model's
+    sharpness, and its weights are kept in ``directory``/UNLEARNED_WEIGHTS for
+    :func:`add_lmc_curves`; with ``keep_weights`` they are kept in any case."""
+    settings, references, clock = run.settings, run.references, run.clock
     with clock.phase("unlearn", cell=cell.name):
-        model, cost, curve = unlearn_cell(run, cell, views.evaluation, directory)
+        model, cost, curve = unlearn_cell(run, cell, run.views.evaluation, directory)
     with clock.phase("evaluate", cell=cell.name):
         unlearned = run.evaluate(model)
     if cost.target_level is not None:
@@ -402,51 +425,65 @@ def run_cell(
     cell_landscape = None
     if landscape and run.study.landscape and settings.unlearn.lora is None:
         with clock.phase("landscape", cell=cell.name, detail="sharpness"):
-            cell_landscape = Landscape(**cell_sharpness(model, run.tokenizer, views.evaluation, cell.seed))
-            if run.writes:
-                atomic_write(directory / UNLEARNED_WEIGHTS, lambda path: save_trainable_weights(model, path))
+            cell_landscape = Landscape(**cell_sharpness(model, run.tokenizer, run.views.evaluation, cell.seed))
+        keep_weights = True
+    if keep_weights and run.writes:
+        atomic_write(directory / UNLEARNED_WEIGHTS, lambda path: save_trainable_weights(model, path))
     reference = References(target=references["target"], unlearned=unlearned, retrain=references.get("retrain"))
+    return model, UnlearnedCell(cost, curve, reference, cell_landscape)
+
+
+def attacked_row(run: StudyRun, cell: Cell, model, unlearned: UnlearnedCell, name: str) -> ResultRow:
+    """The row of attack ``name`` on ``cell``'s unlearned ``model`` (left as it is)."""
+    attack = parse_attack(name)
+    with run.clock.phase("attack", cell=cell.name, detail=name):
+        outcome = attack.run(model, attack_context(run, cell.seed))
+        attacked = run.evaluate(outcome.model)
+    return cell_row(run, cell, unlearned, name, attack.family, outcome.model, attacked, outcome)
+
+
+def cell_row(
+    run: StudyRun,
+    cell: Cell,
+    unlearned: UnlearnedCell,
+    attack: str,
+    family: str,
+    attacked_model,
+    metrics: dict[str, float],
+    outcome=None,
+) -> ResultRow:
+    """The row of ``attacked_model`` (``metrics``: its evaluation), beside the control under the
+    same attack, with its scores, TOFU's scores and the privacy metrics."""
+    clock, references, views = run.clock, run.references, run.views
+    attack_curve = None if outcome is None else outcome.curve
+    control = None
+    if run.controls is not None:
+        with clock.phase("control", cell=cell.name, detail=attack):  # ~0 once cached
+            control = run.controls.get(attack, attack_context(run, cell.seed))
+    entry = ResultRow(
+        cell=RowCell(**cell.as_dict()),
+        attack=attack,
+        attack_family=family,
+        forget={k: v for k, v in metrics.items() if METRICS[k].forget},
+        utility={k: v for k, v in metrics.items() if not METRICS[k].forget},
+        reference=unlearned.reference,
+        primary_metric=run.metric,
+        cost=unlearned.cost,
+        curve=attack_curve,
+        landscape=unlearned.landscape,
+        attack_config=None if outcome is None else outcome.config,
+        unlearning_curve=unlearned.curve,
+        scorings=final_scorings(attack_curve, run.metric),
+        control=control,
+    )
+    entry.scores = attack_scores(entry)
     retrain_ratios = (references.get("tofu_retrain") or {}).get("forget_truth_ratios")
+    with clock.phase("scoring", cell=cell.name, detail=attack):
+        entry.tofu = tofu_scores(attacked_model, run.tokenizer, views.evaluation, run.settings.eval, retrain_ratios)
+        mia = mia_privacy(attacked_model, run.tokenizer, views.evaluation, run.settings.eval)
     retrain_mia = (references.get("privacy") or {}).get("retrain")
-    context = attack_context(run, cell.seed)
-
-    def row(attack: str, family: str, attacked_model, metrics: dict[str, float], outcome=None) -> ResultRow:
-        attack_curve = None if outcome is None else outcome.curve
-        control = None
-        if run.controls is not None:
-            with clock.phase("control", cell=cell.name, detail=attack):  # ~0 once cached
-                control = run.controls.get(attack, context)
-        entry = ResultRow(
-            cell=RowCell(**cell.as_dict()),
-            attack=attack,
-            attack_family=family,
-            forget={k: v for k, v in metrics.items() if METRICS[k].forget},
-            utility={k: v for k, v in metrics.items() if not METRICS[k].forget},
-            reference=reference,
-            primary_metric=run.metric,
-            cost=cost,
-            curve=attack_curve,
-            landscape=cell_landscape,
-            attack_config=None if outcome is None else outcome.config,
-            unlearning_curve=curve,
-            scorings=final_scorings(attack_curve, run.metric),
-            control=control,
-        )
-        entry.scores = attack_scores(entry)
-        with clock.phase("scoring", cell=cell.name, detail=attack):
-            entry.tofu = tofu_scores(attacked_model, run.tokenizer, views.evaluation, settings.eval, retrain_ratios)
-            mia = mia_privacy(attacked_model, run.tokenizer, views.evaluation, settings.eval)
-        entry.privacy = with_privleak(mia, retrain_mia, muse=muse_corpus(views.evaluation))
-        return entry
-
-    rows = [row("none", "none", model, unlearned)]
-    for name in run.study.attacks if attacks else ():
-        attack = parse_attack(name)
-        with clock.phase("attack", cell=cell.name, detail=name):
-            outcome = attack.run(model, context)
-            attacked = run.evaluate(outcome.model)
-        rows.append(row(name, attack.family, outcome.model, attacked, outcome))
-    return rows
+    entry.privacy = with_privleak(mia, retrain_mia, muse=muse_corpus(views.evaluation))
+    return entry
 
 
 def sweep_trial(run: StudyRun):
@@ -757,23 +794,65 @@ def _run_and_keep(run: StudyRun, cell: Cell) -> list[ResultRow]:
 
 def _run_in_workers(run: StudyRun, cells: Sequence[Cell], times: StudyTimes, workers: int, threads: int, done) -> None:
     """Run ``cells`` in ``workers`` processes of ``threads`` torch threads each; as each finishes,
-    take its phase times into ``times`` and call ``done(cell)``."""
+    take its phase times into ``times``, write its rows and call ``done(cell, rows)``.
+
+    A cell is several tasks: its unlearning and evaluation, then each attack on its unlearned
+    weights (kept in the cell's directory meanwhile), so that the workers share the last cells'
+    attacks instead of one worker running a long cell's ladder alone (the TOFU study: 300 s of one
+    worker's 1,500). Under LoRA a cell is one task: its model is not a copy of the target's weights."""
+    attacks = list(run.study.attacks)
+    split = run.settings.unlearn.lora is None and bool(attacks)
     if run.console is not None:
+        tasks = f" ({len(cells) * (1 + len(attacks))} tasks)" if split else ""
         run.console.print(
-            f"running {len(cells)} cells in {workers} worker processes, {threads} torch thread(s) each", highlight=False
+            f"running {len(cells)} cells{tasks} in {workers} worker processes, {threads} torch thread(s) each",
+            highlight=False,
         )
     for cell in cells:
         times.starting(cell.name)
     args = (run.settings, run.study, run.output_dir, run.cache_dir, threads)
+    seconds: dict[Cell, float] = dict.fromkeys(cells, 0.0)
+    rows: dict[Cell, dict[str, ResultRow]] = {cell: {} for cell in cells}
+    unlearned: dict[Cell, UnlearnedCell] = {}
+
+    def finish(cell: Cell) -> None:
+        times.finished(cell.name, [], seconds[cell])
+        done(cell)
+        if run.console is not None:
+            run.console.print(times.finished_line(cell.name, len(cells), workers), highlight=False)
+
     with worker_pool(workers, _open_worker, args) as pool:
-        futures = {pool.submit(_work_cell, cell): cell for cell in cells}
-        for future in as_completed(futures):
-            cell = futures[future]
-            records, seconds = future.result()
-            times.finished(cell.name, records, seconds)
-            done(cell)
-            if run.console is not None:
-                run.console.print(times.finished_line(cell.name, len(cells), workers), highlight=False)
+        work = _work_unlearning if split else _work_cell
+        pending = {pool.submit(work, cell): (cell, None) for cell in cells}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                cell, attack = pending.pop(future)
+                result, records, took = future.result()
+                seconds[cell] += took
+                times.took(records)
+                if not split:
+                    finish(cell)
+                    continue
+                if attack is None:
+                    unlearned[cell], rows[cell][NO_ATTACK] = result
+                    attacking = {
+                        pool.submit(_work_attack, cell, unlearned[cell], name): (cell, name) for name in attacks
+                    }
+                    pending.update(attacking)
+                else:
+                    rows[cell][attack] = result
+                if len(rows[cell]) == 1 + len(attacks):
+                    _keep_split_rows(run, cell, [rows[cell][name] for name in (NO_ATTACK, *attacks)], unlearned[cell])
+                    finish(cell)
+
+
+def _keep_split_rows(run: StudyRun, cell: Cell, rows: list[ResultRow], unlearned: UnlearnedCell) -> None:
+    """Write the rows of a cell run as several tasks, and remove its unlearned weights unless the
+    LMC curves need them (a cell with a landscape)."""
+    write_cell_rows(_rows_path(run, cell), rows)
+    if unlearned.landscape is None:
+        (_rows_path(run, cell).parent / UNLEARNED_WEIGHTS).unlink(missing_ok=True)
 
 
 _WORKER_RUN: StudyRun | None = None  # in a worker process: the study it runs cells of
@@ -794,10 +873,31 @@ def _work_lmc(anchor: Cell, cell: Cell) -> tuple[list[dict[str, float]], list[Ph
     return curve, _WORKER_RUN.clock.take()
 
 
-def _work_cell(cell: Cell) -> tuple[list[PhaseRecord], float]:
-    """Run ``cell`` in a worker; return its phase records (the worker's loading, the first time)
-    and its wall seconds."""
+def _work_cell(cell: Cell) -> tuple[None, list[PhaseRecord], float]:
+    """Run ``cell`` in a worker, writing its rows; return its phase records (the worker's loading,
+    the first time) and its wall seconds."""
     run = _WORKER_RUN
     started = time.perf_counter()
     _run_and_keep(run, cell)
-    return run.clock.take(), time.perf_counter() - started
+    return None, run.clock.take(), time.perf_counter() - started
+
+
+def _work_unlearning(cell: Cell) -> tuple[tuple[UnlearnedCell, ResultRow], list[PhaseRecord], float]:
+    """Unlearn and evaluate ``cell`` in a worker, keeping its weights for its attacks; return what
+    its rows share and its row without attack, the phase records and the wall seconds."""
+    run = _WORKER_RUN
+    started = time.perf_counter()
+    model, unlearned = unlearn_and_evaluate(run, cell, _rows_path(run, cell).parent, keep_weights=True)
+    row = cell_row(run, cell, unlearned, NO_ATTACK, "none", model, unlearned.reference.unlearned)
+    return (unlearned, row), run.clock.take(), time.perf_counter() - started
+
+
+def _work_attack(cell: Cell, unlearned: UnlearnedCell, name: str) -> tuple[ResultRow, list[PhaseRecord], float]:
+    """Attack ``cell``'s unlearned weights with ``name`` in a worker; return the row, the phase
+    records and the wall seconds."""
+    run = _WORKER_RUN
+    started = time.perf_counter()
+    model = copy.deepcopy(run.target)
+    load_weights(model, _rows_path(run, cell).parent / UNLEARNED_WEIGHTS)
+    row = attacked_row(run, cell, model, unlearned, name)
+    return row, run.clock.take(), time.perf_counter() - started

@@ -156,6 +156,10 @@ class StudyTimes:
         if self.writes:
             _cell_path(self.directory, name).unlink(missing_ok=True)
 
+    def took(self, records: Sequence[PhaseRecord]) -> None:
+        """Take the phase ``records`` of work done in another process (saved with the next cell)."""
+        self.clock.records.extend(records)
+
     def finished(self, name: str, records: Sequence[PhaseRecord], seconds: float) -> None:
         """Cell ``name`` finished in another process in ``seconds``: take its phase ``records`` and save."""
         self.clock.records.extend(records)
