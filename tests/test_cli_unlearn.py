@@ -25,6 +25,7 @@ import robustunlearn.study.pipeline as pipeline_module
 from helpers import CLI_DATA, CLI_MODEL, free_port, save_cli_model
 from robustunlearn.cli import main
 from robustunlearn.config import load_settings, unlearn_settings
+from robustunlearn.core.errors import UserError
 from robustunlearn.core.models import file_sha256, save_model
 from robustunlearn.data.base import Benchmark
 from robustunlearn.data.synthetic import SyntheticConfig, generate_synthetic
@@ -439,3 +440,19 @@ def test_unlearn_takes_a_real_benchmarks_data_dir_and_forget_split(monkeypatch, 
         str(tmp_path / "o"),
     )
     assert settings.benchmark_options == {"data_dir": str(data), "forget_split": "forget05"}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_autocast_auto_trains_in_bfloat16_only_where_the_cpu_has_it(monkeypatch, native):
+    monkeypatch.setattr(loading_module, "native_bf16_cpu", lambda: native)
+    settings = load_settings(overrides={"data": DATA, "train": {"bf16_autocast": "auto"}})
+    resolved = loading_module.prepare_config(settings)
+    assert resolved.train.bf16_autocast is native
+    # the cache key is that of the arithmetic used: auto shares the entry of the value it resolved to
+    explicit = load_settings(overrides={"data": DATA, "train": {"bf16_autocast": native}})
+    assert resolved.key() == loading_module.prepare_config(explicit).key()
+
+
+def test_bf16_autocast_accepts_only_a_boolean_or_auto():
+    with pytest.raises(UserError, match="bf16_autocast"):
+        load_settings(overrides={"data": DATA, "train": {"bf16_autocast": "sometimes"}})

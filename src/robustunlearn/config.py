@@ -90,7 +90,9 @@ class TrainSettings(Strict):
     target_accuracy: float = Field(TrainConfig.target_accuracy, gt=0, le=1)
     check_every_epochs: int = Field(TrainConfig.check_every_epochs, ge=1)
     check_questions: int = Field(TrainConfig.check_questions, ge=0)
-    bf16_autocast: bool = TrainConfig.bf16_autocast
+    # auto: on where the CPU multiplies bfloat16 natively (core.models.native_bf16_cpu), where it
+    # halves an epoch; elsewhere torch emulates bfloat16 and an epoch takes many times longer
+    bf16_autocast: bool | Literal["auto"] = TrainConfig.bf16_autocast
 
 
 def _check_names(kind: str, values, accepted) -> tuple[str, ...]:

@@ -121,6 +121,14 @@ DTYPES: dict[str, torch.dtype | str] = {
 }
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX). Elsewhere torch
+    emulates them: measured on an AMD EPYC with AVX2 only, a 1024x256 by 256x4096 product with its
+    backward 5.7x slower than in float32, and a TOFU training epoch of the tiny model 40x slower."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

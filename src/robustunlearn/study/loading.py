@@ -7,16 +7,21 @@ import torch
 from rich.table import Table
 
 from robustunlearn.config import RunSettings
-from robustunlearn.core.models import DTYPES, TinyModelConfig, load_model
+from robustunlearn.core.models import DTYPES, TinyModelConfig, load_model, native_bf16_cpu
 from robustunlearn.data.synthetic import SyntheticConfig
 from robustunlearn.train.prepare import PrepareConfig, Prepared, TrainConfig, prepare
 
 
 def prepare_config(settings: RunSettings) -> PrepareConfig:
+    """What ``settings`` prepare; ``train.bf16_autocast: auto`` resolved on this machine (the cache
+    key holds the arithmetic the models were trained in)."""
+    train = settings.train.model_dump()
+    if train["bf16_autocast"] == "auto":
+        train["bf16_autocast"] = native_bf16_cpu()
     return PrepareConfig(
         data=SyntheticConfig(seed=settings.seed, **settings.data.model_dump()),
         model=TinyModelConfig(**settings.model.model_dump()),
-        train=TrainConfig(seed=settings.seed, **settings.train.model_dump()),
+        train=TrainConfig(seed=settings.seed, **train),
         benchmark=settings.benchmark,
         benchmark_options=tuple(sorted(settings.benchmark_options.items())),
         base_model=settings.base_model,
