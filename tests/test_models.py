@@ -97,10 +97,12 @@ def test_same_seed_same_initial_weights(tokenizer):
 
 @pytest.mark.slow
 def test_tiny_prepare_memorises_and_caches(tmp_path, monkeypatch):
+    # The stop rule pools the trained questions: at 95% pooled, training stopped on an AVX2-only
+    # CPU with 0.875 of the few forget QA answered, so the rule asks 98%.
     config = PrepareConfig(
         data=SMALL_DATA,
         model=SMALL_MODEL,
-        train=TrainConfig(lr=1e-2, max_epochs=150, batch_tokens=512, check_every_epochs=10, target_accuracy=0.95),
+        train=TrainConfig(lr=1e-2, max_epochs=150, batch_tokens=512, check_every_epochs=10, target_accuracy=0.98),
     )
     prepared = prepare(config, cache_dir=tmp_path)
     report = prepared.report
