@@ -148,7 +148,9 @@ def test_generation_rejects_bad_arguments(random_model, tokenizer):
 def test_bench_generation_reports_identical_outputs(random_model, tokenizer, capsys):
     result = bench_generation(random_model, tokenizer, n_prompts=4, batch_size=4, max_new_tokens=3)
     assert result["identical"] and result["batched_s"] > 0 and result["sequential_s"] > 0
-    assert "speed-up" in capsys.readouterr().out
+    assert result["cache_speedup"] == pytest.approx(result["dynamic_cache_s"] / result["batched_s"])
+    printed = capsys.readouterr().out
+    assert "speed-up" in printed and "dynamic KV cache" in printed
 
 
 # --- ROUGE, VerbMem, KnowMem, QA accuracy --------------------------------------------------

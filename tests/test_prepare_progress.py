@@ -65,6 +65,8 @@ def test_an_epoch_line_has_the_accuracy_on_check_epochs_and_no_eta_after_the_las
     assert (
         epoch_line("target", 30, 30, 1.0, 0.1, 0.99, 0.0) == "target: epoch 30/30 1.0 s, loss 0.100, QA accuracy 99.0%"
     )
+    sampled = epoch_line("target", 18, 30, 40.0, 0.2, 0.939, 60.0, checked=440)
+    assert sampled == "target: epoch 18/30 40.0 s, loss 0.200, QA accuracy 93.9% of 440, ETA 1 min"
 
 
 def test_prepare_prints_a_line_per_epoch_of_each_model_and_trains_under_bf16_autocast(tmp_path):
@@ -80,6 +82,8 @@ def test_prepare_prints_a_line_per_epoch_of_each_model_and_trains_under_bf16_aut
         f"{name}: epoch {epoch}/3" for name in ("target", "retrain") for epoch in (1, 2, 3)
     ]
     assert ["QA accuracy" in line for line in lines] == [False, True, True] * 2  # checks: every 2nd and the last
+    checked = [prepared.report[name]["checked_questions"] for name in ("target", "retrain")]
+    assert [line.endswith(f"% of {n}") for n, line in zip(checked, lines[2::3])] == [True, True]
     assert ["ETA" in line for line in lines] == [True, True, False] * 2
     model, _ = load_model(prepared.target_dir)
     assert all(parameter.dtype == torch.float32 for parameter in model.parameters())  # autocast keeps weights

@@ -830,7 +830,8 @@ def bench_generation_command(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Batch size of the batched run."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Tokens generated per prompt."),
 ) -> None:
-    """Batched left-padded greedy generation vs one prompt at a time (speed-up, identical outputs)."""
+    """Batched left-padded greedy generation vs one prompt at a time, and the preallocated KV cache vs
+    transformers' dynamic one (speed-ups, identical outputs)."""
     bench_generation(n_prompts=prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
 

@@ -80,6 +80,7 @@ def generate_greedy(
     batch_size: int = 16,
     *,
     progress: bool = False,
+    preallocate: bool = True,
 ) -> list[str]:
     """Greedy continuations of ``prompts``, decoded without special tokens.
 
@@ -90,7 +91,10 @@ def generate_greedy(
 
     When the model has ``config.max_position_embeddings``, a prompt too long for it to fit with
     ``max_new_tokens`` new tokens keeps its last tokens (after ``bos``): past its context a model
-    warns, fails or decodes garbage. One warning line counts the prompts cut."""
+    warns, fails or decodes garbage. One warning line counts the prompts cut.
+
+    The KV cache is a :func:`preallocated_cache`; ``preallocate=False`` leaves transformers' own
+    (the same outputs, slower: what ``robustunlearn bench generation`` compares)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
     bos, eos, pad = special_ids(tokenizer)
@@ -126,7 +130,11 @@ def generate_greedy(
                 input_ids=input_ids.to(model.device),
                 attention_mask=attention_mask.to(model.device),
                 generation_config=config,
-                **{CACHE_ARGUMENT: preallocated_cache(model, input_ids.shape[1] + max_new_tokens)},
+                **{
+                    CACHE_ARGUMENT: preallocated_cache(model, input_ids.shape[1] + max_new_tokens)
+                    if preallocate
+                    else None
+                },
             )
             # Rows that met eos are padded to the batch's length; both are special tokens.
             texts += tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)

@@ -285,13 +285,21 @@ def format_duration(seconds: float) -> str:
 
 
 def epoch_line(
-    name: str, epoch: int, max_epochs: int, seconds: float, loss: float, accuracy: float | None, left: float
+    name: str,
+    epoch: int,
+    max_epochs: int,
+    seconds: float,
+    loss: float,
+    accuracy: float | None,
+    left: float,
+    checked: int | None = None,
 ) -> str:
-    """One line per training epoch: ``target: epoch 7/30 12.3 s, loss 0.412, QA accuracy 81.2%, ETA 4 min``
-    (the accuracy on check epochs only; no ETA after the last epoch)."""
+    """One line per training epoch: ``target: epoch 7/30 12.3 s, loss 0.412, QA accuracy 81.2% of
+    440, ETA 4 min`` (the accuracy on check epochs only, over the ``checked`` questions when given:
+    a check may score a sample, ``train.check_questions``; no ETA after the last epoch)."""
     line = f"{name}: epoch {epoch}/{max_epochs} {seconds:.1f} s, loss {loss:.3f}"
     if accuracy is not None:
-        line += f", QA accuracy {accuracy:.1%}"
+        line += f", QA accuracy {accuracy:.1%}" + ("" if checked is None else f" of {checked}")
     return line + (f", ETA {format_duration(left)}" if epoch < max_epochs else "")
 
 
@@ -405,7 +413,7 @@ def _train_one(
         model = copy.deepcopy(base_model)
     roles = TRAINED[name]
     questions = stopping_check_questions(benchmark, roles, config.train)
-    with _epoch_display(name, config.train.max_epochs, console) as on_epoch:
+    with _epoch_display(name, config.train.max_epochs, len(questions), console) as on_epoch:
         stats = train_lm(model, tokenizer, training_records(benchmark, roles), questions, config.train, on_epoch)
     stats["parameters"] = count_parameters(model)
     stats["trained_on"] = list(roles) + ["utility"]
@@ -424,9 +432,12 @@ def _train_one(
 
 
 @contextmanager
-def _epoch_display(name: str, max_epochs: int, console) -> Iterator[Callable[[int, float, float | None], None]]:
-    """An ``on_epoch`` callback printing one line per epoch, under a progress bar when ``console``
-    is given (a worker process draws no bar: two bars from two processes would overwrite each other)."""
+def _epoch_display(
+    name: str, max_epochs: int, checked: int, console
+) -> Iterator[Callable[[int, float, float | None], None]]:
+    """An ``on_epoch`` callback printing one line per epoch (with the accuracy over the ``checked``
+    questions), under a progress bar when ``console`` is given (a worker process draws no bar: two
+    bars from two processes would overwrite each other)."""
     epoch_clock = EpochClock(max_epochs)
     printer = console or Console(stderr=True)
     with Progress(
@@ -444,7 +455,9 @@ def _epoch_display(name: str, max_epochs: int, console) -> Iterator[Callable[[in
             progress.update(task, completed=epoch, **fields)
             seconds, left = epoch_clock.lap(epoch)
             printer.print(
-                epoch_line(name, epoch, max_epochs, seconds, loss, accuracy, left), highlight=False, soft_wrap=True
+                epoch_line(name, epoch, max_epochs, seconds, loss, accuracy, left, checked),
+                highlight=False,
+                soft_wrap=True,
             )
 
         yield on_epoch
