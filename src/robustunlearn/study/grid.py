@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -404,7 +404,7 @@ def run_cell(
     carries its model's membership-inference AUCs and PrivLeak against the retrain model's AUC
     (MUSE's published one on MUSE without it)."""
     model, unlearned = unlearn_and_evaluate(run, cell, directory, landscape)
-    rows = [cell_row(run, cell, unlearned, NO_ATTACK, "none", model, unlearned.reference.unlearned)]
+    rows = [unattacked_row(run, cell, model, unlearned)]
     return rows + [attacked_row(run, cell, model, unlearned, name) for name in (run.study.attacks if attacks else ())]
 
 
@@ -431,6 +431,11 @@ def unlearn_and_evaluate(
         atomic_write(directory / UNLEARNED_WEIGHTS, lambda path: save_trainable_weights(model, path))
     reference = References(target=references["target"], unlearned=unlearned, retrain=references.get("retrain"))
     return model, UnlearnedCell(cost, curve, reference, cell_landscape)
+
+
+def unattacked_row(run: StudyRun, cell: Cell, model, unlearned: UnlearnedCell) -> ResultRow:
+    """The row of ``cell``'s unlearned ``model`` itself (attack :data:`NO_ATTACK`)."""
+    return cell_row(run, cell, unlearned, NO_ATTACK, "none", model, unlearned.reference.unlearned)
 
 
 def attacked_row(run: StudyRun, cell: Cell, model, unlearned: UnlearnedCell, name: str) -> ResultRow:
@@ -873,31 +878,41 @@ def _work_lmc(anchor: Cell, cell: Cell) -> tuple[list[dict[str, float]], list[Ph
     return curve, _WORKER_RUN.clock.take()
 
 
-def _work_cell(cell: Cell) -> tuple[None, list[PhaseRecord], float]:
-    """Run ``cell`` in a worker, writing its rows; return its phase records (the worker's loading,
-    the first time) and its wall seconds."""
-    run = _WORKER_RUN
+def _timed_in_worker(work: Callable[[StudyRun], Any]) -> tuple[Any, list[PhaseRecord], float]:
+    """``work(run)`` on the worker's study; return its result, the worker's phase records since the
+    last task (its loading, the first time) and the task's wall seconds."""
     started = time.perf_counter()
-    _run_and_keep(run, cell)
-    return None, run.clock.take(), time.perf_counter() - started
+    result = work(_WORKER_RUN)
+    return result, _WORKER_RUN.clock.take(), time.perf_counter() - started
+
+
+def _work_cell(cell: Cell) -> tuple[None, list[PhaseRecord], float]:
+    """Run ``cell`` in a worker, writing its rows (:func:`_timed_in_worker`: nothing returned)."""
+
+    def work(run: StudyRun) -> None:
+        _run_and_keep(run, cell)
+
+    return _timed_in_worker(work)
 
 
 def _work_unlearning(cell: Cell) -> tuple[tuple[UnlearnedCell, ResultRow], list[PhaseRecord], float]:
-    """Unlearn and evaluate ``cell`` in a worker, keeping its weights for its attacks; return what
-    its rows share and its row without attack, the phase records and the wall seconds."""
-    run = _WORKER_RUN
-    started = time.perf_counter()
-    model, unlearned = unlearn_and_evaluate(run, cell, _rows_path(run, cell).parent, keep_weights=True)
-    row = cell_row(run, cell, unlearned, NO_ATTACK, "none", model, unlearned.reference.unlearned)
-    return (unlearned, row), run.clock.take(), time.perf_counter() - started
+    """Unlearn and evaluate ``cell`` in a worker, keeping its weights for its attacks; return (as
+    :func:`_timed_in_worker`) what its rows share and its row without attack."""
+
+    def work(run: StudyRun) -> tuple[UnlearnedCell, ResultRow]:
+        model, unlearned = unlearn_and_evaluate(run, cell, _rows_path(run, cell).parent, keep_weights=True)
+        return unlearned, unattacked_row(run, cell, model, unlearned)
+
+    return _timed_in_worker(work)
 
 
 def _work_attack(cell: Cell, unlearned: UnlearnedCell, name: str) -> tuple[ResultRow, list[PhaseRecord], float]:
-    """Attack ``cell``'s unlearned weights with ``name`` in a worker; return the row, the phase
-    records and the wall seconds."""
-    run = _WORKER_RUN
-    started = time.perf_counter()
-    model = copy.deepcopy(run.target)
-    load_weights(model, _rows_path(run, cell).parent / UNLEARNED_WEIGHTS)
-    row = attacked_row(run, cell, model, unlearned, name)
-    return row, run.clock.take(), time.perf_counter() - started
+    """Attack ``cell``'s unlearned weights with ``name`` in a worker; return (as
+    :func:`_timed_in_worker`) the row."""
+
+    def work(run: StudyRun) -> ResultRow:
+        model = copy.deepcopy(run.target)
+        load_weights(model, _rows_path(run, cell).parent / UNLEARNED_WEIGHTS)
+        return attacked_row(run, cell, model, unlearned, name)
+
+    return _timed_in_worker(work)

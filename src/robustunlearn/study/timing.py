@@ -162,7 +162,7 @@ class StudyTimes:
 
     def finished(self, name: str, records: Sequence[PhaseRecord], seconds: float) -> None:
         """Cell ``name`` finished in another process in ``seconds``: take its phase ``records`` and save."""
-        self.clock.records.extend(records)
+        self.took(records)
         self.cell_seconds.append(seconds)
         self.save()
 
