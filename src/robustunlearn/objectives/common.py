@@ -2,8 +2,9 @@
 
 Labels follow :mod:`robustunlearn.core.batching`: unshifted, ``IGNORE_INDEX`` where not scored. The
 token at position t is predicted from the logits at position t-1, so every helper compares
-``logits[:, :-1]`` with ``labels[:, 1:]``. Half-precision logits are upcast to float32 before the
-log-softmax; float64 stays float64.
+``logits[:, :-1]`` with ``labels[:, 1:]``; only the scored positions' logits are computed
+(:func:`~robustunlearn.core.scoring.scored_logits`). Half-precision logits are upcast to float32
+before the log-softmax; float64 stays float64.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch, UnlearnBatch
+from robustunlearn.core.batching import TokenBatch, UnlearnBatch
+from robustunlearn.core.scoring import scatter_rows, scored_logits
 
 RETAIN_LOSSES = ("nll", "kl")
 
@@ -31,21 +33,14 @@ def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None
         raise ValueError(f"{name} must be {bound}, got {value!r}")
 
 
-def _shifted_logits(model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits that predict tokens 1..T-1 ([B, T-1, V], at least float32) and their targets."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return logits, batch.labels[:, 1:]
-
-
 def sequence_logprobs(model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence, log π(y|x) = Σ_t log p(y_t | y_<t, x) over the scored tokens, and |y|.
 
     Returns two ``[batch]`` tensors: the summed log-probabilities and the scored-token counts."""
-    logits, targets = _shifted_logits(model, batch)
-    # cross_entropy wants the class dimension second; ignored targets contribute exactly 0
-    token_nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    return -token_nll.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+    logits, targets, scored = scored_logits(model, batch)
+    token_logprobs = -F.cross_entropy(logits, targets, reduction="none")
+    # summed along each row with zeros at unscored positions, as a loss over [B, T - 1] would
+    return scatter_rows(token_logprobs, scored).sum(dim=1), scored.sum(dim=1)
 
 
 def reference_logprobs(reference_model: nn.Module, sequences: dict[str, TokenBatch]) -> dict[str, torch.Tensor]:
@@ -61,8 +56,7 @@ def mean_nll(logprob_sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 def scored_log_softmax(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
     """log p(· | prefix) at every scored position: ``[scored tokens, vocab]``."""
-    logits, targets = _shifted_logits(model, batch)
-    return torch.log_softmax(logits[targets != IGNORE_INDEX], dim=-1)
+    return torch.log_softmax(scored_logits(model, batch)[0], dim=-1)
 
 
 def kl_from_reference(model: nn.Module, batch: TokenBatch, reference_log_probs: torch.Tensor) -> torch.Tensor:

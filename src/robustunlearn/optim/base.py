@@ -50,7 +50,8 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
+from robustunlearn.core.batching import TokenBatch
+from robustunlearn.core.scoring import scored_logits
 
 
 class Closure(Protocol):
@@ -119,9 +120,7 @@ def sampled_label_loss(model: nn.Module, batch: TokenBatch, generator: torch.Gen
     """Sophia-G's Gauss-Newton-Bartlett loss on ``batch``: at each of its B scored positions t,
     a label ŷ_t ~ softmax(f(θ, x)_{t−1}) drawn with ``generator``, and
     L̂ = (1/B)·Σ_t −log softmax(f(θ, x)_{t−1})[ŷ_t]."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    scored = batch.labels[:, 1:] != IGNORE_INDEX
-    picked = logits[scored]
+    picked = scored_logits(model, batch)[0]
     with torch.no_grad():
         sampled = torch.multinomial(torch.softmax(picked.float(), -1), 1, generator=generator).squeeze(-1)
     return torch.nn.functional.cross_entropy(picked, sampled)

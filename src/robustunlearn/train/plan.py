@@ -301,12 +301,12 @@ def activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, attention
 def forward_only_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
     """Peak bytes of a forward pass without autograd (a zeroth-order loss): the larger of one
     block's MLP stage (residual, norm output, SiLU, up, product: e·(2h + 3i) per token) and the
-    loss stage, on top of the hidden states. The loss holds three float32 tensors of V per token:
-    the logits (upcast), the contiguous copy log-softmax makes of them (the loss takes it over
-    the vocabulary of a transposed view) and its result."""
+    loss stage, on top of the hidden states. The loss holds two float32 tensors of V per token:
+    the logits (upcast) and their log-softmax. (Every token counts as scored: the logits of
+    unscored ones are not computed, :mod:`robustunlearn.core.scoring`, so a QA batch needs less.)"""
     e = dtype_bytes
     mlp = e * (2 * shape.hidden + 3 * shape.intermediate)
-    loss = 3 * FP32 * shape.vocab if shape.logits else 0
+    loss = 2 * FP32 * shape.vocab if shape.logits else 0
     return tokens * (e * shape.hidden + max(mlp, loss))
 
 

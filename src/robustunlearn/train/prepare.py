@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from robustunlearn import __version__
-from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
+from robustunlearn.core.batching import TokenBatch
 from robustunlearn.core.io import atomic_write_json, missing_directories, remove_empty
 from robustunlearn.core.lock import directory_lock
 from robustunlearn.core.models import (
@@ -49,6 +50,7 @@ from robustunlearn.core.models import (
     verify_model_dir,
 )
 from robustunlearn.core.parallel import plan_workers, worker_pool
+from robustunlearn.core.scoring import scatter_rows, scored_logits
 from robustunlearn.data import load_benchmark
 from robustunlearn.data.base import QA, Benchmark, Record
 from robustunlearn.data.collate import encode_example, pad_examples, prompt_and_completion
@@ -171,14 +173,12 @@ def teacher_forced_accuracy(model, batches: Sequence[TokenBatch]) -> float:
     model.eval()
     correct = total = 0
     for batch in batches:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        predicted = logits[:, :-1].argmax(-1)
-        labels = batch.labels[:, 1:].clone()
-        last = (labels != IGNORE_INDEX).long().cumsum(-1).argmax(-1)  # the eos position
-        labels[torch.arange(len(labels)), last] = IGNORE_INDEX
-        scored = labels != IGNORE_INDEX
-        correct += ((predicted == labels) | ~scored).all(-1).sum().item()
-        total += len(labels)
+        logits, targets, scored = scored_logits(model, batch)
+        hits = scatter_rows(logits.argmax(-1) == targets, scored, fill=True)
+        last = scored.long().cumsum(-1).argmax(-1)  # the eos position
+        hits[torch.arange(len(hits)), last] = True
+        correct += hits.all(-1).sum().item()
+        total += len(hits)
     model.train(was_training)
     return correct / max(total, 1)
 
@@ -229,7 +229,8 @@ def train_lm(
         for index in order:
             batch = batches[index]
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.bf16_autocast):
-                loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+                logits, targets, _ = scored_logits(model, batch)
+                loss = F.cross_entropy(logits, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
