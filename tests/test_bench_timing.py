@@ -188,30 +188,32 @@ def test_the_baseline_name_is_reserved():
         time_interleaved(clock.call("a", [1.0]), {BASELINE: clock.call("b", [1.0])}, clock=clock)
 
 
-# Allocates, touches and frees 8 MiB 30 times under the memory measurement's thresholds, then under
-# settle_malloc's, and prints the minor page faults of each 30.
+# Allocates, touches and frees a block 30 times under the memory measurement's thresholds, then
+# under settle_malloc's, and prints the minor page faults of each 30: for 8 MiB, and for 64 MiB, over
+# the 32 MiB that glibc's mmap threshold can reach (the logits of a 5M model at 8 x 512 tokens).
 _FAULTS = """
 import resource, sys, torch
 from robustunlearn.bench.common import set_mmap_threshold, settle_malloc
 
-def faults():
+def faults(elements):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(30):
-        block = torch.empty(2 << 20).fill_(1.0)
+        block = torch.empty(elements).fill_(1.0)
         del block
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 set_mmap_threshold(64 << 10)
-measuring = faults()
+measuring = [faults(2 << 20), faults(16 << 20)]
 settle_malloc()
-faults()  # the first allocation under the new thresholds grows the heap once
-print(measuring, faults())
+faults(16 << 20)  # the first allocation under the new thresholds grows the heap once
+print(*measuring, faults(2 << 20), faults(16 << 20))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc thresholds")
 def test_settled_malloc_reuses_freed_memory_instead_of_faulting_it_back():
     result = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True)
-    measuring, settled = map(int, result.stdout.split())
-    assert measuring >= 30 * 2000  # 8 MiB is 2,048 pages: mapped and faulted in on every allocation
-    assert settled < 2000  # reused: not one allocation's worth of faults over 30
+    measuring_8, measuring_64, settled_8, settled_64 = map(int, result.stdout.split())
+    # 8 MiB is 2,048 pages and 64 MiB 16,384: mapped and faulted in on every allocation
+    assert measuring_8 >= 30 * 2000 and measuring_64 >= 30 * 16000
+    assert settled_8 < 2000 and settled_64 < 2000  # reused: not one 8 MiB allocation's worth of faults
