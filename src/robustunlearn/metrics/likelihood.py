@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
+from robustunlearn.core.scoring import scored_logits
 from robustunlearn.metrics.core import chunks, encode, inference, special_ids
 
 
@@ -54,8 +56,8 @@ def completion_scores(
     """Score ``tokens(completion)`` (then ``eos`` if ``add_eos``) after ``[bos] + tokens(prompt)``.
 
     An empty prompt scores the whole text after ``bos``. Sequences are right-padded in batches of
-    similar length. The log-softmax is taken in float64 on each row's completion positions only:
-    the model's logits stay the only ``batch x length x vocab`` tensor."""
+    similar length. Logits are computed at the completion positions only
+    (:func:`~robustunlearn.core.scoring.scored_logits`), and their log-softmax taken in float64."""
     if len(prompts) != len(completions):
         raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
     bos, eos, pad = special_ids(tokenizer)
@@ -70,22 +72,29 @@ def completion_scores(
     results: list[TokenScores | None] = [None] * len(encoded)
     with inference(model):
         for batch in chunks(order, batch_size, progress, "scoring"):
-            rows = [encoded[i][0] + encoded[i][1] for i in batch]
-            width = max(map(len, rows))
-            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, row in enumerate(rows):
-                input_ids[r, : len(row)] = torch.tensor(row)
-                attention_mask[r, : len(row)] = 1
-            logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
-            for r, i in enumerate(batch):
-                start, target = len(encoded[i][0]), encoded[i][1]
-                # The logits at position t predict token t + 1.
-                log_probs = logits[r, start - 1 : start - 1 + len(target)].double().log_softmax(-1).cpu()
+            logits, _, _ = scored_logits(model, _completion_batch([encoded[i] for i in batch], pad).to(model.device))
+            # row-major: each row's completion positions in order, one row after another
+            for i, row_logits in zip(batch, logits.split([len(encoded[i][1]) for i in batch])):
+                target = encoded[i][1]
+                log_probs = row_logits.double().log_softmax(-1).cpu()
                 token_logprobs = log_probs.gather(-1, torch.tensor(target).unsqueeze(-1)).squeeze(-1)
                 stats = next_token_stats(log_probs) if distribution_stats else (None, None)
                 results[i] = TokenScores(token_logprobs, *stats)
     return results  # type: ignore[return-value]
+
+
+def _completion_batch(examples: Sequence[tuple[list[int], list[int]]], pad: int) -> TokenBatch:
+    """Right-padded ``prompt + completion`` rows with the completion tokens scored."""
+    width = max(len(prompt) + len(completion) for prompt, completion in examples)
+    input_ids = torch.full((len(examples), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for r, (prompt, completion) in enumerate(examples):
+        end = len(prompt) + len(completion)
+        input_ids[r, :end] = torch.tensor(prompt + completion)
+        attention_mask[r, :end] = 1
+        labels[r, len(prompt) : end] = torch.tensor(completion)
+    return TokenBatch(input_ids, attention_mask, labels)
 
 
 def completion_logprobs(
