@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import faulthandler
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def fsdp_recipe() -> str:
     }
     recipe["study"].update(optimizers=["sgd", "zo-sgd"], lmc_points=3)
     return yaml.safe_dump(recipe)
+
+
+def log_perplexity(utility: dict[str, float]) -> dict[str, float]:
+    return {name: math.log(value) if name.endswith("perplexity") else value for name, value in utility.items()}
 
 
 def _study_args(recipe: Path, output: Path, cache: Path) -> list[str]:
@@ -82,8 +87,12 @@ def test_two_fsdp_processes_give_the_first_order_cell_of_one_process(studies):
     for key in [key for key in one if key[0] == "sgd"]:
         expected, actual = one[key], two[key]
         assert actual["cost"]["steps"] == expected["cost"]["steps"], key
-        for part in ("forget", "utility"):
-            assert actual[part] == pytest.approx(expected[part], rel=1e-4, abs=1e-6), (key, part)
+        assert actual["forget"] == pytest.approx(expected["forget"], rel=1e-4, abs=1e-6), key
+        # Utility as the mean NLL (log perplexity). The runs sum in different orders (float32, 2 ranks
+        # against 1), and sgd at lr 1e-2 amplifies that over 3 unlearning and 4 relearning steps:
+        # measured up to 1.4e-4 of the NLL (0.042% of perplexity) on the model prepare trains since
+        # commit 2684036, 5e-7 on the one before. The exact check is test_fsdp's (float64, 1e-9).
+        assert log_perplexity(actual["utility"]) == pytest.approx(log_perplexity(expected["utility"]), rel=1e-3), key
     relearned = two[("sgd", 0, "relearn")]["curve"]
     assert [point["step"] for point in relearned] == [0, 2, 4]  # relearning ran on the sharded model
     assert [p["train_loss"] for p in relearned[1:]] == pytest.approx(
