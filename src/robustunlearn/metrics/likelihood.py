@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from robustunlearn.core.batching import IGNORE_INDEX, TokenBatch
+from robustunlearn.core.batching import IGNORE_INDEX
 from robustunlearn.core.scoring import scored_logits
+from robustunlearn.data.collate import pad_examples
 from robustunlearn.metrics.core import chunks, encode, inference, special_ids
 
 
@@ -72,7 +73,9 @@ def completion_scores(
     results: list[TokenScores | None] = [None] * len(encoded)
     with inference(model):
         for batch in chunks(order, batch_size, progress, "scoring"):
-            logits, _, _ = scored_logits(model, _completion_batch([encoded[i] for i in batch], pad).to(model.device))
+            # each row: the prompt as context, the completion scored
+            rows = [(encoded[i][0] + encoded[i][1], [IGNORE_INDEX] * len(encoded[i][0]) + encoded[i][1]) for i in batch]
+            logits, _, _ = scored_logits(model, pad_examples(rows, pad).to(model.device))
             # row-major: each row's completion positions in order, one row after another
             for i, row_logits in zip(batch, logits.split([len(encoded[i][1]) for i in batch])):
                 target = encoded[i][1]
@@ -81,20 +84,6 @@ def completion_scores(
                 stats = next_token_stats(log_probs) if distribution_stats else (None, None)
                 results[i] = TokenScores(token_logprobs, *stats)
     return results  # type: ignore[return-value]
-
-
-def _completion_batch(examples: Sequence[tuple[list[int], list[int]]], pad: int) -> TokenBatch:
-    """Right-padded ``prompt + completion`` rows with the completion tokens scored."""
-    width = max(len(prompt) + len(completion) for prompt, completion in examples)
-    input_ids = torch.full((len(examples), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for r, (prompt, completion) in enumerate(examples):
-        end = len(prompt) + len(completion)
-        input_ids[r, :end] = torch.tensor(prompt + completion)
-        attention_mask[r, :end] = 1
-        labels[r, len(prompt) : end] = torch.tensor(completion)
-    return TokenBatch(input_ids, attention_mask, labels)
 
 
 def completion_logprobs(
